@@ -1,0 +1,138 @@
+"""Trainer side of the control channel (see :mod:`ckptd.protocol`).
+
+A daemon thread reads requests from the supervisor while the training loop is
+busy (even inside a long step) and records them; ``Checkpointer.step()`` takes
+them at the next safe point. Sending never blocks training for long: a broken
+or slow supervisor makes the channel close itself, and training goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import protocol
+
+log = logging.getLogger("ckptd")
+
+
+@dataclass
+class Requests:
+    """Requests received since the last :meth:`TrainerChannel.take`."""
+
+    save_ids: list[str] = field(default_factory=list)
+    stop_id: str | None = None
+    stop_deadline: float | None = None
+    stop_reason: str = ""
+
+    @property
+    def save(self) -> bool:
+        return bool(self.save_ids)
+
+    @property
+    def stop(self) -> bool:
+        return self.stop_id is not None
+
+
+class TrainerChannel:
+    def __init__(self, path: str, *, rank: int = 0, restart_count: int = 0) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._pending = Requests()
+        self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(5.0)
+        self._sock.connect(path)
+        self._sock.settimeout(None)
+        self.send(protocol.HELLO, role="trainer", pid=os.getpid(), rank=rank, restart_count=restart_count)
+        self._reader = threading.Thread(target=self._read_loop, name="ckptd-control", daemon=True)
+        self._reader.start()
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def send(self, type_: str, **fields: Any) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        data = protocol.encode({"type": type_, **fields})
+        with self._send_lock:
+            try:
+                # A supervisor that stops reading must not stall training: bounded send.
+                sock.settimeout(2.0)
+                sock.sendall(data)
+            except OSError as exc:
+                log.warning("ckptd: control channel to %s lost (%s); training continues without it", self.path, exc)
+                self._drop()
+
+    def take(self) -> Requests:
+        """Return and clear the requests received so far (cheap; called every step)."""
+        with self._lock:
+            got, self._pending = self._pending, Requests()
+        return got
+
+    def peek_stop(self) -> Requests:
+        with self._lock:
+            return self._pending
+
+    def _read_loop(self) -> None:
+        decoder = protocol.LineDecoder()
+        sock = self._sock
+        while sock is not None:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                break
+            try:
+                messages = decoder.feed(data)
+            except ValueError as exc:
+                log.warning("ckptd: bad control message (%s); closing the channel", exc)
+                break
+            for msg in messages:
+                self._record(msg)
+        self._drop()
+
+    def _record(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        with self._lock:
+            if kind == protocol.SAVE:
+                self._pending.save_ids.append(str(msg.get("request_id", "")))
+            elif kind == protocol.STOP:
+                self._pending.stop_id = str(msg.get("request_id", ""))
+                deadline = msg.get("deadline")
+                self._pending.stop_deadline = float(deadline) if deadline is not None else None
+                self._pending.stop_reason = str(msg.get("reason", ""))
+
+    def _drop(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._drop()
+
+
+def connect_from_env(path: str | None, *, rank: int, restart_count: int) -> TrainerChannel | None:
+    """Connect when ``ckptd run`` gave us a socket; warn and go on without one if it fails."""
+    if not path:
+        return None
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            return TrainerChannel(path, rank=rank, restart_count=restart_count)
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                log.warning("ckptd: cannot reach the supervisor at %s (%s); running without control channel", path, exc)
+                return None
+            time.sleep(0.05)

@@ -1,0 +1,47 @@
+"""The environment contract between `ckptd run` and the trainer it starts.
+
+`ckptd run` sets these in the child's environment; the trainer library reads
+them. Every name is documented in the README ("Environment").
+"""
+
+from __future__ import annotations
+
+import os
+
+DIR = "CKPTD_DIR"  # checkpoint root
+EVERY_STEPS = "CKPTD_EVERY_STEPS"  # save every N steps (overrides Checkpointer(every_steps=))
+EVERY_SECONDS = "CKPTD_EVERY_SECONDS"  # save every T seconds (overrides Checkpointer(every_seconds=))
+KEEP_LAST = "CKPTD_KEEP_LAST"  # retention: keep the newest N (library applies it after each commit)
+RUN_ID = "CKPTD_RUN_ID"  # identifier of the supervised run (stable across restarts)
+RESTART_COUNT = "CKPTD_RESTART_COUNT"  # 0 on the first start, then 1, 2, ...
+CONTROL = "CKPTD_CONTROL"  # path of the supervisor's unix control socket
+STOP_DEADLINE = "CKPTD_STOP_DEADLINE"  # unix time by which a pending stop must be done ("" if none)
+EXIT_ON_STOP = "CKPTD_EXIT_CODE_PREEMPTED"  # exit code the trainer uses after an emergency save
+
+ALL = (DIR, EVERY_STEPS, EVERY_SECONDS, KEEP_LAST, RUN_ID, RESTART_COUNT, CONTROL, STOP_DEADLINE)
+
+
+def get_int(name: str) -> int | None:
+    """Read a positive int from the environment, or None when unset/empty."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        from .errors import ConfigError
+
+        raise ConfigError(f"environment variable {name}={raw!r} is not an integer; unset it or give a whole number")
+    return value
+
+
+def get_float(name: str) -> float | None:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        from .errors import ConfigError
+
+        raise ConfigError(f"environment variable {name}={raw!r} is not a number; unset it or give seconds as a number")
