@@ -1,0 +1,632 @@
+"""The trainer library: capture, save, restore and talk to the supervisor.
+
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, scheduler=sched,
+                            extra={"sampler": sampler}, every_steps=100)
+    start = ck.restore()          # step to continue from; 0 when no valid checkpoint exists
+    for step in range(start, total_steps):
+        loss = train_one_step()
+        ck.step(step + 1, metrics={"loss": loss.item()})   # safe point
+    ck.close()                    # finishes any save in flight, writes the final checkpoint
+
+A save copies every tensor into host buffers allocated once and reused
+(pinned when CUDA is in use), returns to the training loop, and persists in a
+background thread: write + checksum, fsync, manifest last, atomic rename.
+At most one save is in flight. A periodic save that comes due while one is in
+flight is skipped (counted in ``stats["coalesced"]``) and tried at the next due
+point; manual, emergency and final saves wait for the one in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import __version__, env, exitcodes, protocol, retention, store
+from .channel import TrainerChannel, connect_from_env
+from .errors import CkptdError, CorruptCheckpointError, StorageError
+from .state import DTYPES, TORCH_DTYPES, Encoder, byte_view, capture_rng, decode, restore_rng
+
+log = logging.getLogger("ckptd")
+
+DEFAULT_DIR = "checkpoints"
+
+
+@dataclass
+class SaveResult:
+    """What one save did. ``done()``/``result()`` follow the background persist."""
+
+    step: int
+    kind: str
+    path: str | None = None
+    bytes: int = 0
+    stall_seconds: float = 0.0  # time the training loop was blocked (snapshot)
+    persist_seconds: float = 0.0  # background write + fsync + commit
+    skipped: str = ""  # why nothing was written ("" when a checkpoint was written)
+    error: BaseException | None = None
+    request_ids: list[str] = field(default_factory=list)
+    _future: Future | None = field(default=None, repr=False)
+
+    def done(self) -> bool:
+        return self._future is None or self._future.done()
+
+    def wait(self) -> SaveResult:
+        if self._future is not None:
+            self._future.result()
+        return self
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class _Snapshot:
+    """Host buffer reused across saves; tensors laid out as a safetensors data section.
+
+    Tensors are ordered by element size (largest first) so every slice is
+    naturally aligned and can be viewed as its dtype without a copy.
+    """
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.allocations = 0
+
+    def take(self, tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, memoryview, int]:
+        order = sorted(tensors, key=lambda k: -tensors[k].element_size())
+        entries = []
+        total = 0
+        for k in order:
+            t = tensors[k]
+            n = t.numel() * t.element_size()
+            entries.append((k, DTYPES[t.dtype], list(t.shape), n))
+            total += n
+        header = store.safetensors_header_bytes(entries, {"format": "ckptd"})
+        cuda = any(t.is_cuda for t in tensors.values())
+        buf = self.buffer
+        if buf is None or buf.numel() < total or (cuda and not buf.is_pinned()):
+            self.buffer = buf = None  # free the old one before allocating the new
+            buf = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=cuda)
+            self.buffer = buf
+            self.allocations += 1
+        off = 0
+        for (k, _, _, n) in entries:
+            t = tensors[k]
+            if n:
+                buf[off : off + n].view(t.dtype).view(t.shape).copy_(t, non_blocking=t.is_cuda)
+            off += n
+        if cuda:
+            torch.cuda.current_stream().synchronize()
+        return header, memoryview(buf.numpy()).cast("B")[:total], total
+
+
+class Checkpointer:
+    """Full training state to durable, checksummed checkpoints and back.
+
+    Args:
+        model, optimizer, scheduler, scaler: saved with ``state_dict()`` and restored
+            with ``load_state_dict()`` (the model is read straight into its own tensors).
+        extra: ``{name: obj}``; objects with ``state_dict()``/``load_state_dict()`` (samplers,
+            stateful loaders, counters) are restored in place; plain JSON-able values are saved
+            and, after ``restore()``, found again in ``ck.extra[name]``.
+        dir: checkpoint root; None means ``$CKPTD_DIR`` (set by ``ckptd run``), else ``./checkpoints``.
+        every_steps / every_seconds: periodic saves (``ckptd run`` overrides them via the environment).
+        keep_last / keep_best / keep_every: retention applied after each commit
+            (``keep_best`` items are ``"metric:K[:min|max]"``).
+        save_on_close: write a ``final`` checkpoint at ``close()`` when the last step is not saved.
+        async_save: persist in the background (default); False blocks until durable.
+        on_error: ``"log"`` (default: warn, count, keep training, retry at the next due save)
+            or ``"raise"`` (the failed save's StorageError is raised from ``step()``).
+        handle_signals: turn SIGTERM into an emergency checkpoint at the next ``step()``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        scaler: Any = None,
+        extra: Mapping[str, Any] | None = None,
+        dir: str | os.PathLike[str] | None = None,
+        every_steps: int | None = None,
+        every_seconds: float | None = None,
+        keep_last: int | None = None,
+        keep_best: Iterable[str] = (),
+        keep_every: int | None = None,
+        save_on_close: bool = True,
+        async_save: bool = True,
+        on_error: str = "log",
+        handle_signals: bool = True,
+    ) -> None:
+        if on_error not in ("log", "raise"):
+            raise CkptdError(f"on_error must be 'log' or 'raise', got {on_error!r}")
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
+        self.extra: dict[str, Any] = dict(extra or {})
+        self.user: dict[str, Any] = {}  # JSON-able values you want saved and restored
+        env_dir = os.environ.get(env.DIR) or None
+        self.dir = os.path.abspath(os.fspath(dir) if dir is not None else (env_dir or DEFAULT_DIR))
+        if dir is not None and env_dir and os.path.abspath(env_dir) != self.dir:
+            log.warning("ckptd: dir=%s differs from CKPTD_DIR=%s set by ckptd run; the supervisor will not see "
+                        "these checkpoints", self.dir, env_dir)
+        self.every_steps = env.get_int(env.EVERY_STEPS) or every_steps
+        self.every_seconds = env.get_float(env.EVERY_SECONDS) or every_seconds
+        for name, v in (("every_steps", self.every_steps), ("every_seconds", self.every_seconds)):
+            if v is not None and v <= 0:
+                raise CkptdError(f"{name} must be > 0, got {v}")
+        self.policy = retention.Policy(
+            keep_last=env.get_int(env.KEEP_LAST) or keep_last,
+            keep_best=tuple(retention.Best.parse(b) for b in keep_best),
+            keep_every=keep_every,
+        )
+        self.save_on_close = save_on_close
+        self.async_save = async_save
+        self.on_error = on_error
+        self.rank = int(os.environ.get("RANK", "0") or 0)
+        self.writes = int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or self.rank == 0
+        self.epoch: int | None = None
+        self.metrics: dict[str, Any] = {}
+        self.resumed_from: str | None = None
+        self.stats: dict[str, Any] = {"saves": 0, "failed": 0, "coalesced": 0, "skipped": 0,
+                                      "last_stall_seconds": None, "last_persist_seconds": None}
+        self._step: int | None = None
+        self._committed_step: int | None = None
+        self._last_save_time = time.monotonic()
+        self._snapshot = _Snapshot()
+        self._executor: ThreadPoolExecutor | None = None
+        self._inflight: SaveResult | None = None
+        self._failures: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._signal_stop: int | None = None
+        self._old_handlers: dict[int, Any] = {}
+        self._closed = False
+        self._last_heartbeat = 0.0
+        self.channel: TrainerChannel | None = connect_from_env(
+            os.environ.get(env.CONTROL), rank=self.rank, restart_count=env.get_int(env.RESTART_COUNT) or 0)
+        if handle_signals:
+            self._install_signals()
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def current_step(self) -> int | None:
+        return self._step
+
+    def step(self, step: int, metrics: Mapping[str, Any] | None = None, epoch: int | None = None) -> SaveResult | None:
+        """Safe point after ``step`` completed steps: heartbeat, honour requests, save when due.
+
+        After a stop request (``ckptd stop``, SIGTERM, a preemption notice) this writes an
+        emergency checkpoint and raises ``SystemExit(85)`` so the script stops.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise CkptdError(f"ck.step() takes the number of completed steps (int >= 0), got {step!r}")
+        self._step = step
+        if metrics is not None:
+            self.metrics = dict(metrics)
+        if epoch is not None:
+            self.epoch = epoch
+        self._report_failures()
+        now = time.monotonic()
+        if self.channel is not None and now - self._last_heartbeat >= 1.0:
+            self._last_heartbeat = now
+            self.channel.send(protocol.HEARTBEAT, step=step, time=time.time())
+        requests = self.channel.take() if self.channel is not None else None
+        if self._signal_stop is not None or (requests is not None and requests.stop):
+            self._emergency_stop(requests.stop_reason if requests and requests.stop else "signal")
+        if requests is not None and requests.save:
+            return self.save(kind="manual", request_ids=requests.save_ids)
+        if self._due(step, now):
+            return self.save(kind="periodic")
+        return None
+
+    def save(self, step: int | None = None, kind: str = "manual", *, block: bool | None = None,
+             request_ids: list[str] | None = None) -> SaveResult:
+        """Checkpoint now. Returns once the state is snapshotted (async) or durable (sync/``block``)."""
+        step = self._step if step is None else step
+        if step is None:
+            raise CkptdError("nothing to save yet: call ck.step(n) first or pass save(step=n)")
+        if kind not in store.KINDS:
+            raise CkptdError(f"unknown checkpoint kind {kind!r}; use one of {', '.join(store.KINDS)}")
+        self._step = step
+        result = SaveResult(step=step, kind=kind, request_ids=list(request_ids or []))
+        if not self.writes:
+            result.skipped = f"rank {self.rank} does not write checkpoints"
+            return result
+        busy = self._inflight is not None and not self._inflight.done()
+        if busy and kind == "periodic":
+            self.stats["coalesced"] += 1
+            result.skipped = "a save is already in flight"
+            return result
+        self.wait()
+        if step == self._committed_step and os.path.isdir(os.path.join(self.dir, store.checkpoint_name(step))):
+            self.stats["skipped"] += 1
+            result.skipped = f"step {step} is already checkpointed"
+            result.path = os.path.join(self.dir, store.checkpoint_name(step))
+            self._notify_saved(result)
+            return result
+        t0 = time.perf_counter()
+        encoder = Encoder()
+        tree = encoder.encode(self._capture_tree(step), "")
+        header, data, nbytes = self._snapshot.take(encoder.tensors)
+        state_json = json.dumps(tree, separators=(",", ":"), allow_nan=False).encode()
+        result.stall_seconds = time.perf_counter() - t0
+        result.bytes = nbytes + len(header) + len(state_json)
+        self.stats["last_stall_seconds"] = result.stall_seconds
+        self._last_save_time = time.monotonic()
+        job = (result, header, data, state_json, dict(self.metrics), self.epoch)
+        if self.async_save and not block:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptd-writer")
+            result._future = self._executor.submit(self._persist, *job)
+            self._inflight = result
+        else:
+            self._persist(*job)
+            self._report_failures()
+        return result
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is durable or failed."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            inflight.wait()
+
+    def restore(self, path: str | os.PathLike[str] | None = None) -> int:
+        """Load the newest checkpoint that verifies; return its step (0 when there is none).
+
+        Invalid checkpoints met on the way are moved to ``.quarantine/`` with the reason, with a
+        warning, and the next older one is tried. With ``path`` (e.g. to branch a new run from
+        another run's checkpoint), exactly that checkpoint is loaded or CorruptCheckpointError raised.
+        """
+        self.wait()
+        if path is not None:
+            info = store.inspect_checkpoint(os.fspath(path))
+            if not info.valid:
+                raise CorruptCheckpointError(info.path, info.reason)
+            self._load(info, verify_first=True)
+            return self._after_restore(info)
+        if not os.path.isdir(self.dir):
+            return 0
+        store.remove_stale_temps(self.dir)
+        candidates = list(reversed(store.list_checkpoints(self.dir)))
+        for idx, info in enumerate(candidates):
+            if not info.valid:
+                store.quarantine(self.dir, info.name, info.reason)
+                continue
+            older_left = any(c.valid for c in candidates[idx + 1 :])
+            try:
+                # Streaming verification writes into the model before the checksum is known;
+                # that is only safe when an older checkpoint can overwrite a bad read.
+                self._load(info, verify_first=not older_left)
+            except CorruptCheckpointError as exc:
+                store.quarantine(self.dir, info.name, exc.reason)
+                continue
+            return self._after_restore(info)
+        log.info("ckptd: no valid checkpoint in %s; starting from step 0", self.dir)
+        return 0
+
+    def close(self) -> None:
+        """Finish the save in flight and write the final checkpoint (``save_on_close``)."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+            if self.save_on_close and self._step is not None and self._step != self._committed_step:
+                self.save(kind="final", block=True)
+            self._report_failures()
+        finally:
+            self._shutdown()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # never write a "final" checkpoint of a loop that failed mid-step
+            try:
+                self.wait()
+            finally:
+                self._shutdown()
+
+    # ------------------------------------------------------------------ saving internals
+
+    def _due(self, step: int, now: float) -> bool:
+        if step == self._committed_step:
+            return False
+        if self.every_steps and step % self.every_steps == 0:
+            return True
+        return bool(self.every_seconds and now - self._last_save_time >= self.every_seconds)
+
+    def _capture_tree(self, step: int) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        for name, obj in self.extra.items():
+            if hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
+                extra[name] = {"stateful": obj.state_dict()}
+            else:
+                extra[name] = {"value": obj}
+        tree: dict[str, Any] = {"progress": {"step": step, "epoch": self.epoch}, "rng": capture_rng(),
+                                "extra": extra, "user": self.user, "metrics": self.metrics}
+        for name in ("model", "optimizer", "scheduler", "scaler"):
+            obj = getattr(self, name)
+            if obj is not None:
+                tree[name] = obj.state_dict()
+        return tree
+
+    def _persist(self, result: SaveResult, header: bytes, data: memoryview, state_json: bytes,
+                 metrics: dict[str, Any], epoch: int | None) -> None:
+        t0 = time.perf_counter()
+        try:
+            name = store.checkpoint_name(result.step)
+            existing = os.path.join(self.dir, name)
+            if os.path.lexists(existing):
+                info = store.inspect_checkpoint(existing)
+                if info.valid:
+                    result.path, result.skipped = existing, f"step {result.step} is already checkpointed"
+                    self._committed_step = result.step
+                    self._notify_saved(result)
+                    return
+                store.quarantine(self.dir, name, info.reason)
+            with store.PendingCheckpoint(self.dir, result.step) as pending:
+                pending.write_file(store.TENSORS, (header, data))
+                pending.write_file(store.STATE, (state_json,))
+                result.path = pending.commit(kind=result.kind, metrics=_jsonable_metrics(metrics), extra={
+                    "epoch": epoch, "versions": {"ckptd": __version__, "torch": torch.__version__},
+                    "run_id": os.environ.get(env.RUN_ID, ""),
+                })
+        except BaseException as exc:  # noqa: BLE001 - reported at the next step(); never published
+            result.error = exc
+            with self._lock:
+                self._failures.append(exc)
+            if self.channel is not None:
+                self.channel.send(protocol.SAVE_FAILED, step=result.step, kind=result.kind,
+                                  request_id=",".join(result.request_ids), error=str(exc))
+            return
+        result.persist_seconds = time.perf_counter() - t0
+        self.stats["saves"] += 1
+        self.stats["last_persist_seconds"] = result.persist_seconds
+        self._committed_step = result.step
+        self._notify_saved(result)
+        self._apply_retention()
+
+    def _notify_saved(self, result: SaveResult) -> None:
+        if self.channel is not None:
+            self.channel.send(protocol.SAVED, step=result.step, path=result.path, kind=result.kind,
+                              request_id=",".join(result.request_ids), bytes=result.bytes,
+                              seconds=result.stall_seconds + result.persist_seconds)
+
+    def _apply_retention(self) -> None:
+        if not self.policy.active:
+            return
+        pins = {self.resumed_from} if self.resumed_from else set()
+        try:
+            deleted = retention.apply(self.dir, self.policy, pins)
+        except (OSError, CkptdError) as exc:
+            log.warning("ckptd: retention skipped: %s", exc)
+            return
+        if deleted:
+            log.info("ckptd: retention removed %s", ", ".join(deleted))
+
+    def _report_failures(self) -> None:
+        with self._lock:
+            failures, self._failures = self._failures, []
+        for exc in failures:
+            self.stats["failed"] += 1
+            if self.on_error == "raise" or not isinstance(exc, (CkptdError, OSError)):
+                raise exc
+            log.error("ckptd: checkpoint failed and was not published (%s); training continues, "
+                      "the next due save tries again", exc)
+
+    # ------------------------------------------------------------------ stopping
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+            return  # the script has its own handler; leave it alone
+        self._old_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._signal_stop is not None:  # second signal: stop now, the default way
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self._signal_stop = signum  # only record; the next step() does the work
+
+    def _emergency_stop(self, reason: str) -> None:
+        step = self._step
+        log.warning("ckptd: stop requested (%s); writing an emergency checkpoint of step %s", reason, step)
+        code = exitcodes.PREEMPTED
+        try:
+            self.wait()
+            self._report_failures()
+            result = self.save(kind="emergency", block=True)
+            if result.error is not None:
+                raise result.error
+        except (CkptdError, OSError) as exc:
+            log.error("ckptd: emergency checkpoint failed: %s", exc)
+            code = exitcodes.STOPPED_NO_CHECKPOINT
+        if self.channel is not None:
+            self.channel.send(protocol.STOPPING, step=step, exit_code=code)
+        self._shutdown()
+        raise SystemExit(code)
+
+    def _shutdown(self) -> None:
+        self._closed = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        for sig, old in self._old_handlers.items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, TypeError):
+                pass
+        self._old_handlers.clear()
+        if self.channel is not None:
+            self.channel.close()
+
+    # ------------------------------------------------------------------ restoring internals
+
+    def _load(self, info: store.CheckpointInfo, verify_first: bool) -> None:
+        if verify_first:
+            checked = store.verify(info.path)
+            if not checked.valid:
+                raise CorruptCheckpointError(info.path, checked.reason)
+        files = info.manifest["files"]
+        for fname in (store.TENSORS, store.STATE):
+            if fname not in files:
+                raise CorruptCheckpointError(info.path, f"{fname} is not listed in the manifest")
+        state_path = os.path.join(info.path, store.STATE)
+        raw = store._read_small(state_path, 1 << 30)
+        if store.xxhash.xxh3_128_hexdigest(raw) != files[store.STATE][store.HASH]:
+            raise CorruptCheckpointError(info.path, f"{store.STATE} checksum mismatch")
+        tree = json.loads(raw)
+        tensors = self._read_tensors(info, files[store.TENSORS])
+        self._apply_tree(tree, tensors)
+
+    def _read_tensors(self, info: store.CheckpointInfo, rec: dict[str, Any]) -> dict[str, torch.Tensor]:
+        path = os.path.join(info.path, store.TENSORS)
+        h = store._hasher()
+        model_sd = self.model.state_dict() if self.model is not None else {}
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            header, data_start = store.read_safetensors_header(f, path, size)
+            f.seek(0)
+            h.update(f.read(data_start))
+            entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                             key=lambda kv: kv[1]["data_offsets"][0])
+            self._check_model_keys(info.path, model_sd, entries)
+            out: dict[str, torch.Tensor] = {}
+            pending_copies = []
+            for key, meta in entries:
+                dtype = TORCH_DTYPES.get(meta.get("dtype"))
+                if dtype is None:
+                    raise CorruptCheckpointError(info.path, f"tensor {key!r} has unknown dtype {meta.get('dtype')!r}")
+                shape = meta.get("shape")
+                target = model_sd.get(key[6:]) if key.startswith("model/") else None
+                if target is not None and target.is_cpu and target.is_contiguous():
+                    dest = target
+                else:
+                    dest = torch.empty(shape, dtype=dtype)
+                    if target is not None:
+                        pending_copies.append((target, dest))
+                a, b = meta["data_offsets"]
+                if dest.numel() * dest.element_size() != b - a:
+                    raise CorruptCheckpointError(info.path, f"tensor {key!r}: shape {shape} does not match its byte span")
+                _readinto(f, byte_view(dest), h, info.path)
+                out[key] = dest
+            if h.hexdigest() != rec[store.HASH] or f.tell() != rec["bytes"]:
+                raise CorruptCheckpointError(info.path, f"{store.TENSORS} checksum mismatch (content altered or corrupted)")
+        with torch.no_grad():
+            for target, src in pending_copies:
+                target.copy_(src)
+        return out
+
+    def _check_model_keys(self, path: str, model_sd: Mapping[str, Any], entries: list[tuple[str, Any]]) -> None:
+        if self.model is None:
+            return
+        saved = {k[6:]: meta for k, meta in entries if k.startswith("model/")}
+        wanted = {k for k, v in model_sd.items() if isinstance(v, torch.Tensor)}
+        missing, unexpected = wanted - set(saved), set(saved) - wanted
+        problems = []
+        if missing:
+            problems.append(f"missing from checkpoint: {', '.join(sorted(missing)[:5])}")
+        if unexpected:
+            problems.append(f"not in the model: {', '.join(sorted(unexpected)[:5])}")
+        for k in sorted(wanted & set(saved)):
+            t, meta = model_sd[k], saved[k]
+            if list(t.shape) != meta.get("shape") or DTYPES.get(t.dtype) != meta.get("dtype"):
+                problems.append(f"{k}: checkpoint has {meta.get('dtype')}{meta.get('shape')}, "
+                                f"model has {DTYPES.get(t.dtype)}{list(t.shape)}")
+                break
+        if problems:
+            raise CkptdError(f"checkpoint {path} does not fit this model ({'; '.join(problems)}); "
+                             "build the same model architecture, or start a new run in another --dir")
+
+    def _apply_tree(self, tree: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        def tensor(key: str) -> torch.Tensor:
+            return tensors[key]
+
+        state = decode(tree, tensor)
+        if self.model is not None:
+            model_state = state.get("model", {})
+            if any(not isinstance(v, torch.Tensor) for v in model_state.values()):
+                self.model.load_state_dict(model_state)  # modules with extra (non-tensor) state
+        for name in ("optimizer", "scheduler", "scaler"):
+            obj = getattr(self, name)
+            if obj is not None and name in state:
+                obj.load_state_dict(state[name])
+        for name, entry in state.get("extra", {}).items():
+            obj = self.extra.get(name)
+            if "stateful" in entry and obj is not None and hasattr(obj, "load_state_dict"):
+                obj.load_state_dict(entry["stateful"])
+            elif "value" in entry:
+                self.extra[name] = entry["value"]
+        self.user.clear()
+        self.user.update(state.get("user") or {})
+        self.metrics = dict(state.get("metrics") or {})
+        restore_rng(state.get("rng") or {})
+        progress = state.get("progress") or {}
+        self.epoch = progress.get("epoch")
+        self._restored_step = int(progress["step"])
+
+    def _after_restore(self, info: store.CheckpointInfo) -> int:
+        step = self._restored_step
+        self._step = self._committed_step = step
+        self._last_save_time = time.monotonic()
+        if os.path.dirname(os.path.abspath(info.path)) == self.dir:
+            self.resumed_from = info.name
+        log.info("ckptd: restored %s (step %d)", info.path, step)
+        if self.channel is not None:
+            self.channel.send(protocol.RESTORED, step=step, path=info.path)
+        return step
+
+
+def _readinto(f: Any, dest: torch.Tensor, h: Any, path: str) -> None:
+    mv = memoryview(dest.numpy()).cast("B") if dest.numel() else memoryview(b"")
+    pos = 0
+    while pos < len(mv):
+        n = f.readinto(mv[pos : pos + store.CHUNK])
+        if not n:
+            raise CorruptCheckpointError(path, f"{store.TENSORS} ends early (truncated)")
+        h.update(mv[pos : pos + n])
+        pos += n
+
+
+def _jsonable_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1:
+            v = v.item()
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
+                v = None  # JSON has no NaN/inf; the manifest stays strict JSON
+            out[str(k)] = v
+    return out
+
+
+def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a checkpoint's whole state as a dict of plain objects and tensors (verifies checksums).
+
+    For evaluation scripts and tools: ``ckptd.load_state(p)["model"]`` is a state_dict.
+    """
+    info = store.inspect_checkpoint(os.fspath(path))
+    if not info.valid:
+        raise CorruptCheckpointError(info.path, info.reason)
+    loader = Checkpointer.__new__(Checkpointer)
+    loader.model = None
+    out: dict[str, Any] = {}
+    checked = store.verify(info.path)
+    if not checked.valid:
+        raise CorruptCheckpointError(info.path, checked.reason)
+    raw = store._read_small(os.path.join(info.path, store.STATE), 1 << 30)
+    tensors = Checkpointer._read_tensors(loader, info, info.manifest["files"][store.TENSORS])
+    out = decode(json.loads(raw), tensors.__getitem__)
+    return out

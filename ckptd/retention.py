@@ -1,0 +1,111 @@
+"""Retention: which checkpoints to keep. Pure policy plus one ``apply``.
+
+Rules (a checkpoint is kept when any rule keeps it):
+  * the newest valid checkpoint, always;
+  * the newest ``keep_last`` valid checkpoints;
+  * the best ``k`` by each ``keep_best`` metric (min or max);
+  * every checkpoint whose step is a multiple of ``keep_every``;
+  * pinned ones (``.pins/``, and the one the run resumed from);
+  * an emergency checkpoint that no newer valid checkpoint supersedes.
+Invalid checkpoints are never deleted by retention (restore quarantines them).
+Order is by step (then creation time), never by name. With no rule set,
+nothing is deleted. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from . import store
+from .errors import CkptdError
+from .store import CheckpointInfo
+
+
+@dataclass(frozen=True)
+class Best:
+    metric: str
+    k: int
+    mode: str = "min"
+
+    @classmethod
+    def parse(cls, text: str) -> Best:
+        """``METRIC:K[:min|max]``, e.g. ``val_loss:3:min``."""
+        parts = text.split(":")
+        try:
+            if len(parts) not in (2, 3) or not parts[0]:
+                raise ValueError
+            k = int(parts[1])
+            mode = parts[2] if len(parts) == 3 else "min"
+            if k < 1 or mode not in ("min", "max"):
+                raise ValueError
+        except ValueError:
+            raise CkptdError(f"bad keep-best {text!r}: write METRIC:K[:min|max] with K >= 1, e.g. val_loss:3:min") from None
+        return cls(parts[0], k, mode)
+
+
+@dataclass(frozen=True)
+class Policy:
+    keep_last: int | None = None
+    keep_best: tuple[Best, ...] = field(default_factory=tuple)
+    keep_every: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("keep_last", "keep_every"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise CkptdError(f"{name} must be a whole number >= 1, got {v!r}")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.keep_last or self.keep_best or self.keep_every)
+
+
+def plan(infos: Iterable[CheckpointInfo], policy: Policy, pinned: Iterable[str] = ()) -> tuple[dict[str, list[str]], list[CheckpointInfo]]:
+    """Return ({kept name: [reasons]}, [checkpoints to delete]) without touching disk."""
+    valid = sorted((i for i in infos if i.valid), key=lambda i: (i.step, i.created, i.name))
+    keep: dict[str, list[str]] = {}
+
+    def mark(info: CheckpointInfo, why: str) -> None:
+        keep.setdefault(info.name, []).append(why)
+
+    if not valid:
+        return keep, []
+    mark(valid[-1], "newest")
+    if not policy.active:
+        for i in valid:
+            mark(i, "no retention policy")
+        return keep, []
+    if policy.keep_last:
+        for i in valid[-policy.keep_last :]:
+            mark(i, f"last {policy.keep_last}")
+    for best in policy.keep_best:
+        scored = [i for i in valid if _finite(i.metrics.get(best.metric))]
+        scored.sort(key=lambda i: (float(i.metrics[best.metric]) * (1 if best.mode == "min" else -1), -i.step))
+        for i in scored[: best.k]:
+            mark(i, f"best {best.k} {best.metric} ({best.mode})")
+    if policy.keep_every:
+        for i in valid:
+            if i.step % policy.keep_every == 0:
+                mark(i, f"every {policy.keep_every} steps")
+    pins = set(pinned)
+    for idx, i in enumerate(valid):
+        if i.name in pins:
+            mark(i, "pinned")
+        if i.kind == "emergency" and not any(n.step > i.step for n in valid[idx + 1 :]):
+            mark(i, "emergency, not superseded")
+    return keep, [i for i in valid if i.name not in keep]
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def apply(root: str, policy: Policy, pinned: Iterable[str] = (), dry_run: bool = False) -> list[str]:
+    """Delete what :func:`plan` does not keep; returns the deleted (or, dry run, deletable) names."""
+    pins = set(pinned) | store.pinned(root)
+    _, doomed = plan(store.list_checkpoints(root), policy, pins)
+    if dry_run:
+        return [i.name for i in doomed]
+    return [i.name for i in doomed if store.delete(root, i.name)]

@@ -1,0 +1,285 @@
+"""`ckptd run` configuration: one schema for the YAML file and the command line.
+
+Every option has a key in the YAML file (``yaml.safe_load`` semantics) and a
+``--flag`` on the command line; flags override the file. Each value is parsed
+and checked once here, so a bad value is a :class:`~ckptd.errors.ConfigError`
+that names the key (and the file line) before anything is started.
+
+    >>> cfg = resolve(None, {"every_steps": "100", "grace": "10"})
+    >>> cfg.every_steps, cfg.grace
+    (100, 10.0)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import ConfigError
+
+# Signals a user may pick as "checkpoint and exit for requeue" (SLURM: --signal=B:USR1@120).
+REQUEUE_SIGNALS = ("USR1", "USR2")
+
+
+@dataclass(frozen=True)
+class Config:
+    dir: str = "checkpoints"
+    every_steps: int | None = None
+    every: float | None = None
+    cron: str | None = None
+    keep_last: int | None = None
+    keep_every: int | None = None
+    keep_best: tuple[tuple[str, int, str], ...] = ()
+    grace: float = 25.0
+    force_grace: float = 5.0
+    max_restarts: int = 10
+    restart_window: float = 3600.0
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+    same_step_crashes: int = 3
+    no_restart_exit_codes: tuple[int, ...] = ()
+    hang_timeout: float = 0.0
+    requeue_signal: str | None = None
+    metrics_addr: str | None = None
+    log_format: str = "text"
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["keep_best"] = [f"{m}:{k}:{mode}" for m, k, mode in self.keep_best]
+        out["no_restart_exit_codes"] = list(self.no_restart_exit_codes)
+        return out
+
+    @property
+    def retention_enabled(self) -> bool:
+        return bool(self.keep_last or self.keep_every or self.keep_best)
+
+
+# --- value parsers: (raw value, where) -> parsed value; raise ValueError with the reason -----------------
+
+
+def _int(minimum: int) -> Callable[[Any], int]:
+    def parse(raw: Any) -> int:
+        if isinstance(raw, bool) or isinstance(raw, float):
+            raise ValueError(f"expected a whole number >= {minimum}, got {raw!r}")
+        try:
+            value = int(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a whole number >= {minimum}, got {raw!r}") from None
+        if value < minimum:
+            raise ValueError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(allow_zero: bool = False) -> Callable[[Any], float]:
+    def parse(raw: Any) -> float:
+        if isinstance(raw, bool):
+            raise ValueError(f"expected seconds as a number, got {raw!r}")
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected seconds as a number, got {raw!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"expected a finite number of seconds, got {raw!r}")
+        if value < 0 or (value == 0 and not allow_zero):
+            raise ValueError(f"must be {'>= 0' if allow_zero else '> 0'} seconds, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _string(raw: Any) -> str:
+    if not isinstance(raw, str) or not raw.strip():
+        raise ValueError(f"expected a non-empty string, got {raw!r}")
+    return raw
+
+
+def _cron(raw: Any) -> str:
+    expr = _string(raw)
+    from apscheduler.triggers.cron import CronTrigger
+
+    try:
+        CronTrigger.from_crontab(expr)
+    except ValueError as exc:
+        raise ValueError(f"not a crontab expression ({exc}); example: '*/30 * * * *'") from None
+    return expr
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(raw: Any) -> str:
+        if raw not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {raw!r}")
+        return str(raw)
+
+    return parse
+
+
+def _signal_name(raw: Any) -> str:
+    name = _string(raw).upper().removeprefix("SIG")
+    if name not in REQUEUE_SIGNALS:
+        raise ValueError(f"expected one of {', '.join(REQUEUE_SIGNALS)}, got {raw!r}")
+    return name
+
+
+def _addr(raw: Any) -> str:
+    text = str(raw).strip() if isinstance(raw, (str, int)) and not isinstance(raw, bool) else None
+    if not text:
+        raise ValueError(f"expected HOST:PORT or PORT, got {raw!r}")
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT with a port 0-65535, got {raw!r}")
+    return f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
+
+
+def _list(item: Callable[[Any], Any]) -> Callable[[Any], tuple]:
+    def parse(raw: Any) -> tuple:
+        items = raw if isinstance(raw, (list, tuple)) else [raw]
+        return tuple(item(x) for x in items)
+
+    return parse
+
+
+def _exit_code(raw: Any) -> int:
+    code = _int(1)(raw)
+    if code > 255:
+        raise ValueError(f"exit codes are 1-255, got {code}")
+    return code
+
+
+def _keep_best(raw: Any) -> tuple[str, int, str]:
+    if isinstance(raw, dict):
+        metric, k, mode = raw.get("metric"), raw.get("k"), raw.get("mode", "min")
+    elif isinstance(raw, str) and raw.count(":") in (1, 2):
+        metric, k, *rest = raw.split(":")
+        mode = rest[0] if rest else "min"
+    else:
+        raise ValueError(f"expected METRIC:K[:min|max] (e.g. loss:3:min), got {raw!r}")
+    return (_string(metric), _int(1)(k), _choice("min", "max")(mode))
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str
+    parse: Callable[[Any], Any]
+    help: str
+    metavar: str = "N"
+    append: bool = False
+    flag: str = ""
+
+    @property
+    def cli(self) -> str:
+        return self.flag or "--" + self.key.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("dir", _string, "checkpoint root directory (default: ./checkpoints)", "DIR"),
+    Option("every_steps", _int(1), "the library saves every N steps (env CKPTD_EVERY_STEPS)"),
+    Option("every", _seconds(), "ask the trainer for a checkpoint every SECONDS", "SECONDS"),
+    Option("cron", _cron, "ask the trainer for a checkpoint on a crontab schedule (local time)", "EXPR"),
+    Option("keep_last", _int(1), "retention: keep the newest N checkpoints"),
+    Option("keep_every", _int(1), "retention: also keep every checkpoint whose step is a multiple of N"),
+    Option("keep_best", _list(_keep_best), "retention: also keep the K best by METRIC (repeatable)",
+           "METRIC:K:MODE", append=True),
+    Option("grace", _seconds(), "seconds a stopped trainer gets to checkpoint and exit (default 25)", "SECONDS"),
+    Option("force_grace", _seconds(), "grace after a second SIGTERM/SIGINT (default 5)", "SECONDS"),
+    Option("max_restarts", _int(0), "restarts allowed within --restart-window (default 10)"),
+    Option("restart_window", _seconds(), "window of the restart budget (default 3600)", "SECONDS"),
+    Option("backoff_base", _seconds(), "first restart delay; doubles per failure (default 1)", "SECONDS"),
+    Option("backoff_max", _seconds(), "cap of the restart delay (default 60)", "SECONDS"),
+    Option("same_step_crashes", _int(1), "give up when the same step crashes N times in a row (default 3)"),
+    Option("no_restart_exit_codes", _list(_exit_code), "child exit code that ends the run at once (repeatable)",
+           "CODE", append=True, flag="--no-restart-exit-code"),
+    Option("hang_timeout", _seconds(allow_zero=True), "restart a trainer silent this long; 0 = off (default)",
+           "SECONDS"),
+    Option("requeue_signal", _signal_name, "signal meaning 'checkpoint and exit for requeue' (USR1|USR2)", "SIG"),
+    Option("metrics_addr", _addr, "Prometheus metrics address HOST:PORT (host defaults to 127.0.0.1)",
+           "HOST:PORT"),
+    Option("log_format", _choice("text", "json"), "stderr log format: text (default) or json", "FORMAT"),
+)
+BY_KEY = {o.key: o for o in OPTIONS}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per option; values stay strings until :func:`resolve`."""
+    parser.add_argument("--config", metavar="FILE", help="YAML config file; command-line options override it")
+    for opt in OPTIONS:
+        parser.add_argument(opt.cli, dest=opt.key, metavar=opt.metavar, help=opt.help, default=None,
+                            action="append" if opt.append else "store")
+
+
+def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {o.key: getattr(args, o.key) for o in OPTIONS if getattr(args, o.key, None) is not None}
+
+
+def load_file(path: str) -> dict[str, tuple[Any, int]]:
+    """Read a YAML mapping; return ``{key: (value, line)}``. Unknown/duplicate keys are errors."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if root is None:
+        return {}
+    if not isinstance(root, yaml.MappingNode) or not isinstance(data, dict):
+        raise ConfigError(f"{path}:{root.start_mark.line + 1}: the config must be a mapping of key: value")
+    out: dict[str, tuple[Any, int]] = {}
+    for key_node, _ in root.value:
+        key, line = key_node.value, key_node.start_mark.line + 1
+        if key not in BY_KEY:
+            hint = difflib.get_close_matches(str(key).replace("-", "_"), BY_KEY, n=1)
+            fix = f"did you mean '{hint[0]}'?" if hint else f"known keys: {', '.join(BY_KEY)}"
+            raise ConfigError(f"{path}:{line}: unknown key '{key}'; {fix}")
+        if key in out:
+            raise ConfigError(f"{path}:{line}: key '{key}' appears twice (first on line {out[key][1]})")
+        out[key] = (data[key], line)
+    return out
+
+
+def resolve(config_file: str | None, overrides: dict[str, Any]) -> Config:
+    """Merge defaults < file < command line, check every value, and return the effective config."""
+    values: dict[str, Any] = {}
+    if config_file:
+        for key, (raw, line) in load_file(config_file).items():
+            if raw is None:
+                continue  # `key:` with no value keeps the default
+            values[key] = _parse(BY_KEY[key], raw, f"{config_file}:{line}: key '{key}'")
+    for key, raw in overrides.items():
+        opt = BY_KEY[key]
+        if opt.append:
+            values[key] = tuple(v for item in raw for v in _parse(opt, item, f"option {opt.cli}"))
+        else:
+            values[key] = _parse(opt, raw, f"option {opt.cli}")
+    cfg = Config(**values)
+    if cfg.backoff_max < cfg.backoff_base:
+        raise ConfigError(f"backoff_max ({cfg.backoff_max}) is below backoff_base ({cfg.backoff_base}); raise it")
+    return cfg
+
+
+def _parse(opt: Option, raw: Any, where: str) -> Any:
+    try:
+        return opt.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def signal_number(name: str | None) -> int | None:
+    return None if name is None else int(getattr(signal, "SIG" + name))
+
+
+def absolute(cfg: Config) -> Config:
+    return dataclasses.replace(cfg, dir=os.path.abspath(cfg.dir))
+

@@ -1,0 +1,187 @@
+"""Control socket server: JSON lines over a unix stream socket, serviced by the loop's selector.
+
+Many peers at once: every trainer rank (torchrun ranks inherit ``CKPTD_CONTROL``) and CLI clients.
+Only the owner may connect: the socket is 0600 in a 0700 directory, and each peer's uid is checked
+with ``SO_PEERCRED``. Nothing here blocks: writes are buffered and finished when the socket is writable.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import selectors
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .. import protocol
+
+
+@dataclass(eq=False)
+class Peer:
+    id: int
+    sock: socket.socket
+    peer_pid: int
+    last_seen: float
+    role: str | None = None  # "trainer" | "client" after hello
+    pid: int | None = None
+    rank: int | None = None
+    decoder: protocol.LineDecoder = field(default_factory=protocol.LineDecoder)
+    out: bytearray = field(default_factory=bytearray)
+    closing: bool = False  # close once ``out`` is flushed
+
+
+class ControlServer:
+    def __init__(self, path: str, selector: selectors.BaseSelector, clock,
+                 on_message: Callable[[Peer, dict[str, Any]], None], on_close: Callable[[Peer], None],
+                 log: Callable[..., None]) -> None:
+        self.path = path
+        self._sel = selector
+        self._clock = clock
+        self._on_message = on_message
+        self._on_close = on_close
+        self._log = log
+        self._ids = itertools.count(1)
+        self.peers: dict[int, Peer] = {}
+        self._listener: socket.socket | None = None
+
+    def open(self) -> None:
+        try:
+            os.unlink(self.path)  # stale: we hold the run lock, so no live supervisor owns it
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        sock.listen(64)
+        sock.setblocking(False)
+        self._listener = sock
+        self._sel.register(sock, selectors.EVENT_READ, self._accept)
+
+    def trainers(self) -> list[Peer]:
+        return [p for p in self.peers.values() if p.role == "trainer"]
+
+    def send(self, peer: Peer, type_: str, **fields: Any) -> None:
+        if peer.id not in self.peers:
+            return
+        peer.out += protocol.encode({"type": type_, **fields})
+        self._write(peer)
+
+    def close_after_flush(self, peer: Peer) -> None:
+        peer.closing = True
+        self._write(peer)
+
+    def flush(self, deadline: float) -> None:
+        """Best effort: push pending replies before the supervisor exits."""
+        import select
+
+        for peer in list(self.peers.values()):
+            while peer.out and peer.id in self.peers and self._clock.monotonic() < deadline:
+                select.select([], [peer.sock], [], max(0.0, deadline - self._clock.monotonic()))
+                self._write(peer)
+
+    def close(self) -> None:
+        for peer in list(self.peers.values()):
+            self._drop(peer, notify=False)
+        if self._listener is not None:
+            self._sel.unregister(self._listener)
+            self._listener.close()
+            self._listener = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    # --- selector callbacks ---------------------------------------------------------------------
+
+    def _accept(self, mask: int) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                  struct.calcsize("3i")))
+            if uid != os.getuid():
+                self._log("warning", "control", f"refused a control connection from uid {uid} (pid {pid}): "
+                                                f"only uid {os.getuid()} may control this run")
+                sock.close()
+                continue
+            sock.setblocking(False)
+            peer = Peer(next(self._ids), sock, pid, self._clock.monotonic())
+            self.peers[peer.id] = peer
+            self._sel.register(sock, selectors.EVENT_READ, lambda m, p=peer: self._ready(p, m))
+
+    def _ready(self, peer: Peer, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._write(peer)
+        if mask & selectors.EVENT_READ and peer.id in self.peers:
+            self._read(peer)
+
+    def _read(self, peer: Peer) -> None:
+        try:
+            data = peer.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._drop(peer)
+            return
+        peer.last_seen = self._clock.monotonic()
+        try:
+            messages = peer.decoder.feed(data)
+        except ValueError as exc:
+            self._log("warning", "control", f"dropped control peer pid {peer.peer_pid}: {exc}")
+            self._drop(peer)
+            return
+        for msg in messages:
+            if msg["type"] == protocol.HELLO and peer.role is None:
+                peer.role = "trainer" if msg.get("role") == "trainer" else "client"
+                peer.pid = _int_or_none(msg.get("pid")) or peer.peer_pid
+                peer.rank = _int_or_none(msg.get("rank"))
+            elif peer.role is None:
+                peer.role = "client"  # a client may skip hello
+            if peer.id not in self.peers:
+                return
+            self._on_message(peer, msg)
+
+    def _write(self, peer: Peer) -> None:
+        if peer.id not in self.peers:
+            return
+        while peer.out:
+            try:
+                sent = peer.sock.send(peer.out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._drop(peer)
+                return
+            del peer.out[:sent]
+        if not peer.out and peer.closing:
+            self._drop(peer)
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.out else 0)
+        if self._sel.get_key(peer.sock).events != events:
+            self._sel.modify(peer.sock, events, self._sel.get_key(peer.sock).data)
+
+    def _drop(self, peer: Peer, notify: bool = True) -> None:
+        if self.peers.pop(peer.id, None) is None:
+            return
+        try:
+            self._sel.unregister(peer.sock)
+        except (KeyError, ValueError):
+            pass
+        peer.sock.close()
+        if notify:
+            self._on_close(peer)
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

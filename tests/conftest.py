@@ -1,0 +1,77 @@
+"""Shared fixtures: real checkpoints made by the real library in tmp dirs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+if EXAMPLES not in sys.path:
+    sys.path.insert(0, EXAMPLES)
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 20.0, interval: float = 0.02, what: str = "condition") -> object:
+    """Poll ``cond`` until it returns a truthy value or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def ckptd_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run the real `ckptd` entry point in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "ckptd", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def small_model(seed: int = 0, width: int = 16):
+    import torch
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.ReLU(), torch.nn.Linear(width, 4))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    return model, opt
+
+
+def train_steps(model, opt, n: int) -> float:
+    import torch
+
+    loss = torch.tensor(0.0)
+    for _ in range(n):
+        x = torch.randn(4, 8)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return float(loss.detach())
+
+
+@pytest.fixture
+def make_checkpoints(tmp_path):
+    """Write real checkpoints at the given steps; returns the root."""
+
+    def make(steps, root=None, metrics=None, kinds=None, **kw):
+        import ckptd
+
+        root = str(root or tmp_path / "ck")
+        model, opt = small_model()
+        ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root, save_on_close=False, handle_signals=False, **kw)
+        for i, s in enumerate(steps):
+            train_steps(model, opt, 1)
+            m = (metrics or {}).get(s, {"loss": 1.0 / (s + 1)})
+            ck.step(s, metrics=m)
+            ck.save(kind=(kinds or {}).get(s, "periodic"), block=True)
+        ck.close()
+        return root
+
+    return make

@@ -1,0 +1,259 @@
+"""The on-disk store: commit protocol, verification, quarantine, names, permissions."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+
+import ckptd
+from ckptd import store
+from ckptd.errors import CkptdError
+
+from conftest import ckptd_cli, small_model, train_steps
+
+
+def test_commit_publishes_complete_checkpoint_with_manifest(make_checkpoints):
+    root = make_checkpoints([5])
+    path = os.path.join(root, "step-000000000005")
+    assert sorted(os.listdir(path)) == ["manifest.json", "state.json", "tensors.safetensors"]
+    m = json.load(open(os.path.join(path, "manifest.json")))
+    assert m["format"] == store.FORMAT and m["step"] == 5 and m["kind"] == "periodic"
+    assert set(m["files"]) == {"state.json", "tensors.safetensors"}
+    for fname, rec in m["files"].items():
+        assert rec["bytes"] == os.path.getsize(os.path.join(path, fname))
+        assert len(rec["xxh3_128"]) == 32
+    assert m["versions"]["torch"] == torch.__version__ and m["versions"]["ckptd"] == ckptd.__version__
+    assert "loss" in m["metrics"] and m["digest"]
+    assert not [n for n in os.listdir(root) if n.startswith(".tmp-")]
+
+
+def test_new_files_are_never_world_writable(make_checkpoints):
+    old = os.umask(0)
+    try:
+        root = make_checkpoints([1])
+    finally:
+        os.umask(old)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            mode = os.lstat(os.path.join(dirpath, n)).st_mode
+            assert not mode & stat.S_IWOTH, n
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "..", ".hidden", "step-1/../../x", ""])
+def test_names_cannot_escape_the_root(tmp_path, name):
+    with pytest.raises(CkptdError, match="invalid checkpoint or file name"):
+        store.delete(str(tmp_path), name)
+    with pytest.raises(CkptdError):
+        store.quarantine(str(tmp_path), name, "x")
+
+
+def test_file_names_in_manifest_cannot_escape(make_checkpoints):
+    root = make_checkpoints([3])
+    path = os.path.join(root, "step-000000000003")
+    mpath = os.path.join(path, "manifest.json")
+    m = json.load(open(mpath))
+    m["files"]["../../etc/passwd"] = {"bytes": 1, "xxh3_128": "0"}
+    m["digest"] = store._digest(m)
+    json.dump(m, open(mpath, "w"))
+    info = store.verify(path)
+    assert not info.valid and "bad file entry" in info.reason
+
+
+def test_tensor_file_loads_with_safetensors_alone(make_checkpoints):
+    from safetensors import safe_open
+
+    root = make_checkpoints([2])
+    with safe_open(os.path.join(root, "step-000000000002", "tensors.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        assert "model/0.weight" in keys and any(k.startswith("optimizer/state/") for k in keys)
+        assert f.get_tensor("model/0.weight").shape == (16, 8)
+
+
+def test_list_orders_by_step_not_name(make_checkpoints, tmp_path):
+    root = make_checkpoints([9, 10, 100, 1000, 99])
+    assert [i.step for i in store.list_checkpoints(root)] == [9, 10, 99, 100, 1000]
+    assert store.latest_valid(root).step == 1000
+
+
+def test_existing_checkpoint_is_never_overwritten(make_checkpoints):
+    root = make_checkpoints([4])
+    before = open(os.path.join(root, "step-000000000004", "manifest.json"), "rb").read()
+    with store.PendingCheckpoint(root, 4) as p:
+        p.write_file("tensors.safetensors", [b"x"])
+        with pytest.raises(CkptdError, match="already exists"):
+            p.commit(kind="manual")
+    assert open(os.path.join(root, "step-000000000004", "manifest.json"), "rb").read() == before
+    assert not [n for n in os.listdir(root) if n.startswith(".tmp-")]
+
+
+# ---------------------------------------------------------------------------- corruption
+
+
+def _truncate(path):
+    f = os.path.join(path, "tensors.safetensors")
+    os.truncate(f, os.path.getsize(f) // 2)
+
+
+def _flip_byte(path):
+    f = os.path.join(path, "tensors.safetensors")
+    with open(f, "r+b") as fh:
+        fh.seek(os.path.getsize(f) - 100)
+        b = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([b[0] ^ 0x01]))
+
+
+def _flip_state_byte(path):
+    f = os.path.join(path, "state.json")
+    data = bytearray(open(f, "rb").read())
+    i = data.index(b'"step":') + 7
+    data[i] = ord("9") if data[i] != ord("9") else ord("8")
+    open(f, "wb").write(bytes(data))
+
+
+def _delete_file(path):
+    os.unlink(os.path.join(path, "state.json"))
+
+
+def _garble_manifest(path):
+    f = os.path.join(path, "manifest.json")
+    data = bytearray(open(f, "rb").read())
+    data[len(data) // 2] ^= 0x20
+    open(f, "wb").write(bytes(data))
+
+
+def _edit_manifest(path):  # valid JSON, but not what was committed
+    f = os.path.join(path, "manifest.json")
+    m = json.load(open(f))
+    m["metrics"]["loss"] = 0.0
+    json.dump(m, open(f, "w"))
+
+
+def _delete_manifest(path):
+    os.unlink(os.path.join(path, "manifest.json"))
+
+
+def _plant_symlink(path):
+    os.symlink("/etc/passwd", os.path.join(path, "extra"))
+
+
+def _replace_with_symlink(path):
+    f = os.path.join(path, "state.json")
+    os.rename(f, f + ".real")
+    os.symlink(f + ".real", f)
+
+
+CORRUPTIONS = {
+    "truncate": (_truncate, "bytes"),
+    "flip-byte": (_flip_byte, "checksum"),
+    "flip-state-byte": (_flip_state_byte, "checksum"),
+    "delete-file": (_delete_file, "missing"),
+    "garble-manifest": (_garble_manifest, "manifest"),
+    "edit-manifest": (_edit_manifest, "digest"),
+    "delete-manifest": (_delete_manifest, "manifest.json is missing"),
+    "plant-symlink": (_plant_symlink, "symlink"),
+    "file-is-symlink": (_replace_with_symlink, "symlink"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_corruption_detected_by_verify_and_skipped_by_restore(make_checkpoints, case, caplog):
+    corrupt, reason = CORRUPTIONS[case]
+    root = make_checkpoints([10, 20])
+    newest = os.path.join(root, "step-000000000020")
+    corrupt(newest)
+
+    r = ckptd_cli("verify", root)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "step-000000000020: INVALID" in r.stdout and reason in r.stdout
+    assert "step-000000000010: ok" in r.stdout
+
+    model, opt = small_model(seed=99)
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root, handle_signals=False, save_on_close=False)
+    with caplog.at_level("WARNING", logger="ckptd"):
+        assert ck.restore() == 10
+    assert any("step-000000000020" in r.message and "quarantine" in r.message for r in caplog.records)
+    assert not os.path.exists(newest)
+    (qname,) = os.listdir(os.path.join(root, ".quarantine"))
+    note = json.load(open(os.path.join(root, ".quarantine", qname, "QUARANTINE.json")))
+    assert note["name"] == "step-000000000020" and reason.split()[0] in note["reason"]
+    assert [i.step for i in store.list_checkpoints(root)] == [10]
+
+
+def test_restore_when_every_checkpoint_is_corrupt_starts_from_zero_with_model_untouched(make_checkpoints):
+    root = make_checkpoints([10])
+    _flip_byte(os.path.join(root, "step-000000000010"))
+    model, opt = small_model(seed=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root, handle_signals=False, save_on_close=False)
+    assert ck.restore() == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_leftover_temp_directory_is_removed_and_not_listed(make_checkpoints):
+    root = make_checkpoints([1])
+    dead = os.path.join(root, ".tmp-step-000000000002-%s-999999999-abcd" % os.uname().nodename)
+    os.mkdir(dead)
+    open(os.path.join(dead, "tensors.safetensors"), "wb").write(b"partial")
+    assert [i.step for i in store.list_checkpoints(root)] == [1]
+    model, opt = small_model()
+    ckptd.Checkpointer(model=model, optimizer=opt, dir=root, handle_signals=False).restore()
+    assert not os.path.exists(dead)
+
+
+def test_restore_explicit_path_refuses_corrupt_without_quarantining(make_checkpoints):
+    root = make_checkpoints([7])
+    path = os.path.join(root, "step-000000000007")
+    _flip_byte(path)
+    model, opt = small_model()
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=str(root) + "-branch", handle_signals=False)
+    with pytest.raises(ckptd.CorruptCheckpointError, match="checksum"):
+        ck.restore(path)
+    assert os.path.isdir(path)
+
+
+def test_restore_refuses_a_different_model_with_a_clear_error(make_checkpoints):
+    root = make_checkpoints([3])
+    model, opt = small_model(width=32)
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root, handle_signals=False)
+    with pytest.raises(CkptdError, match="does not fit this model"):
+        ck.restore()
+    assert os.path.isdir(os.path.join(root, "step-000000000003"))  # not quarantined: it is fine
+
+
+def test_unsupported_state_names_the_path(tmp_path):
+    model, opt = small_model()
+    ck = ckptd.Checkpointer(model=model, dir=str(tmp_path), extra={"cfg": {"fn": object()}}, handle_signals=False,
+                            save_on_close=False)
+    ck.step(1)
+    with pytest.raises(ckptd.UnsupportedStateError, match="extra/cfg/value/fn"):
+        ck.save(block=True)
+    assert not os.path.exists(os.path.join(tmp_path, "step-000000000001"))
+    ck.close()
+
+
+def test_state_round_trips_types_without_pickle(tmp_path):
+    import numpy as np
+
+    model, opt = small_model()
+    train_steps(model, opt, 1)
+    value = {"t": (1, 2.5, "x"), 3: [None, True], "nan": float("nan"), "np": np.arange(3, dtype=np.int16),
+             "scalar": np.float32(1.5), "bytes": b"\x00\x01", "dtype": torch.bfloat16, "bf": torch.ones(2, dtype=torch.bfloat16)}
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=str(tmp_path), extra={"v": value}, handle_signals=False)
+    ck.user["best"] = 0.25
+    ck.step(1)
+    ck.save(block=True)
+    ck.close()
+    state = ckptd.load_state(os.path.join(tmp_path, "step-000000000001"))
+    got = state["extra"]["v"]["value"]
+    assert got["t"] == (1, 2.5, "x") and got[3] == [None, True] and got["nan"] != got["nan"]
+    assert got["np"].dtype == np.int16 and list(got["np"]) == [0, 1, 2]
+    assert got["scalar"] == np.float32(1.5) and got["scalar"].dtype == np.float32
+    assert got["bytes"] == b"\x00\x01" and got["dtype"] is torch.bfloat16 and got["bf"].dtype == torch.bfloat16
+    ck2 = ckptd.Checkpointer(model=small_model()[0], optimizer=None, dir=str(tmp_path), extra={"v": None}, handle_signals=False)
+    assert ck2.restore() == 1
+    assert ck2.user == {"best": 0.25} and ck2.extra["v"]["t"] == (1, 2.5, "x")
