@@ -196,12 +196,18 @@ class PendingCheckpoint:
             os.rename(self.tmp, final)
         except OSError as exc:
             raise _storage(final, "rename", exc) from exc
-        self.committed_path = final
         try:
             _fsync_dir(self.root)
         except OSError as exc:
-            # Published but maybe not durable: report it; the directory is complete either way.
+            # The rename may not be durable: take the checkpoint back out of sight rather than
+            # publish something whose durability a failed fsync left unknown.
+            self.tmp = os.path.join(self.root, f"{TRASH_PREFIX}{self.name}-{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(final, self.tmp)
+            except OSError:
+                self.tmp = final
             raise _storage(self.root, "fsync", exc) from exc
+        self.committed_path = final
         return final
 
     def abort(self) -> None:
@@ -465,6 +471,8 @@ def safetensors_header_bytes(entries: list[tuple[str, str, list[int], int]], met
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -472,6 +480,9 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+_TMP_RE = re.compile(r"^\.tmp-step-\d+-(.+)-(\d+)-[0-9a-f]{8}$")
 
 
 def remove_stale_temps(root: str) -> list[str]:
@@ -487,15 +498,13 @@ def remove_stale_temps(root: str) -> list[str]:
             continue
         if not e.name.startswith(TMP_PREFIX):
             continue
-        parts = e.name.rsplit("-", 3)
-        try:
-            e_host, pid = parts[1], int(parts[2])
-        except (IndexError, ValueError):
-            e_host, pid = host, -1
-        if e_host == host and pid != os.getpid() and _pid_alive(pid):
-            continue  # another live writer on this host
-        if e_host != host and time.time() - e.stat(follow_symlinks=False).st_mtime < 3600:
-            continue  # another host's writer may still be at work (shared filesystem)
+        m = _TMP_RE.match(e.name)
+        if m and m.group(1) == host:
+            pid = int(m.group(2))
+            if pid != os.getpid() and _pid_alive(pid):
+                continue  # another live writer on this host
+        elif time.time() - e.stat(follow_symlinks=False).st_mtime < 3600:
+            continue  # another host's writer (shared filesystem) may still be at work
         shutil.rmtree(e.path, ignore_errors=True)
         removed.append(e.name)
         log.info("ckptd: removed leftover temporary directory %s", e.path)

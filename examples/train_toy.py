@@ -76,6 +76,7 @@ def digest(model: torch.nn.Module) -> str:
 
 def train(steps: int, dir: str | None = None, every_steps: int | None = 50, every_seconds: float | None = None,
           stop_after: int | None = None, step_delay: float = 0.0, keep_last: int | None = 3,
+          verbose: bool = False,
           ) -> tuple[torch.nn.Module, torch.optim.Optimizer, ckptd.Checkpointer]:
     """Train to ``steps``; with ``stop_after`` stop (checkpointed) after that many steps."""
     torch.use_deterministic_algorithms(True)
@@ -85,6 +86,8 @@ def train(steps: int, dir: str | None = None, every_steps: int | None = 50, ever
     ck = ckptd.Checkpointer(model=model, optimizer=opt, scheduler=sched, extra={"sampler": sampler},
                             dir=dir, every_steps=every_steps, every_seconds=every_seconds, keep_last=keep_last)
     start = ck.restore()
+    if verbose:
+        print(f"start_step={start}", flush=True)
     end = steps if stop_after is None else min(steps, stop_after)
     for step in range(start, end):
         model.train()
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="sleep this long in every step (to watch or interrupt a run)")
     args = p.parse_args(argv)
     model, _, ck = train(args.steps, dir=args.dir, every_steps=args.every_steps, keep_last=args.keep_last,
-                         step_delay=args.step_delay)
+                         step_delay=args.step_delay, verbose=True)
     print(f"final_step={ck.current_step} digest={digest(model)}", flush=True)
     return 0
 

@@ -196,7 +196,7 @@ def test_restore_when_every_checkpoint_is_corrupt_starts_from_zero_with_model_un
 
 def test_leftover_temp_directory_is_removed_and_not_listed(make_checkpoints):
     root = make_checkpoints([1])
-    dead = os.path.join(root, ".tmp-step-000000000002-%s-999999999-abcd" % os.uname().nodename)
+    dead = os.path.join(root, ".tmp-step-000000000002-%s-999999999-abcd0123" % os.uname().nodename)
     os.mkdir(dead)
     open(os.path.join(dead, "tensors.safetensors"), "wb").write(b"partial")
     assert [i.step for i in store.list_checkpoints(root)] == [1]

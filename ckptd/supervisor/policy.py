@@ -120,6 +120,8 @@ class RestartPolicy:
 
     def on_failure(self, now: float, step: int | None) -> Decision:
         """The child failed at ``step`` (None: unknown). Restart after a delay, or give up."""
+        if step is not None and (self._seen is None or step > self._seen):
+            self._seen = step
         if step is not None and step == self._crash_step:
             self._same_step += 1
         else:

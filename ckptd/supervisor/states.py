@@ -25,7 +25,7 @@ class ChildState(enum.Enum):
 
 S = ChildState
 TRANSITIONS: dict[ChildState, frozenset[ChildState]] = {
-    S.IDLE: frozenset({S.RUNNING, S.BACKOFF, S.EXITED}),  # spawn failure -> BACKOFF; stop before start -> EXITED
+    S.IDLE: frozenset({S.RUNNING, S.BACKOFF, S.EXITED, S.FATAL}),  # spawn failure -> BACKOFF or FATAL
     S.RUNNING: frozenset({S.STOPPING, S.BACKOFF, S.EXITED, S.FATAL}),
     S.STOPPING: frozenset({S.KILLING, S.BACKOFF, S.EXITED, S.FATAL}),
     S.KILLING: frozenset({S.BACKOFF, S.EXITED, S.FATAL}),

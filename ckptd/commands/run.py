@@ -1,0 +1,61 @@
+"""ckptd run [options] SCRIPT.py [ARGS...] | ckptd run [options] -- CMD [ARGS...]: supervise a training run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+
+from .. import exitcodes
+from ..errors import CkptdError, NotFoundError
+from ..supervisor import config as configmod
+
+
+class UsageError(CkptdError):
+    exit_code = exitcodes.USAGE
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="run and supervise a training script",
+        usage="ckptd run [options] SCRIPT.py [ARGS...]\n       ckptd run [options] -- CMD [ARGS...]",
+        description="Run SCRIPT.py with this Python (or any CMD after --), restart it from the latest valid "
+        "checkpoint when it fails, checkpoint it on request or schedule, and stop it with an emergency "
+        "checkpoint on SIGTERM/SIGINT. Arguments after the script pass through untouched. Every option also "
+        "has a key in the --config YAML file (same name, underscores); options given here win.",
+        epilog="Signals: TERM/INT = checkpoint and stop (twice: fast stop); USR1 = checkpoint now; "
+        "HUP = reload schedules from --config. Exit codes: 0 finished, 85 stopped with a checkpoint, "
+        "86 stopped without one, 70 gave up, 78 config error, 6 directory already supervised.",
+    )
+    configmod.add_arguments(p)
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="SCRIPT.py [ARGS...] | -- CMD [ARGS...]",
+                   help="the training script and its arguments, or -- and a command")
+    p.set_defaults(func=run)
+
+
+def command_argv(words: list[str]) -> list[str]:
+    """The child's argv: a script runs with this interpreter; after ``--`` any command runs as is."""
+    if words and words[0] == "--":
+        words = words[1:]
+        if not words:
+            raise UsageError("nothing to run after --; write `ckptd run [options] -- CMD [ARGS...]`")
+        if os.sep not in words[0] and shutil.which(words[0]) is None:
+            raise NotFoundError(f"command {words[0]!r} not found on PATH; give its full path")
+        return words
+    if not words:
+        raise UsageError("no script given; write `ckptd run [options] SCRIPT.py [ARGS...]` "
+                         "or `ckptd run [options] -- CMD [ARGS...]`")
+    if not os.path.isfile(words[0]):
+        raise NotFoundError(f"script {words[0]!r} not found; to run a command instead, "
+                            f"write `ckptd run [options] -- {words[0]} ...`")
+    return [sys.executable, *words]
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = configmod.cli_overrides(args)
+    cfg = configmod.resolve(args.config, overrides)  # config errors first: nothing has started
+    argv = command_argv(list(args.command))
+    from ..supervisor.loop import Supervisor
+
+    return Supervisor(cfg, argv, config_file=args.config, overrides=overrides).run()

@@ -1,0 +1,100 @@
+"""ckptd status [--dir DIR] [--json]: state, pids, step, last checkpoint, restarts, uptime.
+
+Asks the running supervisor; when none runs, reads the run directory's state file and journal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Any
+
+from .. import protocol
+from ..errors import CkptdError, NotFoundError
+from ..supervisor.client import ControlClient, default_dir
+from ..supervisor.journal import JOURNAL_NAME, STATE_NAME, read_journal, read_json
+from ..supervisor.rundir import supervisor_pid
+from . import human_time, print_json
+
+RECENT = 8  # journal events shown
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="show the state of a supervised run",
+                       description="Show a run's state, pids, step, last checkpoint, restarts and uptime. Works "
+                       "from the journal and state file in DIR/.ckptd when no supervisor runs.")
+    p.add_argument("--dir", default=None, help="checkpoint directory of the run (default: $CKPTD_DIR or ./checkpoints)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def collect(root: str) -> dict[str, Any]:
+    run_dir = protocol.run_dir(root)
+    if not os.path.isdir(run_dir):
+        raise NotFoundError(f"{root} has no run directory ({protocol.RUN_DIR_NAME}/): "
+                            "it was never supervised by `ckptd run`")
+    events = list(read_journal(os.path.join(run_dir, JOURNAL_NAME)))
+    live = None
+    if supervisor_pid(root) is not None:
+        try:
+            with ControlClient(root, timeout=5.0) as client:
+                client.send(protocol.STATUS)
+                live = next((m for m in client.replies(time.monotonic() + 5.0) if m["type"] == protocol.STATUS), None)
+        except (CkptdError, OSError, TimeoutError):
+            live = None
+    data = dict(live or read_json(os.path.join(run_dir, STATE_NAME)) or {})
+    data.pop("type", None)
+    data["running"] = live is not None
+    if live is None:
+        data["last_state"] = data.get("state")
+        data["state"] = "not running"
+        data["child_pid"] = None
+    starts = [e for e in events if e.get("event") == "start"]
+    since = starts[-1]["time"] if starts else 0
+    data["restarts_total"] = sum(1 for e in events if e.get("event") == "restart")
+    data["restarts_this_run"] = sum(1 for e in events if e.get("event") == "restart" and e["time"] >= since)
+    data.setdefault("restarts", data["restarts_this_run"])
+    data["recent_events"] = events[-RECENT:]
+    data["dir"] = os.path.abspath(root)
+    return data
+
+
+def run(args: argparse.Namespace) -> int:
+    data = collect(args.dir or default_dir())
+    if args.json:
+        print_json(data)
+        return 0
+    ck = data.get("last_checkpoint") or {}
+    started = data.get("started")
+    pids = f"supervisor {data.get('supervisor_pid')}, child {data.get('child_pid') or '-'}" if data["running"] else "-"
+    trainers = ", ".join(f"{t['pid']} (rank {t['rank']})" for t in data.get("trainers") or []) if data["running"] else ""
+    rows = [
+        ("dir", data["dir"]),
+        ("state", data["state"] + (f" (last: {data.get('last_state')}, exit code {data.get('exit_code')})"
+                                   if not data["running"] and data.get("last_state") else "")),
+        ("run id", data.get("run_id") or "-"),
+        ("pids", pids + (f"; trainers {trainers}" if trainers else "")),
+        ("step", str(data.get("step") if data.get("step") is not None else "-")),
+        ("checkpoint", f"{ck.get('name')} (step {ck.get('step')}, {ck.get('kind')}, {human_time(ck.get('time') or 0)})"
+                       if ck else "none"),
+        ("restarts", f"{data.get('restarts')} in this run, {data['restarts_total']} in the journal"),
+        ("uptime", _duration(data.get("uptime")) if data["running"] else
+         f"- (started {human_time(started or 0)})"),
+    ]
+    for key, value in rows:
+        print(f"{key + ':':<12}{value}")
+    if data["recent_events"]:
+        print("recent:")
+        for e in data["recent_events"]:
+            extra = " ".join(f"{k}={e[k]}" for k in ("pid", "step", "reason", "code", "signal", "name",
+                                                        "resume_step", "lost_steps", "exit_code") if e.get(k) is not None)
+            print(f"  {human_time(e.get('time', 0))}  {e.get('event'):<16} {extra}")
+    return 0
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s"

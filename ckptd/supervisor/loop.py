@@ -1,0 +1,652 @@
+"""The Supervisor: one loop that owns the child.
+
+Signal handlers, the scheduler thread and the file-watcher thread only put events on a queue
+(``queue.SimpleQueue``, safe to use from a signal handler) and wake the selector; the loop in the
+main thread does all the work: control-socket I/O, state transitions, spawning, stopping, restarts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import queue
+import selectors
+import signal
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from .. import env as envvars
+from .. import exitcodes, protocol
+from ..errors import CkptdError, ConfigError
+from . import config as configmod
+from .clock import Clock
+from .config import Config
+from .control import ControlServer, Peer
+from .journal import JOURNAL_NAME, STATE_NAME, Journal, read_json, write_json_atomic
+from .log import EventLog
+from .notify import CHILD_UNSET, Notifier
+from .policy import ExitStatus, Reason, RestartPolicy, classify
+from .process import Child, Processes, oom_kill_count
+from .rundir import RunLock, choose_socket_path, ensure_run_dir
+from .schedule import Schedules
+from .states import ChildState, StateMachine
+from .watch import CheckpointView, DirWatcher
+
+S = ChildState
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD)
+RELOADABLE = ("every", "cron", "keep_last", "keep_every", "keep_best", "hang_timeout", "grace", "force_grace")
+FS_DEBOUNCE = 0.2  # seconds: one rescan per burst of file events
+IDLE_WAKE = 60.0  # the loop sleeps at most this long when nothing is due
+
+
+@dataclass
+class StopRequest:
+    request_id: str
+    reason: str
+    deadline: float  # monotonic
+    deadline_wall: float
+    waiters: list[Peer] = field(default_factory=list)
+    confirmed: bool = False  # a trainer reported its emergency checkpoint committed
+
+
+@dataclass
+class Life:
+    """What the loop knows about the current child process."""
+
+    child: Child
+    oom_before: int
+    last_step: int | None = None
+    hang: bool = False  # we are killing it because it stopped sending heartbeats
+    we_killed: bool = False  # we sent SIGKILL (so a SIGKILL death is not an OOM)
+    deadline: float | None = None  # STOPPING: when to SIGKILL
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, argv: list[str], *, config_file: str | None = None,
+                 overrides: dict[str, Any] | None = None, clock: Clock | None = None,
+                 log: EventLog | None = None) -> None:
+        self.cfg = configmod.absolute(cfg)
+        self.argv = argv
+        self.config_file = config_file
+        self.overrides = overrides or {}
+        self.clock = clock or Clock()
+        self.log = log or EventLog(cfg.log_format, clock_time=self.clock.time)
+        self.root = self.cfg.dir
+        self.run_dir = protocol.run_dir(self.root)
+        self.queue: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self.sel = selectors.DefaultSelector()
+        self.sm = StateMachine()
+        self.procs = Processes()
+        self.policy = RestartPolicy(max_restarts=cfg.max_restarts, window=cfg.restart_window,
+                                    base=cfg.backoff_base, cap=cfg.backoff_max, same_step_limit=cfg.same_step_crashes)
+        self.notifier = Notifier.from_env()
+        self.schedules = Schedules(self.post)
+        self.watcher = DirWatcher(self.root, self.post)
+        self.view = CheckpointView(self.root)
+        self.life: Life | None = None
+        self.stop: StopRequest | None = None
+        self.saves: dict[str, list[Peer]] = {}
+        self.restarts = 0
+        self.exit_code: int | None = None
+        self.run_id = ""
+        self.started = self.clock.time()
+        self.step: int | None = None
+        self.last_checkpoint: dict[str, Any] | None = None
+        self.last_exit: dict[str, Any] | None = None
+        self._resume: dict[str, Any] | None = None  # set between a crash and the restart it leads to
+        self._backoff_until: float | None = None
+        self._fs_due: float | None = None
+        self._watchdog_due: float | None = None
+        self._journaled: set[str] = set()  # checkpoint names already in the journal
+        self._retired: set[str] = set()  # names our retention deleted
+        self._wake_w = -1
+        self.journal: Journal | None = None
+        self.control: ControlServer | None = None
+
+    # --- entry ----------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Supervise until training finishes, stops or gives up; return the exit code of `ckptd run`."""
+        ensure_run_dir(self.root)
+        lock = RunLock(self.run_dir)
+        lock.acquire()
+        try:
+            with self._signals_captured():
+                return self._run_locked()
+        finally:
+            lock.release()
+
+    def post(self, event: tuple) -> None:
+        """Threads call this; it only queues and wakes the loop."""
+        self.queue.put(event)
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass  # pipe full: the loop is awake anyway
+
+    @contextlib.contextmanager
+    def _signals_captured(self) -> Iterator[None]:
+        wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.sel.register(wake_r, selectors.EVENT_READ, lambda mask: _drain(wake_r))
+        old_wakeup = signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+        old = {sig: signal.signal(sig, self._on_signal) for sig in HANDLED_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            signal.set_wakeup_fd(old_wakeup)
+            self.sel.unregister(wake_r)
+            os.close(wake_r)
+            os.close(self._wake_w)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.queue.put(("signal", signum))  # nothing else here: no logging, no locks
+
+    def _run_locked(self) -> int:
+        self.procs.setup()
+        previous = read_json(os.path.join(self.run_dir, STATE_NAME)) or {}
+        # A run that did not finish (preempted, gave up, supervisor killed) keeps its id when resumed.
+        self.run_id = previous.get("run_id") if previous.get("exit_code") != 0 and previous.get("run_id") \
+            else uuid.uuid4().hex[:12]
+        self.journal = Journal(os.path.join(self.run_dir, JOURNAL_NAME), self.clock.time)
+        self.control = ControlServer(choose_socket_path(self.root), self.sel, self.clock, self._on_message,
+                                     self._on_close, self.log)
+        self.control.open()
+        try:
+            self.view.refresh()
+            self._journaled.update(self.view.valid)
+            latest = self.view.latest()
+            if latest is not None:
+                self.last_checkpoint = _ckpt_record(latest.name, latest.step, latest.kind, latest.created)
+            self.watcher.start()
+            self._apply_schedules()
+            self._event("info", "start", f"supervising {' '.join(self.argv)} in {self.root} (run {self.run_id})",
+                        pid=os.getpid(), argv=self.argv, dir=self.root,
+                        resume_from=latest.step if latest else None, config=self.cfg.as_dict())
+            if self.notifier.watchdog_interval:
+                self._watchdog_due = self.clock.monotonic()
+            self._spawn()
+            self.notifier.send("READY=1", f"STATUS=running {os.path.basename(self.argv[-1])}")
+            while not self.sm.terminal:
+                self._tick()
+        finally:
+            self._finish()
+        assert self.exit_code is not None
+        return self.exit_code
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        for key, mask in self.sel.select(self._timeout()):
+            key.data(mask)
+        while True:
+            try:
+                event = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            self._handle(event)
+        self._run_timers()
+
+    def _timeout(self) -> float:
+        now = self.clock.monotonic()
+        due = [t for t in (self._fs_due, self._backoff_until, self._watchdog_due,
+                           self.life.deadline if self.life else None, self._hang_due()) if t is not None]
+        return max(0.0, min([IDLE_WAKE + now, *due]) - now)
+
+    def _handle(self, event: tuple) -> None:
+        kind = event[0]
+        if kind == "signal":
+            self._on_signal_event(event[1])
+        elif kind == "schedule":
+            self._request_save(f"schedule ({event[1]})", kind="manual")
+        elif kind == "fs":
+            if self._fs_due is None:
+                self._fs_due = self.clock.monotonic() + FS_DEBOUNCE
+
+    def _on_signal_event(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGCHLD:
+            self._reap()
+        elif signum == configmod.signal_number(self.cfg.requeue_signal):
+            self._request_stop(f"{name} (requeue)")
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            self._request_stop(name, force=self.stop is not None)
+        elif signum == signal.SIGUSR1:
+            self._request_save(name)
+        elif signum == signal.SIGHUP:
+            self._reload()
+
+    def _run_timers(self) -> None:
+        now = self.clock.monotonic()
+        if self._fs_due is not None and now >= self._fs_due:
+            self._fs_due = None
+            self.watcher.rescan_started()
+            self._rescan()
+        life = self.life
+        if self.sm.state is S.STOPPING and life and life.deadline is not None and now >= life.deadline:
+            self._kill(life, "the grace period ran out")
+        if self.sm.state is S.BACKOFF and self._backoff_until is not None and now >= self._backoff_until:
+            self._backoff_until = None
+            self._spawn()
+        hang_due = self._hang_due()
+        if hang_due is not None and now >= hang_due and self.life is not None:
+            self._hang(self.life)
+        if self._watchdog_due is not None and now >= self._watchdog_due:
+            self.notifier.send("WATCHDOG=1")
+            self._watchdog_due = now + (self.notifier.watchdog_interval or IDLE_WAKE)
+
+    def _hang_due(self) -> float | None:
+        if self.sm.state is not S.RUNNING or not self.cfg.hang_timeout or self.control is None:
+            return None
+        trainers = self.control.trainers()
+        return min(p.last_seen for p in trainers) + self.cfg.hang_timeout if trainers else None
+
+    # --- the child ------------------------------------------------------------------------------
+
+    def _child_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in CHILD_UNSET}
+        env.update({
+            envvars.DIR: self.root,
+            envvars.RUN_ID: self.run_id,
+            envvars.RESTART_COUNT: str(self.restarts),
+            envvars.CONTROL: self.control.path if self.control else "",
+            envvars.STOP_DEADLINE: "",
+            envvars.EXIT_ON_STOP: str(exitcodes.PREEMPTED),
+        })
+        if self.cfg.every_steps:
+            env[envvars.EVERY_STEPS] = str(self.cfg.every_steps)
+        if self.cfg.keep_last:
+            env[envvars.KEEP_LAST] = str(self.cfg.keep_last)
+        return env
+
+    def _spawn(self) -> None:
+        now = self.clock.monotonic()
+        oom_before = oom_kill_count()
+        try:
+            child = self.procs.spawn(self.argv, self._child_env(), now)
+        except OSError as exc:
+            self._event("error", "spawn_failed", f"cannot start {self.argv[0]}: {exc.strerror or exc}",
+                        error=str(exc))
+            self._after_failure(None, Reason.ERROR.value)
+            return
+        self.life = Life(child, oom_before)
+        self.sm.to(S.RUNNING)
+        if self._resume is not None:
+            self._event("info", "restart", f"restart #{self.restarts} (pid {child.pid}) after {self._resume['reason']}; "
+                        f"resuming from step {self._resume['resume_step']}, {self._resume['lost_steps']} steps lost"
+                        if self._resume["resume_step"] is not None else
+                        f"restart #{self.restarts} (pid {child.pid}) after {self._resume['reason']}; no checkpoint yet",
+                        restart_count=self.restarts, pid=child.pid, **self._resume)
+            self._resume = None
+        else:
+            self._event("info", "spawn", f"started pid {child.pid}", pid=child.pid, restart_count=self.restarts)
+        self._save_state()
+
+    def _reap(self) -> None:
+        for status in self.procs.reap():
+            life = self.life
+            if life is not None and status.pid == life.child.pid:
+                self._child_exited(life, status)
+
+    def _child_exited(self, life: Life, status: ExitStatus) -> None:
+        self.life = None
+        leftovers = self.procs.kill_all(life.child)  # workers of a dead trainer must not linger
+        self.procs.forget(life.child)
+        self._reap()
+        outcome = classify(status, stop_requested=self.stop is not None, hang=life.hang, we_killed=life.we_killed,
+                           oom_kills=oom_kill_count() - life.oom_before,
+                           no_restart=frozenset(self.cfg.no_restart_exit_codes))
+        uptime = self.clock.monotonic() - life.child.started
+        self.last_exit = {"pid": status.pid, "code": status.code, "signal": status.signal,
+                          "reason": outcome.reason.value, "detail": outcome.detail, "step": life.last_step,
+                          "time": self.clock.time()}
+        level = "info" if outcome.reason in (Reason.FINISHED, Reason.PREEMPTED) else "warning"
+        self._event(level, "exit", f"pid {status.pid} {outcome.detail} at step {_fmt(life.last_step)} "
+                    f"after {uptime:.1f} s" + (f"; killed {leftovers} leftover process(es)" if leftovers else ""),
+                    uptime=round(uptime, 3), leftovers_killed=leftovers, **self.last_exit)
+        if outcome.reason is Reason.FINISHED:
+            self._end(S.EXITED, exitcodes.OK, "training finished")
+        elif self.stop is not None:
+            confirmed = status.code == exitcodes.PREEMPTED or self.stop.confirmed
+            self._end(S.EXITED, exitcodes.PREEMPTED if confirmed else exitcodes.STOPPED_NO_CHECKPOINT,
+                      "stopped with an emergency checkpoint" if confirmed else
+                      "stopped; no emergency checkpoint was confirmed")
+        elif outcome.reason is Reason.PREEMPTED:
+            self._end(S.EXITED, exitcodes.PREEMPTED, "the trainer was stopped from outside (SIGTERM) "
+                                                     "and committed an emergency checkpoint")
+        elif outcome.reason is Reason.NO_RESTART:
+            self._end(S.EXITED, status.code or exitcodes.FAILURE, f"not restarting: {outcome.detail}")
+        else:
+            self._after_failure(life.last_step, outcome.reason.value)
+
+    def _after_failure(self, step: int | None, reason: str) -> None:
+        decision = self.policy.on_failure(self.clock.monotonic(), step)
+        if not decision.restart:
+            self._event("error", "give_up", f"giving up: {decision.why}", why=decision.why,
+                        restarts=self.restarts)
+            self._end(S.FATAL, exitcodes.GAVE_UP, "gave up")
+            return
+        self._rescan()  # the watcher may lag behind the crash; the restart must resume from what is on disk
+        latest = self.view.latest()
+        resume = latest.step if latest is not None else None
+        lost = max(0, step - resume) if step is not None and resume is not None else step
+        self._resume = {"reason": reason, "crash_step": step, "resume_step": resume, "lost_steps": lost,
+                        "delay": round(decision.delay, 3)}
+        self.restarts += 1
+        self._backoff_until = self.clock.monotonic() + decision.delay
+        self.sm.to(S.BACKOFF)
+        self._event("info", "backoff", f"restarting in {decision.delay:.2f} s "
+                    f"({self.policy.restarts_in_window}/{self.cfg.max_restarts} restarts in the window)",
+                    delay=round(decision.delay, 3), restart_count=self.restarts)
+        self._save_state()
+
+    def _hang(self, life: Life) -> None:
+        silent = self.clock.monotonic() - min(p.last_seen for p in self.control.trainers())  # type: ignore[union-attr]
+        self._event("warning", "hang", f"no heartbeat for {silent:.1f} s (hang_timeout {self.cfg.hang_timeout:g} s); "
+                    f"sending SIGTERM to pid {life.child.pid}", step=life.last_step, silent=round(silent, 3))
+        life.hang = True
+        life.deadline = self.clock.monotonic() + self.cfg.grace
+        self.procs.signal_main(life.child, signal.SIGTERM)
+        self.sm.to(S.STOPPING)
+
+    def _kill(self, life: Life, why: str) -> None:
+        life.we_killed = True
+        life.deadline = None
+        killed = self.procs.kill_all(life.child)
+        self.sm.to(S.KILLING)
+        self._event("warning", "kill", f"{why}: SIGKILL to the process group of pid {life.child.pid}",
+                    pid=life.child.pid, killed=killed)
+
+    def _end(self, state: ChildState, code: int, why: str) -> None:
+        self.exit_code = code
+        self.sm.to(state)
+        self._event("info" if code in (0, exitcodes.PREEMPTED) else "warning", "end",
+                    f"{why}; exiting with {code} ({exitcodes.DESCRIPTIONS.get(code, 'child exit code')})",
+                    exit_code=code, restarts=self.restarts)
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def _request_stop(self, reason: str, *, force: bool = False, waiter: Peer | None = None) -> str:
+        now = self.clock.monotonic()
+        if self.stop is None:
+            self.stop = StopRequest(uuid.uuid4().hex[:12], reason, now + self.cfg.grace,
+                                    self.clock.time() + self.cfg.grace)
+            self.notifier.send("STOPPING=1", f"STATUS=stopping ({reason})")
+            self._begin_stop()
+        elif force and self.life is not None:
+            self._force_stop(self.life, reason)
+        if waiter is not None:
+            self.stop.waiters.append(waiter)
+        return self.stop.request_id
+
+    def _begin_stop(self) -> None:
+        stop, life = self.stop, self.life
+        assert stop is not None
+        if self.sm.state in (S.IDLE, S.BACKOFF):
+            self._backoff_until = None
+            self._event("info", "stop_requested", f"stop requested ({stop.reason}) while no trainer runs",
+                        reason=stop.reason)
+            self._end(S.EXITED, exitcodes.STOPPED_NO_CHECKPOINT, "stopped between restarts")
+            return
+        if life is None:
+            return
+        trainers = self.control.trainers() if self.control else []
+        if self.sm.state is S.RUNNING:
+            if trainers:
+                for peer in trainers:
+                    self.control.send(peer, protocol.STOP, request_id=stop.request_id,  # type: ignore[union-attr]
+                                      deadline=stop.deadline_wall, reason=stop.reason)
+            else:
+                self.procs.signal_main(life.child, signal.SIGTERM)
+            life.deadline = stop.deadline
+            self.sm.to(S.STOPPING)
+        via = "control channel" if trainers else "SIGTERM"
+        self._event("info", "stop_requested", f"stop requested ({stop.reason}): asked the trainer via {via}; "
+                    f"grace {self.cfg.grace:g} s", reason=stop.reason, via=via, grace=self.cfg.grace)
+        self._save_state()
+
+    def _force_stop(self, life: Life, reason: str) -> None:
+        if self.sm.state is not S.STOPPING:
+            return
+        self.procs.signal_main(life.child, signal.SIGTERM)
+        deadline = self.clock.monotonic() + self.cfg.force_grace
+        life.deadline = min(life.deadline or deadline, deadline)
+        self._event("warning", "stop_forced", f"second {reason}: SIGTERM to pid {life.child.pid}, "
+                    f"SIGKILL in {self.cfg.force_grace:g} s", reason=reason)
+
+    def _request_save(self, source: str, *, kind: str = "manual", waiter: Peer | None = None) -> str | None:
+        trainers = self.control.trainers() if self.control and self.sm.state is S.RUNNING else []
+        if not trainers:
+            self.log("warning", "save_skipped", f"checkpoint request from {source} skipped: no trainer is connected "
+                     "(the script does not use ckptd.Checkpointer, or it is not running)")
+            return None
+        request_id = uuid.uuid4().hex[:12]
+        for peer in trainers:
+            self.control.send(peer, protocol.SAVE, request_id=request_id, kind=kind)  # type: ignore[union-attr]
+        self.saves[request_id] = [waiter] if waiter else []
+        self.log("info", "save_requested", f"checkpoint requested by {source} (request {request_id})")
+        return request_id
+
+    def _reload(self) -> None:
+        if not self.config_file:
+            self.log("info", "reload", "SIGHUP: no --config file to reload")
+            return
+        try:
+            new = configmod.resolve(self.config_file, self.overrides)
+        except CkptdError as exc:
+            self.log("error", "reload", f"SIGHUP: keeping the current config: {exc}")
+            return
+        changed = {k: getattr(new, k) for k in RELOADABLE if getattr(new, k) != getattr(self.cfg, k)}
+        self.cfg = dataclasses.replace(self.cfg, **changed)
+        self._apply_schedules()
+        self._event("info", "reload", f"SIGHUP: reloaded {self.config_file}: "
+                    + (", ".join(f"{k}={v}" for k, v in changed.items()) or "nothing changed"), changed=changed)
+
+    def _apply_schedules(self) -> None:
+        active = self.schedules.apply(self.cfg.every, self.cfg.cron)
+        if active:
+            self.log("info", "schedule", "checkpoint schedule: " + ", ".join(active.values()))
+
+    # --- control channel ------------------------------------------------------------------------
+
+    def _on_message(self, peer: Peer, msg: dict[str, Any]) -> None:
+        handler = getattr(self, f"_msg_{peer.role}_{msg['type']}", None)
+        if handler is None:
+            if msg["type"] != protocol.HELLO:
+                self.control.send(peer, protocol.ERROR,  # type: ignore[union-attr]
+                                  error=f"unexpected {msg['type']!r} from a {peer.role}")
+            return
+        handler(peer, msg)
+
+    def _msg_trainer_hello(self, peer: Peer, msg: dict[str, Any]) -> None:
+        self.log("info", "trainer", f"trainer pid {peer.pid} (rank {_fmt(peer.rank)}) connected")
+        if self.sm.state is S.STOPPING and self.stop is not None and not (self.life and self.life.hang):
+            self.control.send(peer, protocol.STOP, request_id=self.stop.request_id,  # type: ignore[union-attr]
+                              deadline=self.stop.deadline_wall, reason=self.stop.reason)
+
+    def _msg_trainer_heartbeat(self, peer: Peer, msg: dict[str, Any]) -> None:
+        self._saw_step(msg.get("step"))
+
+    def _msg_trainer_restored(self, peer: Peer, msg: dict[str, Any]) -> None:
+        step = msg.get("step")
+        self._saw_step(step)
+        if peer.rank in (None, 0):
+            self._event("info", "resumed", f"trainer restored step {_fmt(step)} from {msg.get('path')}",
+                        step=step, path=msg.get("path"), restart_count=self.restarts)
+
+    def _msg_trainer_saved(self, peer: Peer, msg: dict[str, Any]) -> None:
+        step, path, kind = msg.get("step"), str(msg.get("path") or ""), msg.get("kind")
+        self._saw_step(step)
+        name = os.path.basename(path.rstrip("/"))
+        if kind == "emergency" and self.stop is not None:
+            self.stop.confirmed = True
+        self.last_checkpoint = _ckpt_record(name, step, kind, self.clock.time())
+        if name not in self._journaled:
+            self._journaled.add(name)
+            self._event("info", "checkpoint", f"checkpoint committed: {name} (step {_fmt(step)}, {kind})",
+                        name=name, step=step, kind=kind, path=path, bytes=msg.get("bytes"),
+                        seconds=msg.get("seconds"), request_id=msg.get("request_id"))
+            self._save_state()
+        for waiter in self.saves.pop(str(msg.get("request_id")), []):
+            self.control.send(waiter, protocol.SAVED, **{k: v for k, v in msg.items() if k != "type"})  # type: ignore[union-attr]
+            self.control.close_after_flush(waiter)  # type: ignore[union-attr]
+
+    def _msg_trainer_save_failed(self, peer: Peer, msg: dict[str, Any]) -> None:
+        self._event("error", "save_failed", f"checkpoint failed in the trainer: {msg.get('error')}",
+                    step=msg.get("step"), kind=msg.get("kind"), error=msg.get("error"))
+        for waiter in self.saves.pop(str(msg.get("request_id")), []):
+            self.control.send(waiter, protocol.SAVE_FAILED, **{k: v for k, v in msg.items() if k != "type"})  # type: ignore[union-attr]
+            self.control.close_after_flush(waiter)  # type: ignore[union-attr]
+
+    def _msg_trainer_stopping(self, peer: Peer, msg: dict[str, Any]) -> None:
+        self._saw_step(msg.get("step"))
+        self.log("info", "stopping", f"trainer pid {peer.pid} is exiting with {msg.get('exit_code')} "
+                 f"at step {_fmt(msg.get('step'))}")
+
+    def _msg_client_save(self, peer: Peer, msg: dict[str, Any]) -> None:
+        wait = bool(msg.get("wait"))
+        request_id = self._request_save("ckptd save", waiter=peer if wait else None)
+        if request_id is None:
+            self.control.send(peer, protocol.ERROR, error="no trainer is connected: the script does not use "  # type: ignore[union-attr]
+                              "ckptd.Checkpointer, or it is between restarts", code=exitcodes.FAILURE)
+            self.control.close_after_flush(peer)  # type: ignore[union-attr]
+            return
+        self.control.send(peer, protocol.ACCEPTED, request_id=request_id)  # type: ignore[union-attr]
+        if not wait:
+            self.control.close_after_flush(peer)  # type: ignore[union-attr]
+
+    def _msg_client_stop(self, peer: Peer, msg: dict[str, Any]) -> None:
+        wait = bool(msg.get("wait"))
+        request_id = self._request_stop("ckptd stop", waiter=peer if wait else None)
+        self.control.send(peer, protocol.ACCEPTED, request_id=request_id)  # type: ignore[union-attr]
+        if not wait:
+            self.control.close_after_flush(peer)  # type: ignore[union-attr]
+
+    def _msg_client_status(self, peer: Peer, msg: dict[str, Any]) -> None:
+        self.control.send(peer, protocol.STATUS, **self.status())  # type: ignore[union-attr]
+        self.control.close_after_flush(peer)  # type: ignore[union-attr]
+
+    def _on_close(self, peer: Peer) -> None:
+        if peer.role == "trainer":
+            self.log("info", "trainer", f"trainer pid {peer.pid} disconnected")
+        for waiters in self.saves.values():
+            if peer in waiters:
+                waiters.remove(peer)
+        if self.stop is not None and peer in self.stop.waiters:
+            self.stop.waiters.remove(peer)
+
+    def _saw_step(self, step: Any) -> None:
+        if not isinstance(step, int) or isinstance(step, bool):
+            return
+        self.step = step
+        if self.life is not None:
+            self.life.last_step = step
+        if self.policy.observe_step(step):
+            self.log("info", "progress", f"training progressed to step {step}: restart budget refilled")
+
+    # --- checkpoint directory -------------------------------------------------------------------
+
+    def _rescan(self) -> None:
+        changes = self.view.refresh()
+        for info in changes.added:
+            if info.name not in self._journaled:
+                self._journaled.add(info.name)
+                self._event("info", "checkpoint", f"checkpoint appeared: {info.name} (step {info.step}, {info.kind})",
+                            name=info.name, step=info.step, kind=info.kind, path=info.path, bytes=info.bytes)
+        for name in changes.removed:
+            by = "retention" if name in self._retired else "someone else"
+            self._retired.discard(name)
+            self._journaled.discard(name)
+            self._event("info", "checkpoint_removed", f"checkpoint {name} removed ({by})", name=name, by=by)
+        for info in changes.invalid:
+            self._event("warning", "checkpoint_invalid", f"checkpoint {info.name} is invalid: {info.reason}",
+                        name=info.name, reason=info.reason)
+        latest = self.view.latest()
+        if latest is not None and (self.last_checkpoint is None or latest.name != self.last_checkpoint["name"]):
+            self.last_checkpoint = _ckpt_record(latest.name, latest.step, latest.kind, latest.created)
+            self._save_state()
+        if changes.added and self.cfg.retention_enabled:
+            self._apply_retention()
+
+    def _apply_retention(self) -> None:
+        from .. import retention
+
+        policy = retention.Policy(keep_last=self.cfg.keep_last, keep_every=self.cfg.keep_every,
+                                  keep_best=tuple(retention.Best(m, k, mode) for m, k, mode in self.cfg.keep_best))
+        latest = self.view.latest()
+        try:
+            deleted = retention.apply(self.root, policy, pinned={latest.name} if latest else set())
+        except (OSError, CkptdError) as exc:
+            self.log("error", "retention", f"retention failed, will retry after the next checkpoint: {exc}")
+            return
+        if deleted:
+            self._retired.update(deleted)
+            self.log("info", "retention", f"retention deleted {', '.join(deleted)}")
+
+    # --- status and shutdown --------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        life = self.life
+        trainers = self.control.trainers() if self.control else []
+        return {
+            "dir": self.root, "run_id": self.run_id, "state": self.sm.state.value,
+            "supervisor_pid": os.getpid(), "child_pid": life.child.pid if life else None,
+            "trainers": [{"pid": p.pid, "rank": p.rank} for p in trainers],
+            "step": self.step, "last_checkpoint": self.last_checkpoint, "restarts": self.restarts,
+            "last_exit": self.last_exit, "started": self.started,
+            "uptime": round(self.clock.time() - self.started, 3), "exit_code": self.exit_code,
+            "socket": self.control.path if self.control else None, "updated": self.clock.time(),
+        }
+
+    def _save_state(self) -> None:
+        write_json_atomic(os.path.join(self.run_dir, STATE_NAME), self.status())
+
+    def _event(self, level: str, event: str, msg: str, **fields: Any) -> None:
+        self.log(level, event, msg, **fields)
+        if self.journal is not None:
+            self.journal.append(event, run_id=self.run_id, **fields)
+
+    def _finish(self) -> None:
+        if self.life is not None:  # an exception escaped the loop: leave nothing running
+            self.procs.kill_all(self.life.child)
+        self.schedules.shutdown()
+        self.watcher.stop()
+        if self.control is not None:
+            if self.stop is not None:
+                for peer in self.stop.waiters:
+                    self.control.send(peer, protocol.STOPPED, exit_code=self.exit_code)
+            for waiters in self.saves.values():
+                for peer in waiters:
+                    self.control.send(peer, protocol.SAVE_FAILED, error="the run ended before the checkpoint")
+            self.control.flush(self.clock.monotonic() + 2.0)
+            self.control.close()
+        if self.exit_code is None:
+            self.exit_code = exitcodes.FAILURE
+        self.notifier.send("STOPPING=1", f"STATUS=exited with {self.exit_code}")
+        self.notifier.close()
+        self._save_state()
+        if self.journal is not None:
+            self.journal.close()
+        self.procs.shutdown()
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+
+
+def _ckpt_record(name: str, step: Any, kind: Any, created: float) -> dict[str, Any]:
+    return {"name": name, "step": step, "kind": kind, "time": created}
+
+
+def _fmt(value: Any) -> str:
+    return "?" if value is None else str(value)
+
+
+__all__ = ["Supervisor", "ConfigError"]

@@ -1,0 +1,103 @@
+"""supervisor/config.py: one schema for YAML and CLI; errors name the key and line; `ckptd config`."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import yaml
+
+from ckptd import exitcodes
+from ckptd.errors import ConfigError
+from ckptd.supervisor.config import OPTIONS, Config, resolve
+from fixtures.sup_helpers import PLAIN, ckptd
+
+
+def write(tmp_path, text):
+    p = tmp_path / "ckptd.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_defaults_file_and_command_line_merge_with_the_command_line_winning(tmp_path):
+    path = write(tmp_path, "every_steps: 100\ngrace: 10\nkeep_best: [loss:2:min]\n")
+    cfg = resolve(path, {"grace": "3", "keep_last": "4"})
+    assert (cfg.every_steps, cfg.grace, cfg.keep_last, cfg.keep_best) == (100, 3.0, 4, (("loss", 2, "min"),))
+    assert cfg.max_restarts == Config().max_restarts
+
+
+def test_every_option_has_a_config_key_and_a_flag():
+    keys = {o.key for o in OPTIONS}
+    assert keys == set(Config.__dataclass_fields__)
+    for flag in ("--dir", "--every-steps", "--every", "--cron", "--keep-last", "--grace", "--max-restarts",
+                 "--restart-window", "--hang-timeout", "--metrics-addr", "--log-format"):
+        assert flag in {o.cli for o in OPTIONS}
+
+
+@pytest.mark.parametrize("text, words", [
+    ("grace: 5\nevry_steps: 3\n", [".yaml:2:", "unknown key 'evry_steps'", "did you mean 'every_steps'"]),
+    ("every_steps: ten\n", [".yaml:1:", "every_steps", "whole number"]),
+    ("max_restarts: true\n", ["max_restarts", "whole number"]),
+    ("grace: -1\n", ["grace", "> 0"]),
+    ("cron: 'every day'\n", ["cron", "crontab"]),
+    ("log_format: xml\n", ["log_format", "text, json"]),
+    ("metrics_addr: 'host:99999'\n", ["metrics_addr", "port"]),
+    ("requeue_signal: KILL\n", ["requeue_signal", "USR1"]),
+    ("grace: 1\ngrace: 2\n", [".yaml:2:", "appears twice", "first on line 1"]),
+    ("- a\n- b\n", ["mapping"]),
+    ("grace: [\n", ["not valid YAML"]),
+    ("keep_best: [loss]\n", ["keep_best", "METRIC:K"]),
+])
+def test_bad_file_values_are_config_errors_naming_the_key_and_line(tmp_path, text, words):
+    with pytest.raises(ConfigError) as err:
+        resolve(write(tmp_path, text), {})
+    for w in words:
+        assert w in str(err.value)
+    assert err.value.exit_code == exitcodes.CONFIG
+
+
+def test_bad_command_line_values_name_the_flag():
+    with pytest.raises(ConfigError, match="option --hang-timeout"):
+        resolve(None, {"hang_timeout": "soon"})
+    with pytest.raises(ConfigError, match="backoff_max"):
+        resolve(None, {"backoff_base": "10", "backoff_max": "1"})
+
+
+def test_metrics_addr_host_defaults_to_localhost():
+    assert resolve(None, {"metrics_addr": "9464"}).metrics_addr == "127.0.0.1:9464"
+    assert resolve(None, {"metrics_addr": ":9464"}).metrics_addr == "127.0.0.1:9464"
+    assert resolve(None, {"metrics_addr": "0.0.0.0:80"}).metrics_addr == "0.0.0.0:80"
+
+
+def test_config_check_and_show(tmp_path):
+    good = write(tmp_path, "every: 30\ncron: '*/5 * * * *'\n")
+    r = ckptd("config", "check", good)
+    assert r.returncode == 0 and "OK" in r.stdout
+    r = ckptd("config", "show", "--config", good, "--grace", "7")
+    shown = yaml.safe_load(r.stdout)
+    assert shown["every"] == 30 and shown["grace"] == 7 and shown["cron"] == "*/5 * * * *"
+    r = ckptd("config", "show", "--json", "--keep-best", "acc:1:max")
+    assert json.loads(r.stdout)["keep_best"] == ["acc:1:max"]
+    bad = write(tmp_path, "grace: 1\nbogus: 2\n")
+    r = ckptd("config", "check", bad)
+    assert r.returncode == exitcodes.CONFIG
+    assert r.stderr.count("\n") == 1 and ":2: unknown key 'bogus'" in r.stderr
+
+
+def test_run_with_a_bad_config_prints_one_line_exits_78_and_starts_nothing(tmp_path):
+    marker = tmp_path / "started"
+    bad = write(tmp_path, "every_steps: 0\n")
+    root = tmp_path / "ck"
+    r = ckptd("run", "--config", bad, "--dir", str(root), PLAIN, "--crash-first", str(marker))
+    assert r.returncode == exitcodes.CONFIG
+    assert r.stderr.count("\n") == 1 and "every_steps" in r.stderr and ":1:" in r.stderr
+    assert not marker.exists() and not root.exists()
+
+
+def test_run_with_a_missing_script_or_command_fails_before_starting(tmp_path):
+    r = ckptd("run", "--dir", str(tmp_path / "ck"), str(tmp_path / "nope.py"))
+    assert r.returncode == exitcodes.NOT_FOUND and "-- " in r.stderr
+    r = ckptd("run", "--dir", str(tmp_path / "ck"), "--", "no-such-command-xyz")
+    assert r.returncode == exitcodes.NOT_FOUND
+    assert not os.path.exists(tmp_path / "ck")

@@ -1,0 +1,92 @@
+"""Acceptance: `ckptd run` with the real trainer library (examples/train_toy.py, torch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ckptd import exitcodes
+from fixtures.sup_helpers import Run, ckptd, wait_for
+
+pytest.importorskip("torch")
+TOY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_toy.py")
+STEPS = 200
+FAST = ["--backoff-base", "0.05", "--backoff-max", "0.2"]
+
+
+def digest(text: str) -> str:
+    m = re.search(r"final_step=(\d+) digest=(\w+)", text)
+    assert m, text
+    assert int(m.group(1)) == STEPS
+    return m.group(2)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref")
+    out = subprocess.run([sys.executable, TOY, "--steps", str(STEPS), "--dir", str(d / "ck")], capture_output=True,
+                         text=True, timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")})
+    assert out.returncode == 0, out.stderr
+    return digest(out.stdout)
+
+
+def test_sigterm_commits_emergency_checkpoint_exits_85_and_resume_is_bit_identical(tmp_path, reference):
+    root = str(tmp_path / "ck")
+    grace = 20
+    run = Run(tmp_path, root, [*FAST, "--grace", str(grace), TOY, "--steps", str(STEPS), "--every-steps", "50",
+                               "--step-delay", "0.02"])
+    run.wait_event("checkpoint", timeout=60, step=50)
+    sent = time.monotonic()
+    run.signal(signal.SIGTERM)
+    assert run.wait(grace + 5) == exitcodes.PREEMPTED, run.stderr()
+    assert time.monotonic() - sent < grace
+    emergency = run.events("checkpoint")[-1]
+    assert emergency["kind"] == "emergency" and 50 <= emergency["step"] < STEPS
+    stopping = [e for e in run.events("exit")][-1]
+    assert stopping["step"] == emergency["step"]  # the checkpoint holds the step the trainer reached
+    again = Run(tmp_path, root, [*FAST, TOY, "--steps", str(STEPS), "--every-steps", "50"], name="again")
+    assert again.wait(120) == 0, again.stderr()
+    assert again.events("resumed")[-1]["step"] == emergency["step"]  # zero lost steps
+    assert digest(again.stdout()) == reference
+
+
+def test_sigkill_of_the_trainer_restarts_from_the_latest_checkpoint_and_ends_identical(tmp_path, reference):
+    root = str(tmp_path / "ck")
+    every = 25
+    run = Run(tmp_path, root, [*FAST, TOY, "--steps", str(STEPS), "--every-steps", str(every), "--step-delay", "0.02"])
+    spawn = run.wait_event("spawn")
+    run.wait_event("checkpoint", timeout=60, step=2 * every)
+    os.kill(spawn["pid"], signal.SIGKILL)
+    restart = run.wait_event("restart", timeout=20)
+    assert restart["lost_steps"] is not None and restart["lost_steps"] <= every + 5
+    assert run.wait(120) == 0, run.stderr()
+    assert run.events("resumed")[-1]["step"] == restart["resume_step"] >= 2 * every
+    status = json.loads(ckptd("status", "--dir", root, "--json").stdout)
+    assert status["restarts"] == 1 and status["last_exit"]["reason"] == "finished"
+    assert digest(run.stdout()) == reference
+
+
+def test_save_wait_and_stop_wait_with_the_toy_trainer(tmp_path):
+    root = str(tmp_path / "ck")
+    run = Run(tmp_path, root, [*FAST, "--grace", "20", TOY, "--steps", "100000", "--every-steps", "100000",
+                               "--step-delay", "0.01"])
+
+    def connected():
+        r = ckptd("status", "--dir", root, "--json")
+        return r.returncode == 0 and json.loads(r.stdout).get("trainers")
+
+    wait_for(connected, 60, "the toy trainer to connect")
+    saved = ckptd("save", "--wait", "--dir", root)
+    assert saved.returncode == 0 and "manual" in saved.stdout, saved.stderr
+    assert any(e["kind"] == "manual" for e in run.events("checkpoint"))
+    stopped = ckptd("stop", "--wait", "--dir", root)
+    assert stopped.returncode == 0 and "exit code 85" in stopped.stdout, stopped.stderr
+    assert run.wait(20) == exitcodes.PREEMPTED
+    assert run.events("checkpoint")[-1]["kind"] == "emergency"
