@@ -262,3 +262,38 @@ def test_supervisor_modules_do_not_import_torch():
             "import ckptd.supervisor.loop, ckptd.store, ckptd.retention, ckptd.supervisor.client; "
             "assert not any(m == 'torch' or m.startswith('torch.') for m in sys.modules), 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sigusr1_checkpoints_and_continues(tmp_path, root):
+    run = Run(tmp_path, root, [*FAST, TRAINER, "--steps", "100000"])
+    wait_for(lambda: len(_status(root).get("trainers", [])) == 1, 20, "the trainer to connect")
+    run.signal(signal.SIGUSR1)
+    assert run.wait_event("checkpoint", kind="manual")
+    assert run.proc.poll() is None  # still training
+    run.signal(signal.SIGTERM)
+    assert run.wait(10) == exitcodes.PREEMPTED
+
+
+def test_configured_requeue_signal_checkpoints_and_exits_85_with_json_logs(tmp_path, root):
+    import json
+
+    run = Run(tmp_path, root, [*FAST, "--requeue-signal", "USR1", "--log-format", "json", TRAINER, "--steps", "100000"])
+    wait_for(lambda: len(_status(root).get("trainers", [])) == 1, 20, "the trainer to connect")
+    run.signal(signal.SIGUSR1)
+    assert run.wait(10) == exitcodes.PREEMPTED
+    assert run.events("stop_requested")[0]["reason"] == "SIGUSR1 (requeue)"
+    lines = [json.loads(line) for line in run.stderr().splitlines() if line.startswith("{")]
+    assert {"start", "spawn", "stop_requested", "exit", "end"} <= {x["event"] for x in lines}
+    assert all({"time", "level", "msg"} <= set(x) for x in lines)
+
+
+def test_journal_and_status_survive_a_killed_supervisor_and_the_run_id_is_kept(tmp_path, root):
+    run = Run(tmp_path, root, [*FAST, "--every-steps", "5", TRAINER, "--steps", "100000"])
+    run.wait_event("checkpoint")
+    run.kill()
+    status = ckptd("status", "--dir", root)
+    assert status.returncode == 0 and "not running" in status.stdout
+    again = Run(tmp_path, root, [*FAST, TRAINER, "--steps", "1"], name="again")
+    assert again.wait() == 0
+    starts = journal(root, "start")
+    assert len(starts) == 2 and starts[0]["run_id"] == starts[1]["run_id"]

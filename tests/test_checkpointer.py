@@ -1,0 +1,175 @@
+"""Checkpointer behaviour: async saves, buffer reuse, coalescing, env contract, control channel."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+
+import pytest
+import torch
+
+import ckptd
+from ckptd import env, exitcodes, protocol, store
+
+from conftest import small_model, wait_for
+
+
+def big_model() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(2048, 4096), torch.nn.Linear(4096, 2048))  # 64 MiB
+
+
+def test_async_save_returns_before_durable_and_reuses_buffers(tmp_path):
+    model = big_model()
+    ck = ckptd.Checkpointer(model=model, dir=str(tmp_path), handle_signals=False, save_on_close=False)
+    results = []
+    for s in (1, 2, 3):
+        with torch.no_grad():
+            model[0].weight.fill_(s)
+        ck.step(s)
+        res = ck.save()
+        model[0].weight.data.fill_(-1)  # training goes on: the snapshot must not see this
+        results.append(res.wait())
+    ck.close()
+    assert [r.error for r in results] == [None, None, None]
+    assert ck._snapshot.allocations == 1  # one buffer, reused
+    for s in (1, 2, 3):
+        w = ckptd.load_state(os.path.join(tmp_path, store.checkpoint_name(s)))["model"]["0.weight"]
+        assert torch.all(w == s)
+
+
+def test_periodic_save_is_coalesced_while_one_is_in_flight_and_manual_waits(tmp_path):
+    model = big_model()
+    ck = ckptd.Checkpointer(model=model, dir=str(tmp_path), every_steps=1, handle_signals=False, save_on_close=False)
+    first = ck.step(1)
+    assert first is not None and not first.skipped
+    second = ck.step(2)  # steps are instant; the 64 MiB persist is not
+    assert second is not None and second.skipped == "a save is already in flight"
+    assert ck.stats["coalesced"] >= 1
+    manual = ck.save(kind="manual")  # waits for the one in flight, then saves
+    assert first.done() and manual.wait().error is None
+    ck.close()
+    assert [i.step for i in store.list_checkpoints(str(tmp_path))] == [1, 2]
+
+
+def test_close_flushes_and_writes_final(tmp_path):
+    model, opt = small_model()
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=str(tmp_path), every_steps=5, handle_signals=False)
+    for s in range(1, 8):
+        ck.step(s)
+    ck.close()
+    assert [(i.step, i.kind) for i in store.list_checkpoints(str(tmp_path))] == [(5, "periodic"), (7, "final")]
+
+
+def test_context_manager_skips_final_on_exception(tmp_path):
+    model, _ = small_model()
+    with pytest.raises(RuntimeError):
+        with ckptd.Checkpointer(model=model, dir=str(tmp_path), handle_signals=False) as ck:
+            ck.step(3)
+            raise RuntimeError("step failed")
+    assert store.list_checkpoints(str(tmp_path)) == []
+
+
+def test_every_seconds(tmp_path):
+    model, _ = small_model()
+    ck = ckptd.Checkpointer(model=model, dir=str(tmp_path), every_seconds=0.05, handle_signals=False,
+                            save_on_close=False, async_save=False)
+    s = 0
+
+    def saved():
+        nonlocal s
+        s += 1
+        ck.step(s)
+        return store.list_checkpoints(str(tmp_path))
+
+    wait_for(saved, timeout=10, interval=0.01, what="a time-based save")
+    ck.close()
+
+
+def test_environment_from_ckptd_run_sets_dir_and_overrides_policy(tmp_path, monkeypatch):
+    monkeypatch.setenv(env.DIR, str(tmp_path / "from-env"))
+    monkeypatch.setenv(env.EVERY_STEPS, "2")
+    model, _ = small_model()
+    ck = ckptd.Checkpointer(model=model, every_steps=1000, handle_signals=False, async_save=False, save_on_close=False)
+    assert ck.dir == str(tmp_path / "from-env") and ck.every_steps == 2
+    ck.step(1)
+    ck.step(2)
+    ck.close()
+    assert [i.step for i in store.list_checkpoints(str(tmp_path / "from-env"))] == [2]
+    monkeypatch.setenv(env.EVERY_STEPS, "often")
+    with pytest.raises(ckptd.ConfigError, match="CKPTD_EVERY_STEPS"):
+        ckptd.Checkpointer(model=model, handle_signals=False)
+
+
+def test_bad_arguments_are_clear_errors(tmp_path):
+    with pytest.raises(ckptd.CkptdError, match="every_steps must be > 0"):
+        ckptd.Checkpointer(dir=str(tmp_path), every_steps=0)
+    ck = ckptd.Checkpointer(dir=str(tmp_path), handle_signals=False)
+    with pytest.raises(ckptd.CkptdError, match="number of completed steps"):
+        ck.step(-1)
+    with pytest.raises(ckptd.CkptdError, match="nothing to save yet"):
+        ck.save()
+    ck.close()
+
+
+class FakeSupervisor:
+    """A real unix socket server speaking the control protocol (the supervisor's side, in a thread)."""
+
+    def __init__(self, path: str) -> None:
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.srv.bind(path)
+        self.srv.listen(4)
+        self.messages: list[dict] = []
+        self.conn: socket.socket | None = None
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        self.conn, _ = self.srv.accept()
+        dec = protocol.LineDecoder()
+        while data := self.conn.recv(65536):
+            self.messages.extend(dec.feed(data))
+
+    def send(self, **msg) -> None:
+        self.conn.sendall(protocol.encode(msg))
+
+    def got(self, type_: str) -> list[dict]:
+        return [m for m in self.messages if m["type"] == type_]
+
+
+def test_control_channel_save_and_stop_requests(tmp_path, monkeypatch):
+    sock = str(tmp_path / "c.sock")
+    sup = FakeSupervisor(sock)
+    monkeypatch.setenv(env.CONTROL, sock)
+    model, opt = small_model()
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=str(tmp_path / "ck"), handle_signals=False)
+    wait_for(lambda: sup.got("hello"), what="hello")
+    assert sup.got("hello")[0]["role"] == "trainer" and sup.got("hello")[0]["pid"] == os.getpid()
+    ck.step(1)
+    wait_for(lambda: sup.got("heartbeat"), what="heartbeat")
+    sup.send(type="save", request_id="r1", kind="manual")
+    wait_for(lambda: ck.channel.peek_stop().save, what="request received while 'training'")
+    ck.step(2).wait()
+    wait_for(lambda: sup.got("saved"), what="saved")
+    saved = sup.got("saved")[0]
+    assert saved["request_id"] == "r1" and saved["step"] == 2 and saved["kind"] == "manual"
+    sup.send(type="stop", request_id="r2", deadline=0, reason="test")
+    wait_for(lambda: ck.channel.peek_stop().stop, what="stop received")
+    with pytest.raises(SystemExit) as exc:
+        ck.step(3)
+    assert exc.value.code == exitcodes.PREEMPTED
+    wait_for(lambda: sup.got("stopping"), what="stopping")
+    assert sup.got("stopping")[0] == {"type": "stopping", "step": 3, "exit_code": 85}
+    infos = store.list_checkpoints(str(tmp_path / "ck"))
+    assert [(i.step, i.kind) for i in infos] == [(2, "manual"), (3, "emergency")]
+    assert [m["kind"] for m in sup.got("saved")] == ["manual", "emergency"]
+
+
+def test_channel_absent_supervisor_does_not_stop_training(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(env.CONTROL, str(tmp_path / "nobody.sock"))
+    import ckptd.channel as channel
+
+    monkeypatch.setattr(channel.time, "monotonic", iter([0.0, 100.0, 200.0]).__next__)
+    with caplog.at_level("WARNING", logger="ckptd"):
+        ck = ckptd.Checkpointer(dir=str(tmp_path), handle_signals=False)
+    assert ck.channel is None and "cannot reach the supervisor" in caplog.text
