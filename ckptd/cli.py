@@ -15,7 +15,7 @@ import sys
 from . import __version__, exitcodes
 from .errors import CkptdError
 
-COMMANDS = ("run", "ls", "verify", "inspect", "prune", "export", "save", "stop", "status", "config")
+COMMANDS = ("run", "ls", "verify", "inspect", "prune", "export", "pin", "save", "stop", "status", "config")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -173,3 +173,36 @@ def test_channel_absent_supervisor_does_not_stop_training(tmp_path, monkeypatch,
     with caplog.at_level("WARNING", logger="ckptd"):
         ck = ckptd.Checkpointer(dir=str(tmp_path), handle_signals=False)
     assert ck.channel is None and "cannot reach the supervisor" in caplog.text
+
+
+def test_scheduler_scaler_rng_and_epoch_round_trip(tmp_path):
+    import random
+
+    import numpy as np
+
+    model, opt = small_model()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for _ in range(3):
+        sched.step()
+    scaler.scale(torch.ones(1))  # initialise the scale tensor
+    scaler.update(512.0)
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, scheduler=sched, scaler=scaler, dir=str(tmp_path),
+                            handle_signals=False)
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)
+    ck.step(5, epoch=2)
+    ck.save(block=True)
+    expect = (random.random(), np.random.rand(), torch.rand(1))
+    ck.close()
+
+    model2, opt2 = small_model(seed=3)
+    sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=2, gamma=0.5)
+    scaler2 = torch.amp.GradScaler("cpu")
+    ck2 = ckptd.Checkpointer(model=model2, optimizer=opt2, scheduler=sched2, scaler=scaler2, dir=str(tmp_path),
+                             handle_signals=False)
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    assert ck2.restore() == 5 and ck2.epoch == 2
+    assert (random.random(), np.random.rand()) == expect[:2] and torch.equal(torch.rand(1), expect[2])
+    assert sched2.state_dict() == sched.state_dict() and sched2.get_last_lr() == sched.get_last_lr()
+    assert scaler2.get_scale() == 512.0
+    ck2.close()

@@ -126,3 +126,14 @@ def test_progress_draws_on_a_terminal():
         p(50)
     assert "verify [" in s.getvalue() and "100.0%" not in s.getvalue().split("\r")[0]
     assert s.getvalue().endswith("\n")
+
+
+def test_pin_protects_from_prune_and_unpin_lifts_it(make_checkpoints):
+    root = make_checkpoints([1, 2, 3])
+    assert ckptd_cli("pin", os.path.join(root, "step-000000000001")).returncode == 0
+    assert json.loads(ckptd_cli("ls", root, "--json").stdout)[0]["pinned"] is True
+    ckptd_cli("prune", root, "--keep-last", "1")
+    assert sorted(os.listdir(root)) == [".pins", "step-000000000001", "step-000000000003"]
+    assert ckptd_cli("pin", "--remove", os.path.join(root, "step-000000000001")).returncode == 0
+    ckptd_cli("prune", root, "--keep-last", "1")
+    assert sorted(os.listdir(root)) == [".pins", "step-000000000003"]

@@ -210,7 +210,10 @@ class Supervisor:
         name = signal.Signals(signum).name
         if signum == signal.SIGCHLD:
             self._reap()
-        elif signum == configmod.signal_number(self.cfg.requeue_signal):
+            return
+        if self.journal is not None:
+            self.journal.append("notice", run_id=self.run_id, signal=name, state=self.sm.state.value)
+        if signum == configmod.signal_number(self.cfg.requeue_signal):
             self._request_stop(f"{name} (requeue)")
         elif signum in (signal.SIGTERM, signal.SIGINT):
             self._request_stop(name, force=self.stop is not None)
