@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 from .. import env as envvars
 from .. import exitcodes, protocol
-from ..errors import CkptdError, ConfigError
+from ..errors import CkptdError
 from . import config as configmod
 from .clock import Clock
 from .config import Config
@@ -101,6 +101,7 @@ class Supervisor:
         self._watchdog_due: float | None = None
         self._journaled: set[str] = set()  # checkpoint names already in the journal
         self._retired: set[str] = set()  # names our retention deleted
+        self._resumed_from: str | None = None  # pinned: retention never deletes the checkpoint a run resumed from
         self._wake_w = -1
         self.journal: Journal | None = None
         self.control: ControlServer | None = None
@@ -476,6 +477,8 @@ class Supervisor:
     def _msg_trainer_restored(self, peer: Peer, msg: dict[str, Any]) -> None:
         step = msg.get("step")
         self._saw_step(step)
+        if msg.get("path"):
+            self._resumed_from = os.path.basename(str(msg["path"]).rstrip("/"))
         if peer.rank in (None, 0):
             self._event("info", "resumed", f"trainer restored step {_fmt(step)} from {msg.get('path')}",
                         step=step, path=msg.get("path"), restart_count=self.restarts)
@@ -581,7 +584,8 @@ class Supervisor:
                                   keep_best=tuple(retention.Best(m, k, mode) for m, k, mode in self.cfg.keep_best))
         latest = self.view.latest()
         try:
-            deleted = retention.apply(self.root, policy, pinned={latest.name} if latest else set())
+            pins = {n for n in (latest.name if latest else None, self._resumed_from) if n}
+            deleted = retention.apply(self.root, policy, pinned=pins)
         except (OSError, CkptdError) as exc:
             self.log("error", "retention", f"retention failed, will retry after the next checkpoint: {exc}")
             return
@@ -651,5 +655,3 @@ def _ckpt_record(name: str, step: Any, kind: Any, created: float) -> dict[str, A
 def _fmt(value: Any) -> str:
     return "?" if value is None else str(value)
 
-
-__all__ = ["Supervisor", "ConfigError"]
