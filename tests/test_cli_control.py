@@ -75,3 +75,63 @@ def test_control_socket_is_owner_only(tmp_path):
     s.close()
     run.signal(signal.SIGTERM)
     run.wait(10)
+
+
+def _connect_as_nobody(sock_path: str) -> str:
+    """Fork, drop to uid 65534, try the control socket; returns what happened."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os.close(r)
+        outcome = "answered"
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(5)
+            s.connect(sock_path)
+            s.sendall(b'{"type":"hello","role":"client"}\n{"type":"status"}\n')
+            if not s.recv(65536):
+                outcome = "closed"
+        except PermissionError:
+            outcome = "denied"
+        except (BrokenPipeError, ConnectionResetError):
+            outcome = "closed"
+        except OSError as exc:
+            outcome = f"oserror {exc}"
+        os.write(w, outcome.encode())
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    out = os.read(r, 200).decode()
+    os.close(r)
+    return out
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_another_user_cannot_control_the_run(tmp_path):
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="ckptd-perm-", dir="/tmp")
+    os.chmod(base, 0o755)  # traversable by anyone: only ckptd's own permissions protect the socket
+    try:
+        root = os.path.join(base, "ck")
+        run = Run(tmp_path, root, [PLAIN])
+        run.wait_event("spawn")
+        sock_path = os.path.join(root, ".ckptd", "control.sock")
+        wait_for(lambda: os.path.exists(sock_path), 10, "the socket")
+        assert _connect_as_nobody(sock_path) == "denied"
+        # even with the permissions loosened by hand, SO_PEERCRED refuses the stranger
+        os.chmod(os.path.dirname(sock_path), 0o777)
+        os.chmod(sock_path, 0o777)
+        assert _connect_as_nobody(sock_path) == "closed"
+        wait_for(lambda: "refused a control connection from uid 65534" in run.stderr(), 10, "the refusal log")
+        run.signal(signal.SIGTERM)
+        run.wait(10)
+    finally:
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
