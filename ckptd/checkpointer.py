@@ -18,13 +18,14 @@ point; manual, emergency and final saves wait for the one in flight.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +70,45 @@ class SaveResult:
         return self.error is None
 
 
+class _Aborted(Exception):
+    """The snapshot copy failed in the training thread (which raises the real error)."""
+
+
+class _CopyProgress:
+    """How far the snapshot copy has filled the buffer; the writer persists only what is copied.
+
+    Copy (training thread) and write (writer thread) run as a pipeline, so a save is durable about
+    one copy-chunk after the disk write ends, not a whole copy later.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._done = 0
+        self._failed = False
+
+    def advance(self, upto: int) -> None:
+        with self._cond:
+            self._done = upto
+            self._cond.notify_all()
+
+    def fail(self) -> None:
+        with self._cond:
+            self._failed = True
+            self._cond.notify_all()
+
+    def chunks(self, view: memoryview) -> Iterator[memoryview]:
+        off = 0
+        while off < len(view):
+            with self._cond:
+                while self._done <= off and not self._failed:
+                    self._cond.wait()
+                if self._failed:
+                    raise _Aborted()
+                upto = self._done
+            yield view[off:upto]
+            off = upto
+
+
 class _Snapshot:
     """Host buffer reused across saves; tensors laid out as a safetensors data section.
 
@@ -80,14 +120,17 @@ class _Snapshot:
         self.buffer: torch.Tensor | None = None
         self.allocations = 0
 
-    def take(self, tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, memoryview, int]:
+    def prepare(self, tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, list[tuple[str, int]], memoryview]:
+        """Lay out the tensors, make sure the buffer is big enough; returns (header, [(key, nbytes)], view)."""
         order = sorted(tensors, key=lambda k: -tensors[k].element_size())
         entries = []
+        layout = []
         total = 0
         for k in order:
             t = tensors[k]
             n = t.numel() * t.element_size()
             entries.append((k, DTYPES[t.dtype], list(t.shape), n))
+            layout.append((k, n))
             total += n
         header = store.safetensors_header_bytes(entries, {"format": "ckptd"})
         cuda = any(t.is_cuda for t in tensors.values())
@@ -97,15 +140,32 @@ class _Snapshot:
             buf = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=cuda)
             self.buffer = buf
             self.allocations += 1
-        off = 0
-        for (k, _, _, n) in entries:
+        return header, layout, memoryview(buf.numpy()).cast("B")[:total]
+
+    def prewarm(self, nbytes: int, pinned: bool) -> None:
+        """Allocate and touch the buffer ahead of the first save (page faults cost ~10x a warm copy)."""
+        if self.buffer is None or self.buffer.numel() < nbytes:
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pinned)
+            buf.zero_()
+            self.buffer = buf
+            self.allocations += 1
+
+    def copy(self, tensors: Mapping[str, torch.Tensor], layout: list[tuple[str, int]], progress: _CopyProgress) -> None:
+        buf = self.buffer
+        assert buf is not None
+        cuda = any(t.is_cuda for t in tensors.values())
+        off = reported = 0
+        for k, n in layout:
             t = tensors[k]
             if n:
                 buf[off : off + n].view(t.dtype).view(t.shape).copy_(t, non_blocking=t.is_cuda)
             off += n
+            if not cuda and off - reported >= store.CHUNK:
+                progress.advance(off)
+                reported = off
         if cuda:
             torch.cuda.current_stream().synchronize()
-        return header, memoryview(buf.numpy()).cast("B")[:total], total
+        progress.advance(off)
 
 
 class Checkpointer:
@@ -181,6 +241,7 @@ class Checkpointer:
         self._last_save_time = time.monotonic()
         self._snapshot = _Snapshot()
         self._executor: ThreadPoolExecutor | None = None
+        self._prewarm: Future | None = None
         self._inflight: SaveResult | None = None
         self._failures: list[BaseException] = []
         self._lock = threading.Lock()
@@ -217,6 +278,9 @@ class Checkpointer:
         if self.channel is not None and now - self._last_heartbeat >= 1.0:
             self._last_heartbeat = now
             self.channel.send(protocol.HEARTBEAT, step=step, time=time.time())
+        if self._prewarm is None and self.async_save and self.writes and (
+                self.every_steps or self.every_seconds or self.channel is not None or self.save_on_close):
+            self._start_prewarm()
         requests = self.channel.take() if self.channel is not None else None
         if self._signal_stop is not None or (requests is not None and requests.stop):
             self._emergency_stop(requests.stop_reason if requests and requests.stop else "signal")
@@ -251,23 +315,32 @@ class Checkpointer:
             result.path = os.path.join(self.dir, store.checkpoint_name(step))
             self._notify_saved(result)
             return result
+        if self._prewarm is not None:
+            self._prewarm.result()  # usually long done; never allocate the buffer twice
         t0 = time.perf_counter()
         encoder = Encoder()
         tree = encoder.encode(self._capture_tree(step), "")
-        header, data, nbytes = self._snapshot.take(encoder.tensors)
+        header, layout, view = self._snapshot.prepare(encoder.tensors)
         state_json = json.dumps(tree, separators=(",", ":"), allow_nan=False).encode()
+        result.bytes = len(view) + len(header) + len(state_json)
+        progress = _CopyProgress()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptd-writer")
+        # The writer starts on the header and follows the copy chunk by chunk (a pipeline).
+        result._future = self._executor.submit(self._persist, result, header, progress.chunks(view), state_json,
+                                               dict(self.metrics), self.epoch)
+        self._inflight = result
+        try:
+            self._snapshot.copy(encoder.tensors, layout, progress)
+        except BaseException:
+            progress.fail()
+            self.wait()
+            raise
         result.stall_seconds = time.perf_counter() - t0
-        result.bytes = nbytes + len(header) + len(state_json)
         self.stats["last_stall_seconds"] = result.stall_seconds
         self._last_save_time = time.monotonic()
-        job = (result, header, data, state_json, dict(self.metrics), self.epoch)
-        if self.async_save and not block:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptd-writer")
-            result._future = self._executor.submit(self._persist, *job)
-            self._inflight = result
-        else:
-            self._persist(*job)
+        if block or (block is None and not self.async_save):
+            self.wait()
             self._report_failures()
         return result
 
@@ -344,6 +417,21 @@ class Checkpointer:
             return True
         return bool(self.every_seconds and now - self._last_save_time >= self.every_seconds)
 
+    def _start_prewarm(self) -> None:
+        """At the first step, size the state and prepare the snapshot buffer in the background."""
+        tensors = Encoder()
+        try:
+            tensors.encode(self._capture_tree(self._step or 0), "")
+        except CkptdError:
+            self._prewarm = Future()
+            self._prewarm.set_result(None)
+            return  # save() will report it with the full message
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.tensors.values())
+        pinned = any(t.is_cuda for t in tensors.tensors.values())
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptd-writer")
+        self._prewarm = self._executor.submit(self._snapshot.prewarm, nbytes, pinned)
+
     def _capture_tree(self, step: int) -> dict[str, Any]:
         extra: dict[str, Any] = {}
         for name, obj in self.extra.items():
@@ -359,7 +447,7 @@ class Checkpointer:
                 tree[name] = obj.state_dict()
         return tree
 
-    def _persist(self, result: SaveResult, header: bytes, data: memoryview, state_json: bytes,
+    def _persist(self, result: SaveResult, header: bytes, data: Iterable[memoryview], state_json: bytes,
                  metrics: dict[str, Any], epoch: int | None) -> None:
         t0 = time.perf_counter()
         try:
@@ -374,12 +462,14 @@ class Checkpointer:
                     return
                 store.quarantine(self.dir, name, info.reason)
             with store.PendingCheckpoint(self.dir, result.step) as pending:
-                pending.write_file(store.TENSORS, (header, data))
+                pending.write_file(store.TENSORS, itertools.chain((header,), data))
                 pending.write_file(store.STATE, (state_json,))
                 result.path = pending.commit(kind=result.kind, metrics=_jsonable_metrics(metrics), extra={
                     "epoch": epoch, "versions": {"ckptd": __version__, "torch": torch.__version__},
                     "run_id": os.environ.get(env.RUN_ID, ""),
                 })
+        except _Aborted:
+            return  # the training thread raises the copy's own error
         except BaseException as exc:  # noqa: BLE001 - reported at the next step(); never published
             result.error = exc
             with self._lock:
