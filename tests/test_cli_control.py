@@ -117,6 +117,7 @@ def test_another_user_cannot_control_the_run(tmp_path):
 
     base = tempfile.mkdtemp(prefix="ckptd-perm-", dir="/tmp")
     os.chmod(base, 0o755)  # traversable by anyone: only ckptd's own permissions protect the socket
+    run = None
     try:
         root = os.path.join(base, "ck")
         run = Run(tmp_path, root, [PLAIN])
@@ -130,8 +131,10 @@ def test_another_user_cannot_control_the_run(tmp_path):
         assert _connect_as_nobody(sock_path) == "closed"
         wait_for(lambda: "refused a control connection from uid 65534" in run.stderr(), 10, "the refusal log")
         run.signal(signal.SIGTERM)
-        run.wait(10)
+        assert run.wait(10) == exitcodes.STOPPED_NO_CHECKPOINT
     finally:
         import shutil
 
+        if run is not None:
+            run.kill()
         shutil.rmtree(base, ignore_errors=True)
