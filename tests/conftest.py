@@ -56,6 +56,16 @@ def train_steps(model, opt, n: int) -> float:
     return float(loss.detach())
 
 
+@pytest.fixture(autouse=True)
+def _no_leftover_supervisors():
+    """Whatever a test asserted, every `ckptd run` it started is gone afterwards."""
+    yield
+    from fixtures.sup_helpers import LIVE_RUNS
+
+    while LIVE_RUNS:
+        LIVE_RUNS.pop().kill()
+
+
 @pytest.fixture
 def make_checkpoints(tmp_path):
     """Write real checkpoints at the given steps; returns the root."""
