@@ -18,14 +18,14 @@ point; manual, emergency and final saves wait for the one in flight.
 
 from __future__ import annotations
 
-import itertools
 import json
+import mmap
 import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,102 +70,76 @@ class SaveResult:
         return self.error is None
 
 
-class _Aborted(Exception):
-    """The snapshot copy failed in the training thread (which raises the real error)."""
-
-
-class _CopyProgress:
-    """How far the snapshot copy has filled the buffer; the writer persists only what is copied.
-
-    Copy (training thread) and write (writer thread) run as a pipeline, so a save is durable about
-    one copy-chunk after the disk write ends, not a whole copy later.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._done = 0
-        self._failed = False
-
-    def advance(self, upto: int) -> None:
-        with self._cond:
-            self._done = upto
-            self._cond.notify_all()
-
-    def fail(self) -> None:
-        with self._cond:
-            self._failed = True
-            self._cond.notify_all()
-
-    def chunks(self, view: memoryview) -> Iterator[memoryview]:
-        off = 0
-        while off < len(view):
-            with self._cond:
-                while self._done <= off and not self._failed:
-                    self._cond.wait()
-                if self._failed:
-                    raise _Aborted()
-                upto = self._done
-            yield view[off:upto]
-            off = upto
-
-
 class _Snapshot:
     """Host buffer reused across saves; tensors laid out as a safetensors data section.
 
-    Tensors are ordered by element size (largest first) so every slice is
-    naturally aligned and can be viewed as its dtype without a copy.
+    The buffer is page-aligned (anonymous mmap with transparent huge pages, or pinned memory when CUDA
+    tensors are saved) so the writer can use O_DIRECT. Tensors are ordered by element size (largest
+    first) so every slice is naturally aligned and is viewed as its dtype without a copy. The layout,
+    header and destination views are cached while the state's structure does not change.
     """
 
     def __init__(self) -> None:
         self.buffer: torch.Tensor | None = None
         self.allocations = 0
+        self._signature: tuple[Any, ...] | None = None
+        self._header = b""
+        self._dests: list[tuple[str, torch.Tensor]] = []
+        self._total = 0
 
-    def prepare(self, tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, list[tuple[str, int]], memoryview]:
-        """Lay out the tensors, make sure the buffer is big enough; returns (header, [(key, nbytes)], view)."""
-        order = sorted(tensors, key=lambda k: -tensors[k].element_size())
-        entries = []
-        layout = []
-        total = 0
-        for k in order:
-            t = tensors[k]
-            n = t.numel() * t.element_size()
-            entries.append((k, DTYPES[t.dtype], list(t.shape), n))
-            layout.append((k, n))
-            total += n
-        header = store.safetensors_header_bytes(entries, {"format": "ckptd"})
-        cuda = any(t.is_cuda for t in tensors.values())
-        buf = self.buffer
-        if buf is None or buf.numel() < total or (cuda and not buf.is_pinned()):
-            self.buffer = buf = None  # free the old one before allocating the new
-            buf = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=cuda)
-            self.buffer = buf
-            self.allocations += 1
-        return header, layout, memoryview(buf.numpy()).cast("B")[:total]
+    def _allocate(self, nbytes: int, pinned: bool) -> None:
+        self.buffer = None  # free the old one before allocating the new
+        self._signature = None
+        nbytes = max(nbytes, 1)
+        if pinned:
+            raw = torch.empty(nbytes + store.ALIGN, dtype=torch.uint8, pin_memory=True)
+            shift = -raw.data_ptr() % store.ALIGN
+            self.buffer = raw[shift : shift + nbytes]
+        else:
+            mem = mmap.mmap(-1, nbytes)
+            if hasattr(mmap, "MADV_HUGEPAGE"):
+                try:
+                    mem.madvise(mmap.MADV_HUGEPAGE)  # fewer page faults on first touch
+                except OSError:
+                    pass
+            self.buffer = torch.frombuffer(mem, dtype=torch.uint8)
+        self.allocations += 1
 
     def prewarm(self, nbytes: int, pinned: bool) -> None:
-        """Allocate and touch the buffer ahead of the first save (page faults cost ~10x a warm copy)."""
+        """Allocate and touch the buffer ahead of the first save (first-touch page faults are slow)."""
         if self.buffer is None or self.buffer.numel() < nbytes:
-            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pinned)
-            buf.zero_()
-            self.buffer = buf
-            self.allocations += 1
+            self._allocate(nbytes, pinned)
+            assert self.buffer is not None
+            self.buffer.zero_()
 
-    def copy(self, tensors: Mapping[str, torch.Tensor], layout: list[tuple[str, int]], progress: _CopyProgress) -> None:
-        buf = self.buffer
-        assert buf is not None
+    def take(self, tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, memoryview]:
+        """Copy ``tensors`` into the buffer (the save's stall); returns (header, data view)."""
+        signature = tuple((k, t.dtype, tuple(t.shape)) for k, t in tensors.items())
         cuda = any(t.is_cuda for t in tensors.values())
-        off = reported = 0
-        for k, n in layout:
+        if signature != self._signature or self.buffer is None:
+            order = sorted(tensors, key=lambda k: -tensors[k].element_size())
+            entries = [(k, DTYPES[tensors[k].dtype], list(tensors[k].shape),
+                        tensors[k].numel() * tensors[k].element_size()) for k in order]
+            total = sum(e[3] for e in entries)
+            if self.buffer is None or self.buffer.numel() < total or (cuda and not self.buffer.is_pinned()):
+                self._allocate(total, cuda)
+            buf = self.buffer
+            assert buf is not None
+            self._header = store.safetensors_header_bytes(entries, {"format": "ckptd"}, align=store.ALIGN)
+            self._dests, off = [], 0
+            for k, _, shape, n in entries:
+                t = tensors[k]
+                self._dests.append((k, buf[off : off + n].view(t.dtype).view(t.shape)))
+                off += n
+            self._total, self._signature = total, signature
+        for k, dest in self._dests:
             t = tensors[k]
-            if n:
-                buf[off : off + n].view(t.dtype).view(t.shape).copy_(t, non_blocking=t.is_cuda)
-            off += n
-            if not cuda and off - reported >= store.CHUNK:
-                progress.advance(off)
-                reported = off
+            if t.numel():
+                dest.copy_(t, non_blocking=t.is_cuda)
         if cuda:
             torch.cuda.current_stream().synchronize()
-        progress.advance(off)
+        assert self.buffer is not None
+        return self._header, memoryview(self.buffer.numpy()).cast("B")[: self._total]
 
 
 class Checkpointer:
@@ -320,25 +294,17 @@ class Checkpointer:
         t0 = time.perf_counter()
         encoder = Encoder()
         tree = encoder.encode(self._capture_tree(step), "")
-        header, layout, view = self._snapshot.prepare(encoder.tensors)
+        header, data = self._snapshot.take(encoder.tensors)
         state_json = json.dumps(tree, separators=(",", ":"), allow_nan=False).encode()
-        result.bytes = len(view) + len(header) + len(state_json)
-        progress = _CopyProgress()
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptd-writer")
-        # The writer starts on the header and follows the copy chunk by chunk (a pipeline).
-        result._future = self._executor.submit(self._persist, result, header, progress.chunks(view), state_json,
-                                               dict(self.metrics), self.epoch)
-        self._inflight = result
-        try:
-            self._snapshot.copy(encoder.tensors, layout, progress)
-        except BaseException:
-            progress.fail()
-            self.wait()
-            raise
         result.stall_seconds = time.perf_counter() - t0
+        result.bytes = len(header) + len(data) + len(state_json)
         self.stats["last_stall_seconds"] = result.stall_seconds
         self._last_save_time = time.monotonic()
+        executor = self._writer()
+        result._future = executor.submit(self._persist, result, header, data, state_json, dict(self.metrics), self.epoch)
+        self._inflight = result
+        if self.policy.active:  # after the commit, outside the save's wait()
+            executor.submit(self._apply_retention)
         if block or (block is None and not self.async_save):
             self.wait()
             self._report_failures()
@@ -428,9 +394,7 @@ class Checkpointer:
             return  # save() will report it with the full message
         nbytes = sum(t.numel() * t.element_size() for t in tensors.tensors.values())
         pinned = any(t.is_cuda for t in tensors.tensors.values())
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptd-writer")
-        self._prewarm = self._executor.submit(self._snapshot.prewarm, nbytes, pinned)
+        self._prewarm = self._writer().submit(self._snapshot.prewarm, nbytes, pinned)
 
     def _capture_tree(self, step: int) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -447,7 +411,12 @@ class Checkpointer:
                 tree[name] = obj.state_dict()
         return tree
 
-    def _persist(self, result: SaveResult, header: bytes, data: Iterable[memoryview], state_json: bytes,
+    def _writer(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptd-writer")
+        return self._executor
+
+    def _persist(self, result: SaveResult, header: bytes, data: memoryview, state_json: bytes,
                  metrics: dict[str, Any], epoch: int | None) -> None:
         t0 = time.perf_counter()
         try:
@@ -462,14 +431,12 @@ class Checkpointer:
                     return
                 store.quarantine(self.dir, name, info.reason)
             with store.PendingCheckpoint(self.dir, result.step) as pending:
-                pending.write_file(store.TENSORS, itertools.chain((header,), data))
+                pending.write_aligned(store.TENSORS, header, data)
                 pending.write_file(store.STATE, (state_json,))
                 result.path = pending.commit(kind=result.kind, metrics=_jsonable_metrics(metrics), extra={
                     "epoch": epoch, "versions": {"ckptd": __version__, "torch": torch.__version__},
                     "run_id": os.environ.get(env.RUN_ID, ""),
                 })
-        except _Aborted:
-            return  # the training thread raises the copy's own error
         except BaseException as exc:  # noqa: BLE001 - reported at the next step(); never published
             result.error = exc
             with self._lock:
@@ -483,7 +450,6 @@ class Checkpointer:
         self.stats["last_persist_seconds"] = result.persist_seconds
         self._committed_step = result.step
         self._notify_saved(result)
-        self._apply_retention()
 
     def _notify_saved(self, result: SaveResult) -> None:
         if self.channel is not None:
@@ -577,43 +543,59 @@ class Checkpointer:
         if store.xxhash.xxh3_128_hexdigest(raw) != files[store.STATE][store.HASH]:
             raise CorruptCheckpointError(info.path, f"{store.STATE} checksum mismatch")
         tree = json.loads(raw)
-        tensors = self._read_tensors(info, files[store.TENSORS])
+        tensors = self._read_tensors(info, files[store.TENSORS], self._live_tensors())
         self._apply_tree(tree, tensors)
 
-    def _read_tensors(self, info: store.CheckpointInfo, rec: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def _live_tensors(self) -> dict[str, torch.Tensor]:
+        """The run's current tensors under their checkpoint keys: restore reads straight into them."""
+        enc = Encoder()
+        try:
+            enc.encode(self._capture_tree(0), "")
+        except CkptdError:
+            return {}
+        return enc.tensors
+
+    def _read_tensors(self, info: store.CheckpointInfo, rec: dict[str, Any],
+                      live: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         path = os.path.join(info.path, store.TENSORS)
-        h = store._hasher()
         model_sd = self.model.state_dict() if self.model is not None else {}
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            header, data_start = store.read_safetensors_header(f, path, size)
-            f.seek(0)
-            h.update(f.read(data_start))
-            entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                             key=lambda kv: kv[1]["data_offsets"][0])
-            self._check_model_keys(info.path, model_sd, entries)
-            out: dict[str, torch.Tensor] = {}
-            pending_copies = []
-            for key, meta in entries:
-                dtype = TORCH_DTYPES.get(meta.get("dtype"))
-                if dtype is None:
-                    raise CorruptCheckpointError(info.path, f"tensor {key!r} has unknown dtype {meta.get('dtype')!r}")
-                shape = meta.get("shape")
-                target = model_sd.get(key[6:]) if key.startswith("model/") else None
-                if target is not None and target.is_cpu and target.is_contiguous():
-                    dest = target
-                else:
-                    dest = torch.empty(shape, dtype=dtype)
-                    if target is not None:
-                        pending_copies.append((target, dest))
-                a, b = meta["data_offsets"]
-                if dest.numel() * dest.element_size() != b - a:
-                    raise CorruptCheckpointError(info.path, f"tensor {key!r}: shape {shape} does not match its byte span")
-                _readinto(f, byte_view(dest), h, info.path)
-                out[key] = dest
-            if h.hexdigest() != rec[store.HASH] or f.tell() != rec["bytes"]:
-                raise CorruptCheckpointError(info.path, f"{store.TENSORS} checksum mismatch (content altered or corrupted)")
+        pipe = store.HashPipe()
+        try:
+            with os.fdopen(fd, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                header, data_start = store.read_safetensors_header(f, path, size)
+                f.seek(0)
+                pipe.feed(f.read(data_start))
+                entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                                 key=lambda kv: kv[1]["data_offsets"][0])
+                self._check_model_keys(info.path, model_sd, entries)
+                out: dict[str, torch.Tensor] = {}
+                pending_copies = []
+                for key, meta in entries:
+                    dtype = TORCH_DTYPES.get(meta.get("dtype"))
+                    if dtype is None:
+                        raise CorruptCheckpointError(info.path, f"tensor {key!r} has unknown dtype {meta.get('dtype')!r}")
+                    shape = meta.get("shape")
+                    target = live.get(key)
+                    if target is not None and (target.dtype != dtype or list(target.shape) != shape):
+                        target = None  # e.g. optimizer state of another shape: load_state_dict replaces it
+                    if target is not None and target.is_cpu and target.is_contiguous():
+                        dest = target  # straight into place: no second copy
+                    else:
+                        dest = torch.empty(shape, dtype=dtype)
+                        if target is not None:
+                            pending_copies.append((target, dest))
+                    a, b = meta["data_offsets"]
+                    if dest.numel() * dest.element_size() != b - a:
+                        raise CorruptCheckpointError(info.path, f"tensor {key!r}: shape {shape} does not match its byte span")
+                    _readinto(f, byte_view(dest), pipe, info.path)
+                    out[key] = target if target is not None else dest
+                end = f.tell()
+        finally:
+            digest = pipe.hexdigest()
+        if digest != rec[store.HASH] or end != rec["bytes"]:
+            raise CorruptCheckpointError(info.path, f"{store.TENSORS} checksum mismatch (content altered or corrupted)")
         with torch.no_grad():
             for target, src in pending_copies:
                 target.copy_(src)
@@ -674,19 +656,21 @@ class Checkpointer:
         if os.path.dirname(os.path.abspath(info.path)) == self.dir:
             self.resumed_from = info.name
         log.info("ckptd: restored %s (step %d)", info.path, step)
+        if self._prewarm is None and self.async_save and self.writes:
+            self._start_prewarm()  # the state's size is known now; the first save will not page-fault
         if self.channel is not None:
             self.channel.send(protocol.RESTORED, step=step, path=info.path)
         return step
 
 
-def _readinto(f: Any, dest: torch.Tensor, h: Any, path: str) -> None:
+def _readinto(f: Any, dest: torch.Tensor, pipe: store.HashPipe, path: str) -> None:
     mv = memoryview(dest.numpy()).cast("B") if dest.numel() else memoryview(b"")
     pos = 0
     while pos < len(mv):
-        n = f.readinto(mv[pos : pos + store.CHUNK])
+        n = f.readinto(mv[pos : pos + store.DIRECT_CHUNK])
         if not n:
             raise CorruptCheckpointError(path, f"{store.TENSORS} ends early (truncated)")
-        h.update(mv[pos : pos + n])
+        pipe.feed(mv[pos : pos + n])  # hashed in a helper thread while the next chunk is read
         pos += n
 
 
@@ -717,6 +701,6 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not checked.valid:
         raise CorruptCheckpointError(info.path, checked.reason)
     raw = store._read_small(os.path.join(info.path, store.STATE), 1 << 30)
-    tensors = Checkpointer._read_tensors(loader, info, info.manifest["files"][store.TENSORS])
+    tensors = Checkpointer._read_tensors(loader, info, info.manifest["files"][store.TENSORS], {})
     out = decode(json.loads(raw), tensors.__getitem__)
     return out

@@ -23,7 +23,11 @@ Nothing here imports torch: the supervisor and the inspection commands use it.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
+import mmap
+import queue
+import threading
 import logging
 import os
 import re
@@ -58,7 +62,9 @@ NAME_RE = re.compile(r"^step-(\d{12,20})$")
 FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_HEADER_BYTES = 100 << 20  # bound on a safetensors JSON header we are willing to parse
-CHUNK = 8 << 20  # write/read/hash granularity; keeps GIL holds short when a thread writes
+CHUNK = 8 << 20  # buffered write/read/hash granularity
+DIRECT_CHUNK = 64 << 20  # O_DIRECT request size
+ALIGN = 4096  # O_DIRECT alignment of file offsets, lengths and memory; the tensor data section starts here
 FILE_MODE = 0o644  # further reduced by the umask; never world-writable
 DIR_MODE = 0o755
 
@@ -99,6 +105,41 @@ def _storage(path: str, op: str, exc: OSError) -> StorageError:
 
 
 # ----------------------------------------------------------------------------- writing
+
+
+class HashPipe:
+    """xxh3-128 computed in a helper thread while the caller writes or reads the same bytes.
+
+    xxhash and the I/O both release the GIL, so hashing costs no wall time as long as it is
+    faster than the disk (xxh3 is several GB/s per core). Feed views in file order.
+    """
+
+    def __init__(self) -> None:
+        self._h = _hasher()
+        self._q: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
+        self._t = threading.Thread(target=self._run, name="ckptd-hash", daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while (mv := self._q.get()) is not None:
+            self._h.update(mv)
+
+    def feed(self, data: bytes | memoryview) -> None:
+        self._q.put(memoryview(data))
+
+    def hexdigest(self) -> str:
+        self._q.put(None)
+        self._t.join()
+        return self._h.hexdigest()
+
+
+def is_aligned(mv: memoryview) -> bool:
+    import ctypes
+
+    if not len(mv):
+        return True
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(mv)) if not mv.readonly else None
+    return addr is not None and addr % ALIGN == 0
 
 
 @dataclass
@@ -163,6 +204,65 @@ class PendingCheckpoint:
             except OSError as exc:
                 raise _storage(path, "close", exc) from exc
         rec = FileRecord(size, h.hexdigest())
+        self.files[name] = rec
+        return rec
+
+    def write_aligned(self, name: str, header: bytes, data: memoryview) -> FileRecord:
+        """Write ``header`` + ``data`` with O_DIRECT where the filesystem allows it.
+
+        Bypassing the page cache doubles durable write throughput here (no copy into the cache, no
+        writeback storm at fsync). Needs ``len(header) % ALIGN == 0`` and page-aligned ``data``;
+        otherwise, or where O_DIRECT is refused (tmpfs), this is :meth:`write_file`. The checksum is
+        computed in a helper thread alongside the writes.
+        """
+        check_name(name)
+        direct = getattr(os, "O_DIRECT", 0)
+        data = memoryview(data).cast("B")
+        if not direct or len(header) % ALIGN or not is_aligned(data):
+            return self.write_file(name, (header, data))
+        path = os.path.join(self.tmp, name)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags | direct, FILE_MODE)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:  # filesystem without O_DIRECT
+                return self.write_file(name, (header, data))
+            raise _storage(path, "open", exc) from exc
+        pipe = HashPipe()
+        try:
+            head = mmap.mmap(-1, len(header))  # page-aligned copy for O_DIRECT
+            head.write(header)
+            pipe.feed(header)
+            try:
+                _write_all(fd, memoryview(head), path)
+            except StorageError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                os.close(fd)
+                fd = -1
+                os.unlink(path)
+                return self.write_file(name, (header, data))
+            body = len(data) - len(data) % ALIGN
+            for off in range(0, body, DIRECT_CHUNK):
+                piece = data[off : min(off + DIRECT_CHUNK, body)]
+                pipe.feed(piece)
+                _write_all(fd, piece, path)
+            if body < len(data):  # the unaligned tail goes through the page cache
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~direct)
+                pipe.feed(data[body:])
+                _write_all(fd, data[body:], path)
+            try:
+                os.fsync(fd)
+            except OSError as exc:  # never retried
+                raise _storage(path, "fsync", exc) from exc
+        finally:
+            digest = pipe.hexdigest()
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError as exc:
+                    raise _storage(path, "close", exc) from exc
+        rec = FileRecord(len(header) + len(data), digest)
         self.files[name] = rec
         return rec
 
@@ -453,8 +553,12 @@ def read_safetensors_header(f: BinaryIO, path: str, file_size: int) -> tuple[dic
     return header, 8 + n
 
 
-def safetensors_header_bytes(entries: list[tuple[str, str, list[int], int]], metadata: dict[str, str] | None = None) -> bytes:
-    """Build the 8-byte length + JSON header for (key, dtype, shape, nbytes) laid out back to back."""
+def safetensors_header_bytes(entries: list[tuple[str, str, list[int], int]], metadata: dict[str, str] | None = None,
+                             align: int = 64) -> bytes:
+    """Build the 8-byte length + JSON header for (key, dtype, shape, nbytes) laid out back to back.
+
+    The JSON is padded with spaces (allowed by the format) so the data section starts ``align``-aligned.
+    """
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = metadata
@@ -463,7 +567,7 @@ def safetensors_header_bytes(entries: list[tuple[str, str, list[int], int]], met
         header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [off, off + nbytes]}
         off += nbytes
     body = json.dumps(header, separators=(",", ":")).encode()
-    body += b" " * (-(8 + len(body)) % 64)  # data section starts 64-byte aligned
+    body += b" " * (-(8 + len(body)) % align)
     return struct.pack("<Q", len(body)) + body
 
 
