@@ -70,6 +70,16 @@ class SaveResult:
         return self.error is None
 
 
+PARALLEL_COPY_BYTES = 32 << 20
+
+
+def _copy_into(dests: list[tuple[str, torch.Tensor]], tensors: Mapping[str, torch.Tensor]) -> None:
+    for k, dest in dests:
+        t = tensors[k]
+        if t.numel():
+            dest.copy_(t, non_blocking=t.is_cuda)
+
+
 class _Snapshot:
     """Host buffer reused across saves; tensors laid out as a safetensors data section.
 
@@ -85,7 +95,9 @@ class _Snapshot:
         self._signature: tuple[Any, ...] | None = None
         self._header = b""
         self._dests: list[tuple[str, torch.Tensor]] = []
+        self._halves: tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]] = ([], [])
         self._total = 0
+        self._helper: ThreadPoolExecutor | None = None
 
     def _allocate(self, nbytes: int, pinned: bool) -> None:
         self.buffer = None  # free the old one before allocating the new
@@ -104,6 +116,12 @@ class _Snapshot:
                     pass
             self.buffer = torch.frombuffer(mem, dtype=torch.uint8)
         self.allocations += 1
+
+    def close(self) -> None:
+        if self._helper is not None:
+            self._helper.shutdown(wait=True)
+            self._helper = None
+        self.buffer, self._dests, self._halves, self._signature = None, [], ([], []), None
 
     def prewarm(self, nbytes: int, pinned: bool) -> None:
         """Allocate and touch the buffer ahead of the first save (first-touch page faults are slow)."""
@@ -132,10 +150,23 @@ class _Snapshot:
                 self._dests.append((k, buf[off : off + n].view(t.dtype).view(t.shape)))
                 off += n
             self._total, self._signature = total, signature
-        for k, dest in self._dests:
-            t = tensors[k]
-            if t.numel():
-                dest.copy_(t, non_blocking=t.is_cuda)
+            self._halves = ([], [])
+            loads = [0, 0]
+            for k, dest in self._dests:  # largest first: greedy balance by bytes
+                i = 0 if loads[0] <= loads[1] else 1
+                self._halves[i].append((k, dest))
+                loads[i] += dest.numel() * dest.element_size()
+        if cuda or self._total < PARALLEL_COPY_BYTES or (os.cpu_count() or 1) < 2:
+            _copy_into(self._dests, tensors)
+        else:
+            # The loop is blocked anyway: copy with two threads (copy_ releases the GIL), ~2x faster.
+            if self._helper is None:
+                self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptd-copy")
+            other = self._helper.submit(_copy_into, self._halves[1], tensors)
+            try:
+                _copy_into(self._halves[0], tensors)
+            finally:
+                other.result()
         if cuda:
             torch.cuda.current_stream().synchronize()
         assert self.buffer is not None
@@ -518,6 +549,7 @@ class Checkpointer:
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        self._snapshot.close()
         for sig, old in self._old_handlers.items():
             try:
                 signal.signal(sig, old)
@@ -560,6 +592,7 @@ class Checkpointer:
         path = os.path.join(info.path, store.TENSORS)
         model_sd = self.model.state_dict() if self.model is not None else {}
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        store.advise_sequential(fd)
         pipe = store.HashPipe()
         try:
             with os.fdopen(fd, "rb", buffering=0) as f:
