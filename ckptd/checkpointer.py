@@ -73,6 +73,10 @@ class SaveResult:
 PARALLEL_COPY_BYTES = 32 << 20
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def _copy_into(dests: list[tuple[str, torch.Tensor]], tensors: Mapping[str, torch.Tensor]) -> None:
     for k, dest in dests:
         t = tensors[k]
@@ -84,8 +88,8 @@ class _Snapshot:
     """Host buffer reused across saves; tensors laid out as a safetensors data section.
 
     The buffer is page-aligned (anonymous mmap with transparent huge pages, or pinned memory when CUDA
-    tensors are saved) so the writer can use O_DIRECT. Tensors are ordered by element size (largest
-    first) so every slice is naturally aligned and is viewed as its dtype without a copy. The layout,
+    tensors are saved) so the writer can use O_DIRECT. Every slice is aligned for its dtype (and most to a
+    cache line), so it is viewed as that dtype without a copy. The layout,
     header and destination views are cached while the state's structure does not change.
     """
 
@@ -135,7 +139,10 @@ class _Snapshot:
         signature = tuple((k, t.dtype, tuple(t.shape)) for k, t in tensors.items())
         cuda = any(t.is_cuda for t in tensors.values())
         if signature != self._signature or self.buffer is None:
-            order = sorted(tensors, key=lambda k: -tensors[k].element_size())
+            # Tensors whose size is a multiple of 64 bytes first: each then starts cache-line aligned
+            # (unaligned destinations copy ~25% slower). The rest by element size, largest first, which
+            # keeps every slice naturally aligned for its dtype. No gaps: safetensors allows none.
+            order = sorted(tensors, key=lambda k: (_nbytes(tensors[k]) % 64 != 0, -tensors[k].element_size()))
             entries = [(k, DTYPES[tensors[k].dtype], list(tensors[k].shape),
                         tensors[k].numel() * tensors[k].element_size()) for k in order]
             total = sum(e[3] for e in entries)
@@ -156,7 +163,7 @@ class _Snapshot:
                 i = 0 if loads[0] <= loads[1] else 1
                 self._halves[i].append((k, dest))
                 loads[i] += dest.numel() * dest.element_size()
-        if cuda or self._total < PARALLEL_COPY_BYTES or (os.cpu_count() or 1) < 2:
+        if cuda or self._total < PARALLEL_COPY_BYTES or (os.cpu_count() or 1) < 2 or torch.get_num_threads() > 1:
             _copy_into(self._dests, tensors)
         else:
             # The loop is blocked anyway: copy with two threads (copy_ releases the GIL), ~2x faster.
