@@ -25,7 +25,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -573,16 +573,8 @@ class Checkpointer:
             checked = store.verify(info.path)
             if not checked.valid:
                 raise CorruptCheckpointError(info.path, checked.reason)
-        files = info.manifest["files"]
-        for fname in (store.TENSORS, store.STATE):
-            if fname not in files:
-                raise CorruptCheckpointError(info.path, f"{fname} is not listed in the manifest")
-        state_path = os.path.join(info.path, store.STATE)
-        raw = store._read_small(state_path, 1 << 30)
-        if store.xxhash.xxh3_128_hexdigest(raw) != files[store.STATE][store.HASH]:
-            raise CorruptCheckpointError(info.path, f"{store.STATE} checksum mismatch")
-        tree = json.loads(raw)
-        tensors = self._read_tensors(info, files[store.TENSORS], self._live_tensors())
+        tree = _read_state_json(info)
+        tensors = _read_tensors(info, self._live_tensors(), check=self._check_model_keys)
         self._apply_tree(tree, tensors)
 
     def _live_tensors(self) -> dict[str, torch.Tensor]:
@@ -594,56 +586,10 @@ class Checkpointer:
             return {}
         return enc.tensors
 
-    def _read_tensors(self, info: store.CheckpointInfo, rec: dict[str, Any],
-                      live: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        path = os.path.join(info.path, store.TENSORS)
-        model_sd = self.model.state_dict() if self.model is not None else {}
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        store.advise_sequential(fd)
-        pipe = store.HashPipe()
-        try:
-            with os.fdopen(fd, "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
-                header, data_start = store.read_safetensors_header(f, path, size)
-                f.seek(0)
-                pipe.feed(f.read(data_start))
-                entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                                 key=lambda kv: kv[1]["data_offsets"][0])
-                self._check_model_keys(info.path, model_sd, entries)
-                out: dict[str, torch.Tensor] = {}
-                pending_copies = []
-                for key, meta in entries:
-                    dtype = TORCH_DTYPES.get(meta.get("dtype"))
-                    if dtype is None:
-                        raise CorruptCheckpointError(info.path, f"tensor {key!r} has unknown dtype {meta.get('dtype')!r}")
-                    shape = meta.get("shape")
-                    target = live.get(key)
-                    if target is not None and (target.dtype != dtype or list(target.shape) != shape):
-                        target = None  # e.g. optimizer state of another shape: load_state_dict replaces it
-                    if target is not None and target.is_cpu and target.is_contiguous():
-                        dest = target  # straight into place: no second copy
-                    else:
-                        dest = torch.empty(shape, dtype=dtype)
-                        if target is not None:
-                            pending_copies.append((target, dest))
-                    a, b = meta["data_offsets"]
-                    if dest.numel() * dest.element_size() != b - a:
-                        raise CorruptCheckpointError(info.path, f"tensor {key!r}: shape {shape} does not match its byte span")
-                    _readinto(f, byte_view(dest), pipe, info.path)
-                    out[key] = target if target is not None else dest
-                end = f.tell()
-        finally:
-            digest = pipe.hexdigest()
-        if digest != rec[store.HASH] or end != rec["bytes"]:
-            raise CorruptCheckpointError(info.path, f"{store.TENSORS} checksum mismatch (content altered or corrupted)")
-        with torch.no_grad():
-            for target, src in pending_copies:
-                target.copy_(src)
-        return out
-
-    def _check_model_keys(self, path: str, model_sd: Mapping[str, Any], entries: list[tuple[str, Any]]) -> None:
+    def _check_model_keys(self, path: str, entries: list[tuple[str, Any]]) -> None:
         if self.model is None:
             return
+        model_sd = self.model.state_dict()
         saved = {k[6:]: meta for k, meta in entries if k.startswith("model/")}
         wanted = {k for k, v in model_sd.items() if isinstance(v, torch.Tensor)}
         missing, unexpected = wanted - set(saved), set(saved) - wanted
@@ -703,6 +649,71 @@ class Checkpointer:
         return step
 
 
+def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
+                  check: Callable[[str, list[tuple[str, Any]]], None] | None = None) -> dict[str, torch.Tensor]:
+    """Read a checkpoint's tensors, straight into ``live`` tensors of the same key, dtype and shape.
+
+    The checksum is verified (by a helper thread, while reading); ``check(path, entries)`` may
+    refuse the header before anything is read.
+    """
+    path = os.path.join(info.path, store.TENSORS)
+    rec = info.manifest["files"][store.TENSORS]
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    store.advise_sequential(fd)
+    pipe = store.HashPipe()
+    try:
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            header, data_start = store.read_safetensors_header(f, path, size)
+            f.seek(0)
+            pipe.feed(f.read(data_start))
+            entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                             key=lambda kv: kv[1]["data_offsets"][0])
+            if check is not None:
+                check(info.path, entries)
+            out: dict[str, torch.Tensor] = {}
+            pending_copies = []
+            for key, meta in entries:
+                dtype = TORCH_DTYPES.get(meta.get("dtype"))
+                if dtype is None:
+                    raise CorruptCheckpointError(info.path, f"tensor {key!r} has unknown dtype {meta.get('dtype')!r}")
+                shape = meta.get("shape")
+                target = live.get(key)
+                if target is not None and (target.dtype != dtype or list(target.shape) != shape):
+                    target = None  # e.g. optimizer state of another shape: load_state_dict replaces it
+                if target is not None and target.is_cpu and target.is_contiguous():
+                    dest = target  # straight into place: no second copy
+                else:
+                    dest = torch.empty(shape, dtype=dtype)
+                    if target is not None:
+                        pending_copies.append((target, dest))
+                a, b = meta["data_offsets"]
+                if dest.numel() * dest.element_size() != b - a:
+                    raise CorruptCheckpointError(info.path, f"tensor {key!r}: shape {shape} does not match its byte span")
+                _readinto(f, byte_view(dest), pipe, info.path)
+                out[key] = target if target is not None else dest
+            end = f.tell()
+    finally:
+        digest = pipe.hexdigest()
+    if digest != rec[store.HASH] or end != rec["bytes"]:
+        raise CorruptCheckpointError(info.path, f"{store.TENSORS} checksum mismatch (content altered or corrupted)")
+    with torch.no_grad():
+        for target, src in pending_copies:
+            target.copy_(src)
+    return out
+
+
+def _read_state_json(info: store.CheckpointInfo) -> Any:
+    files = info.manifest["files"]
+    for fname in (store.TENSORS, store.STATE):
+        if fname not in files:
+            raise CorruptCheckpointError(info.path, f"{fname} is not listed in the manifest")
+    raw = store.read_small(os.path.join(info.path, store.STATE), store.MAX_STATE_BYTES)
+    if store.digest_bytes(raw) != files[store.STATE][store.HASH]:
+        raise CorruptCheckpointError(info.path, f"{store.STATE} checksum mismatch")
+    return json.loads(raw)
+
+
 def _readinto(f: Any, dest: torch.Tensor, pipe: store.HashPipe, path: str) -> None:
     mv = memoryview(dest.numpy()).cast("B") if dest.numel() else memoryview(b"")
     pos = 0
@@ -734,13 +745,7 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     info = store.inspect_checkpoint(os.fspath(path))
     if not info.valid:
         raise CorruptCheckpointError(info.path, info.reason)
-    loader = Checkpointer.__new__(Checkpointer)
-    loader.model = None
-    out: dict[str, Any] = {}
-    checked = store.verify(info.path)
-    if not checked.valid:
-        raise CorruptCheckpointError(info.path, checked.reason)
-    raw = store._read_small(os.path.join(info.path, store.STATE), 1 << 30)
-    tensors = Checkpointer._read_tensors(loader, info, info.manifest["files"][store.TENSORS], {})
-    out = decode(json.loads(raw), tensors.__getitem__)
+    tree = _read_state_json(info)
+    tensors = _read_tensors(info, {})  # checksums verified while reading
+    out = decode(tree, tensors.__getitem__)
     return out

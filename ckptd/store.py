@@ -87,12 +87,18 @@ def _hasher() -> Any:
     return xxhash.xxh3_128()
 
 
+def digest_bytes(data: bytes) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+MAX_STATE_BYTES = 1 << 30  # bound on state.json
+
 def _digest(manifest: dict[str, Any]) -> str:
     body = {k: v for k, v in manifest.items() if k != "digest"}
     return xxhash.xxh3_128_hexdigest(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -286,7 +292,7 @@ class PendingCheckpoint:
         self.files.pop(MANIFEST)
         final = os.path.join(self.root, self.name)
         try:
-            _fsync_dir(self.tmp)
+            fsync_dir(self.tmp)
         except OSError as exc:
             raise _storage(self.tmp, "fsync", exc) from exc
         if os.path.lexists(final):
@@ -297,7 +303,7 @@ class PendingCheckpoint:
         except OSError as exc:
             raise _storage(final, "rename", exc) from exc
         try:
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as exc:
             # The rename may not be durable: take the checkpoint back out of sight rather than
             # publish something whose durability a failed fsync left unknown.
@@ -364,7 +370,8 @@ class CheckpointInfo:
         }
 
 
-def _read_small(path: str, limit: int) -> bytes:
+def read_small(path: str, limit: int) -> bytes:
+    """Read a small regular file (no symlinks) of at most ``limit`` bytes."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
@@ -382,7 +389,7 @@ def read_manifest(path: str) -> dict[str, Any]:
     """Parse and check a checkpoint's manifest (raises CorruptCheckpointError naming the problem)."""
     mpath = os.path.join(path, MANIFEST)
     try:
-        raw = _read_small(mpath, MAX_MANIFEST_BYTES)
+        raw = read_small(mpath, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise CorruptCheckpointError(path, f"{MANIFEST} is missing (incomplete or damaged checkpoint)") from None
     except OSError as exc:
@@ -633,7 +640,7 @@ def quarantine(root: str, name: str, reason: str) -> str:
     os.makedirs(qdir, mode=DIR_MODE, exist_ok=True)
     dest = os.path.join(qdir, f"{name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}")
     os.rename(os.path.join(root, name), dest)
-    _fsync_dir(root)
+    fsync_dir(root)
     note = {"name": name, "reason": reason, "time": time.time()}
     try:
         with open(os.path.join(dest, "QUARANTINE.json"), "w") as f:
@@ -653,7 +660,7 @@ def delete(root: str, name: str) -> bool:
         os.rename(src, trash)
     except FileNotFoundError:
         return False
-    _fsync_dir(root)
+    fsync_dir(root)
     shutil.rmtree(trash, ignore_errors=True)
     return True
 

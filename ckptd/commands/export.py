@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
                 dst.flush()
                 os.fsync(dst.fileno())
             os.replace(tmp, out)
-            store._fsync_dir(os.path.dirname(out))
+            store.fsync_dir(os.path.dirname(out))
         except OSError as exc:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if not info.valid:
         raise CorruptCheckpointError(args.ckpt, info.reason)
     tensors = read_tensor_header(args.ckpt)
-    tree = json.loads(store._read_small(os.path.join(args.ckpt, store.STATE), 1 << 30))
+    tree = json.loads(store.read_small(os.path.join(args.ckpt, store.STATE), store.MAX_STATE_BYTES))
     if args.json:
         print_json({"manifest": info.manifest, "tensors": {k: {"dtype": v["dtype"], "shape": v["shape"]}
                                                             for k, v in tensors.items()},
