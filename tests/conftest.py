@@ -5,27 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 
 import pytest
+
+from fixtures.sup_helpers import wait_for  # noqa: F401  (re-exported for the tests)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
 if EXAMPLES not in sys.path:
     sys.path.insert(0, EXAMPLES)
-
-
-def wait_for(cond: Callable[[], object], timeout: float = 20.0, interval: float = 0.02, what: str = "condition") -> object:
-    """Poll ``cond`` until it returns a truthy value or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def ckptd_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
