@@ -569,6 +569,7 @@ class Checkpointer:
     # ------------------------------------------------------------------ restoring internals
 
     def _load(self, info: store.CheckpointInfo, verify_first: bool) -> None:
+        store.prefetch(os.path.join(info.path, store.TENSORS))
         if verify_first:
             checked = store.verify(info.path)
             if not checked.valid:

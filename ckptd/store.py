@@ -483,6 +483,18 @@ def advise_sequential(fd: int) -> None:
             pass  # advice only
 
 
+def prefetch(path: str) -> None:
+    """Start reading a file into the page cache in the background (the disk works while we parse)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return  # the real read reports it
+    try:
+        advise_sequential(fd)
+    finally:
+        os.close(fd)
+
+
 def hash_file(path: str, progress: Any = None) -> tuple[int, str]:
     h = _hasher()
     size = 0
