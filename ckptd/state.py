@@ -141,10 +141,6 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
     return flat if flat.dtype == torch.uint8 else flat.view(torch.uint8)
 
 
-def element_size(t: torch.Tensor) -> int:
-    return t.element_size()
-
-
 # ----------------------------------------------------------------------------- RNG
 
 
