@@ -451,7 +451,8 @@ class Checkpointer:
 
     def _writer(self) -> ThreadPoolExecutor:
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptd-writer")
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptd-writer",
+                                                initializer=store.lower_thread_priority)
         return self._executor
 
     def _persist(self, result: SaveResult, header: bytes, data: memoryview, state_json: bytes,

@@ -113,6 +113,14 @@ def _storage(path: str, op: str, exc: OSError) -> StorageError:
 # ----------------------------------------------------------------------------- writing
 
 
+def lower_thread_priority(nice: int = 10) -> None:
+    """Let the training thread win the CPU over background checkpoint work (Linux: per-thread nice)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (OSError, AttributeError):
+        pass
+
+
 class HashPipe:
     """xxh3-128 computed in a helper thread while the caller writes or reads the same bytes.
 
@@ -127,6 +135,7 @@ class HashPipe:
         self._t.start()
 
     def _run(self) -> None:
+        lower_thread_priority()
         while (mv := self._q.get()) is not None:
             self._h.update(mv)
 
