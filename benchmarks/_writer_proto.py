@@ -41,12 +41,16 @@ def persist(buf: memoryview, nbytes: int, path: str, do_hash: bool, chunk: int =
         os.fsync(fd)
     finally:
         os.close(fd)
+    fsync_parent(path)
+    return h.hexdigest() if h is not None else ""
+
+
+def fsync_parent(path: str) -> None:
     dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
-    return h.hexdigest() if h is not None else ""
 
 
 def persist_direct(buf: memoryview, nbytes: int, path: str, chunk: int = 64 << 20) -> str:
@@ -66,11 +70,7 @@ def persist_direct(buf: memoryview, nbytes: int, path: str, chunk: int = 64 << 2
         os.fsync(fd)
     finally:
         os.close(fd)
-    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    fsync_parent(path)
     return ""
 
 

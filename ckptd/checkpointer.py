@@ -143,8 +143,7 @@ class _Snapshot:
             # (unaligned destinations copy ~25% slower). The rest by element size, largest first, which
             # keeps every slice naturally aligned for its dtype. No gaps: safetensors allows none.
             order = sorted(tensors, key=lambda k: (_nbytes(tensors[k]) % 64 != 0, -tensors[k].element_size()))
-            entries = [(k, DTYPES[tensors[k].dtype], list(tensors[k].shape),
-                        tensors[k].numel() * tensors[k].element_size()) for k in order]
+            entries = [(k, DTYPES[tensors[k].dtype], list(tensors[k].shape), _nbytes(tensors[k])) for k in order]
             total = sum(e[3] for e in entries)
             if self.buffer is None or self.buffer.numel() < total or (cuda and not self.buffer.is_pinned()):
                 self._allocate(total, cuda)
@@ -162,7 +161,7 @@ class _Snapshot:
             for k, dest in self._dests:  # largest first: greedy balance by bytes
                 i = 0 if loads[0] <= loads[1] else 1
                 self._halves[i].append((k, dest))
-                loads[i] += dest.numel() * dest.element_size()
+                loads[i] += _nbytes(dest)
         if cuda or self._total < PARALLEL_COPY_BYTES or (os.cpu_count() or 1) < 2 or torch.get_num_threads() > 1:
             _copy_into(self._dests, tensors)
         else:
@@ -423,15 +422,13 @@ class Checkpointer:
 
     def _start_prewarm(self) -> None:
         """At the first step, size the state and prepare the snapshot buffer in the background."""
-        tensors = Encoder()
-        try:
-            tensors.encode(self._capture_tree(self._step or 0), "")
-        except CkptdError:
+        tensors = self._live_tensors()
+        if not tensors:  # nothing to save, or a value save() will report with the full message
             self._prewarm = Future()
             self._prewarm.set_result(None)
-            return  # save() will report it with the full message
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.tensors.values())
-        pinned = any(t.is_cuda for t in tensors.tensors.values())
+            return
+        nbytes = sum(_nbytes(t) for t in tensors.values())
+        pinned = any(t.is_cuda for t in tensors.values())
         self._prewarm = self._writer().submit(self._snapshot.prewarm, nbytes, pinned)
 
     def _capture_tree(self, step: int) -> dict[str, Any]:
@@ -690,7 +687,7 @@ def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
                     if target is not None:
                         pending_copies.append((target, dest))
                 a, b = meta["data_offsets"]
-                if dest.numel() * dest.element_size() != b - a:
+                if _nbytes(dest) != b - a:
                     raise CorruptCheckpointError(info.path, f"tensor {key!r}: shape {shape} does not match its byte span")
                 _readinto(f, byte_view(dest), pipe, info.path)
                 out[key] = target if target is not None else dest
@@ -749,5 +746,4 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CorruptCheckpointError(info.path, info.reason)
     tree = _read_state_json(info)
     tensors = _read_tensors(info, {})  # checksums verified while reading
-    out = decode(tree, tensors.__getitem__)
-    return out
+    return decode(tree, tensors.__getitem__)

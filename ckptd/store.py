@@ -209,15 +209,9 @@ class PendingCheckpoint:
                     h.update(piece)
                     _write_all(fd, piece, path)
                     size += len(piece)
-            try:
-                os.fsync(fd)
-            except OSError as exc:  # never retried: the page cache state is unknown after a failed fsync
-                raise _storage(path, "fsync", exc) from exc
+            _fsync(fd, path)
         finally:
-            try:
-                os.close(fd)
-            except OSError as exc:
-                raise _storage(path, "close", exc) from exc
+            _close(fd, path)
         rec = FileRecord(size, h.hexdigest())
         self.files[name] = rec
         return rec
@@ -266,17 +260,11 @@ class PendingCheckpoint:
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~direct)
                 pipe.feed(data[body:])
                 _write_all(fd, data[body:], path)
-            try:
-                os.fsync(fd)
-            except OSError as exc:  # never retried
-                raise _storage(path, "fsync", exc) from exc
+            _fsync(fd, path)
         finally:
             digest = pipe.hexdigest()
             if fd >= 0:
-                try:
-                    os.close(fd)
-                except OSError as exc:
-                    raise _storage(path, "close", exc) from exc
+                _close(fd, path)
         rec = FileRecord(len(header) + len(data), digest)
         self.files[name] = rec
         return rec
@@ -327,6 +315,20 @@ class PendingCheckpoint:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _fsync(fd: int, path: str) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # never retried: the page cache state is unknown after a failed fsync
+        raise _storage(path, "fsync", exc) from exc
+
+
+def _close(fd: int, path: str) -> None:
+    try:
+        os.close(fd)
+    except OSError as exc:
+        raise _storage(path, "close", exc) from exc
 
 
 def _write_all(fd: int, buf: memoryview, path: str) -> None:
