@@ -181,8 +181,7 @@ class Supervisor:
     # --- the loop -------------------------------------------------------------------------------
 
     def _tick(self) -> None:
-        for key, mask in self.sel.select(self._timeout()):
-            key.data(mask)
+        self._poll_io(self._timeout())
         while True:
             try:
                 event = self.queue.get_nowait()
@@ -190,6 +189,12 @@ class Supervisor:
                 break
             self._handle(event)
         self._run_timers()
+
+    def _poll_io(self, timeout: float) -> int:
+        ready = self.sel.select(timeout)
+        for key, mask in ready:
+            key.data(mask)
+        return len(ready)
 
     def _timeout(self) -> float:
         now = self.clock.monotonic()
@@ -296,6 +301,12 @@ class Supervisor:
                 self._child_exited(life, status)
 
     def _child_exited(self, life: Life, status: ExitStatus) -> None:
+        # A trainer's last words (its emergency checkpoint's `saved`) can still sit unread in the socket when
+        # its exit is seen; read them, and look at the directory, before the outcome is judged.
+        for _ in range(64):
+            if not self._poll_io(0):
+                break
+        self._rescan()
         self.life = None
         leftovers = self.procs.kill_all(life.child)  # workers of a dead trainer must not linger
         self.procs.forget(life.child)
