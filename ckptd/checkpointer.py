@@ -567,7 +567,6 @@ class Checkpointer:
     # ------------------------------------------------------------------ restoring internals
 
     def _load(self, info: store.CheckpointInfo, verify_first: bool) -> None:
-        store.prefetch(os.path.join(info.path, store.TENSORS))
         if verify_first:
             checked = store.verify(info.path)
             if not checked.valid:
@@ -717,7 +716,7 @@ def _readinto(f: Any, dest: torch.Tensor, pipe: store.HashPipe, path: str) -> No
     mv = memoryview(dest.numpy()).cast("B") if dest.numel() else memoryview(b"")
     pos = 0
     while pos < len(mv):
-        n = f.readinto(mv[pos : pos + store.DIRECT_CHUNK])
+        n = f.readinto(mv[pos : pos + store.READ_CHUNK])
         if not n:
             raise CorruptCheckpointError(path, f"{store.TENSORS} ends early (truncated)")
         pipe.feed(mv[pos : pos + n])  # hashed in a helper thread while the next chunk is read
