@@ -763,6 +763,29 @@ def run_worker(name: str, size: int, args: argparse.Namespace, workdir: str, ext
     return r
 
 
+# The baselines worker holds the state, the warm-copy buffers, ckptd's snapshot and DCP's reused stager
+# at once, plus one transient copy (torch.load, DCP's default staging): ~5x the state, plus slack.
+MEM_FACTOR, DISK_FACTOR = 5.5, 9.0
+
+
+def resources_short(size: int, workdir: str) -> str | None:
+    """Why this size cannot run here (memory or disk), or None."""
+    avail = None
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    need = MEM_FACTOR * size + (1 << 30)
+    if avail is not None and avail < need:
+        return (f"needs ~{need / (1 << 30):.0f} GiB of available memory, {avail / (1 << 30):.1f} GiB available; "
+                "choose smaller --sizes")
+    free = shutil.disk_usage(workdir).free
+    if free < DISK_FACTOR * size:
+        return (f"needs ~{DISK_FACTOR * size / (1 << 30):.0f} GiB free in {workdir}, {free / (1 << 30):.1f} GiB free; "
+                "pass --tmp on a larger disk")
+    return None
+
+
 def machine_info(workdir: str) -> dict[str, Any]:
     def sh(cmd: str) -> str:
         try:
@@ -895,6 +918,9 @@ def render(results: dict[str, Any]) -> str:
     lines: list[str] = []
     for size, sr in results["sizes"].items():
         b = sr.get("baselines", {})
+        if sr.get("skipped"):
+            lines.append(f"\n== {U.fmt_size(int(size))}: skipped: {sr['skipped']}")
+            continue
         if "figures" not in b:
             lines.append(f"\n== {U.fmt_size(int(size))}: baselines " + ("not run" if not b else f"failed: {b}"))
         else:
@@ -1037,6 +1063,11 @@ def main() -> int:
         for size in sizes:
             sr: dict[str, Any] = {}
             results["sizes"][str(size)] = sr
+            short = resources_short(size, workdir)
+            if short:
+                log(f"[{U.fmt_size(size)}] skipped: {short}")
+                sr["skipped"] = short
+                continue
             if "baselines" not in skip:
                 sr["baselines"] = run_worker("baselines", size, args, workdir)
             if "overlap" not in skip:
