@@ -112,10 +112,14 @@ class _Snapshot:
             shift = -raw.data_ptr() % store.ALIGN
             self.buffer = raw[shift : shift + nbytes]
         else:
+            # Shared anonymous memory (Python's default for mmap(-1)): forked children (DataLoader
+            # workers) share it instead of marking it copy-on-write, so saves after a fork pay no COW
+            # faults. Private anonymous memory with transparent huge pages was tried: its copy was not
+            # faster (slower after a pause on this VM; docs/performance.md).
             mem = mmap.mmap(-1, nbytes)
             if hasattr(mmap, "MADV_HUGEPAGE"):
                 try:
-                    mem.madvise(mmap.MADV_HUGEPAGE)  # fewer page faults on first touch
+                    mem.madvise(mmap.MADV_HUGEPAGE)  # effective only where shmem THP is set to "advise"
                 except OSError:
                     pass
             self.buffer = torch.frombuffer(mem, dtype=torch.uint8)
