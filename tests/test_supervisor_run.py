@@ -297,3 +297,24 @@ def test_journal_and_status_survive_a_killed_supervisor_and_the_run_id_is_kept(t
     assert again.wait() == 0
     starts = journal(root, "start")
     assert len(starts) == 2 and starts[0]["run_id"] == starts[1]["run_id"]
+
+
+def test_a_checkpoint_committed_just_before_exit_is_journaled_even_unreported(tmp_path, root):
+    """The exit is judged only after a rescan: a checkpoint that lands as the child exits (no `saved`
+    message, faster than the watcher's debounce) is still journaled and becomes the last checkpoint."""
+    script = tmp_path / "commit_and_exit.py"
+    script.write_text(
+        "import os\n"
+        "from ckptd import store\n"
+        "with store.PendingCheckpoint(os.environ['CKPTD_DIR'], 7) as pc:\n"
+        "    pc.write_file('state.json', [b'{}'])\n"
+        "    pc.commit(kind='emergency')\n"
+    )
+    run = Run(tmp_path, root, [*FAST, str(script)])
+    assert run.wait() == 0, run.stderr()
+    events = run.events("checkpoint")
+    assert [(e["step"], e["kind"]) for e in events] == [(7, "emergency")], run.events()
+    status = ckptd("status", "--dir", root, "--json")
+    import json
+
+    assert json.loads(status.stdout)["last_checkpoint"]["step"] == 7, status.stdout
