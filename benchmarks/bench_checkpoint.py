@@ -34,6 +34,8 @@ import time
 import warnings
 from typing import Any, Callable
 
+import psutil
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
@@ -183,16 +185,21 @@ def worker_baselines(args: argparse.Namespace) -> dict[str, Any]:
                 U.readinto_all(f, mv)
         return time.perf_counter() - t0
 
-    # warm copy into pre-allocated (already touched) buffers
-    t0 = time.perf_counter()
-    bufs = [torch.empty_like(t) for t in tensors]
-    for b, t in zip(bufs, tensors):
-        b.copy_(t)
-    first_copy = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    clones = [t.clone() for t in tensors]
-    first_clone = time.perf_counter() - t0
-    del clones
+    # warm copy into pre-allocated (already touched) buffers; a split run's baselines part leaves the
+    # copies to the ckptd part (it measures them beside ckptd's save) and so holds one state copy less
+    copies = args.part != "baselines"
+    first: dict[str, Any] = {}
+    bufs: list[Any] = []
+    if copies:
+        t0 = time.perf_counter()
+        bufs = [torch.empty_like(t) for t in tensors]
+        for b, t in zip(bufs, tensors):
+            b.copy_(t)
+        first["copy_prealloc_first_touch"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        clones = [t.clone() for t in tensors]
+        first["clone_fresh"] = time.perf_counter() - t0
+        del clones
 
     def warm_copy() -> float:
         t0 = time.perf_counter()
@@ -368,7 +375,6 @@ def worker_baselines(args: argparse.Namespace) -> dict[str, Any]:
 
             traceback.print_exc()
             ok, why, ck = False, f"ckptd save/restore failed: {type(e).__name__}: {e}", None
-    first: dict[str, Any] = {"copy_prealloc_first_touch": first_copy, "clone_fresh": first_clone}
     if base_part:
         first.update(dcp_async_first_stall=fa[0] if fa else None, dcp_async_cached_first_stall=fc[0] if fc else None)
     if ck is not None:
@@ -380,7 +386,7 @@ def worker_baselines(args: argparse.Namespace) -> dict[str, Any]:
             rec("raw_write_fsync", raw_write())
             rec("raw_read", raw_read())
             rec("raw_read_warm", raw_read_warm())
-            if ck is None:  # with ckptd in this process, the warm copy is measured beside its save
+            if ck is None and copies:  # with ckptd in this process, the warm copy is measured beside its save
                 rec("warm_copy", warm_copy())
             rec("torch_save_fsync", torch_save())
             rec("torch_load", torch_load())
@@ -770,24 +776,20 @@ def run_worker(name: str, size: int, args: argparse.Namespace, workdir: str, ext
 
 # Memory the baselines worker needs, in state sizes. All in one process: the state, the warm-copy
 # buffers, ckptd's snapshot, DCP's reused stager and one transient copy (torch.load, DCP's default
-# staging) = 5, plus room for the page cache the reads measure. Split: the larger side is 4
-# (state, copy buffers, stager, transient). Below 7 x the state the all-in-one run thrashed at 4 GiB
-# on a 24 GiB machine (the warm copy ran at 6 GB/s instead of 9-10).
+# staging) = 5, plus room for the page cache the reads measure. Split: each side holds ~3 (baselines:
+# state, stager, transient; ckptd: state, copy buffers, snapshot), plus page cache. Below 7 x the state
+# the all-in-one run thrashed at 4 GiB on a 24 GiB machine (the warm copy ran at 6 GB/s instead of 9-10).
 MEM_ALL, MEM_SPLIT, DISK_FACTOR = 7.0, 4.5, 9.0
 
 
 def resources(size: int, workdir: str) -> tuple[str, str]:
     """("all" | "split" | "skip", why) for this size on this machine (memory and disk)."""
-    avail = None
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                avail = int(line.split()[1]) * 1024
+    avail = psutil.virtual_memory().available
     free = shutil.disk_usage(workdir).free
     if free < DISK_FACTOR * size:
         return "skip", (f"needs ~{DISK_FACTOR * size / GiB:.0f} GiB free in {workdir}, {free / GiB:.1f} GiB free; "
                         "pass --tmp on a larger disk")
-    if avail is None or avail >= MEM_ALL * size + GiB:
+    if avail >= MEM_ALL * size + GiB:
         return "all", ""
     have = f"{avail / GiB:.1f} GiB available"
     if avail >= MEM_SPLIT * size + GiB:
@@ -954,31 +956,30 @@ def render(results: dict[str, Any]) -> str:
 
 def render_baselines(size: str, b: dict[str, Any]) -> list[str]:
     lines: list[str] = []
-    if True:
-        nb = b["state_bytes"]
-        lines.append(f"\n== state {U.fmt_size(int(size))} ({nb / MiB:.0f} MiB, {b['tensors']} tensors), runs={b['figures']['raw_write_fsync']['n']}, reads: {b['reads']}")
-        if b.get("split"):
-            lines.append(f"(two processes: baselines, then ckptd with its own warm copy; {b['split']})")
-        lines.append(f"{'figure':44s} {'median':>10s} {'min':>10s} {'max':>10s} {'GB/s':>7s}")
-        for key, label, _kind in FIG_ORDER:
-            f = b["figures"].get(key)
-            if not f:
-                continue
-            gbps = nb / 1e9 / f["median"] if f["median"] else 0
-            lines.append(f"{label:44s} {fmt_t(f['median']):>10s} {fmt_t(f['min']):>10s} {fmt_t(f['max']):>10s} {gbps:7.2f}")
-        fi = b.get("first", {})
-        lines.append(f"{'first copy into fresh empty_like (page faults)':44s} {fmt_t(fi.get('copy_prealloc_first_touch')):>10s}")
-        lines.append(f"{'clone() into fresh memory':44s} {fmt_t(fi.get('clone_fresh')):>10s}")
-        lines.append(f"{'DCP async_save first stall':44s} {fmt_t(fi.get('dcp_async_first_stall')):>10s}")
-        cf = fi.get("ckptd_first") or {}
-        if cf:
-            lines.append(f"{'ckptd FIRST save: stall (buffers allocated)':44s} {fmt_t(cf.get('stall')):>10s}")
-            lines.append(f"{'ckptd FIRST save: request -> durable':44s} {fmt_t(cf.get('commit')):>10s}")
-        if not b.get("ckptd"):
-            lines.append(f"ckptd not measured: {b.get('ckptd_unavailable_reason')}")
-        la = b.get("loadavg")
-        if la:
-            lines.append(f"load average before/after this part: {la[0]} / {la[1]}")
+    nb = b["state_bytes"]
+    lines.append(f"\n== state {U.fmt_size(int(size))} ({nb / MiB:.0f} MiB, {b['tensors']} tensors), runs={b['figures']['raw_write_fsync']['n']}, reads: {b['reads']}")
+    if b.get("split"):
+        lines.append(f"(two processes: baselines, then ckptd with its own warm copy; {b['split']})")
+    lines.append(f"{'figure':44s} {'median':>10s} {'min':>10s} {'max':>10s} {'GB/s':>7s}")
+    for key, label, _kind in FIG_ORDER:
+        f = b["figures"].get(key)
+        if not f:
+            continue
+        gbps = nb / 1e9 / f["median"] if f["median"] else 0
+        lines.append(f"{label:44s} {fmt_t(f['median']):>10s} {fmt_t(f['min']):>10s} {fmt_t(f['max']):>10s} {gbps:7.2f}")
+    fi = b.get("first", {})
+    lines.append(f"{'first copy into fresh empty_like (page faults)':44s} {fmt_t(fi.get('copy_prealloc_first_touch')):>10s}")
+    lines.append(f"{'clone() into fresh memory':44s} {fmt_t(fi.get('clone_fresh')):>10s}")
+    lines.append(f"{'DCP async_save first stall':44s} {fmt_t(fi.get('dcp_async_first_stall')):>10s}")
+    cf = fi.get("ckptd_first") or {}
+    if cf:
+        lines.append(f"{'ckptd FIRST save: stall (buffers allocated)':44s} {fmt_t(cf.get('stall')):>10s}")
+        lines.append(f"{'ckptd FIRST save: request -> durable':44s} {fmt_t(cf.get('commit')):>10s}")
+    if not b.get("ckptd"):
+        lines.append(f"ckptd not measured: {b.get('ckptd_unavailable_reason')}")
+    la = b.get("loadavg")
+    if la:
+        lines.append(f"load average before/after this part: {la[0]} / {la[1]}")
     return lines
 
 

@@ -22,6 +22,7 @@ Nothing here imports torch: the supervisor and the inspection commands use it.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import json
@@ -62,6 +63,7 @@ NAME_RE = re.compile(r"^step-(\d{12,20})$")
 FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_HEADER_BYTES = 100 << 20  # bound on a safetensors JSON header we are willing to parse
+MAX_STATE_BYTES = 1 << 30  # bound on state.json
 CHUNK = 8 << 20  # buffered write/read/hash granularity
 DIRECT_CHUNK = 64 << 20  # O_DIRECT request size
 READ_CHUNK = 16 << 20  # restore reads: small enough that hashing the last piece adds little after the read ends
@@ -91,8 +93,6 @@ def _hasher() -> Any:
 def digest_bytes(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
-
-MAX_STATE_BYTES = 1 << 30  # bound on state.json
 
 def _digest(manifest: dict[str, Any]) -> str:
     body = {k: v for k, v in manifest.items() if k != "digest"}
@@ -150,12 +150,10 @@ class HashPipe:
 
 
 def is_aligned(mv: memoryview) -> bool:
-    import ctypes
-
+    """Whether a writable buffer starts on an ALIGN boundary (O_DIRECT needs it); read-only ones never qualify."""
     if not len(mv):
         return True
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(mv)) if not mv.readonly else None
-    return addr is not None and addr % ALIGN == 0
+    return not mv.readonly and ctypes.addressof(ctypes.c_char.from_buffer(mv)) % ALIGN == 0
 
 
 @dataclass

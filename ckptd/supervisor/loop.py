@@ -302,7 +302,8 @@ class Supervisor:
 
     def _child_exited(self, life: Life, status: ExitStatus) -> None:
         # A trainer's last words (its emergency checkpoint's `saved`) can still sit unread in the socket when
-        # its exit is seen; read them, and look at the directory, before the outcome is judged.
+        # its exit is seen; read them, and look at the directory (the watcher may lag), before the outcome is
+        # judged and before a restart picks its resume step. Bounded: a flood must not stall the exit.
         for _ in range(64):
             if not self._poll_io(0):
                 break
@@ -344,8 +345,7 @@ class Supervisor:
                         restarts=self.restarts)
             self._end(S.FATAL, exitcodes.GAVE_UP, "gave up")
             return
-        self._rescan()  # the watcher may lag behind the crash; the restart must resume from what is on disk
-        latest = self.view.latest()
+        latest = self.view.latest()  # current: _child_exited rescanned the directory
         resume = latest.step if latest is not None else None
         lost = max(0, step - resume) if step is not None and resume is not None else step
         self._resume = {"reason": reason, "crash_step": step, "resume_step": resume, "lost_steps": lost,
