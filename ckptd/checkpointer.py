@@ -40,6 +40,9 @@ from .state import DTYPES, TORCH_DTYPES, Encoder, byte_view, capture_rng, decode
 log = logging.getLogger("ckptd")
 
 DEFAULT_DIR = "checkpoints"
+# docs/performance.md, P4: steps beside a full-speed persist ran 1.14-1.22 x slower on the 2-core
+# machine; paced 2.0 (a third of the disk), 1.03 x.
+DEFAULT_PACE = 2.0
 
 
 @dataclass
@@ -52,15 +55,19 @@ class SaveResult:
     bytes: int = 0
     stall_seconds: float = 0.0  # time the training loop was blocked (snapshot)
     persist_seconds: float = 0.0  # background write + fsync + commit
+    paused_seconds: float = 0.0  # of which paused to spare the training loop (``pace``)
     skipped: str = ""  # why nothing was written ("" when a checkpoint was written)
     error: BaseException | None = None
     request_ids: list[str] = field(default_factory=list)
     _future: Future | None = field(default=None, repr=False)
+    _hurry: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def done(self) -> bool:
         return self._future is None or self._future.done()
 
     def wait(self) -> SaveResult:
+        """Block until durable or failed; a paced background persist goes full speed from here."""
+        self._hurry.set()
         if self._future is not None:
             self._future.result()
         return self
@@ -198,6 +205,11 @@ class Checkpointer:
             (``keep_best`` items are ``"metric:K[:min|max]"``).
         save_on_close: write a ``final`` checkpoint at ``close()`` when the last step is not saved.
         async_save: persist in the background (default); False blocks until durable.
+        pace: a background persist pauses ``pace`` x the time of each write request (16 MiB)
+            after it, so it uses about 1/(1+pace) of the disk and leaves memory bandwidth and the
+            second core to the training loop (default 2.0: a third of the disk's speed). A save that somebody waits
+            for (``wait()``, ``block=True``, ``async_save=False``, ``close()``, an emergency stop,
+            ``restore()``) goes full speed from that moment. 0 = always full speed.
         on_error: ``"log"`` (default: warn, count, keep training, retry at the next due save)
             or ``"raise"`` (the failed save's StorageError is raised from ``step()``).
         handle_signals: turn SIGTERM into an emergency checkpoint at the next ``step()``.
@@ -218,11 +230,14 @@ class Checkpointer:
         keep_every: int | None = None,
         save_on_close: bool = True,
         async_save: bool = True,
+        pace: float = DEFAULT_PACE,
         on_error: str = "log",
         handle_signals: bool = True,
     ) -> None:
         if on_error not in ("log", "raise"):
             raise CkptdError(f"on_error must be 'log' or 'raise', got {on_error!r}")
+        if isinstance(pace, bool) or not isinstance(pace, (int, float)) or not 0 <= pace <= 100:
+            raise CkptdError(f"pace must be a number from 0 (full speed) to 100, got {pace!r}")
         self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.extra: dict[str, Any] = dict(extra or {})
         self.user: dict[str, Any] = {}  # JSON-able values you want saved and restored
@@ -243,6 +258,7 @@ class Checkpointer:
         )
         self.save_on_close = save_on_close
         self.async_save = async_save
+        self.pace = float(pace)
         self.on_error = on_error
         self.rank = int(os.environ.get("RANK", "0") or 0)
         self.writes = int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or self.rank == 0
@@ -471,7 +487,7 @@ class Checkpointer:
                     return
                 store.quarantine(self.dir, name, info.reason)
             with store.PendingCheckpoint(self.dir, result.step) as pending:
-                pending.write_aligned(store.TENSORS, header, data)
+                pending.write_aligned(store.TENSORS, header, data, self._pacer(result))
                 pending.write_file(store.STATE, (state_json,))
                 result.path = pending.commit(kind=result.kind, metrics=_jsonable_metrics(metrics), extra={
                     "epoch": epoch, "versions": {"ckptd": __version__, "torch": torch.__version__},
@@ -490,6 +506,20 @@ class Checkpointer:
         self.stats["last_persist_seconds"] = result.persist_seconds
         self._committed_step = result.step
         self._notify_saved(result)
+
+    def _pacer(self, result: SaveResult) -> store.Pace | None:
+        """Pause ``pace`` x each write request's time, until somebody waits for the save."""
+        if self.pace <= 0:
+            return None
+        factor, hurry = self.pace, result._hurry
+
+        def pause(seconds: float) -> None:
+            if not hurry.is_set():
+                t0 = time.monotonic()
+                hurry.wait(seconds * factor)
+                result.paused_seconds += time.monotonic() - t0
+
+        return pause
 
     def _notify_saved(self, result: SaveResult) -> None:
         if self.channel is not None:
@@ -655,49 +685,47 @@ def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
                   check: Callable[[str, list[tuple[str, Any]]], None] | None = None) -> dict[str, torch.Tensor]:
     """Read a checkpoint's tensors, straight into ``live`` tensors of the same key, dtype and shape.
 
-    The checksum is verified (by a helper thread, while reading); ``check(path, entries)`` may
-    refuse the header before anything is read.
+    The checksum is verified while reading (store.read_into); ``check(path, entries)`` may refuse
+    the header before anything is read.
     """
     path = os.path.join(info.path, store.TENSORS)
     rec = info.manifest["files"][store.TENSORS]
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    store.advise_sequential(fd)
-    pipe = store.HashPipe()
-    try:
-        with os.fdopen(fd, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            header, data_start = store.read_safetensors_header(f, path, size)
-            f.seek(0)
-            pipe.feed(f.read(data_start))
-            entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                             key=lambda kv: kv[1]["data_offsets"][0])
-            if check is not None:
-                check(info.path, entries)
-            out: dict[str, torch.Tensor] = {}
-            pending_copies = []
-            for key, meta in entries:
-                dtype = TORCH_DTYPES.get(meta.get("dtype"))
-                if dtype is None:
-                    raise CorruptCheckpointError(info.path, f"tensor {key!r} has unknown dtype {meta.get('dtype')!r}")
-                shape = meta.get("shape")
-                target = live.get(key)
-                if target is not None and (target.dtype != dtype or list(target.shape) != shape):
-                    target = None  # e.g. optimizer state of another shape: load_state_dict replaces it
-                if target is not None and target.is_cpu and target.is_contiguous():
-                    dest = target  # straight into place: no second copy
-                else:
-                    dest = torch.empty(shape, dtype=dtype)
-                    if target is not None:
-                        pending_copies.append((target, dest))
-                a, b = meta["data_offsets"]
-                if _nbytes(dest) != b - a:
-                    raise CorruptCheckpointError(info.path, f"tensor {key!r}: shape {shape} does not match its byte span")
-                _readinto(f, byte_view(dest), pipe, info.path)
-                out[key] = target if target is not None else dest
-            end = f.tell()
-    finally:
-        digest = pipe.hexdigest()
-    if digest != rec[store.HASH] or end != rec["bytes"]:
+    h = store.new_hasher()
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        header, data_start = store.read_safetensors_header(f, path, size)
+        f.seek(0)
+        h.update(f.read(data_start))
+        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                         key=lambda kv: kv[1]["data_offsets"][0])
+        if check is not None:
+            check(info.path, entries)
+        out: dict[str, torch.Tensor] = {}
+        dests: list[torch.Tensor] = []
+        pending_copies = []
+        for key, meta in entries:
+            dtype = TORCH_DTYPES.get(meta.get("dtype"))
+            if dtype is None:
+                raise CorruptCheckpointError(info.path, f"tensor {key!r} has unknown dtype {meta.get('dtype')!r}")
+            shape = meta.get("shape")
+            target = live.get(key)
+            if target is not None and (target.dtype != dtype or list(target.shape) != shape):
+                target = None  # e.g. optimizer state of another shape: load_state_dict replaces it
+            if target is not None and target.is_cpu and target.is_contiguous():
+                dest = target  # straight into place: no second copy
+            else:
+                dest = torch.empty(shape, dtype=dtype)
+                if target is not None:
+                    pending_copies.append((target, dest))
+            a, b = meta["data_offsets"]
+            if _nbytes(dest) != b - a:
+                raise CorruptCheckpointError(info.path, f"tensor {key!r}: shape {shape} does not match its byte span")
+            dests.append(dest)
+            out[key] = target if target is not None else dest
+        views = (memoryview(byte_view(t).numpy()).cast("B") for t in dests if t.numel())
+        end = store.read_into(f.fileno(), data_start, views, h, path)
+    if h.hexdigest() != rec[store.HASH] or end != rec["bytes"] or end != size:
         raise CorruptCheckpointError(info.path, f"{store.TENSORS} checksum mismatch (content altered or corrupted)")
     with torch.no_grad():
         for target, src in pending_copies:
@@ -714,17 +742,6 @@ def _read_state_json(info: store.CheckpointInfo) -> Any:
     if store.digest_bytes(raw) != files[store.STATE][store.HASH]:
         raise CorruptCheckpointError(info.path, f"{store.STATE} checksum mismatch")
     return json.loads(raw)
-
-
-def _readinto(f: Any, dest: torch.Tensor, pipe: store.HashPipe, path: str) -> None:
-    mv = memoryview(dest.numpy()).cast("B") if dest.numel() else memoryview(b"")
-    pos = 0
-    while pos < len(mv):
-        n = f.readinto(mv[pos : pos + store.READ_CHUNK])
-        if not n:
-            raise CorruptCheckpointError(path, f"{store.TENSORS} ends early (truncated)")
-        pipe.feed(mv[pos : pos + n])  # hashed in a helper thread while the next chunk is read
-        pos += n
 
 
 def _jsonable_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:

@@ -38,7 +38,8 @@ import stat
 import struct
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -65,8 +66,13 @@ MAX_MANIFEST_BYTES = 16 << 20
 MAX_HEADER_BYTES = 100 << 20  # bound on a safetensors JSON header we are willing to parse
 MAX_STATE_BYTES = 1 << 30  # bound on state.json
 CHUNK = 8 << 20  # buffered write/read/hash granularity
-DIRECT_CHUNK = 64 << 20  # O_DIRECT request size
-READ_CHUNK = 16 << 20  # restore reads: small enough that hashing the last piece adds little after the read ends
+DIRECT_CHUNK = 16 << 20  # O_DIRECT request size (as fast as 64 MiB here; finer steps for pacing)
+READ_CHUNK = 16 << 20  # restore read request: small enough that hashing the last one adds little after the read ends
+READERS = 2  # restore read requests in flight (docs/performance.md, P3)
+MAX_IOV = 512  # buffers per preadv (IOV_MAX is 1024 on Linux)
+Pace = Callable[[float], None]
+"""Called by the writers after each piece with the seconds it took; a background save sleeps
+there to leave the disk and memory bandwidth to the training loop (Checkpointer(pace=...))."""
 ALIGN = 4096  # O_DIRECT alignment of file offsets, lengths and memory; the tensor data section starts here
 FILE_MODE = 0o644  # further reduced by the umask; never world-writable
 DIR_MODE = 0o755
@@ -86,7 +92,7 @@ def check_name(name: str) -> str:
     return name
 
 
-def _hasher() -> Any:
+def new_hasher() -> Any:
     return xxhash.xxh3_128()
 
 
@@ -130,7 +136,7 @@ class HashPipe:
     """
 
     def __init__(self) -> None:
-        self._h = _hasher()
+        self._h = new_hasher()
         self._q: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
         self._t = threading.Thread(target=self._run, name="ckptd-hash", daemon=True)
         self._t.start()
@@ -190,11 +196,15 @@ class PendingCheckpoint:
         if self.committed_path is None:
             self.abort()
 
-    def write_file(self, name: str, chunks: Iterable[bytes | bytearray | memoryview]) -> FileRecord:
-        """Write ``chunks`` to ``name``, hashing while writing; fsync and close it."""
+    def write_file(self, name: str, chunks: Iterable[bytes | bytearray | memoryview],
+                   pace: Pace | None = None) -> FileRecord:
+        """Write ``chunks`` to ``name``, hashing while writing; fsync and close it.
+
+        ``pace(seconds)`` is called after each piece with the time that piece took (see :data:`Pace`).
+        """
         check_name(name)
         path = os.path.join(self.tmp, name)
-        h = _hasher()
+        h = new_hasher()
         size = 0
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
@@ -205,9 +215,12 @@ class PendingCheckpoint:
                 mv = memoryview(chunk).cast("B")
                 for off in range(0, len(mv), CHUNK):
                     piece = mv[off : off + CHUNK]
+                    t0 = time.perf_counter()
                     h.update(piece)
                     _write_all(fd, piece, path)
                     size += len(piece)
+                    if pace is not None:
+                        pace(time.perf_counter() - t0)
             _fsync(fd, path)
         finally:
             _close(fd, path)
@@ -215,7 +228,7 @@ class PendingCheckpoint:
         self.files[name] = rec
         return rec
 
-    def write_aligned(self, name: str, header: bytes, data: memoryview) -> FileRecord:
+    def write_aligned(self, name: str, header: bytes, data: memoryview, pace: Pace | None = None) -> FileRecord:
         """Write ``header`` + ``data`` with O_DIRECT where the filesystem allows it.
 
         Bypassing the page cache doubles durable write throughput here (no copy into the cache, no
@@ -227,14 +240,14 @@ class PendingCheckpoint:
         direct = getattr(os, "O_DIRECT", 0)
         data = memoryview(data).cast("B")
         if not direct or len(header) % ALIGN or not is_aligned(data):
-            return self.write_file(name, (header, data))
+            return self.write_file(name, (header, data), pace)
         path = os.path.join(self.tmp, name)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             fd = os.open(path, flags | direct, FILE_MODE)
         except OSError as exc:
             if exc.errno == errno.EINVAL:  # filesystem without O_DIRECT
-                return self.write_file(name, (header, data))
+                return self.write_file(name, (header, data), pace)
             raise _storage(path, "open", exc) from exc
         pipe = HashPipe()
         try:
@@ -249,12 +262,15 @@ class PendingCheckpoint:
                 os.close(fd)
                 fd = -1
                 os.unlink(path)
-                return self.write_file(name, (header, data))
+                return self.write_file(name, (header, data), pace)
             body = len(data) - len(data) % ALIGN
             for off in range(0, body, DIRECT_CHUNK):
                 piece = data[off : min(off + DIRECT_CHUNK, body)]
+                t0 = time.perf_counter()
                 pipe.feed(piece)
                 _write_all(fd, piece, path)
+                if pace is not None:
+                    pace(time.perf_counter() - t0)
             if body < len(data):  # the unaligned tail goes through the page cache
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~direct)
                 pipe.feed(data[body:])
@@ -496,8 +512,66 @@ def advise_sequential(fd: int) -> None:
             pass  # advice only
 
 
+def read_into(fd: int, offset: int, views: Iterable[memoryview], h: Any, path: str) -> int:
+    """Fill ``views`` in order from the file's bytes at ``offset``; update ``h`` with them in order.
+
+    Straight into the callers' buffers (tensors), no second copy. READERS requests of ~READ_CHUNK
+    bytes each (``preadv``, scattering into several small tensors at once) are in flight, issued in
+    file order; this thread hashes each one as soon as it and all before it are in. Two requests in
+    flight kept a cold read of this VM's disk steadier than one sequential stream. Returns the
+    offset after the last byte read; a file that ends early raises CorruptCheckpointError.
+    """
+    groups: list[tuple[int, list[memoryview]]] = []
+    pos, bufs, size = offset, [], 0
+    for mv in views:
+        for start in range(0, len(mv), READ_CHUNK):
+            piece = mv[start : start + READ_CHUNK]
+            bufs.append(piece)
+            size += len(piece)
+            if size >= READ_CHUNK or len(bufs) >= MAX_IOV:
+                groups.append((pos, bufs))
+                pos, bufs, size = pos + size, [], 0
+    if bufs:
+        groups.append((pos, bufs))
+        pos += size
+
+    def read_group(off: int, pieces: list[memoryview]) -> None:
+        want = sum(len(b) for b in pieces)
+        got = 0
+        while got < want:
+            rest, skip = [], got
+            for b in pieces:  # what is still unread after a short read
+                if skip >= len(b):
+                    skip -= len(b)
+                else:
+                    rest.append(b[skip:])
+                    skip = 0
+            n = os.preadv(fd, rest, off + got)
+            if n == 0:
+                raise CorruptCheckpointError(path, f"{os.path.basename(path)} ends early (truncated)")
+            got += n
+
+    if len(groups) <= 1:
+        for off, pieces in groups:
+            read_group(off, pieces)
+            for b in pieces:
+                h.update(b)
+        return pos
+    with ThreadPoolExecutor(READERS, thread_name_prefix="ckptd-read") as pool:
+        futures = [pool.submit(read_group, off, pieces) for off, pieces in groups]
+        try:
+            for fut, (_, pieces) in zip(futures, groups):
+                fut.result()
+                for b in pieces:
+                    h.update(b)  # releases the GIL: the readers keep going
+        finally:
+            for fut in futures:
+                fut.cancel()
+    return pos
+
+
 def hash_file(path: str, progress: Any = None) -> tuple[int, str]:
-    h = _hasher()
+    h = new_hasher()
     size = 0
     buf = bytearray(CHUNK)
     mv = memoryview(buf)

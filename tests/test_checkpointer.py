@@ -206,3 +206,37 @@ def test_scheduler_scaler_rng_and_epoch_round_trip(tmp_path):
     assert sched2.state_dict() == sched.state_dict() and sched2.get_last_lr() == sched.get_last_lr()
     assert scaler2.get_scale() == 512.0
     ck2.close()
+
+
+def test_background_persist_is_paced_until_somebody_waits(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "DIRECT_CHUNK", 1 << 20)  # 64 write requests, each followed by a pause
+    model = big_model()
+    ck = ckptd.Checkpointer(model=model, dir=str(tmp_path), pace=100, handle_signals=False, save_on_close=False)
+    ck.step(1)
+    res = ck.save()
+    wait_for(lambda: res.paused_seconds > 0, timeout=30, what="the writer pausing after a request")
+    assert not res.done()  # 63 more requests, each paused 100 x its own time
+    res.wait()  # somebody waits: the remaining requests go without pauses
+    assert res.error is None and store.inspect_checkpoint(res.path).valid
+    ck.pace = 0  # full speed: no pause at all
+    ck.step(2)
+    full = ck.save().wait()
+    assert full.error is None and full.paused_seconds == 0
+    ck.close()
+
+
+def test_a_paused_writer_resumes_at_once_when_the_save_is_waited_for(tmp_path):
+    ck = ckptd.Checkpointer(dir=str(tmp_path), pace=2.0, handle_signals=False)
+    res = ckptd.SaveResult(step=1, kind="manual")
+    pause = ck._pacer(res)
+    assert pause is not None
+    t = threading.Thread(target=pause, args=(1000.0,))  # would pause 2000 s
+    t.start()
+    res.wait()  # no persist behind this result: only tells the pause to end
+    t.join(timeout=30)
+    assert not t.is_alive()
+    ck.pace = 0
+    assert ck._pacer(res) is None
+    with pytest.raises(ckptd.CkptdError, match="pace must be a number from 0"):
+        ckptd.Checkpointer(dir=str(tmp_path), pace=-1)
+    ck.close()

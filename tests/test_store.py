@@ -257,3 +257,30 @@ def test_state_round_trips_types_without_pickle(tmp_path):
     ck2 = ckptd.Checkpointer(model=small_model()[0], optimizer=None, dir=str(tmp_path), extra={"v": None}, handle_signals=False)
     assert ck2.restore() == 1
     assert ck2.user == {"best": 0.25} and ck2.extra["v"]["t"] == (1, 2.5, "x")
+
+
+def test_read_into_fills_views_in_file_order_hashes_all_and_refuses_a_short_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "READ_CHUNK", 4096)  # many requests in flight at once, split views
+    monkeypatch.setattr(store, "MAX_IOV", 8)  # and groups capped by their number of buffers
+    data = os.urandom(3 + 600 * 5 + 3 * 4096 + 7 + 70_000)
+    path = tmp_path / "blob"
+    path.write_bytes(b"HEAD" + data)
+    sizes = [3] + [5] * 600 + [3 * 4096 + 7, 70_000]
+    views = [memoryview(bytearray(n)) for n in sizes]
+    h = store.new_hasher()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        end = store.read_into(fd, 4, iter(views), h, str(path))
+    finally:
+        os.close(fd)
+    assert end == 4 + len(data)
+    assert b"".join(bytes(v) for v in views) == data
+    assert h.hexdigest() == store.digest_bytes(data)
+
+    path.write_bytes(b"HEAD" + data[:-100])  # 100 bytes short
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(ckptd.CorruptCheckpointError, match="ends early"):
+            store.read_into(fd, 4, iter([memoryview(bytearray(n)) for n in sizes]), store.new_hasher(), str(path))
+    finally:
+        os.close(fd)
