@@ -26,6 +26,7 @@ class Requests:
     """Requests received since the last :meth:`TrainerChannel.take`."""
 
     save_ids: list[str] = field(default_factory=list)
+    save_waited: bool = False  # somebody waits for the save (``ckptd save --wait``): no pacing
     stop_id: str | None = None
     stop_deadline: float | None = None
     stop_reason: str = ""
@@ -105,6 +106,7 @@ class TrainerChannel:
         with self._lock:
             if kind == protocol.SAVE:
                 self._pending.save_ids.append(str(msg.get("request_id", "")))
+                self._pending.save_waited = self._pending.save_waited or bool(msg.get("wait"))
             elif kind == protocol.STOP:
                 self._pending.stop_id = str(msg.get("request_id", ""))
                 deadline = msg.get("deadline")

@@ -79,6 +79,20 @@ class SaveResult:
 
 PARALLEL_COPY_BYTES = 32 << 20
 
+_in_flight_hurry: set[threading.Event] = set()  # hurry events of the persists queued or running
+
+
+def _hurry_at_exit() -> None:
+    """The script has ended and the interpreter waits for the writer: no more pauses."""
+    for hurry in list(_in_flight_hurry):
+        hurry.set()
+
+
+# Runs when the main thread has finished, before the interpreter joins the writer threads
+# (concurrent.futures joins its workers from the same hook; later registrations run first).
+if hasattr(threading, "_register_atexit"):
+    threading._register_atexit(_hurry_at_exit)
+
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
@@ -184,8 +198,9 @@ class _Snapshot:
                 _copy_into(self._halves[0], tensors)
             finally:
                 other.result()
-        if cuda:
-            torch.cuda.current_stream().synchronize()
+        if cuda:  # the non_blocking copies were queued on each device's current stream
+            for device in {t.device for t in tensors.values() if t.is_cuda}:
+                torch.cuda.current_stream(device).synchronize()
         assert self.buffer is not None
         return self._header, memoryview(self.buffer.numpy()).cast("B")[: self._total]
 
@@ -316,14 +331,18 @@ class Checkpointer:
         if self._signal_stop is not None or (requests is not None and requests.stop):
             self._emergency_stop(requests.stop_reason if requests and requests.stop else "signal")
         if requests is not None and requests.save:
-            return self.save(kind="manual", request_ids=requests.save_ids)
+            # `ckptd save --wait`: a person or script waits for it, so no pacing
+            return self.save(kind="manual", request_ids=requests.save_ids, hurry=requests.save_waited)
         if self._due(step, now):
             return self.save(kind="periodic")
         return None
 
     def save(self, step: int | None = None, kind: str = "manual", *, block: bool | None = None,
-             request_ids: list[str] | None = None) -> SaveResult:
-        """Checkpoint now. Returns once the state is snapshotted (async) or durable (sync/``block``)."""
+             hurry: bool = False, request_ids: list[str] | None = None) -> SaveResult:
+        """Checkpoint now. Returns once the state is snapshotted (async) or durable (sync/``block``).
+
+        ``hurry=True``: persist in the background without pacing (see ``pace``).
+        """
         step = self._step if step is None else step
         if step is None:
             raise CkptdError("nothing to save yet: call ck.step(n) first or pass save(step=n)")
@@ -331,6 +350,8 @@ class Checkpointer:
             raise CkptdError(f"unknown checkpoint kind {kind!r}; use one of {', '.join(store.KINDS)}")
         self._step = step
         result = SaveResult(step=step, kind=kind, request_ids=list(request_ids or []))
+        if hurry:
+            result._hurry.set()
         if not self.writes:
             result.skipped = f"rank {self.rank} does not write checkpoints"
             return result
@@ -358,7 +379,9 @@ class Checkpointer:
         self.stats["last_stall_seconds"] = result.stall_seconds
         self._last_save_time = time.monotonic()
         executor = self._writer()
+        _in_flight_hurry.add(result._hurry)
         result._future = executor.submit(self._persist, result, header, data, state_json, dict(self.metrics), self.epoch)
+        result._future.add_done_callback(lambda _: _in_flight_hurry.discard(result._hurry))
         self._inflight = result
         if self.policy.active:  # after the commit, outside the save's wait()
             executor.submit(self._apply_retention)
@@ -525,7 +548,8 @@ class Checkpointer:
         if self.channel is not None:
             self.channel.send(protocol.SAVED, step=result.step, path=result.path, kind=result.kind,
                               request_id=",".join(result.request_ids), bytes=result.bytes,
-                              seconds=result.stall_seconds + result.persist_seconds)
+                              seconds=result.stall_seconds + result.persist_seconds,
+                              paused_seconds=result.paused_seconds)
 
     def _apply_retention(self) -> None:
         if not self.policy.active:

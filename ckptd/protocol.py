@@ -11,12 +11,13 @@ Trainer -> supervisor
     hello      {role: "trainer", pid, rank, restart_count}
     restored   {step, path}                   after ``Checkpointer.restore()``
     heartbeat  {step, time}                   from every ``Checkpointer.step()`` (rate-limited)
-    saved      {step, path, kind, request_id, bytes, seconds}   a checkpoint was committed
+    saved      {step, path, kind, request_id, bytes, seconds, paused_seconds}   a checkpoint was committed
     save_failed{step, kind, request_id, error}
     stopping   {step, exit_code}              the trainer is about to exit after a stop request
 
 Supervisor -> trainer
-    save       {request_id, kind}             checkpoint at the next safe point, keep training
+    save       {request_id, kind, wait}       checkpoint at the next safe point, keep training; with
+                                              ``wait`` somebody waits for it: persist at full speed
     stop       {request_id, deadline, reason} emergency checkpoint at the next safe point, then exit
                                               with ``exitcodes.PREEMPTED``; ``deadline`` is unix time
 

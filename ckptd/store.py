@@ -500,10 +500,11 @@ def list_checkpoints(root: str) -> list[CheckpointInfo]:
 
 
 def advise_sequential(fd: int) -> None:
-    """Ask for sequential readahead: restores and verifies read the whole file, in order.
+    """Ask for sequential readahead: a full verification reads the whole file, in order, in one stream.
 
-    Only SEQUENTIAL: adding WILLNEED for the whole file made cold restores ~10% slower here (the
-    kernel queues the entire file at once and small reads, e.g. state.json, wait behind it).
+    Only SEQUENTIAL: adding WILLNEED for the whole file made cold reads ~10% slower here (the kernel
+    queues the entire file at once and small reads, e.g. state.json, wait behind it). Restores use
+    read_into instead (two requests in flight).
     """
     if hasattr(os, "posix_fadvise"):
         try:

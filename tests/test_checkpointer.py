@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -165,6 +167,26 @@ def test_control_channel_save_and_stop_requests(tmp_path, monkeypatch):
     assert [m["kind"] for m in sup.got("saved")] == ["manual", "emergency"]
 
 
+def test_a_save_request_somebody_waits_for_is_not_paced_one_nobody_waits_for_is(tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "DIRECT_CHUNK", 1 << 20)
+    sock = str(tmp_path / "c.sock")
+    sup = FakeSupervisor(sock)
+    monkeypatch.setenv(env.CONTROL, sock)
+    ck = ckptd.Checkpointer(model=big_model(), dir=str(tmp_path / "ck"), pace=100, handle_signals=False,
+                            save_on_close=False)
+    wait_for(lambda: sup.got("hello"), what="hello")
+    sup.send(type="save", request_id="w", kind="manual", wait=True)  # `ckptd save --wait`
+    wait_for(lambda: ck.channel.peek_stop().save, what="the save request")
+    waited = ck.step(1)
+    assert waited is not None and waited.wait().error is None and waited.paused_seconds == 0
+    sup.send(type="save", request_id="n", kind="manual", wait=False)  # `ckptd save`
+    wait_for(lambda: ck.channel.peek_stop().save, what="the second save request")
+    background = ck.step(2)
+    wait_for(lambda: background.paused_seconds > 0, timeout=30, what="the unwaited save pausing")
+    ck.close()
+    assert [m["paused_seconds"] == 0 for m in sup.got("saved")] == [True, False]
+
+
 def test_channel_absent_supervisor_does_not_stop_training(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv(env.CONTROL, str(tmp_path / "nobody.sock"))
     import ckptd.channel as channel
@@ -223,6 +245,25 @@ def test_background_persist_is_paced_until_somebody_waits(tmp_path, monkeypatch)
     full = ck.save().wait()
     assert full.error is None and full.paused_seconds == 0
     ck.close()
+
+
+def test_a_script_that_ends_without_close_finishes_its_save_without_pauses(tmp_path):
+    code = f"""
+import atexit, torch, ckptd
+from ckptd import store
+store.DIRECT_CHUNK = 1 << 20
+model = torch.nn.Sequential(torch.nn.Linear(2048, 4096), torch.nn.Linear(4096, 2048))
+ck = ckptd.Checkpointer(model=model, dir={str(tmp_path)!r}, pace=100, handle_signals=False, save_on_close=False)
+ck.step(1)
+res = ck.save()
+atexit.register(lambda: print("PAUSED", res.paused_seconds, "WRITING", res.persist_seconds - res.paused_seconds))
+"""  # the script ends here: no close(), no wait()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True).stdout
+    _, paused, _, writing = out.split()
+    # paced all the way, the pauses would add up to ~100 x the writing time; once the main thread is
+    # gone the writer pauses no more (at most the pause under way when it ended)
+    assert float(paused) < 10 * float(writing)
+    assert store.inspect_checkpoint(os.path.join(tmp_path, store.checkpoint_name(1))).valid
 
 
 def test_a_paused_writer_resumes_at_once_when_the_save_is_waited_for(tmp_path):

@@ -25,6 +25,8 @@ def test_save_wait_commits_a_manual_checkpoint_and_stop_wait_stops_with_an_emerg
     assert "checkpoint committed" in saved.stdout and "manual" in saved.stdout
     manual = run.events("checkpoint")[-1]
     assert manual["kind"] == "manual" and os.path.isdir(manual["path"])
+    # the trainer was told somebody waits, so a Checkpointer writes it at full speed (no pacing)
+    wait_for(lambda: "waited=True" in run.stdout(), 10, "the trainer to print the save request")
     status = ckptd("status", "--dir", root)
     assert "state:      running" in status.stdout and manual["name"] in status.stdout
     stopped = ckptd("stop", "--wait", "--dir", root)

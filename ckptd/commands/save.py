@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("save", help="checkpoint a running job now",
                        description="Ask the `ckptd run` supervising DIR to checkpoint the running trainer at its "
                        "next step and keep training. Exit 7 when no supervisor runs for DIR.")
-    add_client_arguments(p, "wait until the checkpoint is committed (durable) and print it")
+    add_client_arguments(p, "wait until the checkpoint is committed (durable) and print it; the trainer then "
+                         "writes it at full speed instead of pacing it beside training")
     p.set_defaults(func=run)
 
 

@@ -440,7 +440,8 @@ class Supervisor:
             return None
         request_id = uuid.uuid4().hex[:12]
         for peer in trainers:
-            self.control.send(peer, protocol.SAVE, request_id=request_id, kind=kind)  # type: ignore[union-attr]
+            self.control.send(peer, protocol.SAVE, request_id=request_id, kind=kind,  # type: ignore[union-attr]
+                              wait=waiter is not None)
         self.saves[request_id] = [waiter] if waiter else []
         self.log("info", "save_requested", f"checkpoint requested by {source} (request {request_id})")
         return request_id
@@ -505,7 +506,8 @@ class Supervisor:
             self._journaled.add(name)
             self._event("info", "checkpoint", f"checkpoint committed: {name} (step {_fmt(step)}, {kind})",
                         name=name, step=step, kind=kind, path=path, bytes=msg.get("bytes"),
-                        seconds=msg.get("seconds"), request_id=msg.get("request_id"))
+                        seconds=msg.get("seconds"), paused_seconds=msg.get("paused_seconds"),
+                        request_id=msg.get("request_id"))
             self._save_state()
         for waiter in self.saves.pop(str(msg.get("request_id")), []):
             self.control.send(waiter, protocol.SAVED, **{k: v for k, v in msg.items() if k != "type"})  # type: ignore[union-attr]
