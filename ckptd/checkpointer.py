@@ -408,8 +408,8 @@ class Checkpointer:
             info = store.inspect_checkpoint(os.fspath(path))
             if not info.valid:
                 raise CorruptCheckpointError(info.path, info.reason)
-            self._load(info, verify_first=True)
-            return self._after_restore(info)
+            tensors = self._load(info, verify_first=True)
+            return self._after_restore(info, tensors)
         if not os.path.isdir(self.dir):
             return 0
         store.remove_stale_temps(self.dir)
@@ -422,11 +422,11 @@ class Checkpointer:
             try:
                 # Streaming verification writes into the model before the checksum is known;
                 # that is only safe when an older checkpoint can overwrite a bad read.
-                self._load(info, verify_first=not older_left)
+                tensors = self._load(info, verify_first=not older_left)
             except CorruptCheckpointError as exc:
                 store.quarantine(self.dir, info.name, exc.reason)
                 continue
-            return self._after_restore(info)
+            return self._after_restore(info, tensors)
         log.info("ckptd: no valid checkpoint in %s; starting from step 0", self.dir)
         return 0
 
@@ -463,9 +463,10 @@ class Checkpointer:
             return True
         return bool(self.every_seconds and now - self._last_save_time >= self.every_seconds)
 
-    def _start_prewarm(self) -> None:
-        """At the first step, size the state and prepare the snapshot buffer in the background."""
-        tensors = self._live_tensors()
+    def _start_prewarm(self, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+        """At the first step (or restore), size the state and prepare the snapshot buffer in the background."""
+        if tensors is None:
+            tensors = self._live_tensors()
         if not tensors:  # nothing to save, or a value save() will report with the full message
             self._prewarm = Future()
             self._prewarm.set_result(None)
@@ -624,7 +625,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ restoring internals
 
-    def _load(self, info: store.CheckpointInfo, verify_first: bool) -> None:
+    def _load(self, info: store.CheckpointInfo, verify_first: bool) -> dict[str, torch.Tensor]:
         if verify_first:
             checked = store.verify(info.path)
             if not checked.valid:
@@ -632,6 +633,7 @@ class Checkpointer:
         tree = _read_state_json(info)
         tensors = _read_tensors(info, self._live_tensors(), check=self._check_model_keys)
         self._apply_tree(tree, tensors)
+        return tensors
 
     def _live_tensors(self) -> dict[str, torch.Tensor]:
         """The run's current tensors under their checkpoint keys: restore reads straight into them."""
@@ -691,7 +693,7 @@ class Checkpointer:
         self.epoch = progress.get("epoch")
         self._restored_step = int(progress["step"])
 
-    def _after_restore(self, info: store.CheckpointInfo) -> int:
+    def _after_restore(self, info: store.CheckpointInfo, tensors: Mapping[str, torch.Tensor]) -> int:
         step = self._restored_step
         self._step = self._committed_step = step
         self._last_save_time = time.monotonic()
@@ -699,7 +701,7 @@ class Checkpointer:
             self.resumed_from = info.name
         log.info("ckptd: restored %s (step %d)", info.path, step)
         if self._prewarm is None and self.async_save and self.writes:
-            self._start_prewarm()  # the state's size is known now; the first save will not page-fault
+            self._start_prewarm(tensors)  # the state's size is known now; the first save will not page-fault
         if self.channel is not None:
             self.channel.send(protocol.RESTORED, step=step, path=info.path)
         return step
