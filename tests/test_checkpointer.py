@@ -281,3 +281,27 @@ def test_a_paused_writer_resumes_at_once_when_the_save_is_waited_for(tmp_path):
     with pytest.raises(ckptd.CkptdError, match="pace must be a number from 0"):
         ckptd.Checkpointer(dir=str(tmp_path), pace=-1)
     ck.close()
+
+
+def test_snapshot_copies_every_kind_of_tensor_exactly(tmp_path):
+    torch.manual_seed(0)
+    model = big_model()  # 64 MiB: the multi-threaded copy
+    model.register_buffer("transposed", torch.randn(300, 700).t())  # not contiguous: copied with copy_
+    model.register_buffer("bf16", torch.randn(1001).to(torch.bfloat16))  # odd byte sizes
+    model.register_buffer("flags", torch.rand(333) > 0.5)
+    model.register_buffer("counts", torch.randint(-9, 9, (77,), dtype=torch.int16))
+    model.register_buffer("empty", torch.empty(0, 5))
+    assert not model.transposed.is_contiguous()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    ck = ckptd.Checkpointer(model=model, dir=str(tmp_path), handle_signals=False, save_on_close=False)
+    ck.step(1)
+    res = ck.save()
+    for v in model.state_dict().values():
+        if v.numel():
+            v.zero_() if v.dtype != torch.bool else v.fill_(False)  # the loop goes on
+    assert res.wait().error is None
+    ck.close()
+    saved = ckptd.load_state(os.path.join(tmp_path, store.checkpoint_name(1)))["model"]
+    assert set(saved) == set(expected)
+    for k, v in expected.items():
+        assert saved[k].dtype == v.dtype and torch.equal(saved[k], v), k
