@@ -364,8 +364,9 @@ class Checkpointer:
             raise CkptdError(f"unknown checkpoint kind {kind!r}; use one of {', '.join(store.KINDS)}")
         self._step = step
         result = SaveResult(step=step, kind=kind, request_ids=list(request_ids or []))
-        if hurry:
-            result._hurry.set()
+        block = block if block is not None else not self.async_save
+        if hurry or block:
+            result._hurry.set()  # somebody waits for this one: no pacing
         if not self.writes:
             result.skipped = f"rank {self.rank} does not write checkpoints"
             return result
@@ -399,7 +400,7 @@ class Checkpointer:
         self._inflight = result
         if self.policy.active:  # after the commit, outside the save's wait()
             executor.submit(self._apply_retention)
-        if block or (block is None and not self.async_save):
+        if block:
             self.wait()
             self._report_failures()
         return result

@@ -200,7 +200,7 @@ class PendingCheckpoint:
                    pace: Pace | None = None) -> FileRecord:
         """Write ``chunks`` to ``name``, hashing while writing; fsync and close it.
 
-        ``pace(seconds)`` is called after each piece with the time that piece took (see :data:`Pace`).
+        ``pace(seconds)`` is called after each piece's write with the time it took (see :data:`Pace`).
         """
         check_name(name)
         path = os.path.join(self.tmp, name)
@@ -215,12 +215,9 @@ class PendingCheckpoint:
                 mv = memoryview(chunk).cast("B")
                 for off in range(0, len(mv), CHUNK):
                     piece = mv[off : off + CHUNK]
-                    t0 = time.perf_counter()
                     h.update(piece)
-                    _write_all(fd, piece, path)
+                    _write_all(fd, piece, path, pace)
                     size += len(piece)
-                    if pace is not None:
-                        pace(time.perf_counter() - t0)
             _fsync(fd, path)
         finally:
             _close(fd, path)
@@ -266,11 +263,8 @@ class PendingCheckpoint:
             body = len(data) - len(data) % ALIGN
             for off in range(0, body, DIRECT_CHUNK):
                 piece = data[off : min(off + DIRECT_CHUNK, body)]
-                t0 = time.perf_counter()
                 pipe.feed(piece)
-                _write_all(fd, piece, path)
-                if pace is not None:
-                    pace(time.perf_counter() - t0)
+                _write_all(fd, piece, path, pace)
             if body < len(data):  # the unaligned tail goes through the page cache
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~direct)
                 pipe.feed(data[body:])
@@ -346,7 +340,9 @@ def _close(fd: int, path: str) -> None:
         raise _storage(path, "close", exc) from exc
 
 
-def _write_all(fd: int, buf: memoryview, path: str) -> None:
+def _write_all(fd: int, buf: memoryview, path: str, pace: Pace | None = None) -> None:
+    """Write all of ``buf``; then ``pace(seconds the write took)`` if given."""
+    t0 = time.perf_counter()
     while len(buf):
         try:
             n = os.write(fd, buf)
@@ -357,6 +353,8 @@ def _write_all(fd: int, buf: memoryview, path: str) -> None:
         if n == 0:
             raise _storage(path, "write", OSError(errno.EIO, "write returned 0 bytes"))
         buf = buf[n:]
+    if pace is not None:
+        pace(time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -535,6 +533,8 @@ def read_into(fd: int, offset: int, views: Iterable[memoryview], h: Any, path: s
     if bufs:
         groups.append((pos, bufs))
         pos += size
+    if not groups:
+        return pos
 
     def read_group(off: int, pieces: list[memoryview]) -> None:
         want = sum(len(b) for b in pieces)
@@ -552,13 +552,7 @@ def read_into(fd: int, offset: int, views: Iterable[memoryview], h: Any, path: s
                 raise CorruptCheckpointError(path, f"{os.path.basename(path)} ends early (truncated)")
             got += n
 
-    if len(groups) <= 1:
-        for off, pieces in groups:
-            read_group(off, pieces)
-            for b in pieces:
-                h.update(b)
-        return pos
-    with ThreadPoolExecutor(READERS, thread_name_prefix="ckptd-read") as pool:
+    with ThreadPoolExecutor(min(READERS, len(groups)), thread_name_prefix="ckptd-read") as pool:
         futures = [pool.submit(read_group, off, pieces) for off, pieces in groups]
         try:
             for fut, (_, pieces) in zip(futures, groups):
