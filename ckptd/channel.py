@@ -8,9 +8,12 @@ or slow supervisor makes the channel close itself, and training goes on.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,6 +22,12 @@ from typing import Any
 from . import protocol
 
 log = logging.getLogger("ckptd")
+
+SEND_TIMEOUT = 2.0  # a supervisor that stops reading for this long is dropped; never applies to reads
+# The signal on which a trainer under `ckptd run` dumps every thread's Python stack (faulthandler) into
+# a file the supervisor reads when it declares a hang. A real-time signal: scripts and launchers do not
+# use it, and faulthandler's C-level handler works while the main thread is stuck in C code.
+STACK_SIGNAL = signal.SIGRTMIN + 7 if hasattr(signal, "SIGRTMIN") else None
 
 
 @dataclass
@@ -49,8 +58,16 @@ class TrainerChannel:
         self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(5.0)
         self._sock.connect(path)
+        # Blocking from here on, for both directions. The send bound is the kernel's SO_SNDTIMEO, which
+        # applies to sends only: a Python-level timeout (settimeout) would also end the reader's recv()
+        # after that many seconds of silence from the supervisor, and drop a healthy channel.
         self._sock.settimeout(None)
-        self.send(protocol.HELLO, role="trainer", pid=os.getpid(), rank=rank, restart_count=restart_count)
+        secs = int(SEND_TIMEOUT)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                              struct.pack("ll", secs, int((SEND_TIMEOUT - secs) * 1e6)))
+        stack_file = _arm_stack_dump(path)
+        self.send(protocol.HELLO, role="trainer", pid=os.getpid(), rank=rank, restart_count=restart_count,
+                  stack_signal=int(STACK_SIGNAL) if stack_file else None, stack_file=stack_file)
         self._reader = threading.Thread(target=self._read_loop, name="ckptd-control", daemon=True)
         self._reader.start()
 
@@ -65,9 +82,7 @@ class TrainerChannel:
         data = protocol.encode({"type": type_, **fields})
         with self._send_lock:
             try:
-                # A supervisor that stops reading must not stall training: bounded send.
-                sock.settimeout(2.0)
-                sock.sendall(data)
+                sock.sendall(data)  # bounded by SO_SNDTIMEO: a supervisor that stops reading cannot stall training
             except OSError as exc:
                 log.warning("ckptd: control channel to %s lost (%s); training continues without it", self.path, exc)
                 self._drop()
@@ -94,7 +109,7 @@ class TrainerChannel:
                 break
             try:
                 messages = decoder.feed(data)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 log.warning("ckptd: bad control message (%s); closing the channel", exc)
                 break
             for msg in messages:
@@ -123,6 +138,32 @@ class TrainerChannel:
 
     def close(self) -> None:
         self._drop()
+
+
+def _arm_stack_dump(socket_path: str) -> str | None:
+    """Have faulthandler write every thread's stack to a per-process file on STACK_SIGNAL.
+
+    The file lives beside the control socket (the run's private directory); the supervisor reads it
+    when it declares this process hung. Returns its path, or None when it could not be armed (another
+    handler owns the signal, no real-time signals, not the main interpreter).
+    """
+    if STACK_SIGNAL is None:
+        return None
+    try:
+        if signal.getsignal(STACK_SIGNAL) not in (signal.SIG_DFL, None):
+            return None  # the script uses this signal itself
+        path = os.path.join(os.path.dirname(socket_path), f"stacks-{os.getpid()}.txt")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        f = os.fdopen(fd, "w")
+        faulthandler.register(STACK_SIGNAL, file=f, all_threads=True, chain=False)
+        _STACK_FILES.append(f)  # faulthandler keeps only the fd: the file object must stay open
+        return path
+    except (OSError, ValueError, RuntimeError) as exc:
+        log.debug("ckptd: stack dumps on hang not available: %s", exc)
+        return None
+
+
+_STACK_FILES: list[Any] = []
 
 
 def connect_from_env(path: str | None, *, rank: int, restart_count: int) -> TrainerChannel | None:

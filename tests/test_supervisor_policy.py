@@ -74,6 +74,17 @@ def classify_(status, **kw):
     return classify(status, **args)
 
 
+def test_failing_n_times_in_a_row_before_the_first_step_gives_up_and_a_started_life_resets_the_count():
+    clock, p = FakeClock(), policy(max_restarts=100, start_failure_limit=3)
+    assert p.on_failure(clock.monotonic(), None, before_first_step=True).restart
+    assert p.on_failure(clock.monotonic(), None, before_first_step=True).restart
+    assert p.on_failure(clock.monotonic(), 7, before_first_step=False).restart  # that life trained: count resets
+    assert p.on_failure(clock.monotonic(), None, before_first_step=True).restart
+    assert p.on_failure(clock.monotonic(), None, before_first_step=True).restart
+    d = p.on_failure(clock.monotonic(), None, before_first_step=True)
+    assert not d.restart and "3 times in a row before its first step" in d.why
+
+
 def test_classify_names_each_way_a_child_ends():
     assert classify_(ExitStatus(1, code=0)).reason is Reason.FINISHED
     assert classify_(ExitStatus(1, code=exitcodes.PREEMPTED), stop_requested=True).reason is Reason.PREEMPTED
@@ -82,7 +93,9 @@ def test_classify_names_each_way_a_child_ends():
     assert classify_(ExitStatus(1, code=exitcodes.CONFIG)).reason is Reason.NO_RESTART
     assert classify_(ExitStatus(1, code=9), no_restart=frozenset({9})).reason is Reason.NO_RESTART
     assert classify_(ExitStatus(1, signal=signal.SIGSEGV)).reason is Reason.SIGNAL
-    oom = classify_(ExitStatus(1, signal=signal.SIGKILL))
+    outside = classify_(ExitStatus(1, signal=signal.SIGKILL))  # nobody counted an OOM kill: not called one
+    assert outside.reason is Reason.SIGNAL and "no OOM kill was counted" in outside.detail
+    oom = classify_(ExitStatus(1, signal=signal.SIGKILL), system_oom_kills=1)
     assert oom.reason is Reason.OOM and "perhaps out of memory" in oom.detail
     assert "oom_kill" in classify_(ExitStatus(1, signal=signal.SIGKILL), oom_kills=1).detail
     assert classify_(ExitStatus(1, signal=signal.SIGKILL), we_killed=True).reason is Reason.SIGNAL

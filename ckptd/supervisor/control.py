@@ -3,6 +3,12 @@
 Many peers at once: every trainer rank (torchrun ranks inherit ``CKPTD_CONTROL``) and CLI clients.
 Only the owner may connect: the socket is 0600 in a 0700 directory, and each peer's uid is checked
 with ``SO_PEERCRED``. Nothing here blocks: writes are buffered and finished when the socket is writable.
+
+Timeouts, and what they never apply to: a trainer's connection lives as long as the trainer, however
+quiet (a long step sends nothing). A peer that has not said ``hello`` within HELLO_TIMEOUT, and a
+client that sits idle for CLIENT_IDLE while nothing is owed to it (``waiting``), are dropped; at most
+MAX_CLIENTS non-trainer peers are held. When ``accept`` fails (EMFILE: out of file descriptors) the
+listener pauses for ACCEPT_PAUSE instead of spinning, and everything already connected carries on.
 """
 
 from __future__ import annotations
@@ -17,6 +23,11 @@ from typing import Any, Callable
 
 from .. import protocol
 
+HELLO_TIMEOUT = 10.0  # seconds a new connection may take to say who it is
+CLIENT_IDLE = 60.0  # seconds a client may idle while no reply is owed to it
+MAX_CLIENTS = 256  # connections that are not trainers
+ACCEPT_PAUSE = 1.0  # seconds the listener rests after accept() failed (EMFILE, ENFILE, ENOMEM)
+
 
 @dataclass(eq=False)
 class Peer:
@@ -30,6 +41,9 @@ class Peer:
     decoder: protocol.LineDecoder = field(default_factory=protocol.LineDecoder)
     out: bytearray = field(default_factory=bytearray)
     closing: bool = False  # close once ``out`` is flushed
+    waiting: bool = False  # a client owed a reply (save --wait, stop --wait): never dropped as idle
+    stack_signal: int | None = None  # trainer: dumps its threads' stacks to ``stack_file`` on this signal
+    stack_file: str | None = None
 
 
 class ControlServer:
@@ -45,6 +59,8 @@ class ControlServer:
         self._ids = itertools.count(1)
         self.peers: dict[int, Peer] = {}
         self._listener: socket.socket | None = None
+        self._paused_until: float | None = None  # accept() failed: the listener rests until then
+        self.refused = 0  # connections refused or dropped for limits (logged once per burst)
 
     def open(self) -> None:
         try:
@@ -65,6 +81,28 @@ class ControlServer:
 
     def trainers(self) -> list[Peer]:
         return [p for p in self.peers.values() if p.role == "trainer"]
+
+    def next_due(self) -> float | None:
+        """When :meth:`expire` next has work (monotonic), for the loop's select timeout."""
+        times = [self._paused_until] if self._paused_until is not None else []
+        for p in self.peers.values():
+            if p.role is None:
+                times.append(p.last_seen + HELLO_TIMEOUT)
+            elif p.role == "client" and not p.waiting:
+                times.append(p.last_seen + CLIENT_IDLE)
+        return min(times) if times else None
+
+    def expire(self) -> None:
+        """Drop peers that never said hello or idle clients; resume a paused listener."""
+        now = self._clock.monotonic()
+        if self._paused_until is not None and now >= self._paused_until and self._listener is not None:
+            self._paused_until = None
+            self._sel.register(self._listener, selectors.EVENT_READ, self._accept)
+        for p in list(self.peers.values()):
+            silent = now - p.last_seen
+            if (p.role is None and silent >= HELLO_TIMEOUT) or (
+                    p.role == "client" and not p.waiting and silent >= CLIENT_IDLE):
+                self._drop(p)
 
     def send(self, peer: Peer, type_: str, **fields: Any) -> None:
         if peer.id not in self.peers:
@@ -106,6 +144,19 @@ class ControlServer:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except OSError as exc:  # EMFILE, ENFILE, ENOMEM, ENOBUFS: rest instead of spinning on a ready listener
+                self._sel.unregister(self._listener)
+                self._paused_until = self._clock.monotonic() + ACCEPT_PAUSE
+                self._log("warning", "control", f"cannot accept control connections ({exc.strerror or exc}); "
+                                                f"pausing {ACCEPT_PAUSE:g} s, {len(self.peers)} connections open")
+                return
+            if sum(1 for p in self.peers.values() if p.role != "trainer") >= MAX_CLIENTS:
+                self.refused += 1
+                if self.refused == 1 or self.refused % 1000 == 0:
+                    self._log("warning", "control", f"refused a control connection: {MAX_CLIENTS} client "
+                                                    f"connections are open ({self.refused} refused so far)")
+                sock.close()
+                continue
             pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                                   struct.calcsize("3i")))
             if uid != os.getuid():
@@ -137,15 +188,19 @@ class ControlServer:
         peer.last_seen = self._clock.monotonic()
         try:
             messages = peer.decoder.feed(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             self._log("warning", "control", f"dropped control peer pid {peer.peer_pid}: {exc}")
             self._drop(peer)
             return
         for msg in messages:
             if msg["type"] == protocol.HELLO and peer.role is None:
                 peer.role = "trainer" if msg.get("role") == "trainer" else "client"
-                peer.pid = _int_or_none(msg.get("pid")) or peer.peer_pid
+                # The kernel's word for the pid; a trainer may name itself only within its own process.
+                peer.pid = peer.peer_pid or _int_or_none(msg.get("pid"))
                 peer.rank = _int_or_none(msg.get("rank"))
+                peer.stack_signal = _int_or_none(msg.get("stack_signal"))
+                stack_file = msg.get("stack_file")
+                peer.stack_file = stack_file if isinstance(stack_file, str) else None
             elif peer.role is None:
                 peer.role = "client"  # a client may skip hello
             if peer.id not in self.peers:

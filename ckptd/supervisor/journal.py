@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 JOURNAL_NAME = "journal.jsonl"
 STATE_NAME = "state.json"
@@ -19,20 +19,58 @@ LOCK_NAME = "lock"
 
 
 class Journal:
-    def __init__(self, path: str, clock_time) -> None:
+    """Append-only; a storage error drops the event (counted, logged once per outage), never raises.
+
+    Each event is one ``write`` of a whole line on an O_APPEND descriptor, then fsync. After a failed
+    write or fsync the file may end in a torn line; the next event starts on a fresh line so readers
+    skip only the torn one. The first event after an outage is ``journal_gap`` with the count dropped.
+    """
+
+    def __init__(self, path: str, clock_time, on_error: Callable[..., None] | None = None) -> None:
         self.path = path
         self._time = clock_time
-        self._f = open(path, "a", encoding="utf-8")
+        self._on_error = on_error
+        self.dropped = 0  # events lost to storage errors during the current outage
+        self.dropped_total = 0
+        self._torn = False
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"time": round(self._time(), 3), "event": event, **fields}
-        self._f.write(json.dumps(record, separators=(",", ":"), default=str) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        if self.dropped and self._write({"time": record["time"], "event": "journal_gap", "dropped": self.dropped}):
+            if self._on_error:
+                self._on_error("info", "journal", f"journal writable again; {self.dropped} event(s) were dropped")
+            self.dropped = 0
+        if not self._write(record):
+            self.dropped += 1
+            self.dropped_total += 1
         return record
 
+    def _write(self, record: dict[str, Any]) -> bool:
+        if self._fd is None:
+            return False
+        line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
+        if self._torn:
+            line = "\n" + line
+        try:
+            data = line.encode()
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(28, "short write (disk full?)")
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._torn = True
+            if self.dropped == 0 and self._on_error:
+                self._on_error("warning", "journal", f"cannot write the journal {self.path} "
+                               f"({exc.strerror or exc}); events are dropped and counted until it recovers")
+            return False
+        self._torn = False
+        return True
+
     def close(self) -> None:
-        self._f.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def read_journal(path: str) -> Iterator[dict[str, Any]]:

@@ -7,12 +7,15 @@ main thread does all the work: control-socket I/O, state transitions, spawning, 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
 import queue
 import selectors
 import signal
+import sys
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -28,7 +31,7 @@ from .journal import JOURNAL_NAME, STATE_NAME, Journal, read_json, write_json_at
 from .log import EventLog
 from .notify import CHILD_UNSET, Notifier
 from .policy import ExitStatus, Reason, RestartPolicy, classify
-from .process import Child, Processes, oom_kill_count
+from .process import Child, Processes, oom_kill_count, process_state, system_oom_kill_count
 from .rundir import RunLock, choose_socket_path, ensure_run_dir
 from .schedule import Schedules
 from .states import ChildState, StateMachine
@@ -39,6 +42,9 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
 RELOADABLE = ("every", "cron", "keep_last", "keep_every", "keep_best", "hang_timeout", "grace", "force_grace")
 FS_DEBOUNCE = 0.2  # seconds: one rescan per burst of file events
 IDLE_WAKE = 60.0  # the loop sleeps at most this long when nothing is due
+STACK_WAIT = 1.0  # seconds between asking hung trainers for their stacks and reading them
+STDERR_TAIL = 20  # lines of the child's stderr kept to show when the run gives up
+STARTUP_WINDOW = 30.0  # a script that never connects and dies within this counts as failing to start
 
 
 @dataclass
@@ -57,10 +63,18 @@ class Life:
 
     child: Child
     oom_before: int
+    system_oom_before: int = 0
     last_step: int | None = None
+    stepped: bool = False  # a trainer reported a completed step (heartbeat, saved) in this life
+    connected: bool = False  # a trainer of this life spoke the control protocol
     hang: bool = False  # we are killing it because it stopped sending heartbeats
     we_killed: bool = False  # we sent SIGKILL (so a SIGKILL death is not an OOM)
     deadline: float | None = None  # STOPPING: when to SIGKILL
+    stacks_due: float | None = None  # hang: when to read the stack dumps we asked for
+    hung: list[Peer] = field(default_factory=list)  # the silent trainers of a hang
+    stderr_tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=STDERR_TAIL))
+    stderr_partial: bytes = b""
+    stderr_fd: int | None = None
 
 
 class Supervisor:
@@ -80,7 +94,8 @@ class Supervisor:
         self.sm = StateMachine()
         self.procs = Processes()
         self.policy = RestartPolicy(max_restarts=cfg.max_restarts, window=cfg.restart_window,
-                                    base=cfg.backoff_base, cap=cfg.backoff_max, same_step_limit=cfg.same_step_crashes)
+                                    base=cfg.backoff_base, cap=cfg.backoff_max, same_step_limit=cfg.same_step_crashes,
+                                    start_failure_limit=cfg.start_failures)
         self.notifier = Notifier.from_env()
         self.schedules = Schedules(self.post)
         self.watcher = DirWatcher(self.root, self.post)
@@ -103,6 +118,8 @@ class Supervisor:
         self._retired: set[str] = set()  # names our retention deleted
         self._resumed_from: str | None = None  # pinned: retention never deletes the checkpoint a run resumed from
         self._wake_w = -1
+        self._trainer_seen = False  # some life of this run connected: restarts resume from checkpoints
+        self._faults: dict[str, int] = {}  # where the loop caught an unexpected error, how often
         self.journal: Journal | None = None
         self.control: ControlServer | None = None
 
@@ -152,7 +169,7 @@ class Supervisor:
         # A run that did not finish (preempted, gave up, supervisor killed) keeps its id when resumed.
         self.run_id = previous.get("run_id") if previous.get("exit_code") != 0 and previous.get("run_id") \
             else uuid.uuid4().hex[:12]
-        self.journal = Journal(os.path.join(self.run_dir, JOURNAL_NAME), self.clock.time)
+        self.journal = Journal(os.path.join(self.run_dir, JOURNAL_NAME), self.clock.time, on_error=self.log)
         self.control = ControlServer(choose_socket_path(self.root), self.sel, self.clock, self._on_message,
                                      self._on_close, self.log)
         self.control.open()
@@ -181,25 +198,42 @@ class Supervisor:
     # --- the loop -------------------------------------------------------------------------------
 
     def _tick(self) -> None:
-        self._poll_io(self._timeout())
+        self._poll_io(self._guarded("timeout", self._timeout) or 0.0)
         while True:
             try:
                 event = self.queue.get_nowait()
             except queue.Empty:
                 break
-            self._handle(event)
-        self._run_timers()
+            self._guarded(f"event {event[0]}", self._handle, event)
+        self._guarded("timers", self._run_timers)
+
+    def _guarded(self, where: str, fn: Any, *args: Any) -> Any:
+        """Run one piece of loop work; an unexpected error is logged (once per place) and supervision goes on.
+
+        Hostile or broken input (a crafted control message, a damaged manifest, a full disk under the
+        journal) must never take the supervisor down: it owns the trainer and its emergency checkpoint.
+        """
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - logged with its traceback; the loop must survive
+            n = self._faults[where] = self._faults.get(where, 0) + 1
+            if n == 1 or n % 1000 == 0:
+                self.log("error", "internal", f"unexpected error in {where} ({type(exc).__name__}: {exc}); "
+                         f"supervision continues ({n} so far)\n" + "".join(traceback.format_exc(limit=8)).rstrip())
+            return None
 
     def _poll_io(self, timeout: float) -> int:
         ready = self.sel.select(timeout)
         for key, mask in ready:
-            key.data(mask)
+            self._guarded("control I/O", key.data, mask)
         return len(ready)
 
     def _timeout(self) -> float:
         now = self.clock.monotonic()
+        life = self.life
         due = [t for t in (self._fs_due, self._backoff_until, self._watchdog_due,
-                           self.life.deadline if self.life else None, self._hang_due()) if t is not None]
+                           life.deadline if life else None, life.stacks_due if life else None,
+                           self._hang_due(), self.control.next_due() if self.control else None) if t is not None]
         return max(0.0, min([IDLE_WAKE + now, *due]) - now)
 
     def _handle(self, event: tuple) -> None:
@@ -230,13 +264,17 @@ class Supervisor:
 
     def _run_timers(self) -> None:
         now = self.clock.monotonic()
+        if self.control is not None:
+            self.control.expire()
+        if self.life is not None and self.life.stacks_due is not None and now >= self.life.stacks_due:
+            self._collect_stacks(self.life)
         if self._fs_due is not None and now >= self._fs_due:
             self._fs_due = None
             self.watcher.rescan_started()
             self._rescan()
         life = self.life
         if self.sm.state is S.STOPPING and life and life.deadline is not None and now >= life.deadline:
-            self._kill(life, "the grace period ran out")
+            self._kill(life, "the hang grace ran out" if life.hang else "the grace period ran out")
         if self.sm.state is S.BACKOFF and self._backoff_until is not None and now >= self._backoff_until:
             self._backoff_until = None
             self._spawn()
@@ -273,15 +311,17 @@ class Supervisor:
 
     def _spawn(self) -> None:
         now = self.clock.monotonic()
-        oom_before = oom_kill_count()
+        oom_before, system_oom_before = oom_kill_count(), system_oom_kill_count()
         try:
             child = self.procs.spawn(self.argv, self._child_env(), now)
         except OSError as exc:
             self._event("error", "spawn_failed", f"cannot start {self.argv[0]}: {exc.strerror or exc}",
                         error=str(exc))
-            self._after_failure(None, Reason.ERROR.value)
+            self._after_failure(None, Reason.ERROR.value, before_first_step=True)
             return
-        self.life = Life(child, oom_before)
+        self.life = Life(child, oom_before, system_oom_before, stderr_fd=child.stderr)
+        if child.stderr is not None:
+            self.sel.register(child.stderr, selectors.EVENT_READ, lambda mask, life=self.life: self._child_stderr(life))
         self.sm.to(S.RUNNING)
         if self._resume is not None:
             self._event("info", "restart", f"restart #{self.restarts} (pid {child.pid}) after {self._resume['reason']}; "
@@ -293,6 +333,39 @@ class Supervisor:
         else:
             self._event("info", "spawn", f"started pid {child.pid}", pid=child.pid, restart_count=self.restarts)
         self._save_state()
+
+    def _child_stderr(self, life: Life, final: bool = False) -> None:
+        """Pass the child's stderr through to ours, keeping its last lines for a give-up message.
+
+        ``final``: the child is gone and its leftovers killed; read what is there and close the pipe.
+        """
+        fd = life.stderr_fd
+        if fd is None:
+            return
+        while True:
+            try:
+                data: bytes | None = os.read(fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                data = None
+            except OSError:
+                data = b""
+            if not data:
+                break
+            try:
+                sys.stderr.buffer.write(data)
+                sys.stderr.buffer.flush()
+            except (OSError, ValueError, AttributeError):
+                pass  # our stderr is gone; the tail is still kept
+            *lines, partial = (life.stderr_partial + data).split(b"\n")
+            life.stderr_tail.extend(line[-1000:] for line in lines)
+            life.stderr_partial = partial[-1000:]
+        if data == b"" or final:  # EOF: every writer is gone
+            if life.stderr_partial:
+                life.stderr_tail.append(life.stderr_partial)
+                life.stderr_partial = b""
+            self.sel.unregister(fd)
+            os.close(fd)
+            life.stderr_fd = None
 
     def _reap(self) -> None:
         for status in self.procs.reap():
@@ -307,14 +380,22 @@ class Supervisor:
         for _ in range(64):
             if not self._poll_io(0):
                 break
-        self._rescan()
+        self._guarded("rescan", self._rescan)
+        if life.stacks_due is not None:
+            self._collect_stacks(life)
         self.life = None
         leftovers = self.procs.kill_all(life.child)  # workers of a dead trainer must not linger
         self.procs.forget(life.child)
+        self._child_stderr(life, final=True)
         self._reap()
         outcome = classify(status, stop_requested=self.stop is not None, hang=life.hang, we_killed=life.we_killed,
                            oom_kills=oom_kill_count() - life.oom_before,
+                           system_oom_kills=system_oom_kill_count() - life.system_oom_before,
                            no_restart=frozenset(self.cfg.no_restart_exit_codes))
+        for request_id in list(self.saves):  # nobody is left to answer them
+            for waiter in self.saves.pop(request_id):
+                self._reply_and_close(waiter, protocol.SAVE_FAILED, request_id=request_id,
+                                      error=f"the trainer exited ({status.describe()}) before committing the checkpoint")
         uptime = self.clock.monotonic() - life.child.started
         self.last_exit = {"pid": status.pid, "code": status.code, "signal": status.signal,
                           "reason": outcome.reason.value, "detail": outcome.detail, "step": life.last_step,
@@ -328,23 +409,43 @@ class Supervisor:
         elif self.stop is not None:
             confirmed = status.code == exitcodes.PREEMPTED or self.stop.confirmed
             self._end(S.EXITED, exitcodes.PREEMPTED if confirmed else exitcodes.STOPPED_NO_CHECKPOINT,
-                      "stopped with an emergency checkpoint" if confirmed else
-                      "stopped; no emergency checkpoint was confirmed")
+                      "stopped with an emergency checkpoint" if confirmed else self._why_no_checkpoint(life, status))
         elif outcome.reason is Reason.PREEMPTED:
             self._end(S.EXITED, exitcodes.PREEMPTED, "the trainer was stopped from outside (SIGTERM) "
                                                      "and committed an emergency checkpoint")
         elif outcome.reason is Reason.NO_RESTART:
             self._end(S.EXITED, status.code or exitcodes.FAILURE, f"not restarting: {outcome.detail}")
         else:
-            self._after_failure(life.last_step, outcome.reason.value)
+            # Failing to start: no step in this life (a script using the library never reached ck.step();
+            # one that never connected died within STARTUP_WINDOW). docs/supervisor.md, "Restarts".
+            early = not life.stepped and (life.connected or uptime < STARTUP_WINDOW)
+            self._after_failure(life.last_step, outcome.reason.value, before_first_step=early,
+                                tail=list(life.stderr_tail))
 
-    def _after_failure(self, step: int | None, reason: str) -> None:
-        decision = self.policy.on_failure(self.clock.monotonic(), step)
+    def _why_no_checkpoint(self, life: Life, status: ExitStatus) -> str:
+        if not life.connected:
+            return ("stopped; no emergency checkpoint: the script never connected to ckptd "
+                    "(it does not use ckptd.Checkpointer, or it had not created one yet)")
+        if not life.stepped:
+            return "stopped before the trainer reached its first step; there was nothing to checkpoint"
+        if life.we_killed:
+            return f"stopped; the grace period ({self.cfg.grace:g} s) ran out before an emergency checkpoint " \
+                   "was confirmed"
+        return f"stopped; the trainer ended ({status.describe()}) without confirming an emergency checkpoint"
+
+    def _after_failure(self, step: int | None, reason: str, *, before_first_step: bool = False,
+                       tail: list[bytes] | None = None) -> None:
+        decision = self.policy.on_failure(self.clock.monotonic(), step, before_first_step=before_first_step)
         if not decision.restart:
-            self._event("error", "give_up", f"giving up: {decision.why}", why=decision.why,
-                        restarts=self.restarts)
+            lines = [t.decode("utf-8", "replace") for t in tail or [] if t.strip()]
+            shown = ("; the script's last stderr lines:\n    " + "\n    ".join(lines)) if lines else ""
+            self._event("error", "give_up", f"giving up: {decision.why}{shown}", why=decision.why,
+                        restarts=self.restarts, stderr_tail=lines)
             self._end(S.FATAL, exitcodes.GAVE_UP, "gave up")
             return
+        if not self._trainer_seen and self.restarts == 0:
+            self.log("warning", "restart", "the script never connected to the supervisor (it does not use "
+                     "ckptd.Checkpointer): every restart begins from scratch, not from a checkpoint")
         latest = self.view.latest()  # current: _child_exited rescanned the directory
         resume = latest.step if latest is not None else None
         lost = max(0, step - resume) if step is not None and resume is not None else step
@@ -359,15 +460,61 @@ class Supervisor:
         self._save_state()
 
     def _hang(self, life: Life) -> None:
-        silent = self.clock.monotonic() - min(p.last_seen for p in self.control.trainers())  # type: ignore[union-attr]
-        self._event("warning", "hang", f"no heartbeat for {silent:.1f} s (hang_timeout {self.cfg.hang_timeout:g} s); "
-                    f"sending SIGTERM to pid {life.child.pid}", step=life.last_step, silent=round(silent, 3))
+        """A trainer went silent: dump its stacks, SIGTERM, and SIGKILL after the short hang grace.
+
+        A hung trainer cannot write a checkpoint, so it does not get the preemption grace.
+        """
+        now = self.clock.monotonic()
+        trainers = self.control.trainers()  # type: ignore[union-attr]
+        silent = now - min(p.last_seen for p in trainers)
+        life.hung = [p for p in trainers if now - p.last_seen >= self.cfg.hang_timeout] or trainers
+        asked = [p for p in life.hung if p.stack_signal and self._stack_path(p)
+                 and self.procs.signal_pid(p.pid or 0, p.stack_signal)]
+        self._event("warning", "hang", f"no heartbeat for {silent:.1f} s (hang_timeout {self.cfg.hang_timeout:g} s) "
+                    f"from pid {', '.join(str(p.pid) for p in life.hung)}; "
+                    + (f"dumping {len(asked)} stack(s), " if asked else "")
+                    + f"SIGTERM to pid {life.child.pid}, SIGKILL in {self.cfg.hang_grace:g} s",
+                    step=life.last_step, silent=round(silent, 3), pids=[p.pid for p in life.hung])
         life.hang = True
-        life.deadline = self.clock.monotonic() + self.cfg.grace
+        life.stacks_due = now + min(STACK_WAIT, self.cfg.hang_grace / 2) if asked else None
+        life.deadline = now + self.cfg.hang_grace
         self.procs.signal_main(life.child, signal.SIGTERM)
         self.sm.to(S.STOPPING)
 
+    def _stack_path(self, peer: Peer) -> str | None:
+        """The stack file a trainer announced, only if it is where ours are (the run's private directory)."""
+        if not self.control or not peer.stack_file or not peer.pid:
+            return None
+        expected = os.path.join(os.path.dirname(self.control.path), f"stacks-{peer.pid}.txt")
+        return expected if peer.stack_file == expected else None
+
+    def _collect_stacks(self, life: Life) -> None:
+        """Read the stack dumps of a hang into the log and the journal."""
+        life.stacks_due = None
+        for peer in life.hung:
+            path = self._stack_path(peer)
+            text = ""
+            if path:
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    with os.fdopen(fd, "rb") as f:
+                        text = f.read(256 << 10).decode("utf-8", "replace").strip()
+                except OSError:
+                    pass
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            if not text:
+                state = process_state(peer.pid or 0)
+                text = ("no stack dump: the process is stopped (SIGSTOP or a debugger)" if state in ("T", "t") else
+                        "no stack dump: the process did not run its handler (stuck in the kernel, state "
+                        f"{state or 'gone'})" if peer.stack_signal else
+                        "no stack dump: the trainer did not arm one")
+            self._event("warning", "hang_stacks", f"stacks of hung pid {peer.pid} (rank {_fmt(peer.rank)}):\n{text}",
+                        pid=peer.pid, rank=peer.rank, stacks=text)
+
     def _kill(self, life: Life, why: str) -> None:
+        if life.stacks_due is not None:
+            self._collect_stacks(life)
         life.we_killed = True
         life.deadline = None
         killed = self.procs.kill_all(life.child)
@@ -394,6 +541,7 @@ class Supervisor:
         elif force and self.life is not None:
             self._force_stop(self.life, reason)
         if waiter is not None:
+            waiter.waiting = True
             self.stop.waiters.append(waiter)
         return self.stop.request_id
 
@@ -443,6 +591,8 @@ class Supervisor:
             self.control.send(peer, protocol.SAVE, request_id=request_id, kind=kind,  # type: ignore[union-attr]
                               wait=waiter is not None)
         self.saves[request_id] = [waiter] if waiter else []
+        if waiter is not None:
+            waiter.waiting = True
         self.log("info", "save_requested", f"checkpoint requested by {source} (request {request_id})")
         return request_id
 
@@ -479,12 +629,15 @@ class Supervisor:
 
     def _msg_trainer_hello(self, peer: Peer, msg: dict[str, Any]) -> None:
         self.log("info", "trainer", f"trainer pid {peer.pid} (rank {_fmt(peer.rank)}) connected")
+        self._trainer_seen = True
+        if self.life is not None:
+            self.life.connected = True
         if self.sm.state is S.STOPPING and self.stop is not None and not (self.life and self.life.hang):
             self.control.send(peer, protocol.STOP, request_id=self.stop.request_id,  # type: ignore[union-attr]
                               deadline=self.stop.deadline_wall, reason=self.stop.reason)
 
     def _msg_trainer_heartbeat(self, peer: Peer, msg: dict[str, Any]) -> None:
-        self._saw_step(msg.get("step"))
+        self._saw_step(msg.get("step"), completed=True)
 
     def _msg_trainer_restored(self, peer: Peer, msg: dict[str, Any]) -> None:
         step = msg.get("step")
@@ -497,7 +650,7 @@ class Supervisor:
 
     def _msg_trainer_saved(self, peer: Peer, msg: dict[str, Any]) -> None:
         step, path, kind = msg.get("step"), str(msg.get("path") or ""), msg.get("kind")
-        self._saw_step(step)
+        self._saw_step(step, completed=True)
         name = os.path.basename(path.rstrip("/"))
         if kind == "emergency" and self.stop is not None:
             self.stop.confirmed = True
@@ -509,16 +662,25 @@ class Supervisor:
                         seconds=msg.get("seconds"), paused_seconds=msg.get("paused_seconds"),
                         request_id=msg.get("request_id"))
             self._save_state()
-        for waiter in self.saves.pop(str(msg.get("request_id")), []):
-            self.control.send(waiter, protocol.SAVED, **{k: v for k, v in msg.items() if k != "type"})  # type: ignore[union-attr]
-            self.control.close_after_flush(waiter)  # type: ignore[union-attr]
+        self._answer_waiters(msg, protocol.SAVED)
 
     def _msg_trainer_save_failed(self, peer: Peer, msg: dict[str, Any]) -> None:
         self._event("error", "save_failed", f"checkpoint failed in the trainer: {msg.get('error')}",
                     step=msg.get("step"), kind=msg.get("kind"), error=msg.get("error"))
-        for waiter in self.saves.pop(str(msg.get("request_id")), []):
-            self.control.send(waiter, protocol.SAVE_FAILED, **{k: v for k, v in msg.items() if k != "type"})  # type: ignore[union-attr]
-            self.control.close_after_flush(waiter)  # type: ignore[union-attr]
+        self._answer_waiters(msg, protocol.SAVE_FAILED)
+
+    def _answer_waiters(self, msg: dict[str, Any], reply: str) -> None:
+        """One save can answer several requests (they merge when they reach the trainer in the same step)."""
+        fields = {k: v for k, v in msg.items() if k not in ("type", "request_ids")}
+        for request_id in _request_ids(msg):
+            for waiter in self.saves.pop(request_id, []):
+                self._reply_and_close(waiter, reply, **{**fields, "request_id": request_id})
+
+    def _reply_and_close(self, peer: Peer, type_: str, **fields: Any) -> None:
+        if self.control is not None:
+            peer.waiting = False
+            self.control.send(peer, type_, **fields)
+            self.control.close_after_flush(peer)
 
     def _msg_trainer_stopping(self, peer: Peer, msg: dict[str, Any]) -> None:
         self._saw_step(msg.get("step"))
@@ -551,18 +713,23 @@ class Supervisor:
     def _on_close(self, peer: Peer) -> None:
         if peer.role == "trainer":
             self.log("info", "trainer", f"trainer pid {peer.pid} disconnected")
+            path = self._stack_path(peer)
+            if path and not (self.life and peer in self.life.hung):
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
         for waiters in self.saves.values():
             if peer in waiters:
                 waiters.remove(peer)
         if self.stop is not None and peer in self.stop.waiters:
             self.stop.waiters.remove(peer)
 
-    def _saw_step(self, step: Any) -> None:
-        if not isinstance(step, int) or isinstance(step, bool):
+    def _saw_step(self, step: Any, completed: bool = False) -> None:
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             return
         self.step = step
         if self.life is not None:
             self.life.last_step = step
+            self.life.stepped = self.life.stepped or completed
         if self.policy.observe_step(step):
             self.log("info", "progress", f"training progressed to step {step}: restart budget refilled")
 
@@ -622,7 +789,13 @@ class Supervisor:
         }
 
     def _save_state(self) -> None:
-        write_json_atomic(os.path.join(self.run_dir, STATE_NAME), self.status())
+        try:
+            write_json_atomic(os.path.join(self.run_dir, STATE_NAME), self.status())
+        except OSError as exc:  # a full or failing disk must not stop supervision; status still answers live
+            n = self._faults["state.json"] = self._faults.get("state.json", 0) + 1
+            if n == 1 or n % 100 == 0:
+                self.log("warning", "state", f"cannot write {STATE_NAME} ({exc.strerror or exc}); "
+                         f"`ckptd status` of a stopped run may be stale ({n} failed writes)")
 
     def _event(self, level: str, event: str, msg: str, **fields: Any) -> None:
         self.log(level, event, msg, **fields)
@@ -659,6 +832,13 @@ def _drain(fd: int) -> None:
             pass
     except (BlockingIOError, InterruptedError):
         pass
+
+
+def _request_ids(msg: dict[str, Any]) -> list[str]:
+    ids = msg.get("request_ids")
+    if isinstance(ids, list):
+        return [str(i) for i in ids if i]
+    return [i for i in str(msg.get("request_id") or "").split(",") if i]  # older trainers joined them with ","
 
 
 def _ckpt_record(name: str, step: Any, kind: Any, created: float) -> dict[str, Any]:

@@ -5,6 +5,8 @@
 - Budget: at most ``max_restarts`` restarts within ``window`` seconds. Progress (a step beyond the
   highest step reached before the last restart) refills the budget and resets the backoff.
 - The same step crashing ``same_step_limit`` times in a row gives up at once.
+- A script that fails ``start_failure_limit`` times in a row before its first completed step (an
+  import error, a bad argument, a missing file) gives up at once: no backoff can fix it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class Reason(enum.Enum):
     STOPPED = "stopped"  # exited after a stop we asked for (other code / signal)
     ERROR = "error"  # non-zero exit code
     SIGNAL = "signal"  # killed by a signal we did not send
-    OOM = "oom"  # SIGKILL we did not send; the cgroup counted an OOM kill (or perhaps)
+    OOM = "oom"  # SIGKILL we did not send, while the kernel counted an OOM kill
     HANG = "hang"  # no heartbeat for hang_timeout; we killed it
     NO_RESTART = "no_restart"  # an exit code listed as "do not restart"
 
@@ -61,8 +63,12 @@ class Outcome:
 
 
 def classify(status: ExitStatus, *, stop_requested: bool, hang: bool, we_killed: bool,
-             oom_kills: int, no_restart: frozenset[int]) -> Outcome:
-    """Name why the child ended. ``oom_kills``: OOM kills the cgroup counted while it ran."""
+             oom_kills: int, no_restart: frozenset[int], system_oom_kills: int = 0) -> Outcome:
+    """Name why the child ended.
+
+    ``oom_kills``: OOM kills our memory cgroup counted while it ran; ``system_oom_kills``: OOM kills
+    anywhere on the machine meanwhile (/proc/vmstat). A SIGKILL nobody counted is not called an OOM.
+    """
     what = status.describe()
     if status.code == 0:
         return Outcome(Reason.FINISHED, what)
@@ -77,7 +83,9 @@ def classify(status: ExitStatus, *, stop_requested: bool, hang: bool, we_killed:
     if status.signal == signal.SIGKILL and not we_killed:
         if oom_kills > 0:
             return Outcome(Reason.OOM, what + ": out of memory (cgroup oom_kill)")
-        return Outcome(Reason.OOM, what + ", perhaps out of memory")
+        if system_oom_kills > 0:
+            return Outcome(Reason.OOM, what + " while the kernel's OOM killer ran: perhaps out of memory")
+        return Outcome(Reason.SIGNAL, what + " from outside (not by ckptd, and no OOM kill was counted)")
     if status.signal is not None:
         return Outcome(Reason.SIGNAL, what)
     return Outcome(Reason.ERROR, what)
@@ -92,12 +100,14 @@ class Decision:
 
 class RestartPolicy:
     def __init__(self, *, max_restarts: int, window: float, base: float, cap: float, same_step_limit: int,
-                 rng: random.Random | None = None) -> None:
+                 start_failure_limit: int = 3, rng: random.Random | None = None) -> None:
         self.max_restarts = max_restarts
         self.window = window
         self.base = base
         self.cap = cap
         self.same_step_limit = same_step_limit
+        self.start_failure_limit = start_failure_limit
+        self._start_failures = 0  # consecutive lives that ended before their first step
         self._rng = rng or random.Random()
         self._restarts: collections.deque[float] = collections.deque()
         self._failures = 0  # failures since the last progress: the backoff exponent
@@ -118,8 +128,15 @@ class RestartPolicy:
             return True
         return False
 
-    def on_failure(self, now: float, step: int | None) -> Decision:
-        """The child failed at ``step`` (None: unknown). Restart after a delay, or give up."""
+    def on_failure(self, now: float, step: int | None, *, before_first_step: bool = False) -> Decision:
+        """The child failed at ``step`` (None: unknown). Restart after a delay, or give up.
+
+        ``before_first_step``: that life ended before completing a step (see the loop for the rule).
+        """
+        self._start_failures = self._start_failures + 1 if before_first_step else 0
+        if before_first_step and self._start_failures >= self.start_failure_limit:
+            return Decision(False, why=f"the script failed {self._start_failures} times in a row before its "
+                                       "first step; fix the error above and run again")
         if step is not None and (self._seen is None or step > self._seen):
             self._seen = step
         if step is not None and step == self._crash_step:

@@ -97,6 +97,7 @@ for _ in range(5):
 class Child:
     pid: int  # the trainer's main process; also its process group and session id
     started: float  # monotonic
+    stderr: int | None = None  # read end of the child's stderr pipe (the loop forwards and keeps a tail)
 
 
 def _prctl(option: int, arg: int) -> None:
@@ -140,13 +141,32 @@ class Processes:
     def spawn(self, argv: list[str], env: dict[str, str], now: float) -> Child:
         """Start ``argv`` in a new session with PDEATHSIG armed. Raises OSError when it cannot start.
 
-        Must run on the main thread: PDEATHSIG fires when the *thread* that forked exits.
+        The child's stderr is a pipe (``Child.stderr``, non-blocking) so the supervisor can show its last
+        lines when it gives up; stdout is inherited. Must run on the main thread: PDEATHSIG fires when
+        the *thread* that forked exits.
         """
         wrapper = [sys.executable, "-I", "-S", "-c", _EXEC_WRAPPER, str(self.pid), *argv]
-        pid = os.posix_spawn(sys.executable, wrapper, env, setsid=True, setsigmask=(),
-                             setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM))
+        r, w = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid = os.posix_spawn(sys.executable, wrapper, env, setsid=True, setsigmask=(),
+                                 setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM),
+                                 file_actions=[(os.POSIX_SPAWN_DUP2, w, 2)])
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
+        os.set_blocking(r, False)
         self._tell_guard(f"+{pid}")
-        return Child(pid=pid, started=now)
+        return Child(pid=pid, started=now, stderr=r)
+
+    def signal_pid(self, pid: int, sig: int) -> bool:
+        """Send ``sig`` to one process of the run (a trainer rank that announced itself)."""
+        try:
+            os.kill(pid, sig)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
 
     def signal_main(self, child: Child, sig: int) -> bool:
         """Send ``sig`` to the trainer's main process only (never its workers)."""
@@ -216,6 +236,24 @@ class Processes:
                 os.write(self._guard_w, line.encode() + b"\n")
             except OSError:
                 pass  # guard gone: PDEATHSIG still covers the main process
+
+
+def system_oom_kill_count() -> int:
+    """OOM kills on the whole machine since boot (/proc/vmstat oom_kill); 0 if unknown."""
+    try:
+        with open("/proc/vmstat") as f:
+            for row in f:
+                if row.startswith("oom_kill "):
+                    return int(row.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def process_state(pid: int) -> str | None:
+    """The kernel's one-letter state of ``pid`` (R, S, D, T stopped, Z, ...), None when gone."""
+    fields = _stat_fields(str(pid))
+    return fields[0].decode() if fields else None
 
 
 def oom_kill_count() -> int:
