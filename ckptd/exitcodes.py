@@ -29,5 +29,5 @@ DESCRIPTIONS = {
     GAVE_UP: "`ckptd run` gave up: restart budget spent or the same step kept crashing",
     CONFIG: "configuration error; nothing was started",
     PREEMPTED: "stopped on request after an emergency checkpoint was committed",
-    STOPPED_NO_CHECKPOINT: "stopped on request; no emergency checkpoint was confirmed before the grace period ended",
+    STOPPED_NO_CHECKPOINT: "stopped on request; no emergency checkpoint was confirmed (the log says why)",
 }

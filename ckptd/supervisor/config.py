@@ -3,7 +3,8 @@
 Every option has a key in the YAML file (``yaml.safe_load`` semantics) and a
 ``--flag`` on the command line; flags override the file. Each value is parsed
 and checked once here, so a bad value is a :class:`~ckptd.errors.ConfigError`
-that names the key (and the file line) before anything is started.
+that names the key (and the file line) before anything is started: exit 78 for
+the file, and :class:`OptionError` (exit 2, a usage error) for a command-line flag.
 
     >>> cfg = resolve(None, {"every_steps": "100", "grace": "10"})
     >>> cfg.every_steps, cfg.grace
@@ -20,10 +21,20 @@ import signal
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .. import exitcodes
 from ..errors import ConfigError
+
+# The shortest interval `every` accepts: a checkpoint is at least a full write and fsync of the state.
+MIN_EVERY_SECONDS = 1.0
 
 # Signals a user may pick as "checkpoint and exit for requeue" (SLURM: --signal=B:USR1@120).
 REQUEUE_SIGNALS = ("USR1", "USR2")
+
+
+class OptionError(ConfigError):
+    """A bad value given on the command line: a usage error (exit 2); a bad value in the file stays exit 78."""
+
+    exit_code = exitcodes.USAGE
 
 
 @dataclass(frozen=True)
@@ -44,6 +55,8 @@ class Config:
     same_step_crashes: int = 3
     no_restart_exit_codes: tuple[int, ...] = ()
     hang_timeout: float = 0.0
+    hang_grace: float = 5.0
+    start_failures: int = 3
     requeue_signal: str | None = None
     metrics_addr: str | None = None
     log_format: str = "text"
@@ -77,7 +90,7 @@ def _int(minimum: int) -> Callable[[Any], int]:
     return parse
 
 
-def _seconds(allow_zero: bool = False) -> Callable[[Any], float]:
+def _seconds(allow_zero: bool = False, minimum: float = 0.0) -> Callable[[Any], float]:
     def parse(raw: Any) -> float:
         if isinstance(raw, bool):
             raise ValueError(f"expected seconds as a number, got {raw!r}")
@@ -89,6 +102,8 @@ def _seconds(allow_zero: bool = False) -> Callable[[Any], float]:
             raise ValueError(f"expected a finite number of seconds, got {raw!r}")
         if value < 0 or (value == 0 and not allow_zero):
             raise ValueError(f"must be {'>= 0' if allow_zero else '> 0'} seconds, got {raw!r}")
+        if minimum and value < minimum:
+            raise ValueError(f"must be >= {minimum:g} s (the shortest interval allowed), got {raw!r}")
         return value
 
     return parse
@@ -181,7 +196,8 @@ class Option:
 OPTIONS: tuple[Option, ...] = (
     Option("dir", _string, "checkpoint root directory (default: ./checkpoints)", "DIR"),
     Option("every_steps", _int(1), "the library saves every N steps (env CKPTD_EVERY_STEPS)"),
-    Option("every", _seconds(), "ask the trainer for a checkpoint every SECONDS", "SECONDS"),
+    Option("every", _seconds(minimum=MIN_EVERY_SECONDS),
+           f"ask the trainer for a checkpoint every SECONDS (>= {MIN_EVERY_SECONDS:g})", "SECONDS"),
     Option("cron", _cron, "ask the trainer for a checkpoint on a crontab schedule (local time)", "EXPR"),
     Option("keep_last", _int(1), "retention: keep the newest N checkpoints"),
     Option("keep_every", _int(1), "retention: also keep every checkpoint whose step is a multiple of N"),
@@ -198,6 +214,10 @@ OPTIONS: tuple[Option, ...] = (
            "CODE", append=True, flag="--no-restart-exit-code"),
     Option("hang_timeout", _seconds(allow_zero=True), "restart a trainer silent this long; 0 = off (default)",
            "SECONDS"),
+    Option("hang_grace", _seconds(), "seconds a hung trainer gets after SIGTERM before SIGKILL (default 5); "
+           "its stacks are dumped first", "SECONDS"),
+    Option("start_failures", _int(1), "give up when the script fails N times in a row before its first "
+           "step (default 3)"),
     Option("requeue_signal", _signal_name, "signal meaning 'checkpoint and exit for requeue' (USR1|USR2)", "SIG"),
     Option("metrics_addr", _addr, "Prometheus metrics address HOST:PORT (host defaults to 127.0.0.1)",
            "HOST:PORT"),
@@ -259,21 +279,23 @@ def resolve(config_file: str | None, overrides: dict[str, Any]) -> Config:
             values[key] = _parse(BY_KEY[key], raw, f"{config_file}:{line}: key '{key}'")
     for key, raw in overrides.items():
         opt = BY_KEY[key]
+        where = f"option {opt.cli}"
         if opt.append:
-            values[key] = tuple(v for item in raw for v in _parse(opt, item, f"option {opt.cli}"))
+            values[key] = tuple(v for item in raw for v in _parse(opt, item, where, OptionError))
         else:
-            values[key] = _parse(opt, raw, f"option {opt.cli}")
+            values[key] = _parse(opt, raw, where, OptionError)
     cfg = Config(**values)
     if cfg.backoff_max < cfg.backoff_base:
-        raise ConfigError(f"backoff_max ({cfg.backoff_max}) is below backoff_base ({cfg.backoff_base}); raise it")
+        error = OptionError if {"backoff_base", "backoff_max"} & set(overrides) else ConfigError
+        raise error(f"backoff_max ({cfg.backoff_max}) is below backoff_base ({cfg.backoff_base}); raise it")
     return cfg
 
 
-def _parse(opt: Option, raw: Any, where: str) -> Any:
+def _parse(opt: Option, raw: Any, where: str, error: type[ConfigError] = ConfigError) -> Any:
     try:
         return opt.parse(raw)
     except ValueError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        raise error(f"{where}: {exc}") from None
 
 
 def signal_number(name: str | None) -> int | None:

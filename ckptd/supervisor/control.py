@@ -7,7 +7,7 @@ with ``SO_PEERCRED``. Nothing here blocks: writes are buffered and finished when
 Timeouts, and what they never apply to: a trainer's connection lives as long as the trainer, however
 quiet (a long step sends nothing). A peer that has not said ``hello`` within HELLO_TIMEOUT, and a
 client that sits idle for CLIENT_IDLE while nothing is owed to it (``waiting``), are dropped; at most
-MAX_CLIENTS non-trainer peers are held. When ``accept`` fails (EMFILE: out of file descriptors) the
+MAX_CLIENTS non-trainer peers are held (the longest idle one makes room for a new one). When ``accept`` fails (EMFILE: out of file descriptors) the
 listener pauses for ACCEPT_PAUSE instead of spinning, and everything already connected carries on.
 """
 
@@ -150,13 +150,19 @@ class ControlServer:
                 self._log("warning", "control", f"cannot accept control connections ({exc.strerror or exc}); "
                                                 f"pausing {ACCEPT_PAUSE:g} s, {len(self.peers)} connections open")
                 return
-            if sum(1 for p in self.peers.values() if p.role != "trainer") >= MAX_CLIENTS:
+            clients = [p for p in self.peers.values() if p.role != "trainer"]
+            if len(clients) >= MAX_CLIENTS:
+                # Make room by dropping the longest-idle client nobody owes a reply, so a flood of idle
+                # connections cannot lock out `ckptd status`; refuse only when every one is owed a reply.
+                idle = [p for p in clients if not p.waiting]
                 self.refused += 1
                 if self.refused == 1 or self.refused % 1000 == 0:
-                    self._log("warning", "control", f"refused a control connection: {MAX_CLIENTS} client "
-                                                    f"connections are open ({self.refused} refused so far)")
-                sock.close()
-                continue
+                    self._log("warning", "control", f"{MAX_CLIENTS} client connections are open: dropping the "
+                                                    f"longest idle ({self.refused} so far)")
+                if not idle:
+                    sock.close()
+                    continue
+                self._drop(min(idle, key=lambda p: p.last_seen))
             pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                                   struct.calcsize("3i")))
             if uid != os.getuid():

@@ -174,6 +174,7 @@ class Supervisor:
                                      self._on_close, self.log)
         self.control.open()
         try:
+            self._guarded("trash cleanup", self._remove_stale_trash)
             self.view.refresh()
             self._journaled.update(self.view.valid)
             latest = self.view.latest()
@@ -756,6 +757,18 @@ class Supervisor:
             self._save_state()
         if changes.added and self.cfg.retention_enabled:
             self._apply_retention()
+
+    def _remove_stale_trash(self) -> None:
+        """A deletion killed between its rename and its rmtree leaves ``.trash-*``; nothing else removes it."""
+        from .. import retention
+
+        try:
+            removed = retention.remove_stale_trash(self.root)
+        except OSError as exc:
+            self.log("warning", "retention", f"cannot remove leftovers of an interrupted deletion: {exc}")
+            return
+        if removed:
+            self.log("info", "retention", f"removed leftovers of an interrupted deletion: {', '.join(removed)}")
 
     def _apply_retention(self) -> None:
         from .. import retention
