@@ -3,13 +3,17 @@
 Each subcommand lives in ``ckptd/commands/<name>.py`` and exposes
 ``register(subparsers)``, which adds its parser and sets ``func(args) -> int``.
 A :class:`~ckptd.errors.CkptdError` becomes one line on stderr and its exit
-code; anything else is a bug and raises with a traceback.
+code; so does an ``OSError`` a command did not put into words itself (exit 5,
+or 4 for a path that is gone). Anything else is a bug and raises with a traceback.
+File names that are not valid UTF-8 are printed escaped (``\\xff``), never as a crash.
 """
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import importlib
+import io
 import sys
 
 from . import __version__, exitcodes
@@ -37,7 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _escape(exc: UnicodeError) -> tuple[str, int]:
+    """Codec error handler: a byte of a non-UTF-8 file name (a lone surrogate) prints as ``\\xNN``."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    bad = exc.object[exc.start : exc.end]
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF
+                   else c.encode("ascii", "backslashreplace").decode() for c in bad), exc.end
+
+
+codecs.register_error("ckptd-escape", _escape)
+
+
+def _escape_unencodable_output() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="ckptd-escape")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _escape_unencodable_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -46,12 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except CkptdError as exc:
-        print(f"ckptd: error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return _fail(exc)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `ckptd ls | head`
         return exitcodes.OK
+    except OSError as exc:  # storage trouble a command did not name itself: still one line
+        from .commands import storage_error
+
+        return _fail(storage_error(exc, f"ckptd {args.command}"))
+
+
+def _fail(exc: CkptdError) -> int:
+    print(f"ckptd: error: {exc}", file=sys.stderr)
+    return exc.exit_code
 
 
 if __name__ == "__main__":

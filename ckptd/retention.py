@@ -15,6 +15,9 @@ nothing is deleted. Nothing here imports torch.
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -109,3 +112,32 @@ def apply(root: str, policy: Policy, pinned: Iterable[str] = (), dry_run: bool =
     if dry_run:
         return [i.name for i in doomed]
     return [i.name for i in doomed if store.delete(root, i.name)]
+
+
+def remove_stale_trash(root: str) -> list[str]:
+    """Remove the ``.trash-*`` directories a deletion left when it was killed between its rename and its rmtree.
+
+    Looks with lstat only: a ``.trash-*`` entry that is a symlink or not a directory is left alone, and the
+    removal never follows a link (``shutil.rmtree`` walks with directory file descriptors and refuses a link).
+    What another remover takes away meanwhile is not an error. Returns the removed names, oldest first by name;
+    raises ``OSError`` when a directory cannot be removed (read-only file system, permissions).
+    """
+    try:
+        entries = sorted((e for e in os.scandir(root)
+                          if e.name.startswith(store.TRASH_PREFIX) and e.is_dir(follow_symlinks=False)),
+                         key=lambda e: e.name)
+    except FileNotFoundError:
+        return []
+    removed = []
+    for e in entries:
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(e.path, onexc=_raise_unless_gone)
+        else:
+            shutil.rmtree(e.path, onerror=lambda f, p, info: _raise_unless_gone(f, p, info[1]))
+        removed.append(e.name)
+    return removed
+
+
+def _raise_unless_gone(func: object, path: str, exc: BaseException) -> None:
+    if not isinstance(exc, FileNotFoundError):
+        raise exc

@@ -30,8 +30,8 @@ def test_ls_text_shows_a_row_per_checkpoint_and_invalid_ones(make_checkpoints):
     r = ckptd_cli("ls", root)
     assert r.returncode == 0
     lines = r.stdout.strip().splitlines()
-    assert lines[0].split()[:2] == ["STEP", "KIND"] and len(lines) == 3
-    assert "NO" in lines[2] and "state.json is missing" in lines[2]
+    assert lines[0].split()[:3] == ["NAME", "STEP", "KIND"] and len(lines) == 3
+    assert lines[2].startswith("step-000000000002") and "NO" in lines[2] and "state.json is missing" in lines[2]
 
 
 def test_verify_single_checkpoint_and_json(make_checkpoints):
@@ -80,9 +80,9 @@ def test_export_is_loadable_by_safetensors_alone(make_checkpoints, tmp_path):
     (["ls", "/nonexistent/dir"], 4, "does not exist"),
     (["verify", "/nonexistent/dir"], 4, "does not exist"),
     (["prune", "/tmp", "--keep-last", "0"], 2, "must be >= 1"),
-    (["prune", "/tmp"], 1, "prune needs a rule"),
-    (["prune", "/tmp", "--keep-best", "loss"], 1, "METRIC:K"),
-    (["ls"], 2, "required"),
+    (["prune", "/tmp"], 2, "prune needs a rule"),
+    (["prune", "/tmp", "--keep-best", "loss"], 2, "METRIC:K"),
+    (["inspect"], 2, "required"),
     (["frobnicate"], 2, "invalid choice"),
 ])
 def test_bad_input_gives_one_line_and_documented_code(argv, code, text):

@@ -48,6 +48,8 @@ def test_every_option_has_a_config_key_and_a_flag():
     ("- a\n- b\n", ["mapping"]),
     ("grace: [\n", ["not valid YAML"]),
     ("keep_best: [loss]\n", ["keep_best", "METRIC:K"]),
+    ("every: 1e-9\n", [".yaml:1:", "every", ">= 1 s"]),
+    ("every: 0.5\n", ["every", ">= 1 s"]),
 ])
 def test_bad_file_values_are_config_errors_naming_the_key_and_line(tmp_path, text, words):
     with pytest.raises(ConfigError) as err:
@@ -62,6 +64,26 @@ def test_bad_command_line_values_name_the_flag():
         resolve(None, {"hang_timeout": "soon"})
     with pytest.raises(ConfigError, match="backoff_max"):
         resolve(None, {"backoff_base": "10", "backoff_max": "1"})
+
+
+def test_a_bad_value_on_the_command_line_is_a_usage_error_and_in_the_file_a_config_error(tmp_path):
+    """Exit 2 for `--grace -1` (like every other bad argument), 78 for `grace: -1` in the --config file."""
+    with pytest.raises(ConfigError) as err:
+        resolve(None, {"grace": "-1"})
+    assert err.value.exit_code == exitcodes.USAGE
+    with pytest.raises(ConfigError) as err:
+        resolve(write(tmp_path, "backoff_base: 10\n"), {"backoff_max": "1"})
+    assert err.value.exit_code == exitcodes.USAGE
+    assert resolve(None, {"every": "1"}).every == 1.0
+    marker = tmp_path / "started"
+    root = tmp_path / "ck"
+    for extra, code in (([], exitcodes.CONFIG), (["--grace", "-1"], exitcodes.USAGE),
+                        (["--every", "1e-9"], exitcodes.USAGE)):
+        config = ["--config", write(tmp_path, "grace: -1\n")] if not extra else []
+        r = ckptd("run", *config, *extra, "--dir", str(root), PLAIN, "--crash-first", str(marker))
+        assert r.returncode == code, (extra, r.stderr)
+        assert r.stderr.count("\n") == 1 and ("option --" if extra else ".yaml:1: key 'grace'") in r.stderr
+    assert not marker.exists() and not root.exists()
 
 
 def test_metrics_addr_host_defaults_to_localhost():

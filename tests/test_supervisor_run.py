@@ -185,7 +185,7 @@ def _status(root):
 
 def test_interval_schedule_requests_checkpoints_and_sighup_reloads_it(tmp_path, root):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("every: 0.3\n")
+    cfg.write_text("every: 1\n")
     run = Run(tmp_path, root, [*FAST, "--config", str(cfg), TRAINER, "--steps", "100000"])
     run.wait_event("checkpoint", count=2, kind="manual")
     cfg.write_text("every: 3600\nkeep_last: 1\n")

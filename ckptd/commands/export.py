@@ -6,40 +6,45 @@ import argparse
 import os
 
 from .. import store
-from ..errors import CkptdError, CorruptCheckpointError, StorageError
+from ..errors import CkptdError, CorruptCheckpointError
 from ..progress import Progress
-from . import existing_dir
+from . import add_dir_argument, print_json, resolve_checkpoint, storage_error
+from .inspect import CKPT_HELP, read_tensor_header
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export model weights to a .safetensors file",
                        description="Verify a checkpoint, then write its model weights (original parameter names) "
                        "to a standalone safetensors file, atomically.")
-    p.add_argument("ckpt", metavar="CKPT", help="one checkpoint directory")
+    p.add_argument("ckpt", metavar="CKPT", help=CKPT_HELP)
+    add_dir_argument(p, positional=False)
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="output file, e.g. model.safetensors")
     p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    p.add_argument("--json", action="store_true", help="print one JSON object: output, checkpoint, step, tensors, bytes")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    existing_dir(args.ckpt)
+    path, verified = resolve_checkpoint(args.ckpt, args.dir_option)
     out = os.path.abspath(args.output)
     if os.path.exists(out) and not args.force:
         raise CkptdError(f"{out} exists; pass --force to overwrite it or choose another -o")
     if not os.path.isdir(os.path.dirname(out)):
         raise CkptdError(f"directory of {out} does not exist; create it first")
-    info = store.inspect_checkpoint(args.ckpt)
-    with Progress("verify", info.bytes) as prog:
-        info = store.verify(args.ckpt, progress=prog)
+    info = verified
+    if info is None:
+        with Progress("verify", store.inspect_checkpoint(path).bytes) as prog:
+            info = store.verify(path, progress=prog)
     if not info.valid:
-        raise CorruptCheckpointError(args.ckpt, info.reason)
-    tpath = os.path.join(args.ckpt, store.TENSORS)
+        raise CorruptCheckpointError(path, info.reason)
+    header = read_tensor_header(path)  # every entry has a dtype and a shape
+    tpath = os.path.join(path, store.TENSORS)
     with open(tpath, "rb") as f:
-        header, data_start = store.read_safetensors_header(f, tpath, os.fstat(f.fileno()).st_size)
+        _, data_start = store.read_safetensors_header(f, tpath, os.fstat(f.fileno()).st_size)
         model = sorted(((k[len("model/"):], v) for k, v in header.items() if k.startswith("model/")),
                        key=lambda kv: kv[1]["data_offsets"][0])
         if not model:
-            raise CkptdError(f"{args.ckpt} holds no model weights (it was saved without model=)")
+            raise CkptdError(f"{path} holds no model weights (it was saved without model=)")
         entries = [(k, v["dtype"], v["shape"], v["data_offsets"][1] - v["data_offsets"][0]) for k, v in model]
         head = store.safetensors_header_bytes(entries, {"format": "pt", "ckptd_step": str(info.step)})
         total = sum(e[3] for e in entries)
@@ -53,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
                     left = b - a
                     while left:
                         chunk = f.read(min(left, store.CHUNK))
+                        if not chunk:
+                            raise CorruptCheckpointError(path, f"{store.TENSORS} ends early (it changed after it "
+                                                         "was verified)")
                         dst.write(chunk)
                         left -= len(chunk)
                         prog(len(chunk))
@@ -60,9 +68,14 @@ def run(args: argparse.Namespace) -> int:
                 os.fsync(dst.fileno())
             os.replace(tmp, out)
             store.fsync_dir(os.path.dirname(out))
-        except OSError as exc:
+        except (OSError, CkptdError) as exc:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-            raise StorageError(out, "export", exc) from exc
-    print(f"exported {len(entries)} tensors to {out}")
+            if isinstance(exc, CkptdError):
+                raise
+            raise storage_error(exc, "export to", out) from exc
+    if args.json:
+        print_json({"output": out, "checkpoint": path, "step": info.step, "tensors": len(entries), "bytes": total})
+    else:
+        print(f"exported {len(entries)} tensors of {path} to {out}")
     return 0

@@ -9,24 +9,48 @@ from typing import Any
 
 from .. import store
 from ..errors import CorruptCheckpointError
-from . import existing_dir, human_bytes, print_json
+from . import add_dir_argument, human_bytes, print_json, resolve_checkpoint
+
+CKPT_HELP = ("one checkpoint: a path (checkpoints/step-000000000300), DIR/latest (the newest valid one), DIR/300 "
+             "(a step number), or 300 / latest / step-000000000300 looked up in --dir")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="show what a checkpoint holds",
                        description="Show a checkpoint's tensors (name, shape, dtype), its other state keys and "
                        "its manifest. Reads headers only; use `ckptd verify` for checksums.")
-    p.add_argument("ckpt", metavar="CKPT", help="one checkpoint directory")
+    p.add_argument("ckpt", metavar="CKPT", help=CKPT_HELP)
+    add_dir_argument(p, positional=False)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
 
 def read_tensor_header(path: str) -> dict[str, Any]:
+    """The tensor file's header entries, each checked to carry a dtype and a shape (no ``__metadata__``)."""
     tpath = os.path.join(path, store.TENSORS)
-    with open(tpath, "rb") as f:
-        header, _ = store.read_safetensors_header(f, tpath, os.fstat(f.fileno()).st_size)
+    try:
+        with open(tpath, "rb") as f:
+            header, _ = store.read_safetensors_header(f, tpath, os.fstat(f.fileno()).st_size)
+    except OSError as exc:
+        raise CorruptCheckpointError(path, f"{store.TENSORS} unreadable: {exc.strerror}") from None
     header.pop("__metadata__", None)
+    for key, meta in header.items():
+        dtype, shape = meta.get("dtype"), meta.get("shape")
+        if not isinstance(dtype, str) or not isinstance(shape, list) or \
+                not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+            raise CorruptCheckpointError(path, f"{store.TENSORS}: tensor {key!r} lacks a valid dtype or shape "
+                                         "(damaged or crafted header)")
     return header
+
+
+def read_state_tree(path: str) -> Any:
+    spath = os.path.join(path, store.STATE)
+    try:
+        return json.loads(store.read_small(spath, store.MAX_STATE_BYTES))
+    except OSError as exc:
+        raise CorruptCheckpointError(path, f"{store.STATE} unreadable: {exc.strerror}") from None
+    except (ValueError, RecursionError) as exc:
+        raise CorruptCheckpointError(path, f"{store.STATE} is not valid JSON ({type(exc).__name__})") from None
 
 
 def state_outline(tree: Any, prefix: str = "", out: list[str] | None = None, depth: int = 0) -> list[str]:
@@ -49,12 +73,12 @@ def state_outline(tree: Any, prefix: str = "", out: list[str] | None = None, dep
 
 
 def run(args: argparse.Namespace) -> int:
-    existing_dir(args.ckpt)
-    info = store.inspect_checkpoint(args.ckpt)
+    path, verified = resolve_checkpoint(args.ckpt, args.dir_option)
+    info = verified or store.inspect_checkpoint(path)
     if not info.valid:
-        raise CorruptCheckpointError(args.ckpt, info.reason)
-    tensors = read_tensor_header(args.ckpt)
-    tree = json.loads(store.read_small(os.path.join(args.ckpt, store.STATE), store.MAX_STATE_BYTES))
+        raise CorruptCheckpointError(path, info.reason)
+    tensors = read_tensor_header(path)
+    tree = read_state_tree(path)
     if args.json:
         print_json({"manifest": info.manifest, "tensors": {k: {"dtype": v["dtype"], "shape": v["shape"]}
                                                             for k, v in tensors.items()},

@@ -1,34 +1,37 @@
-"""ckptd ls DIR [--json]: one row per checkpoint."""
+"""ckptd ls [DIR] [--json]: one row per checkpoint."""
 
 from __future__ import annotations
 
 import argparse
 
 from .. import store
-from . import existing_dir, format_metrics, human_bytes, human_time, print_json
+from . import add_dir_argument, existing_dir, format_metrics, human_bytes, human_time, print_json, root_from
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ls", help="list checkpoints", description="List the checkpoints under DIR, oldest first "
                        "(by step). Validity here is the manifest-level check; `ckptd verify` checks every byte.")
-    p.add_argument("dir", metavar="DIR", help="checkpoint directory")
+    add_dir_argument(p, positional=True)
     p.add_argument("--json", action="store_true", help="print a JSON list of objects")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    infos = store.list_checkpoints(existing_dir(args.dir))
-    pins = store.pinned(args.dir)
+    root = existing_dir(root_from(args))
+    infos = store.list_checkpoints(root)
+    pins = store.pinned(root)
     if args.json:
         print_json([dict(i.as_json(), pinned=i.name in pins) for i in infos])
         return 0
     if not infos:
-        print(f"no checkpoints in {args.dir}")
+        print(f"no checkpoints in {root}")
         return 0
-    print(f"{'STEP':>10}  {'KIND':<9}  {'CREATED':<19}  {'SIZE':>10}  {'VALID':<5}  METRICS")
+    width = max(len("NAME"), *(len(i.name) for i in infos))
+    print(f"{'NAME':<{width}}  {'STEP':>10}  {'KIND':<9}  {'CREATED':<19}  {'SIZE':>10}  {'VALID':<5}  METRICS")
     for i in infos:
         valid = "yes" if i.valid else "NO"
         extra = format_metrics(i.metrics) if i.valid else i.reason
         pin = " [pinned]" if i.name in pins else ""
-        print(f"{i.step:>10}  {i.kind:<9}  {human_time(i.created):<19}  {human_bytes(i.bytes):>10}  {valid:<5}  {extra}{pin}")
+        print(f"{i.name:<{width}}  {i.step:>10}  {i.kind:<9}  {human_time(i.created):<19}  {human_bytes(i.bytes):>10}  "
+              f"{valid:<5}  {extra}{pin}")
     return 0

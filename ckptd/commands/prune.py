@@ -1,12 +1,15 @@
-"""ckptd prune DIR --keep-last N [--keep-best METRIC:K[:min|max]] [--keep-every M] [--dry-run]."""
+"""ckptd prune [DIR] --keep-last N [--keep-best METRIC:K[:min|max]] [--keep-every M] [--dry-run]."""
 
 from __future__ import annotations
 
 import argparse
+import os
 
 from .. import retention, store
 from ..errors import CkptdError
-from . import existing_dir, print_json
+from . import UsageError, add_dir_argument, existing_dir, print_json, root_from, storage_error
+
+RULES = "--keep-last N, --keep-best METRIC:K[:min|max] or --keep-every M"
 
 
 def _positive(text: str) -> int:
@@ -19,14 +22,22 @@ def _positive(text: str) -> int:
     return v
 
 
+def _best(text: str) -> retention.Best:
+    try:
+        return retention.Best.parse(text)
+    except CkptdError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="delete checkpoints by a retention policy",
                        description="Delete checkpoints that no rule keeps. Always kept: the newest valid one, "
                        "pinned ones (.pins/), an emergency checkpoint no newer valid one supersedes. Invalid "
-                       "checkpoints are never deleted here. Order is by step.")
-    p.add_argument("dir", metavar="DIR", help="checkpoint directory")
+                       "checkpoints are never deleted here. Order is by step. Also removes the .trash-* "
+                       "directories an interrupted deletion left behind (not with --dry-run).")
+    add_dir_argument(p, positional=True)
     p.add_argument("--keep-last", type=_positive, metavar="N", help="keep the newest N valid checkpoints")
-    p.add_argument("--keep-best", action="append", default=[], metavar="METRIC:K[:min|max]",
+    p.add_argument("--keep-best", type=_best, action="append", default=[], metavar="METRIC:K[:min|max]",
                    help="keep the best K by a metric (repeatable; default min)")
     p.add_argument("--keep-every", type=_positive, metavar="M", help="keep checkpoints whose step is a multiple of M")
     p.add_argument("--dry-run", action="store_true", help="show what would be deleted, delete nothing")
@@ -35,19 +46,35 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    existing_dir(args.dir)
-    policy = retention.Policy(keep_last=args.keep_last, keep_best=tuple(retention.Best.parse(b) for b in args.keep_best),
-                              keep_every=args.keep_every)
+    policy = retention.Policy(keep_last=args.keep_last, keep_best=tuple(args.keep_best), keep_every=args.keep_every)
     if not policy.active:
-        raise CkptdError("prune needs a rule: --keep-last N, --keep-best METRIC:K or --keep-every M")
-    keep, _ = retention.plan(store.list_checkpoints(args.dir), policy, store.pinned(args.dir))
-    deleted = retention.apply(args.dir, policy, dry_run=args.dry_run)
-    if args.json:
-        print_json({"deleted": deleted, "dry_run": args.dry_run, "kept": keep})
-        return 0
+        raise UsageError(f"prune needs a rule: {RULES}")
+    root = existing_dir(root_from(args))
+    leftovers: list[str] = []
+    if not args.dry_run:
+        try:
+            leftovers = retention.remove_stale_trash(root)
+        except OSError as exc:
+            raise storage_error(exc, "prune: remove leftover trash") from None
+    keep, doomed = retention.plan(store.list_checkpoints(root), policy, store.pinned(root))
     verb = "would delete" if args.dry_run else "deleted"
-    for name in deleted:
-        print(f"{verb} {name}")
+    for name in leftovers if not args.json else ():
+        print(f"removed leftover {name}")
+    deleted = []
+    for info in doomed:
+        if not args.dry_run:
+            try:
+                if not store.delete(root, info.name):
+                    continue  # already gone (another prune, a running job's retention)
+            except OSError as exc:
+                done = f" after deleting {len(deleted)} other(s)" if deleted else ""
+                raise storage_error(exc, f"prune: delete{done}", os.path.join(root, info.name)) from None
+        deleted.append(info.name)
+        if not args.json:
+            print(f"{verb} {info.name}")
+    if args.json:
+        print_json({"deleted": deleted, "dry_run": args.dry_run, "kept": keep, "removed_leftovers": leftovers})
+        return 0
     for name, why in sorted(keep.items()):
         print(f"kept {name} ({', '.join(why)})")
     return 0

@@ -7,13 +7,9 @@ import os
 import shutil
 import sys
 
-from .. import exitcodes
-from ..errors import CkptdError, NotFoundError
+from ..errors import NotFoundError
 from ..supervisor import config as configmod
-
-
-class UsageError(CkptdError):
-    exit_code = exitcodes.USAGE
+from . import UsageError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "has a key in the --config YAML file (same name, underscores); options given here win.",
         epilog="Signals: TERM/INT = checkpoint and stop (twice: fast stop); USR1 = checkpoint now; "
         "HUP = reload schedules from --config. Exit codes: 0 finished, 85 stopped with a checkpoint, "
-        "86 stopped without one, 70 gave up, 78 config error, 6 directory already supervised.",
+        "86 stopped without one, 70 gave up, 78 error in the --config file, 6 directory already supervised, "
+        "4 script or command not found, 2 bad command line (a bad option value included).",
     )
     configmod.add_arguments(p)
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="SCRIPT.py [ARGS...] | -- CMD [ARGS...]",
@@ -46,6 +43,10 @@ def command_argv(words: list[str]) -> list[str]:
     if not words:
         raise UsageError("no script given; write `ckptd run [options] SCRIPT.py [ARGS...]` "
                          "or `ckptd run [options] -- CMD [ARGS...]`")
+    if os.path.isdir(words[0]):
+        raise UsageError(f"{words[0]!r} is a directory, not a training script; give the script "
+                         f"(e.g. `ckptd run [options] {os.path.join(words[0], 'train.py')}`), or "
+                         "`ckptd run [options] -- CMD [ARGS...]` to run a command")
     if not os.path.isfile(words[0]):
         raise NotFoundError(f"script {words[0]!r} not found; to run a command instead, "
                             f"write `ckptd run [options] -- {words[0]} ...`")

@@ -8,6 +8,7 @@ import time
 from .. import protocol
 from ..errors import CkptdError
 from ..supervisor.client import ControlClient, default_dir
+from . import positive_seconds
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def add_client_arguments(p: argparse.ArgumentParser, wait_help: str) -> None:
     p.add_argument("--dir", default=None, help="checkpoint directory of the run (default: $CKPTD_DIR or ./checkpoints)")
     p.add_argument("--wait", action="store_true", help=wait_help)
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                   help="give up waiting after SECONDS (default: wait as long as it takes)")
+    p.add_argument("--timeout", type=positive_seconds, default=None, metavar="SECONDS",
+                   help="give up waiting after SECONDS, a number > 0 (default: wait as long as it takes)")
 
 
 def deadline(args: argparse.Namespace) -> float | None:

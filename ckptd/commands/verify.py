@@ -1,43 +1,99 @@
-"""ckptd verify DIR|CKPT [--json]: full checksum verification."""
+"""ckptd verify [DIR|CKPT] [--json]: full checksum verification.
+
+A checkpoint that disappears while it is verified (a running job's retention deleted it, or a restore moved
+it aside) is reported as "deleted while verifying" and not counted as invalid: its bytes were never wrong.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 
 from .. import exitcodes, store
+from ..errors import NotFoundError
 from ..progress import Progress
-from . import existing_dir, print_json
+from . import DIR_HELP, RootGivenError, default_dir, existing_dir, print_json, resolve_checkpoint
+
+DELETED = "deleted while verifying (removed or moved aside by another process); not counted"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="verify checksums of checkpoints",
                        description="Check every file of a checkpoint (or of every checkpoint under a directory) "
-                       f"against its manifest. Exit {exitcodes.INVALID} when any is invalid.")
-    p.add_argument("target", metavar="DIR|CKPT", help="checkpoint directory or one checkpoint")
+                       f"against its manifest. Exit {exitcodes.INVALID} when any is invalid. A checkpoint may be "
+                       "named as in `ckptd inspect` (DIR/latest, DIR/300, or 300 with --dir).")
+    p.add_argument("target", nargs="?", metavar="DIR|CKPT",
+                   help="checkpoint directory or one checkpoint (default: $CKPTD_DIR, else ./checkpoints)")
+    p.add_argument("--dir", dest="dir_option", metavar="DIR", default=None,
+                   help=f"{DIR_HELP}; a bare step number or `latest` is looked up here")
     p.add_argument("--json", action="store_true", help="print a JSON list of results")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    existing_dir(args.target)
-    paths = list(store.iter_checkpoint_paths(args.target))
-    results = []
-    for path in paths:
-        total = sum(e.stat().st_size for e in os.scandir(path) if e.is_file(follow_symlinks=False))
-        with Progress(f"verify {os.path.basename(path)}", total, enabled=None if not args.json else False) as prog:
-            info = store.verify(path, progress=prog)
-        results.append(info)
+    target, single, known = _targets(args)
+    results: list[tuple[store.CheckpointInfo, bool]] = []
+    for path, listed_bytes in target:
+        if known is not None:
+            info, gone = known, False
+        else:
+            info, gone = verify_one(path, listed_bytes, quiet=args.json)
+        results.append((info, gone))
         if not args.json:
-            status = "ok" if info.valid else f"INVALID: {info.reason}"
-            print(f"{info.path}: {status}")
+            print(f"{info.path}: {DELETED if gone else 'ok' if info.valid else f'INVALID: {info.reason}'}")
     if args.json:
-        print_json([{"path": i.path, "step": i.step, "valid": i.valid, "reason": i.reason} for i in results])
-    bad = [i for i in results if not i.valid]
+        print_json([{"path": i.path, "name": i.name, "step": i.step, "valid": None if gone else i.valid,
+                     "deleted": gone, "reason": DELETED if gone else i.reason} for i, gone in results])
+    if single and results and results[0][1]:
+        raise NotFoundError(f"{results[0][0].path} was deleted while it was being verified")
+    bad = [i for i, gone in results if not gone and not i.valid]
     if bad:
         print(f"ckptd: {len(bad)} of {len(results)} checkpoint(s) invalid", file=sys.stderr)
         return exitcodes.INVALID
     if not results and not args.json:
-        print(f"no checkpoints in {args.target}")
+        print(f"no checkpoints in {single or args.target or args.dir_option or default_dir()}")
     return exitcodes.OK
+
+
+def _targets(args: argparse.Namespace) -> tuple[list[tuple[str, int | None]], str | None, store.CheckpointInfo | None]:
+    """([(path, bytes listed)], the single checkpoint named or None, its verification when already done)."""
+    root = (args.dir_option or default_dir()) if args.target is None else None
+    if root is None:
+        try:
+            path, verified = resolve_checkpoint(args.target, args.dir_option, missing_fix="give a checkpoint "
+                                                "directory, or one checkpoint (DIR/latest, DIR/300, a path)")
+            return [(path, None)], path, verified
+        except RootGivenError as exc:
+            root = exc.path
+    existing_dir(root)
+    return [(i.path, i.bytes) for i in store.list_checkpoints(root)], None, None
+
+
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _identity(st: os.stat_result | None) -> tuple[int, int] | None:
+    return None if st is None else (st.st_dev, st.st_ino)
+
+
+def verify_one(path: str, listed_bytes: int | None, quiet: bool) -> tuple[store.CheckpointInfo, bool]:
+    """Verify one checkpoint; the flag is True when it vanished meanwhile (then its result means nothing)."""
+    name = os.path.basename(os.path.normpath(path))
+    st = _lstat(path)
+    if st is not None and not stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(st.st_mode):
+        m = store.NAME_RE.match(name)
+        return store.CheckpointInfo(name=name, path=path, step=int(m.group(1)) if m else -1, valid=False,
+                                    reason="not a directory: a stray file named like a checkpoint; move it "
+                                    "out of the checkpoint directory"), False
+    total = listed_bytes if listed_bytes is not None else store.inspect_checkpoint(path).bytes
+    with Progress(f"verify {name}", total, enabled=False if quiet else None) as prog:
+        info = store.verify(path, progress=prog)
+    after = _identity(_lstat(path))
+    gone = not info.valid and (after is None or after != _identity(st))
+    return info, gone

@@ -584,8 +584,11 @@ class Supervisor:
     def _request_save(self, source: str, *, kind: str = "manual", waiter: Peer | None = None) -> str | None:
         trainers = self.control.trainers() if self.control and self.sm.state is S.RUNNING else []
         if not trainers:
-            self.log("warning", "save_skipped", f"checkpoint request from {source} skipped: no trainer is connected "
-                     "(the script does not use ckptd.Checkpointer, or it is not running)")
+            why = {S.STOPPING: "the trainer is stopping", S.KILLING: "the trainer is being killed",
+                   S.BACKOFF: "the trainer is between restarts"}.get(self.sm.state)
+            self.log("info" if why else "warning", "save_skipped", f"checkpoint request from {source} skipped: "
+                     + (why or "no trainer is connected (the script does not use ckptd.Checkpointer, or has not "
+                                "created one yet)"))
             return None
         request_id = uuid.uuid4().hex[:12]
         for peer in trainers:
@@ -747,7 +750,9 @@ class Supervisor:
             by = "retention" if name in self._retired else "someone else"
             self._retired.discard(name)
             self._journaled.discard(name)
-            self._event("info", "checkpoint_removed", f"checkpoint {name} removed ({by})", name=name, by=by)
+            self._event("info", "checkpoint_removed", f"checkpoint {name} removed ("
+                        + ("retention" if by == "retention" else "not by the supervisor: the trainer's own "
+                           "retention, `ckptd prune` or a person") + ")", name=name, by=by)
         for info in changes.invalid:
             self._event("warning", "checkpoint_invalid", f"checkpoint {info.name} is invalid: {info.reason}",
                         name=info.name, reason=info.reason)
