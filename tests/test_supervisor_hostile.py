@@ -146,11 +146,13 @@ def test_the_journal_on_a_full_device_drops_and_counts_events_and_never_raises(t
 
 
 @pytest.mark.skipif(not shutil.which("strace"), reason="strace is needed for fault injection (apt-get install strace)")
-def test_the_supervisor_keeps_supervising_when_every_journal_write_fails_with_enospc(tmp_path):
+def test_the_supervisor_keeps_supervising_when_journal_and_state_writes_fail(tmp_path):
     root = str(tmp_path / "ck")
     os.makedirs(os.path.join(root, ".ckptd"), mode=0o700)
     path = os.path.join(root, ".ckptd", "journal.jsonl")
     open(path, "w").close()
+    # state.json cannot be replaced: a directory sits at its name (every write fails, EISDIR)
+    os.makedirs(os.path.join(root, ".ckptd", "state.json", "x"))
     # the first two writes (start, spawn) land; every later write to the journal fails with ENOSPC
     strace = ["strace", "-f", "-qqq", "-o", "/dev/null", "-P", path, "-e", "trace=write",
               "-e", "inject=write:error=ENOSPC:when=3+"]
@@ -164,5 +166,6 @@ def test_the_supervisor_keeps_supervising_when_every_journal_write_fails_with_en
     assert run.wait(60) == exitcodes.PREEMPTED, run.stderr()
     err = run.stderr()
     assert err.count("cannot write the journal") == 1, err
+    assert "cannot write state.json" in err, err
     assert "Traceback" not in err, err
     assert [e["event"] for e in journal(root)] == ["start", "spawn"]

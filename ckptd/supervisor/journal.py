@@ -76,14 +76,14 @@ class Journal:
 def read_journal(path: str) -> Iterator[dict[str, Any]]:
     """Yield the journal's events; a torn last line (crash mid-write) is skipped."""
     try:
-        f = open(path, encoding="utf-8")
+        f = open(path, encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return
     with f:
         for line in f:
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if isinstance(record, dict):
                 yield record
@@ -116,6 +116,6 @@ def read_json(path: str) -> dict[str, Any] | None:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError, RecursionError):  # missing, unreadable or damaged: no previous state
         return None
     return data if isinstance(data, dict) else None
