@@ -19,11 +19,11 @@ point; manual, emergency and final saves wait for the one in flight.
 from __future__ import annotations
 
 import ctypes
-import json
 import mmap
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -36,7 +36,9 @@ import torch
 from . import __version__, env, exitcodes, protocol, retention, store
 from .channel import TrainerChannel, connect_from_env
 from .errors import CkptdError, CorruptCheckpointError, StorageError
-from .state import DTYPES, TORCH_DTYPES, Encoder, byte_view, capture_rng, decode, restore_rng
+from .state import (DTYPES, TORCH_DTYPES, Encoder, StateDecodeError, byte_view, capture_rng, check_rng, decode,
+                    restore_rng)
+from .state import dumps as state_dumps
 
 log = logging.getLogger("ckptd")
 
@@ -82,6 +84,12 @@ PARALLEL_COPY_BYTES = 32 << 20
 
 _in_flight_hurry: set[threading.Event] = set()  # hurry events of the persists queued or running
 
+
+# The emergency stop's deadline rule: start the save only when the time left before the deadline is at least
+# the longest of the last EMERGENCY_HISTORY durable saves x EMERGENCY_FACTOR + EMERGENCY_MARGIN seconds.
+EMERGENCY_HISTORY = 3
+EMERGENCY_FACTOR = 1.5
+EMERGENCY_MARGIN = 1.0
 
 def _hurry_at_exit() -> None:
     """The script has ended and the interpreter waits for the writer: no more pauses."""
@@ -335,21 +343,46 @@ class Checkpointer:
             self.epoch = epoch
         self._report_failures()
         now = time.monotonic()
-        if self.channel is not None and now - self._last_heartbeat >= 1.0:
-            self._last_heartbeat = now
-            self.channel.send(protocol.HEARTBEAT, step=step, time=time.time())
+        self._heartbeat(step, now)
         if self._prewarm is None and self.async_save and self.writes and (
                 self.every_steps or self.every_seconds or self.channel is not None or self.save_on_close):
             self._start_prewarm()
         requests = self.channel.take() if self.channel is not None else None
         if self._signal_stop is not None or (requests is not None and requests.stop):
-            self._emergency_stop(requests.stop_reason if requests and requests.stop else "signal")
+            self._emergency_stop(requests.stop_reason if requests and requests.stop else "signal",
+                                 requests.stop_deadline if requests and requests.stop else None)
         if requests is not None and requests.save:
             # `ckptd save --wait`: a person or script waits for it, so no pacing
             return self.save(kind="manual", request_ids=requests.save_ids, hurry=requests.save_waited)
         if self._due(step, now):
             return self.save(kind="periodic")
         return None
+
+    def poll(self) -> None:
+        """A safe point between steps, for long stretches without ``step()`` (validation, data setup).
+
+        Cheap enough to call every batch: it sends a heartbeat (rate-limited, so ``--hang-timeout`` does
+        not fire) and, when a stop is pending (``ckptd stop``, SIGTERM, a preemption notice), writes the
+        emergency checkpoint of the last completed step with the state as it is now and raises
+        ``SystemExit(85)``. Save requests wait for the next ``step()``. Does nothing before the first
+        ``step()`` or ``restore()`` (there is no completed step to save yet).
+        """
+        if self._closed:
+            return
+        step = self._step
+        now = time.monotonic()
+        if step is not None:
+            self._heartbeat(step, now)
+        stop = self.channel.peek_stop() if self.channel is not None else None
+        if step is not None and (self._signal_stop is not None or (stop is not None and stop.stop)):
+            requests = self.channel.take() if self.channel is not None else None
+            self._emergency_stop(requests.stop_reason if requests and requests.stop else "signal",
+                                 requests.stop_deadline if requests and requests.stop else None)
+
+    def _heartbeat(self, step: int, now: float) -> None:
+        if self.channel is not None and now - self._last_heartbeat >= 1.0:
+            self._last_heartbeat = now
+            self.channel.send(protocol.HEARTBEAT, step=step, time=time.time())
 
     def save(self, step: int | None = None, kind: str = "manual", *, block: bool | None = None,
              hurry: bool = False, request_ids: list[str] | None = None) -> SaveResult:
@@ -388,7 +421,7 @@ class Checkpointer:
         encoder = Encoder()
         tree = encoder.encode(self._capture_tree(step), "")
         header, data = self._snapshot.take(encoder.tensors)
-        state_json = json.dumps(tree, separators=(",", ":"), allow_nan=False).encode()
+        state_json = state_dumps(tree)  # refuses what restore would refuse (store's bounds on state.json)
         result.stall_seconds = time.perf_counter() - t0
         result.bytes = len(header) + len(data) + len(state_json)
         self.stats["last_stall_seconds"] = result.stall_seconds
@@ -417,33 +450,45 @@ class Checkpointer:
         Invalid checkpoints met on the way are moved to ``.quarantine/`` with the reason, with a
         warning, and the next older one is tried. With ``path`` (e.g. to branch a new run from
         another run's checkpoint), exactly that checkpoint is loaded or CorruptCheckpointError raised.
+        A candidate is read into a staging buffer and verified completely before any of the run's
+        tensors is written, so one that fails leaves them exactly as they were. Says on one line
+        what it did (see :func:`_announce`).
         """
         self.wait()
         if path is not None:
             info = store.inspect_checkpoint(os.fspath(path))
             if not info.valid:
                 raise CorruptCheckpointError(info.path, info.reason)
-            tensors = self._load(info, verify_first=True)
-            return self._after_restore(info, tensors)
+            self._load(info)
+            return self._after_restore(info)
         if not os.path.isdir(self.dir):
+            _announce(f"ckptd: no checkpoint in {self.dir}: starting at step 0")
             return 0
-        store.remove_stale_temps(self.dir)
+        if self.writes:
+            store.remove_stale_temps(self.dir)
         candidates = list(reversed(store.list_checkpoints(self.dir)))
-        for idx, info in enumerate(candidates):
-            if not info.valid:
-                store.quarantine(self.dir, info.name, info.reason)
-                continue
-            older_left = any(c.valid for c in candidates[idx + 1 :])
+        for info in candidates:
             try:
-                # Streaming verification writes into the model before the checksum is known;
-                # that is only safe when an older checkpoint can overwrite a bad read.
-                tensors = self._load(info, verify_first=not older_left)
+                if not info.valid:
+                    raise CorruptCheckpointError(info.path, info.reason)
+                self._load(info)
             except CorruptCheckpointError as exc:
-                store.quarantine(self.dir, info.name, exc.reason)
+                self._set_aside(info, exc.reason)
                 continue
-            return self._after_restore(info, tensors)
-        log.info("ckptd: no valid checkpoint in %s; starting from step 0", self.dir)
+            except FileNotFoundError:
+                log.info("ckptd: checkpoint %s disappeared while being read (moved by another process)", info.path)
+                continue
+            return self._after_restore(info)
+        _announce(f"ckptd: no {'valid ' if candidates else ''}checkpoint in {self.dir}: starting at step 0")
         return 0
+
+    def _set_aside(self, info: store.CheckpointInfo, reason: str) -> None:
+        """Quarantine an invalid checkpoint; a rank that does not write only skips it (rank 0 moves it)."""
+        if self.writes:
+            store.quarantine(self.dir, info.name, reason)
+        else:
+            log.warning("ckptd: checkpoint %s is invalid (%s); skipped (rank %d leaves it to rank 0)",
+                        info.name, reason, self.rank)
 
     def close(self) -> None:
         """Finish the save in flight and write the final checkpoint (``save_on_close``)."""
@@ -538,11 +583,16 @@ class Checkpointer:
                 self._failures.append(exc)
             if self.channel is not None:
                 self.channel.send(protocol.SAVE_FAILED, step=result.step, kind=result.kind,
-                                  request_id=",".join(result.request_ids), error=str(exc))
+                                  request_id=",".join(result.request_ids), request_ids=result.request_ids,
+                                  error=str(exc))
             return
         result.persist_seconds = time.perf_counter() - t0
         self.stats["saves"] += 1
         self.stats["last_persist_seconds"] = result.persist_seconds
+        # What a save of this state costs when nobody paces it: the emergency stop's deadline estimate.
+        recent = self.stats.setdefault("recent_save_seconds", [])
+        recent.append(round(result.stall_seconds + result.persist_seconds - result.paused_seconds, 6))
+        del recent[:-EMERGENCY_HISTORY]
         self._committed_step = result.step
         self._notify_saved(result)
 
@@ -563,7 +613,8 @@ class Checkpointer:
     def _notify_saved(self, result: SaveResult) -> None:
         if self.channel is not None:
             self.channel.send(protocol.SAVED, step=result.step, path=result.path, kind=result.kind,
-                              request_id=",".join(result.request_ids), bytes=result.bytes,
+                              request_id=",".join(result.request_ids), request_ids=result.request_ids,
+                              bytes=result.bytes,
                               seconds=result.stall_seconds + result.persist_seconds,
                               paused_seconds=result.paused_seconds)
 
@@ -605,23 +656,60 @@ class Checkpointer:
             return
         self._signal_stop = signum  # only record; the next step() does the work
 
-    def _emergency_stop(self, reason: str) -> None:
+    def _emergency_stop(self, reason: str, deadline: float | None = None) -> None:
+        """Write the emergency checkpoint of the current step and exit 85, or exit 86 saying why not.
+
+        ``deadline`` (unix time, from the supervisor's ``stop``: a cloud notice or the grace period):
+        a save that cannot finish by then is not started (:meth:`_too_late`); the last committed
+        checkpoint stays the one to resume from.
+        """
         step = self._step
         log.warning("ckptd: stop requested (%s); writing an emergency checkpoint of step %s", reason, step)
         code = exitcodes.PREEMPTED
+        why_not: str | None = None
         try:
-            self.wait()
+            self.wait()  # the save in flight hurries; its time counts against the deadline, it may be this step
             self._report_failures()
-            result = self.save(kind="emergency", block=True)
-            if result.error is not None:
-                raise result.error
+            why_not = self._too_late(step, deadline)
+            if why_not is None:
+                result = self.save(kind="emergency", block=True)
+                if result.error is not None:
+                    raise result.error
+            else:
+                log.error("ckptd: %s", why_not)
+                code = exitcodes.STOPPED_NO_CHECKPOINT
         except (CkptdError, OSError) as exc:
             log.error("ckptd: emergency checkpoint failed: %s", exc)
             code = exitcodes.STOPPED_NO_CHECKPOINT
+            why_not = f"the emergency checkpoint failed: {exc}"
         if self.channel is not None:
-            self.channel.send(protocol.STOPPING, step=step, exit_code=code)
+            self.channel.send(protocol.STOPPING, step=step, exit_code=code, reason=why_not)
         self._shutdown()
         raise SystemExit(code)
+
+    def emergency_save_estimate(self) -> float | None:
+        """Seconds an emergency checkpoint is expected to need: the longest of this run's last
+        ``EMERGENCY_HISTORY`` durable saves (snapshot + unpaced persist) x ``EMERGENCY_FACTOR`` +
+        ``EMERGENCY_MARGIN``. None before the first durable save of this process."""
+        recent = self.stats.get("recent_save_seconds") or []
+        return max(recent) * EMERGENCY_FACTOR + EMERGENCY_MARGIN if recent else None
+
+    def _too_late(self, step: int | None, deadline: float | None) -> str | None:
+        """Why the emergency checkpoint must not be started before ``deadline``, or None when it fits."""
+        if deadline is None or step is None or step == self._committed_step:
+            return None  # no deadline, nothing to save, or the save just waited for was this very step
+        left = deadline - time.time()
+        estimate = self.emergency_save_estimate()
+        need = EMERGENCY_MARGIN if estimate is None else estimate
+        if left >= need:
+            return None
+        how = (f"about {need:.1f} s (the longest of the last {len(self.stats['recent_save_seconds'])} saves x "
+               f"{EMERGENCY_FACTOR:g} + {EMERGENCY_MARGIN:g} s)" if estimate is not None else
+               f"at least {need:g} s (no save of this run to estimate from)")
+        kept = (f"step {self._committed_step}" if self._committed_step is not None else
+                os.path.basename(self.resumed_from) if self.resumed_from else "none")
+        return (f"not starting the emergency checkpoint of step {step}: {max(left, 0.0):.1f} s left before the "
+                f"deadline, a save needs {how}; the last committed checkpoint ({kept}) is kept")
 
     def _shutdown(self) -> None:
         self._closed = True
@@ -640,18 +728,34 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ restoring internals
 
-    def _load(self, info: store.CheckpointInfo, verify_first: bool) -> dict[str, torch.Tensor]:
-        if verify_first:
-            checked = store.verify(info.path)
-            if not checked.valid:
-                raise CorruptCheckpointError(info.path, checked.reason)
+    def _load(self, info: store.CheckpointInfo) -> None:
+        """Read, verify, then apply one checkpoint. Until every byte has verified and the state has
+        decoded, the run's tensors and objects are untouched; CorruptCheckpointError otherwise."""
         tree = _read_state_json(info)
-        tensors = _read_tensors(info, self._live_tensors(), check=self._check_model_keys)
-        self._apply_tree(tree, tensors)
-        return tensors
+        staged = _read_tensors(info, self._live_tensors(), check=self._check_model_keys, staging=self._staging)
+        try:
+            _check_state(decode(tree, staged.source.__getitem__), info)  # every tag, before applying
+        except StateDecodeError as exc:
+            raise CorruptCheckpointError(info.path, f"{store.STATE}: {exc}") from None
+        staged.apply()
+        self._apply_tree(decode(tree, staged.result.__getitem__))
+        self._restored_tensors = staged.result
+
+    def _staging(self, nbytes: int, pinned: bool) -> torch.Tensor:
+        """Host memory to read a candidate into before it verified: the reused snapshot buffer when this
+        rank saves (restore then doubles as its prewarm), else a temporary buffer."""
+        if not self.writes:
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+        if self._prewarm is not None:
+            self._prewarm.result()
+        snap = self._snapshot
+        if snap.buffer is None or snap.buffer.numel() < nbytes or (pinned and not snap.buffer.is_pinned()):
+            snap._allocate(nbytes, pinned)  # no zeroing: the read touches every page
+        assert snap.buffer is not None
+        return snap.buffer[:nbytes]
 
     def _live_tensors(self) -> dict[str, torch.Tensor]:
-        """The run's current tensors under their checkpoint keys: restore reads straight into them."""
+        """The run's current tensors under their checkpoint keys: restore copies verified data into them."""
         enc = Encoder()
         try:
             enc.encode(self._capture_tree(0), "")
@@ -659,11 +763,11 @@ class Checkpointer:
             return {}
         return enc.tensors
 
-    def _check_model_keys(self, path: str, entries: list[tuple[str, Any]]) -> None:
+    def _check_model_keys(self, path: str, entries: list[store.TensorEntry]) -> None:
         if self.model is None:
             return
         model_sd = self.model.state_dict()
-        saved = {k[6:]: meta for k, meta in entries if k.startswith("model/")}
+        saved = {e.key[6:]: e for e in entries if e.key.startswith("model/")}
         wanted = {k for k, v in model_sd.items() if isinstance(v, torch.Tensor)}
         missing, unexpected = wanted - set(saved), set(saved) - wanted
         problems = []
@@ -672,20 +776,17 @@ class Checkpointer:
         if unexpected:
             problems.append(f"not in the model: {', '.join(sorted(unexpected)[:5])}")
         for k in sorted(wanted & set(saved)):
-            t, meta = model_sd[k], saved[k]
-            if list(t.shape) != meta.get("shape") or DTYPES.get(t.dtype) != meta.get("dtype"):
-                problems.append(f"{k}: checkpoint has {meta.get('dtype')}{meta.get('shape')}, "
+            t, e = model_sd[k], saved[k]
+            if tuple(t.shape) != e.shape or DTYPES.get(t.dtype) != e.dtype:
+                problems.append(f"{k}: checkpoint has {e.dtype}{list(e.shape)}, "
                                 f"model has {DTYPES.get(t.dtype)}{list(t.shape)}")
                 break
         if problems:
             raise CkptdError(f"checkpoint {path} does not fit this model ({'; '.join(problems)}); "
                              "build the same model architecture, or start a new run in another --dir")
 
-    def _apply_tree(self, tree: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        def tensor(key: str) -> torch.Tensor:
-            return tensors[key]
-
-        state = decode(tree, tensor)
+    def _apply_tree(self, state: dict[str, Any]) -> None:
+        """Apply a decoded state that :func:`_check_state` accepted."""
         if self.model is not None:
             model_state = state.get("model", {})
             if any(not isinstance(v, torch.Tensor) for v in model_state.values()):
@@ -704,17 +805,18 @@ class Checkpointer:
         self.user.update(state.get("user") or {})
         self.metrics = dict(state.get("metrics") or {})
         restore_rng(state.get("rng") or {})
-        progress = state.get("progress") or {}
+        progress = state["progress"]
         self.epoch = progress.get("epoch")
-        self._restored_step = int(progress["step"])
+        self._restored_step = progress["step"]
 
-    def _after_restore(self, info: store.CheckpointInfo, tensors: Mapping[str, torch.Tensor]) -> int:
+    def _after_restore(self, info: store.CheckpointInfo) -> int:
         step = self._restored_step
+        tensors, self._restored_tensors = self._restored_tensors, {}
         self._step = self._committed_step = step
         self._last_save_time = time.monotonic()
         if os.path.dirname(os.path.abspath(info.path)) == self.dir:
             self.resumed_from = info.name
-        log.info("ckptd: restored %s (step %d)", info.path, step)
+        _announce(f"ckptd: resumed from step {step}: {info.path}")
         if self._prewarm is None and self.async_save and self.writes:
             self._start_prewarm(tensors)  # the state's size is known now; the first save will not page-fault
         if self.channel is not None:
@@ -722,56 +824,178 @@ class Checkpointer:
         return step
 
 
-def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
-                  check: Callable[[str, list[tuple[str, Any]]], None] | None = None) -> dict[str, torch.Tensor]:
-    """Read a checkpoint's tensors, straight into ``live`` tensors of the same key, dtype and shape.
+def _announce(line: str) -> None:
+    """The one line restore() always says: an INFO record when logging is configured for the ``ckptd``
+    logger (it or an ancestor has a handler), else printed to stderr, so a plain script shows it too
+    (logging's last-resort handler would only show warnings)."""
+    if log.hasHandlers():
+        log.info("%s", line)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
-    The checksum is verified while reading (store.read_into); ``check(path, entries)`` may refuse
-    the header before anything is read.
+
+def _check_state(state: Any, info: store.CheckpointInfo) -> None:
+    """Types of every part of a decoded state that restore applies (StateDecodeError naming it)."""
+    if not isinstance(state, dict):
+        raise StateDecodeError("the state is not an object")
+    progress = state.get("progress")
+    if not isinstance(progress, dict) or progress.get("step") != info.step or isinstance(progress.get("step"), bool):
+        raise StateDecodeError(f"progress/step is not the manifest's step {info.step}")
+    epoch = progress.get("epoch")
+    if epoch is not None and (not isinstance(epoch, int) or isinstance(epoch, bool)):
+        raise StateDecodeError(f"progress/epoch {epoch!r} is not an integer")
+    for name in ("extra", "user", "metrics", "model"):
+        if not isinstance(state.get(name, {}), dict):
+            raise StateDecodeError(f"{name} is not an object")
+    if not all(isinstance(e, dict) for e in state.get("extra", {}).values()):
+        raise StateDecodeError("extra holds an entry that is not an object")
+    check_rng(state.get("rng") or {})
+
+
+@dataclass
+class _Staged:
+    """A verified tensor file, read but not yet applied.
+
+    ``source``: every tensor's verified data (staging views, or fresh tensors where no live tensor
+    of that key, dtype and shape exists). ``result``: what the state holds after :meth:`apply`
+    (the live tensors, or the same fresh tensors).
+    """
+
+    source: dict[str, torch.Tensor]
+    result: dict[str, torch.Tensor]
+    copies: list[tuple[torch.Tensor, torch.Tensor]]  # (live target, staging view)
+
+    def apply(self) -> None:
+        """Copy the staged data into the live tensors (libc memmove over up to COPY_THREADS threads)."""
+        _copy_pairs(self.copies)
+        self.copies = []
+
+
+def _copy_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    fast = [(d, s) for d, s in pairs if d.is_cpu and d.is_contiguous() and s.numel()]
+    slow = [(d, s) for d, s in pairs if not (d.is_cpu and d.is_contiguous())]
+    total = sum(_nbytes(s) for _, s in fast)
+    parts: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(COPY_THREADS)]
+    loads = [0] * COPY_THREADS
+    for d, s in sorted(fast, key=lambda ds: -_nbytes(ds[1])):  # largest first: greedy balance
+        i = loads.index(min(loads))
+        parts[i].append((d, s))
+        loads[i] += _nbytes(s)
+
+    def run(part: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for d, s in part:
+            ctypes.memmove(d.data_ptr(), s.data_ptr(), _nbytes(s))  # same dtype and shape: bytes are the value
+
+    if total < PARALLEL_COPY_BYTES or COPY_THREADS < 2:
+        run([p for part in parts for p in part])
+    else:
+        with ThreadPoolExecutor(COPY_THREADS - 1, thread_name_prefix="ckptd-copy") as pool:
+            others = [pool.submit(run, part) for part in parts[1:]]
+            run(parts[0])
+            for f in others:
+                f.result()
+    with torch.no_grad():
+        for d, s in slow:
+            d.copy_(s, non_blocking=d.is_cuda)
+    for device in {d.device for d, _ in slow if d.is_cuda}:
+        torch.cuda.current_stream(device).synchronize()
+
+
+STAGING_ALIGN = 64  # every staged tensor starts cache-line aligned (and so aligned for its dtype)
+
+
+def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
+                  check: Callable[[str, list[store.TensorEntry]], None] | None = None,
+                  staging: Callable[[int, bool], torch.Tensor] | None = None) -> _Staged:
+    """Read and verify a checkpoint's tensor file without touching ``live``.
+
+    Order: the header is read and checked structurally (store.parse_safetensors_header: known
+    dtypes, shapes matching byte spans that tile the file, so nothing allocated can exceed the
+    file); ``check(path, entries)`` may refuse it (a different model), which counts only once the
+    whole file's checksum matched (else the checkpoint is corrupt, whatever its header says). Then
+    every byte is read (store.read_into, checksummed in file order): data for a live tensor of the
+    same key, dtype and shape into ``staging(nbytes, pinned)``, everything else into fresh tensors.
+    Raises CorruptCheckpointError unless the whole file matches the manifest's size and checksum.
     """
     path = os.path.join(info.path, store.TENSORS)
+    if store.TENSORS not in info.manifest["files"]:
+        raise CorruptCheckpointError(info.path, f"{store.TENSORS} is not listed in the manifest")
     rec = info.manifest["files"][store.TENSORS]
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    h = store.new_hasher()
-    with os.fdopen(fd, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        header, data_start = store.read_safetensors_header(f, path, size)
-        f.seek(0)
-        h.update(f.read(data_start))
-        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                         key=lambda kv: kv[1]["data_offsets"][0])
-        if check is not None:
-            check(info.path, entries)
-        out: dict[str, torch.Tensor] = {}
-        dests: list[torch.Tensor] = []
-        pending_copies = []
-        for key, meta in entries:
-            dtype = TORCH_DTYPES.get(meta.get("dtype"))
-            if dtype is None:
-                raise CorruptCheckpointError(info.path, f"tensor {key!r} has unknown dtype {meta.get('dtype')!r}")
-            shape = meta.get("shape")
-            target = live.get(key)
-            if target is not None and (target.dtype != dtype or list(target.shape) != shape):
-                target = None  # e.g. optimizer state of another shape: load_state_dict replaces it
-            if target is not None and target.is_cpu and target.is_contiguous():
-                dest = target  # straight into place: no second copy
-            else:
-                dest = torch.empty(shape, dtype=dtype)
-                if target is not None:
-                    pending_copies.append((target, dest))
-            a, b = meta["data_offsets"]
-            if _nbytes(dest) != b - a:
-                raise CorruptCheckpointError(info.path, f"tensor {key!r}: shape {shape} does not match its byte span")
-            dests.append(dest)
-            out[key] = target if target is not None else dest
-        views = (memoryview(byte_view(t).numpy()).cast("B") for t in dests if t.numel())
-        end = store.read_into(f.fileno(), data_start, views, h, path)
-    if h.hexdigest() != rec[store.HASH] or end != rec["bytes"] or end != size:
+    try:
+        size = os.fstat(fd).st_size
+        if size != rec["bytes"]:
+            raise CorruptCheckpointError(info.path, f"{store.TENSORS} is {size} bytes, manifest says {rec['bytes']}")
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
+            lead, body = store.read_header_bytes(f, path, size)
+        h = store.new_hasher()
+        h.update(lead)
+        h.update(body)
+        data_start = 8 + len(body)
+        try:
+            _, entries = store.parse_safetensors_header(body, info.path, size - data_start)
+            if check is not None:
+                check(info.path, entries)
+        except CkptdError:
+            # Believe nothing the header says until the bytes verified: a damaged header is corruption.
+            _hash_rest(fd, data_start, size, h, path)
+            if h.hexdigest() != rec[store.HASH]:
+                raise CorruptCheckpointError(info.path, f"{store.TENSORS} checksum mismatch "
+                                                        "(content altered or corrupted)") from None
+            raise
+        staged, reads = _plan(entries, live, staging)
+        views = (memoryview(byte_view(t).numpy()).cast("B") for t in reads if t.numel())
+        end = store.read_into(fd, data_start, views, h, path)
+    finally:
+        os.close(fd)
+    if h.hexdigest() != rec[store.HASH] or end != size:
         raise CorruptCheckpointError(info.path, f"{store.TENSORS} checksum mismatch (content altered or corrupted)")
-    with torch.no_grad():
-        for target, src in pending_copies:
-            target.copy_(src)
-    return out
+    return staged
+
+
+def _plan(entries: list[store.TensorEntry], live: Mapping[str, torch.Tensor],
+          staging: Callable[[int, bool], torch.Tensor] | None) -> tuple[_Staged, list[torch.Tensor]]:
+    """Where each tensor's bytes go (returned in file order): a staging slice for a live tensor,
+    else a fresh tensor."""
+    layout: list[tuple[store.TensorEntry, torch.dtype, torch.Tensor | None, int]] = []
+    off = 0
+    for e in entries:
+        dtype = TORCH_DTYPES[e.dtype]
+        target = live.get(e.key) if staging is not None else None
+        if target is not None and (target.dtype != dtype or tuple(target.shape) != e.shape):
+            target = None  # e.g. optimizer state of another shape: load_state_dict replaces it
+        layout.append((e, dtype, target, off if target is not None else -1))
+        if target is not None:
+            off += -(-(e.end - e.start) // STAGING_ALIGN) * STAGING_ALIGN
+    pinned = any(t is not None and t.is_cuda for _, _, t, _ in layout)
+    buf = staging(max(off, 1), pinned) if off and staging is not None else None
+    source: dict[str, torch.Tensor] = {}
+    result: dict[str, torch.Tensor] = {}
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+    reads: list[torch.Tensor] = []
+    for e, dtype, target, at in layout:
+        if target is None:
+            src = torch.empty(e.shape, dtype=dtype)  # bounded: the header's spans tile the file
+            result[e.key] = src
+        else:
+            assert buf is not None
+            src = buf[at : at + e.end - e.start].view(dtype).view(e.shape)
+            result[e.key] = target
+            copies.append((target, src))
+        source[e.key] = src
+        reads.append(src)
+    return _Staged(source, result, copies), reads
+
+
+def _hash_rest(fd: int, offset: int, size: int, h: Any, path: str) -> None:
+    """Feed the file's bytes from ``offset`` to ``h`` through a small buffer (nothing kept)."""
+    buf = memoryview(bytearray(store.CHUNK))
+    while offset < size:
+        n = os.preadv(fd, [buf[: min(len(buf), size - offset)]], offset)
+        if n == 0:
+            raise CorruptCheckpointError(os.path.dirname(path), f"{store.TENSORS} ends early (truncated)")
+        h.update(buf[:n])
+        offset += n
 
 
 def _read_state_json(info: store.CheckpointInfo) -> Any:
@@ -782,7 +1006,10 @@ def _read_state_json(info: store.CheckpointInfo) -> Any:
     raw = store.read_small(os.path.join(info.path, store.STATE), store.MAX_STATE_BYTES)
     if store.digest_bytes(raw) != files[store.STATE][store.HASH]:
         raise CorruptCheckpointError(info.path, f"{store.STATE} checksum mismatch")
-    return json.loads(raw)
+    tree = store.load_json(raw, info.path, store.STATE, store.MAX_STATE_DEPTH, store.MAX_STATE_VALUES)
+    if not isinstance(tree, dict):
+        raise CorruptCheckpointError(info.path, f"{store.STATE} is not a JSON object")
+    return tree
 
 
 def _jsonable_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -806,5 +1033,8 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not info.valid:
         raise CorruptCheckpointError(info.path, info.reason)
     tree = _read_state_json(info)
-    tensors = _read_tensors(info, {})  # checksums verified while reading
-    return decode(tree, tensors.__getitem__)
+    staged = _read_tensors(info, {})  # fresh tensors, checksums verified
+    try:
+        return decode(tree, staged.result.__getitem__)
+    except StateDecodeError as exc:
+        raise CorruptCheckpointError(info.path, f"{store.STATE}: {exc}") from None

@@ -15,13 +15,16 @@ Tagged JSON objects (a single key) keep types JSON lacks:
 from __future__ import annotations
 
 import base64
+import json
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import store
 from .errors import UnsupportedStateError
 
 # safetensors dtype names
@@ -102,33 +105,108 @@ def _join(path: str, key: object) -> str:
     return f"{path}/{key}" if path else str(key)
 
 
-def decode(tree: Any, tensor: Callable[[str], torch.Tensor]) -> Any:
-    """Rebuild a tree made by :class:`Encoder`; ``tensor(key)`` returns the loaded tensor."""
+class StateDecodeError(ValueError):
+    """state.json holds something the encoder never writes (a damaged or forged checkpoint)."""
+
+
+# Every tag decodes only from a fixed table or a checked shape: nothing is looked up by name in a module.
+TORCH_DTYPE_NAMES: dict[str, torch.dtype] = {
+    str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)}
+NP_SCALAR_DTYPES: dict[str, np.dtype] = {
+    np.dtype(n).str: np.dtype(n) for n in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16",
+                                           "uint32", "uint64", "float16", "float32", "float64")}
+NP_TENSOR_DTYPES = frozenset((torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                              torch.float16, torch.float32, torch.float64)) | frozenset(
+    getattr(torch, n) for n in ("uint16", "uint32", "uint64") if hasattr(torch, n))
+FLOATS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+_DEVICE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}(:[0-9]{1,6})?$")
+
+
+def decode(tree: Any, tensor: Callable[[str], torch.Tensor], path: str = "") -> Any:
+    """Rebuild a tree made by :class:`Encoder`; ``tensor(key)`` returns the loaded tensor.
+
+    Raises StateDecodeError naming the path of anything the encoder does not write: an unknown
+    dtype or device, a reference to a missing tensor, a malformed tag.
+    """
     if isinstance(tree, list):
-        return [decode(v, tensor) for v in tree]
+        return [decode(v, tensor, _join(path, i)) for i, v in enumerate(tree)]
     if not isinstance(tree, dict):
         return tree
     if len(tree) == 1:
         (tag, val), = tree.items()
+        if tag in _TAGS:
+            try:
+                return _decode_tag(tag, val, tensor, path)
+            except StateDecodeError:
+                raise
+            except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+                raise StateDecodeError(f"{path or '/'}: bad {tag} value ({type(exc).__name__}: {exc})") from None
+    return {k: decode(v, tensor, _join(path, k)) for k, v in tree.items()}
+
+
+def _decode_tag(tag: str, val: Any, tensor: Callable[[str], torch.Tensor], path: str) -> Any:
+    def bad(what: str) -> StateDecodeError:
+        return StateDecodeError(f"{path or '/'}: {tag} {what}: {str(val)[:80]!r}")
+
+    if tag in ("__t", "__np"):
+        if not isinstance(val, str):
+            raise bad("is not a tensor name")
+        t = tensor(val)
         if tag == "__t":
-            return tensor(val)
-        if tag == "__np":
-            return tensor(val).numpy()
-        if tag == "__npscalar":
-            return tensor(val[1]).numpy().view(np.dtype(val[0]))[0]
-        if tag == "__tuple":
-            return tuple(decode(v, tensor) for v in val)
-        if tag == "__dict":
-            return {_hashable(decode(k, tensor)): decode(v, tensor) for k, v in val}
-        if tag == "__float":
-            return float(val)
-        if tag == "__dtype":
-            return getattr(torch, val)
-        if tag == "__device":
-            return torch.device(val)
-        if tag == "__bytes":
-            return base64.b64decode(val)
-    return {k: decode(v, tensor) for k, v in tree.items()}
+            return t
+        if t.dtype not in NP_TENSOR_DTYPES:
+            raise bad(f"names a {t.dtype} tensor, which NumPy has no type for")
+        return t.numpy()
+    if tag == "__npscalar":
+        if not (isinstance(val, list) and len(val) == 2 and isinstance(val[0], str) and isinstance(val[1], str)):
+            raise bad("is not [dtype, tensor name]")
+        dt = NP_SCALAR_DTYPES.get(val[0])
+        if dt is None:
+            raise bad("has a dtype that is not a NumPy number type")
+        t = tensor(val[1])
+        if t.numel() * t.element_size() != dt.itemsize:
+            raise bad(f"tensor is not one {dt} value")
+        return byte_view(t).numpy().view(dt)[0]
+    if tag == "__tuple":
+        if not isinstance(val, list):
+            raise bad("is not a list")
+        return tuple(decode(v, tensor, _join(path, i)) for i, v in enumerate(val))
+    if tag == "__dict":
+        if not (isinstance(val, list) and all(isinstance(p, list) and len(p) == 2 for p in val)):
+            raise bad("is not a list of [key, value] pairs")
+        out = {}
+        for k, v in val:
+            key = _hashable(decode(k, tensor, _join(path, "key")))
+            hash(key)  # TypeError (a dict as a key) -> StateDecodeError above
+            out[key] = decode(v, tensor, _join(path, key))
+        return out
+    if tag == "__float":
+        if not isinstance(val, str) or val not in FLOATS:
+            raise bad("is not nan, inf or -inf")
+        return FLOATS[val]
+    if tag == "__dtype":
+        if not isinstance(val, str) or val not in TORCH_DTYPE_NAMES:
+            raise bad("is not a torch dtype")
+        return TORCH_DTYPE_NAMES[val]
+    if tag == "__device":
+        if not isinstance(val, str) or not _DEVICE_RE.match(val):
+            raise bad("is not a device like cpu or cuda:0")
+        return torch.device(val)
+    # __bytes
+    if not isinstance(val, str):
+        raise bad("is not base64 text")
+    return base64.b64decode(val, validate=True)
+
+
+def dumps(tree: Any) -> bytes:
+    """state.json's bytes for an encoded tree; refuses a state restore would refuse (store's bounds)."""
+    raw = json.dumps(tree, separators=(",", ":"), allow_nan=False).encode()
+    problem = "" if len(raw) <= store.MAX_STATE_BYTES else f"is {len(raw)} bytes, more than {store.MAX_STATE_BYTES}"
+    problem = problem or store.json_bounds_problem(raw, store.MAX_STATE_DEPTH, store.MAX_STATE_VALUES)
+    if problem:
+        raise UnsupportedStateError(f"the state's non-tensor part (state.json) {problem}; store large data as "
+                                    "tensors or NumPy arrays, which go to the tensor file")
+    return raw
 
 
 def _hashable(k: Any) -> Any:
@@ -157,16 +235,39 @@ def capture_rng() -> dict[str, Any]:
     return rng
 
 
+def check_rng(rng: Any) -> None:
+    """Raise StateDecodeError unless ``rng`` is what :func:`capture_rng` makes, by applying each state
+    to a throwaway generator (the process's own generators are untouched)."""
+    import random
+
+    if not isinstance(rng, dict):
+        raise StateDecodeError("rng is not an object")
+    try:
+        if "python" in rng:
+            v = rng["python"]
+            random.Random().setstate((v[0], tuple(v[1]), v[2]))
+        if "numpy" in rng:
+            np.random.RandomState().set_state(tuple(rng["numpy"]))
+        if "torch" in rng:
+            torch.Generator().set_state(rng["torch"].clone())  # set_state misreads a view with an offset
+        if "cuda" in rng and not (isinstance(rng["cuda"], list) and all(
+                isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in rng["cuda"])):
+            raise TypeError("cuda states are not uint8 tensors")
+    except (TypeError, ValueError, IndexError, KeyError, RuntimeError) as exc:
+        raise StateDecodeError(f"rng: not a random generator state ({exc})") from None
+
+
 def restore_rng(rng: dict[str, Any]) -> None:
     import random
 
+    check_rng(rng)
     if "python" in rng:
         v = rng["python"]
         random.setstate((v[0], tuple(v[1]), v[2]))
     if "numpy" in rng:
         np.random.set_state(tuple(rng["numpy"]))
     if "torch" in rng:
-        torch.set_rng_state(rng["torch"])
+        torch.set_rng_state(rng["torch"].clone())
     if "cuda" in rng and torch.cuda.is_available():
         states = rng["cuda"]
         if len(states) == torch.cuda.device_count():

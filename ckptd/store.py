@@ -30,6 +30,7 @@ import mmap
 import queue
 import threading
 import logging
+import math
 import os
 import re
 import shutil
@@ -60,11 +61,19 @@ TRASH_PREFIX = ".trash-"
 KINDS = ("periodic", "emergency", "manual", "final")
 HASH = "xxh3_128"
 
-NAME_RE = re.compile(r"^step-(\d{12,20})$")
+NAME_RE = re.compile(r"^step-([0-9]{12,20})$")  # ASCII digits only: \\d also matches e.g. Arabic-Indic digits
 FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Bounds on what a checkpoint's metadata may hold (README, "On-disk format"): what real checkpoints
+# need, with wide headroom, so a damaged or hostile file is refused before it can cost much memory.
 MAX_MANIFEST_BYTES = 16 << 20
+MAX_MANIFEST_DEPTH = 16  # real: 3 (manifest / metrics / value)
 MAX_HEADER_BYTES = 100 << 20  # bound on a safetensors JSON header we are willing to parse
-MAX_STATE_BYTES = 1 << 30  # bound on state.json
+MAX_TENSORS = 500_000  # header entries; ~550 B of Python objects each once parsed (real: thousands)
+MAX_DIMS = 64
+MAX_KEY_CHARS = 4096
+MAX_STATE_BYTES = 256 << 20  # bound on state.json
+MAX_STATE_VALUES = 4_000_000  # JSON values in state.json (~50-100 B of Python objects each)
+MAX_STATE_DEPTH = 100  # nesting of state.json (real: ~10)
 CHUNK = 8 << 20  # buffered write/read/hash granularity
 DIRECT_CHUNK = 16 << 20  # O_DIRECT request size (as fast as 64 MiB here; finer steps for pacing)
 READ_CHUNK = 16 << 20  # restore read request: small enough that hashing the last one adds little after the read ends
@@ -409,6 +418,96 @@ def read_small(path: str, limit: int) -> bytes:
         os.close(fd)
 
 
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_PAIR = re.compile(rb"\[\]|\{\}")
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_bounds_problem(raw: bytes, max_depth: int, max_values: int) -> str:
+    """Why ``raw`` is too deep or holds too many values to parse (``""`` when within bounds).
+
+    A cheap scan (C-speed regex and bytes methods) before ``json.loads``: parsing a deeply nested
+    document overflows the stack, and a document of many tiny values (``[[],[],...]``) costs 20-50x
+    its size in Python objects. Counts are upper bounds (separators inside strings are not counted;
+    values are counted by their separators).
+    """
+    bare = _JSON_STRING.sub(b'""', raw)
+    brackets = bare.translate(None, _NOT_BRACKET)
+    values = bare.count(b",") + len(brackets) // 2 + 1
+    if values > max_values:
+        return f"holds about {values} JSON values, more than the {max_values} allowed"
+    depth = 0
+    while brackets:
+        inner = _JSON_PAIR.sub(b"", brackets)  # removes exactly one nesting level
+        if len(inner) == len(brackets):
+            return "has unbalanced brackets (not valid JSON)"
+        depth += 1
+        if depth > max_depth:
+            return f"is nested more than {max_depth} levels deep"
+        brackets = inner
+    return ""
+
+
+def load_json(raw: bytes, path: str, what: str, max_depth: int, max_values: int) -> Any:
+    """``json.loads`` of checkpoint metadata within bounds; CorruptCheckpointError naming ``what`` otherwise."""
+    problem = json_bounds_problem(raw, max_depth, max_values)
+    if problem:
+        raise CorruptCheckpointError(path, f"{what} {problem}")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise CorruptCheckpointError(path, f"{what} is not valid JSON ({exc})") from None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _manifest_problem(m: dict[str, Any]) -> str:
+    """The first field of a parsed manifest whose type or value is wrong (``""`` when all are right).
+
+    Every field any ckptd code reads is checked here, so listing, retention and the commands can use
+    them without further checks.
+    """
+    step = m.get("step")
+    if not _is_int(step) or not 0 <= step < 10**20:
+        return f"step {step!r} is not a non-negative integer"
+    if m.get("kind") not in KINDS:
+        return f"kind {m.get('kind')!r} is not one of {', '.join(KINDS)}"
+    created = m.get("created")
+    if not _is_number(created) or created < 0:
+        return f"created {created!r} is not a time in seconds"
+    if m.get("hash") != HASH:
+        return f"hash {m.get('hash')!r} is not {HASH}"
+    files = m.get("files")
+    if not isinstance(files, dict):
+        return "lacks a valid file list"
+    for fname, rec in files.items():
+        if not (FILE_RE.match(fname) and fname != MANIFEST and isinstance(rec, dict) and _is_int(rec.get("bytes"))
+                and rec["bytes"] >= 0 and isinstance(rec.get(HASH), str) and _HEX32.match(rec[HASH])):
+            return f"lists a bad file entry {fname!r}"
+    metrics = m.get("metrics", {})
+    if not isinstance(metrics, dict) or not all(
+            v is None or isinstance(v, (str, bool)) or _is_number(v) for v in metrics.values()):
+        return "metrics is not an object of numbers, strings, booleans or nulls"
+    epoch = m.get("epoch")
+    if epoch is not None and not _is_int(epoch):
+        return f"epoch {epoch!r} is not an integer"
+    versions = m.get("versions", {})
+    if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+        return "versions is not an object of strings"
+    if not isinstance(m.get("run_id", ""), str):
+        return "run_id is not a string"
+    return ""
+
+
 def read_manifest(path: str) -> dict[str, Any]:
     """Parse and check a checkpoint's manifest (raises CorruptCheckpointError naming the problem)."""
     mpath = os.path.join(path, MANIFEST)
@@ -420,23 +519,20 @@ def read_manifest(path: str) -> dict[str, Any]:
         if exc.errno == errno.ELOOP:
             raise CorruptCheckpointError(path, f"{MANIFEST} is a symlink") from None
         raise CorruptCheckpointError(path, f"{MANIFEST} unreadable: {exc.strerror}") from None
-    try:
-        m = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(path, f"{MANIFEST} is not valid JSON ({exc})") from None
+    m = load_json(raw, path, MANIFEST, MAX_MANIFEST_DEPTH, MAX_MANIFEST_BYTES)
     if not isinstance(m, dict):
         raise CorruptCheckpointError(path, f"{MANIFEST} is not a JSON object")
     if m.get("format") != FORMAT:
         raise CorruptCheckpointError(path, f"{MANIFEST} has format {m.get('format')!r}; this ckptd reads {FORMAT}")
-    if m.get("digest") != _digest(m):
+    try:
+        digest_ok = m.get("digest") == _digest(m)
+    except (TypeError, ValueError):
+        digest_ok = False
+    if not digest_ok:
         raise CorruptCheckpointError(path, f"{MANIFEST} digest mismatch (the manifest was altered or garbled)")
-    files = m.get("files")
-    step = m.get("step")
-    if not isinstance(files, dict) or not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise CorruptCheckpointError(path, f"{MANIFEST} lacks a valid step or file list")
-    for fname, rec in files.items():
-        if not FILE_RE.match(fname) or not isinstance(rec, dict) or not isinstance(rec.get("bytes"), int):
-            raise CorruptCheckpointError(path, f"{MANIFEST} lists a bad file entry {fname!r}")
+    problem = _manifest_problem(m)
+    if problem:
+        raise CorruptCheckpointError(path, f"{MANIFEST} {problem}")
     return m
 
 
@@ -465,7 +561,8 @@ def check_structure(path: str, manifest: dict[str, Any]) -> None:
 
 
 def inspect_checkpoint(path: str) -> CheckpointInfo:
-    """Manifest-level check of one checkpoint directory (no checksums)."""
+    """Manifest-level check of one checkpoint directory (no checksums). Never raises on its content:
+    whatever is wrong with it is reported as ``valid=False`` with the ``reason``."""
     name = os.path.basename(os.path.normpath(path))
     m_step = NAME_RE.match(name)
     info = CheckpointInfo(name=name, path=path, step=int(m_step.group(1)) if m_step else -1)
@@ -477,11 +574,14 @@ def inspect_checkpoint(path: str) -> CheckpointInfo:
     except CorruptCheckpointError as exc:
         info.valid, info.reason = False, exc.reason
         return info
+    except OSError as exc:
+        info.valid, info.reason = False, f"unreadable: {exc.strerror or exc}"
+        return info
     info.manifest = m
     info.step = m["step"]
-    info.kind = str(m.get("kind", "unknown"))
-    info.created = float(m.get("created", 0.0))
-    info.bytes = sum(int(r["bytes"]) for r in m["files"].values())
+    info.kind = m["kind"]
+    info.created = float(m["created"])
+    info.bytes = sum(r["bytes"] for r in m["files"].values())
     info.metrics = dict(m.get("metrics") or {})
     if m_step and int(m_step.group(1)) != info.step:
         info.valid, info.reason = False, f"directory name says step {int(m_step.group(1))}, manifest says {info.step}"
@@ -587,7 +687,8 @@ def hash_file(path: str, progress: Any = None) -> tuple[int, str]:
 
 
 def verify(path: str, progress: Any = None) -> CheckpointInfo:
-    """Full verification: manifest, structure, and every file's checksum."""
+    """Full verification: manifest, structure, every file's checksum, and the metadata parsed
+    and checked as ``restore()`` does (tensor header, bounds of ``state.json``)."""
     info = inspect_checkpoint(path)
     if not info.valid:
         return info
@@ -604,7 +705,32 @@ def verify(path: str, progress: Any = None) -> CheckpointInfo:
         if digest != rec.get(HASH):
             info.valid, info.reason = False, f"{fname} checksum mismatch (content altered or corrupted)"
             return info
+    try:
+        check_metadata(path, info.manifest)
+    except CorruptCheckpointError as exc:
+        info.valid, info.reason = False, exc.reason
+    except OSError as exc:
+        info.valid, info.reason = False, f"unreadable: {exc.strerror or exc}"
     return info
+
+
+def check_metadata(path: str, manifest: dict[str, Any]) -> None:
+    """The checks restore makes on a checkpoint's metadata beyond checksums (raises CorruptCheckpointError)."""
+    files = manifest["files"]
+    if TENSORS in files:
+        tpath = os.path.join(path, TENSORS)
+        with open(tpath, "rb", buffering=0, opener=_open_nofollow) as f:
+            size = os.fstat(f.fileno()).st_size
+            read_safetensors_header(f, tpath, size)
+    if STATE in files:
+        raw = read_small(os.path.join(path, STATE), MAX_STATE_BYTES)
+        problem = json_bounds_problem(raw, MAX_STATE_DEPTH, MAX_STATE_VALUES)
+        if problem:
+            raise CorruptCheckpointError(path, f"{STATE} {problem}")
+
+
+def _open_nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
 def latest_valid(root: str) -> CheckpointInfo | None:
@@ -618,39 +744,96 @@ def latest_valid(root: str) -> CheckpointInfo | None:
 # ----------------------------------------------------------------------------- safetensors
 
 
-def read_safetensors_header(f: BinaryIO, path: str, file_size: int) -> tuple[dict[str, Any], int]:
-    """Parse a safetensors header with a bounded size; returns (header, data_start)."""
+# safetensors dtype name -> element size; the names ckptd writes (state.DTYPES maps torch dtypes to them)
+DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors header, checked: known dtype, shape matching its byte span."""
+
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # offsets relative to the data section
+    end: int
+
+
+def read_header_bytes(f: BinaryIO, path: str, file_size: int) -> tuple[bytes, bytes]:
+    """The 8-byte length and the JSON header of a safetensors file, bounded; ``f`` must be at offset 0."""
     raw = f.read(8)
     if len(raw) != 8:
         raise CorruptCheckpointError(path, "tensor file shorter than its 8-byte header length")
     (n,) = struct.unpack("<Q", raw)
     if n > MAX_HEADER_BYTES or 8 + n > file_size:
-        raise CorruptCheckpointError(path, f"tensor header length {n} is out of bounds")
-    try:
-        header = json.loads(f.read(n))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(path, f"tensor header is not valid JSON ({exc})") from None
+        raise CorruptCheckpointError(path, f"tensor header length {n} is out of bounds "
+                                           f"(file {file_size} bytes, at most {MAX_HEADER_BYTES} allowed)")
+    body = f.read(n)
+    if len(body) != n:
+        raise CorruptCheckpointError(path, "tensor file ends inside its header (truncated)")
+    return raw, body
+
+
+def parse_safetensors_header(body: bytes, path: str, data_len: int) -> tuple[dict[str, Any], list[TensorEntry]]:
+    """Check a safetensors JSON header completely; returns (header, entries in file order).
+
+    Every entry needs exactly ``dtype`` (a known name), ``shape`` (a list of at most MAX_DIMS
+    non-negative ints) and ``data_offsets`` whose span is exactly the shape's bytes; together the
+    spans tile the data section (``data_len`` bytes) without holes or overlaps. So nothing in a
+    header that passes can make a reader allocate more than the file holds.
+    """
+    if body.count(b"{") > MAX_TENSORS + 2:  # every entry is an object: refuse before parsing
+        raise CorruptCheckpointError(path, f"tensor header holds more than the {MAX_TENSORS} tensors allowed")
+    header = load_json(body, path, "tensor header", 4, MAX_TENSORS * 16)
     if not isinstance(header, dict):
         raise CorruptCheckpointError(path, "tensor header is not a JSON object")
-    data_len = file_size - 8 - n
-    spans = []
-    for key, meta in header.items():
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CorruptCheckpointError(path, "tensor header __metadata__ is not an object of strings")
+    entries = []
+    for key, rec in header.items():
         if key == "__metadata__":
             continue
-        offs = meta.get("data_offsets") if isinstance(meta, dict) else None
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
-                and 0 <= offs[0] <= offs[1] <= data_len):
-            raise CorruptCheckpointError(path, f"tensor {key!r} has bad data offsets")
-        spans.append((offs[0], offs[1]))
-    spans.sort()
+        entries.append(_tensor_entry(key, rec, path, data_len))
+    entries.sort(key=lambda e: (e.start, e.end))
     pos = 0
-    for a, b in spans:
-        if a != pos:
-            raise CorruptCheckpointError(path, "tensor data has holes or overlaps")
-        pos = b
+    for e in entries:
+        if e.start != pos:
+            raise CorruptCheckpointError(path, f"tensor data has holes or overlaps (at tensor {e.key!r})")
+        pos = e.end
     if pos != data_len:
-        raise CorruptCheckpointError(path, "tensor data does not fill the file")
-    return header, 8 + n
+        raise CorruptCheckpointError(path, f"tensor data does not fill the file ({pos} of {data_len} bytes)")
+    return header, entries
+
+
+def _tensor_entry(key: str, rec: Any, path: str, data_len: int) -> TensorEntry:
+    if len(key) > MAX_KEY_CHARS:
+        raise CorruptCheckpointError(path, f"tensor name of {len(key)} characters is too long")
+    if not isinstance(rec, dict) or set(rec) != {"dtype", "shape", "data_offsets"}:
+        raise CorruptCheckpointError(path, f"tensor {key!r} needs exactly dtype, shape and data_offsets")
+    dtype, shape, offs = rec["dtype"], rec["shape"], rec["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise CorruptCheckpointError(path, f"tensor {key!r} has unknown dtype {dtype!r}")
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(_is_int(d) and d >= 0 for d in shape)):
+        raise CorruptCheckpointError(path, f"tensor {key!r} has a bad shape {str(shape)[:80]}")
+    if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)
+            and 0 <= offs[0] <= offs[1] <= data_len):
+        raise CorruptCheckpointError(path, f"tensor {key!r} has bad data offsets")
+    nbytes = DTYPE_SIZES[dtype]
+    for d in shape:
+        nbytes *= d
+    if nbytes != offs[1] - offs[0]:
+        raise CorruptCheckpointError(path, f"tensor {key!r}: shape {shape} of {dtype} is {nbytes} bytes, "
+                                           f"its data span is {offs[1] - offs[0]}")
+    return TensorEntry(key, dtype, tuple(shape), offs[0], offs[1])
+
+
+def read_safetensors_header(f: BinaryIO, path: str, file_size: int) -> tuple[dict[str, Any], int]:
+    """Read and check a safetensors header (see :func:`parse_safetensors_header`); returns (header, data_start)."""
+    _, body = read_header_bytes(f, path, file_size)
+    header, _ = parse_safetensors_header(body, path, file_size - 8 - len(body))
+    return header, 8 + len(body)
 
 
 def safetensors_header_bytes(entries: list[tuple[str, str, list[int], int]], metadata: dict[str, str] | None = None,
@@ -686,7 +869,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-_TMP_RE = re.compile(r"^\.tmp-step-\d+-(.+)-(\d+)-[0-9a-f]{8}$")
+_TMP_RE = re.compile(r"^\.tmp-step-[0-9]+-(.+)-([0-9]+)-[0-9a-f]{8}$")
+
+
+def _remove_tree(root: str, name: str) -> None:
+    """Remove ``root/name`` without following a symlink: a link is unlinked, never entered."""
+    path = os.path.join(root, name)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)  # fd-based on Linux: never follows links inside
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def remove_stale_temps(root: str) -> list[str]:
@@ -697,53 +896,108 @@ def remove_stale_temps(root: str) -> list[str]:
     host = socket.gethostname()
     for e in os.scandir(root):
         if e.name.startswith(TRASH_PREFIX):
-            shutil.rmtree(e.path, ignore_errors=True)
+            _remove_tree(root, e.name)
             removed.append(e.name)
             continue
         if not e.name.startswith(TMP_PREFIX):
             continue
         m = _TMP_RE.match(e.name)
-        if m and m.group(1) == host:
-            pid = int(m.group(2))
-            if pid != os.getpid() and _pid_alive(pid):
-                continue  # another live writer on this host
-        elif time.time() - e.stat(follow_symlinks=False).st_mtime < 3600:
-            continue  # another host's writer (shared filesystem) may still be at work
-        shutil.rmtree(e.path, ignore_errors=True)
+        try:
+            if m and m.group(1) == host:
+                pid = int(m.group(2))
+                if pid != os.getpid() and _pid_alive(pid):
+                    continue  # another live writer on this host
+            elif time.time() - e.stat(follow_symlinks=False).st_mtime < 3600:
+                continue  # another host's writer (shared filesystem) may still be at work
+        except FileNotFoundError:
+            continue  # its writer finished or another process removed it
+        _remove_tree(root, e.name)
         removed.append(e.name)
         log.info("ckptd: removed leftover temporary directory %s", e.path)
     return removed
 
 
-def quarantine(root: str, name: str, reason: str) -> str:
-    """Move a checkpoint aside into ``.quarantine/`` with the reason recorded; returns the new path."""
+def _open_dir_nofollow(name: str, dir_fd: int) -> int:
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+
+
+def quarantine(root: str, name: str, reason: str) -> str | None:
+    """Move a checkpoint aside into ``.quarantine/`` with the reason recorded; returns the new path.
+
+    Never follows a symlink: the entry is renamed as it is (a link moves as a link), and the note
+    ``QUARANTINE.json`` is created relative to directory fds opened with O_NOFOLLOW, inside the
+    moved directory, or next to it (``NAME-TIME.QUARANTINE.json``) when the entry is not a real
+    directory. Returns None when the checkpoint is already gone (another process moved it first).
+    """
     check_name(name)
-    qdir = os.path.join(root, QUARANTINE_DIR)
-    os.makedirs(qdir, mode=DIR_MODE, exist_ok=True)
-    dest = os.path.join(qdir, f"{name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}")
-    os.rename(os.path.join(root, name), dest)
-    fsync_dir(root)
-    note = {"name": name, "reason": reason, "time": time.time()}
+    dest_name = f"{name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with open(os.path.join(dest, "QUARANTINE.json"), "w") as f:
-            json.dump(note, f, indent=1)
-    except OSError:
-        pass  # the move is what matters; the note is best effort
+        try:
+            os.mkdir(QUARANTINE_DIR, DIR_MODE, dir_fd=root_fd)
+        except FileExistsError:
+            pass
+        try:
+            q_fd = _open_dir_nofollow(QUARANTINE_DIR, root_fd)
+        except OSError as exc:
+            raise CkptdError(f"{os.path.join(root, QUARANTINE_DIR)} is not a plain directory ({exc.strerror}); "
+                             "remove it so invalid checkpoints can be moved aside") from None
+        try:
+            try:
+                os.rename(name, dest_name, src_dir_fd=root_fd, dst_dir_fd=q_fd)
+            except FileNotFoundError:
+                log.info("ckptd: checkpoint %s was already moved or removed by another process", name)
+                return None
+            os.fsync(root_fd)
+            os.fsync(q_fd)
+            _write_note(q_fd, dest_name, {"name": name, "reason": reason, "time": time.time()})
+        finally:
+            os.close(q_fd)
+    finally:
+        os.close(root_fd)
+    dest = os.path.join(root, QUARANTINE_DIR, dest_name)
     log.warning("ckptd: checkpoint %s is invalid (%s); moved to %s", name, reason, dest)
     return dest
 
 
+def _write_note(q_fd: int, dest_name: str, note: dict[str, Any]) -> None:
+    """Best effort (the move is what matters): QUARANTINE.json inside the moved directory, never through a link."""
+    data = json.dumps(note, indent=1).encode()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        try:
+            d_fd = _open_dir_nofollow(dest_name, q_fd)
+        except OSError:  # a symlink or a file posing as a checkpoint: the note goes beside it
+            d_fd, fname = q_fd, f"{dest_name}.QUARANTINE.json"
+        else:
+            fname = "QUARANTINE.json"
+        try:
+            fd = os.open(fname, flags, FILE_MODE, dir_fd=d_fd)
+            try:
+                _write_all(fd, memoryview(data), fname)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        finally:
+            if d_fd != q_fd:
+                os.close(d_fd)
+    except (OSError, CkptdError):
+        pass
+
+
 def delete(root: str, name: str) -> bool:
-    """Remove a checkpoint: an atomic rename out of sight, then the files. False if already gone."""
+    """Remove a checkpoint: an atomic rename out of sight, then the files. False if already gone.
+
+    The rename moves a symlink as a link; the removal never follows one."""
     check_name(name)
     src = os.path.join(root, name)
-    trash = os.path.join(root, f"{TRASH_PREFIX}{name}-{uuid.uuid4().hex[:8]}")
+    trash_name = f"{TRASH_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
     try:
-        os.rename(src, trash)
+        os.rename(src, os.path.join(root, trash_name))
     except FileNotFoundError:
         return False
     fsync_dir(root)
-    shutil.rmtree(trash, ignore_errors=True)
+    _remove_tree(root, trash_name)
     return True
 
 

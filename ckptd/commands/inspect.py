@@ -46,11 +46,11 @@ def read_tensor_header(path: str) -> dict[str, Any]:
 def read_state_tree(path: str) -> Any:
     spath = os.path.join(path, store.STATE)
     try:
-        return json.loads(store.read_small(spath, store.MAX_STATE_BYTES))
+        raw = store.read_small(spath, store.MAX_STATE_BYTES)
     except OSError as exc:
         raise CorruptCheckpointError(path, f"{store.STATE} unreadable: {exc.strerror}") from None
-    except (ValueError, RecursionError) as exc:
-        raise CorruptCheckpointError(path, f"{store.STATE} is not valid JSON ({type(exc).__name__})") from None
+    # the same bounds as restore: a hostile state.json costs neither time nor memory
+    return store.load_json(raw, path, store.STATE, store.MAX_STATE_DEPTH, store.MAX_STATE_VALUES)
 
 
 def state_outline(tree: Any, prefix: str = "", out: list[str] | None = None, depth: int = 0) -> list[str]:

@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         ("uptime", _duration(data.get("uptime")) if data["running"] else
          f"- (started {human_time(started or 0)})"),
     ]
+    if data.get("notice"):
+        rows.append(("notice", _notice_line(data["notice"])))
     for key, value in rows:
         print(f"{key + ':':<12}{value}")
     if data["recent_events"]:
@@ -91,6 +93,22 @@ def run(args: argparse.Namespace) -> int:
                                                         "resume_step", "lost_steps", "exit_code") if e.get(k) is not None)
             print(f"  {human_time(e.get('time', 0))}  {e.get('event'):<16} {extra}")
     return 0
+
+
+def _notice_line(n: dict[str, Any]) -> str:
+    """A cloud preemption notice: pending (with the time left) or how it ended."""
+    line = f"{n.get('source')} {n.get('kind')} ({n.get('action')})"
+    deadline = n.get("deadline")
+    if isinstance(deadline, (int, float)):
+        left = deadline - time.time()
+        line += f", deadline {human_time(deadline)}" + (f" (in {left:.0f} s)" if left >= 0 else " (passed)")
+    if n.get("pending"):
+        return "PENDING: " + line
+    if n.get("committed"):
+        margin = n.get("margin_seconds")
+        return line + "; emergency checkpoint committed" + (f" {margin:.1f} s before it" if margin is not None else "")
+    return line + ("; no emergency checkpoint" + (f": {n['no_checkpoint']}" if n.get("no_checkpoint") else "")
+                   if n.get("exit_code") is not None else "")
 
 
 def _duration(seconds: float | None) -> str:

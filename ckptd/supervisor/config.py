@@ -9,6 +9,13 @@ the file, and :class:`OptionError` (exit 2, a usage error) for a command-line fl
     >>> cfg = resolve(None, {"every_steps": "100", "grace": "10"})
     >>> cfg.every_steps, cfg.grace
     (100, 10.0)
+
+Sections (``notices:``, ``slurm:``) are YAML mappings in the file; their keys are
+spelled ``section.key`` everywhere else (errors, :data:`OPTIONS`), and the values
+live in a frozen dataclass per section (``cfg.notices.source``):
+
+    >>> resolve(None, {"notices.source": "off"}).notices.source
+    'off'
 """
 
 from __future__ import annotations
@@ -30,11 +37,37 @@ MIN_EVERY_SECONDS = 1.0
 # Signals a user may pick as "checkpoint and exit for requeue" (SLURM: --signal=B:USR1@120).
 REQUEUE_SIGNALS = ("USR1", "USR2")
 
+NOTICE_SOURCES = ("auto", "aws", "gcp", "azure", "off")
+AZURE_EVENT_TYPES = ("Preempt", "Terminate", "Reboot", "Redeploy")
+
 
 class OptionError(ConfigError):
     """A bad value given on the command line: a usage error (exit 2); a bad value in the file stays exit 78."""
 
     exit_code = exitcodes.USAGE
+
+
+@dataclass(frozen=True)
+class NoticesConfig:
+    """``notices:`` - the cloud's own preemption notices (supervisor/notices.py)."""
+
+    source: str = "auto"  # auto | aws | gcp | azure | off
+    endpoint: str | None = None  # base URL of the metadata service (tests, unusual clouds)
+    poll: float = 1.0  # seconds between polls (AWS, Azure); GCP long-polls
+    rebalance: str = "log"  # AWS rebalance recommendation: log | checkpoint | stop
+    on_notice: str = "stop"  # stop: emergency checkpoint, exit 85 | checkpoint: checkpoint, keep training
+    gcp_deadline: float = 30.0  # GCP gives no time: the deadline is this long after the notice
+    azure_events: tuple[str, ...] = ("Preempt", "Terminate")  # Azure event types acted on
+
+
+@dataclass(frozen=True)
+class SlurmConfig:
+    """``slurm:`` - what to do under SLURM."""
+
+    requeue: bool = False  # `scontrol requeue $SLURM_JOB_ID` after an emergency checkpoint
+
+
+SECTIONS: dict[str, type] = {"notices": NoticesConfig, "slurm": SlurmConfig}
 
 
 @dataclass(frozen=True)
@@ -60,11 +93,14 @@ class Config:
     requeue_signal: str | None = None
     metrics_addr: str | None = None
     log_format: str = "text"
+    notices: NoticesConfig = NoticesConfig()
+    slurm: SlurmConfig = SlurmConfig()
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["keep_best"] = [f"{m}:{k}:{mode}" for m, k, mode in self.keep_best]
         out["no_restart_exit_codes"] = list(self.no_restart_exit_codes)
+        out["notices"]["azure_events"] = list(self.notices.azure_events)
         return out
 
     @property
@@ -153,6 +189,26 @@ def _addr(raw: Any) -> str:
     return f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
 
 
+def _bool(raw: Any) -> bool:
+    if not isinstance(raw, bool):
+        raise ValueError(f"expected true or false, got {raw!r}")
+    return raw
+
+
+def _url(raw: Any) -> str:
+    import urllib.parse
+
+    text = _string(raw).strip().rstrip("/")
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"expected a base URL like http://127.0.0.1:8080, got {raw!r}")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"bad port in {raw!r}") from None
+    return text
+
+
 def _list(item: Callable[[Any], Any]) -> Callable[[Any], tuple]:
     def parse(raw: Any) -> tuple:
         items = raw if isinstance(raw, (list, tuple)) else [raw]
@@ -187,10 +243,15 @@ class Option:
     metavar: str = "N"
     append: bool = False
     flag: str = ""
+    switch: bool = False  # a flag without a value that sets true
 
     @property
     def cli(self) -> str:
-        return self.flag or "--" + self.key.replace("_", "-")
+        return self.flag or "--" + self.key.replace("_", "-").replace(".", "-")
+
+    @property
+    def dest(self) -> str:
+        return self.key.replace(".", "__")
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -222,6 +283,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("metrics_addr", _addr, "Prometheus metrics address HOST:PORT (host defaults to 127.0.0.1)",
            "HOST:PORT"),
     Option("log_format", _choice("text", "json"), "stderr log format: text (default) or json", "FORMAT"),
+    Option("notices.source", _choice(*NOTICE_SOURCES), "cloud preemption notices to poll: auto (default: the cloud "
+           "this machine's DMI data names, none elsewhere), aws, gcp, azure or off", "SOURCE", flag="--notices"),
+    Option("notices.endpoint", _url, "base URL of the metadata service (default: the cloud's own)", "URL",
+           flag="--notice-endpoint"),
+    Option("notices.poll", _seconds(), "seconds between metadata polls, AWS and Azure (default 1)", "SECONDS",
+           flag="--notice-poll"),
+    Option("notices.rebalance", _choice("log", "checkpoint", "stop"), "AWS rebalance recommendation: log "
+           "(default), checkpoint or stop", "ACTION", flag="--notice-rebalance"),
+    Option("notices.on_notice", _choice("stop", "checkpoint"), "on a preemption notice: stop (emergency checkpoint, "
+           "exit 85; default) or checkpoint (and keep training)", "ACTION", flag="--on-notice"),
+    Option("notices.gcp_deadline", _seconds(), "GCP: seconds from the preemption notice to the deadline (default 30)",
+           "SECONDS", flag="--notice-gcp-deadline"),
+    Option("notices.azure_events", _list(_choice(*AZURE_EVENT_TYPES)), "Azure scheduled event type acted on "
+           "(repeatable; default Preempt and Terminate)", "TYPE", append=True, flag="--notice-azure-event"),
+    Option("slurm.requeue", _bool, "under SLURM: `scontrol requeue $SLURM_JOB_ID` after an emergency checkpoint",
+           switch=True, flag="--slurm-requeue"),
 )
 BY_KEY = {o.key: o for o in OPTIONS}
 
@@ -230,16 +307,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``--config`` and one flag per option; values stay strings until :func:`resolve`."""
     parser.add_argument("--config", metavar="FILE", help="YAML config file; command-line options override it")
     for opt in OPTIONS:
-        parser.add_argument(opt.cli, dest=opt.key, metavar=opt.metavar, help=opt.help, default=None,
-                            action="append" if opt.append else "store")
+        if opt.switch:
+            parser.add_argument(opt.cli, dest=opt.dest, help=opt.help, default=None, action="store_const", const=True)
+        else:
+            parser.add_argument(opt.cli, dest=opt.dest, metavar=opt.metavar, help=opt.help, default=None,
+                                action="append" if opt.append else "store")
 
 
 def cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {o.key: getattr(args, o.key) for o in OPTIONS if getattr(args, o.key, None) is not None}
+    return {o.key: getattr(args, o.dest) for o in OPTIONS if getattr(args, o.dest, None) is not None}
 
 
 def load_file(path: str) -> dict[str, tuple[Any, int]]:
-    """Read a YAML mapping; return ``{key: (value, line)}``. Unknown/duplicate keys are errors."""
+    """Read a YAML mapping; return ``{key: (value, line)}``. Unknown/duplicate keys are errors.
+
+    A section (``notices:``) is a mapping whose keys come back as ``notices.source``.
+    """
     import yaml
 
     try:
@@ -257,16 +340,42 @@ def load_file(path: str) -> dict[str, tuple[Any, int]]:
     if not isinstance(root, yaml.MappingNode) or not isinstance(data, dict):
         raise ConfigError(f"{path}:{root.start_mark.line + 1}: the config must be a mapping of key: value")
     out: dict[str, tuple[Any, int]] = {}
-    for key_node, _ in root.value:
+    for key_node, value_node in root.value:
         key, line = key_node.value, key_node.start_mark.line + 1
-        if key not in BY_KEY:
-            hint = difflib.get_close_matches(str(key).replace("-", "_"), BY_KEY, n=1)
-            fix = f"did you mean '{hint[0]}'?" if hint else f"known keys: {', '.join(BY_KEY)}"
-            raise ConfigError(f"{path}:{line}: unknown key '{key}'; {fix}")
-        if key in out:
-            raise ConfigError(f"{path}:{line}: key '{key}' appears twice (first on line {out[key][1]})")
+        if key in SECTIONS:
+            _check_new(path, line, key, out, top_level=True)
+            out[key] = (None, line)  # marks the section as seen (duplicates); holds no value itself
+            section = data[key]
+            if section is None:
+                continue  # `notices:` with nothing under it keeps the defaults
+            if not isinstance(value_node, yaml.MappingNode) or not isinstance(section, dict):
+                raise ConfigError(f"{path}:{line}: section '{key}' must be a mapping of key: value, e.g. "
+                                  f"'{key}:' then '  {_section_keys(key)[0]}: ...' on the next line")
+            for sub_node, _ in value_node.value:
+                full, sub_line = f"{key}.{sub_node.value}", sub_node.start_mark.line + 1
+                _check_new(path, sub_line, full, out)
+                out[full] = (section[sub_node.value], sub_line)
+            continue
+        _check_new(path, line, key, out, top_level=True)
         out[key] = (data[key], line)
-    return out
+    return {k: v for k, v in out.items() if k not in SECTIONS}
+
+
+def _section_keys(section: str) -> list[str]:
+    return [k.split(".", 1)[1] for k in BY_KEY if k.startswith(section + ".")]
+
+
+def _check_new(path: str, line: int, key: str, seen: dict[str, tuple[Any, int]], top_level: bool = False) -> None:
+    known = [k for k in BY_KEY if "." not in k] + list(SECTIONS) if top_level else list(BY_KEY)
+    if key not in known:
+        hint = difflib.get_close_matches(str(key).replace("-", "_"), known + list(BY_KEY), n=1)
+        fix = f"did you mean '{hint[0]}'?" if hint else f"known keys: {', '.join(known)}"
+        if hint and top_level and "." in hint[0]:
+            section, sub = hint[0].split(".", 1)
+            fix = f"did you mean '{sub}' in the '{section}:' section?"
+        raise ConfigError(f"{path}:{line}: unknown key '{key}'; {fix}")
+    if key in seen:
+        raise ConfigError(f"{path}:{line}: key '{key}' appears twice (first on line {seen[key][1]})")
 
 
 def resolve(config_file: str | None, overrides: dict[str, Any]) -> Config:
@@ -284,11 +393,20 @@ def resolve(config_file: str | None, overrides: dict[str, Any]) -> Config:
             values[key] = tuple(v for item in raw for v in _parse(opt, item, where, OptionError))
         else:
             values[key] = _parse(opt, raw, where, OptionError)
-    cfg = Config(**values)
+    cfg = _build(values)
     if cfg.backoff_max < cfg.backoff_base:
         error = OptionError if {"backoff_base", "backoff_max"} & set(overrides) else ConfigError
         raise error(f"backoff_max ({cfg.backoff_max}) is below backoff_base ({cfg.backoff_base}); raise it")
     return cfg
+
+
+def _build(values: dict[str, Any]) -> Config:
+    """``{"grace": 5.0, "notices.source": "aws"}`` -> ``Config(grace=5.0, notices=NoticesConfig(source="aws"))``."""
+    top = {k: v for k, v in values.items() if "." not in k}
+    for section, cls in SECTIONS.items():
+        sub = {k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(section + ".")}
+        top[section] = cls(**sub)
+    return Config(**top)
 
 
 def _parse(opt: Option, raw: Any, where: str, error: type[ConfigError] = ConfigError) -> Any:

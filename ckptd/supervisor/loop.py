@@ -24,6 +24,7 @@ from .. import env as envvars
 from .. import exitcodes, protocol
 from ..errors import CkptdError
 from . import config as configmod
+from . import notices as noticesmod
 from .clock import Clock
 from .config import Config
 from .control import ControlServer, Peer
@@ -31,9 +32,10 @@ from .journal import JOURNAL_NAME, STATE_NAME, Journal, read_json, write_json_at
 from .log import EventLog
 from .notify import CHILD_UNSET, Notifier
 from .policy import ExitStatus, Reason, RestartPolicy, classify
-from .process import Child, Processes, oom_kill_count, process_state, system_oom_kill_count
+from .process import Child, Processes, oom_kill_count, process_state, run_command, system_oom_kill_count
 from .rundir import RunLock, choose_socket_path, ensure_run_dir
 from .schedule import Schedules
+from .service import Service, ServiceView
 from .states import ChildState, StateMachine
 from .watch import CheckpointView, DirWatcher
 
@@ -55,6 +57,12 @@ class StopRequest:
     deadline_wall: float
     waiters: list[Peer] = field(default_factory=list)
     confirmed: bool = False  # a trainer reported its emergency checkpoint committed
+    notice: noticesmod.Notice | None = None  # the cloud notice that asked for this stop
+    signalled: bool = False  # a SIGTERM/SIGINT arrived after that notice (the same preemption)
+    committed_at: float | None = None  # unix time the emergency checkpoint was reported committed
+    committed_step: int | None = None
+    no_checkpoint: str | None = None  # why the trainer did not write one (it says so in `stopping`)
+    acked: set[str] = field(default_factory=set)  # Azure events acknowledged
 
 
 @dataclass
@@ -97,6 +105,7 @@ class Supervisor:
                                     base=cfg.backoff_base, cap=cfg.backoff_max, same_step_limit=cfg.same_step_crashes,
                                     start_failure_limit=cfg.start_failures)
         self.notifier = Notifier.from_env()
+        self.service = Service(self.notifier)  # what systemd hears: docs/systemd.md
         self.schedules = Schedules(self.post)
         self.watcher = DirWatcher(self.root, self.post)
         self.view = CheckpointView(self.root)
@@ -113,7 +122,6 @@ class Supervisor:
         self._resume: dict[str, Any] | None = None  # set between a crash and the restart it leads to
         self._backoff_until: float | None = None
         self._fs_due: float | None = None
-        self._watchdog_due: float | None = None
         self._journaled: set[str] = set()  # checkpoint names already in the journal
         self._retired: set[str] = set()  # names our retention deleted
         self._resumed_from: str | None = None  # pinned: retention never deletes the checkpoint a run resumed from
@@ -122,6 +130,10 @@ class Supervisor:
         self._faults: dict[str, int] = {}  # where the loop caught an unexpected error, how often
         self.journal: Journal | None = None
         self.control: ControlServer | None = None
+        self.notices: noticesmod.Poller | None = None
+        self.notice: dict[str, Any] | None = None  # the last cloud notice acted on (`ckptd status`)
+        self._notice_saves: dict[str, str] = {}  # save request id -> Azure event to acknowledge after it
+        self._pending_acks: list[str] = []  # Azure events that arrived during a stop already under way
 
     # --- entry ----------------------------------------------------------------------------------
 
@@ -182,13 +194,12 @@ class Supervisor:
                 self.last_checkpoint = _ckpt_record(latest.name, latest.step, latest.kind, latest.created)
             self.watcher.start()
             self._apply_schedules()
+            self._guarded("notices", self._start_notices)
             self._event("info", "start", f"supervising {' '.join(self.argv)} in {self.root} (run {self.run_id})",
                         pid=os.getpid(), argv=self.argv, dir=self.root,
-                        resume_from=latest.step if latest else None, config=self.cfg.as_dict())
-            if self.notifier.watchdog_interval:
-                self._watchdog_due = self.clock.monotonic()
+                        resume_from=latest.step if latest else None, config=self.cfg.as_dict(), **_slurm_env())
             self._spawn()
-            self.notifier.send("READY=1", f"STATUS=running {os.path.basename(self.argv[-1])}")
+            self.service.ready(self._service_view(), self.clock.monotonic(), self.clock.time())
             while not self.sm.terminal:
                 self._tick()
         finally:
@@ -232,7 +243,7 @@ class Supervisor:
     def _timeout(self) -> float:
         now = self.clock.monotonic()
         life = self.life
-        due = [t for t in (self._fs_due, self._backoff_until, self._watchdog_due,
+        due = [t for t in (self._fs_due, self._backoff_until, self.service.next_due(),
                            life.deadline if life else None, life.stacks_due if life else None,
                            self._hang_due(), self.control.next_due() if self.control else None) if t is not None]
         return max(0.0, min([IDLE_WAKE + now, *due]) - now)
@@ -246,6 +257,10 @@ class Supervisor:
         elif kind == "fs":
             if self._fs_due is None:
                 self._fs_due = self.clock.monotonic() + FS_DEBOUNCE
+        elif kind == "notice":
+            self._on_notice(event[1])
+        elif kind == "notice_log":
+            self.log(event[1], "notices", event[2])
 
     def _on_signal_event(self, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -257,7 +272,7 @@ class Supervisor:
         if signum == configmod.signal_number(self.cfg.requeue_signal):
             self._request_stop(f"{name} (requeue)")
         elif signum in (signal.SIGTERM, signal.SIGINT):
-            self._request_stop(name, force=self.stop is not None)
+            self._request_stop(name, force=self._second_stop(name))
         elif signum == signal.SIGUSR1:
             self._request_save(name)
         elif signum == signal.SIGHUP:
@@ -282,9 +297,7 @@ class Supervisor:
         hang_due = self._hang_due()
         if hang_due is not None and now >= hang_due and self.life is not None:
             self._hang(self.life)
-        if self._watchdog_due is not None and now >= self._watchdog_due:
-            self.notifier.send("WATCHDOG=1")
-            self._watchdog_due = now + (self.notifier.watchdog_interval or IDLE_WAKE)
+        self.service.tick(self._service_view(), self.clock.monotonic(), self.clock.time())
 
     def _hang_due(self) -> float | None:
         if self.sm.state is not S.RUNNING or not self.cfg.hang_timeout or self.control is None:
@@ -424,6 +437,8 @@ class Supervisor:
                                 tail=list(life.stderr_tail))
 
     def _why_no_checkpoint(self, life: Life, status: ExitStatus) -> str:
+        if self.stop is not None and self.stop.no_checkpoint:
+            return f"stopped without an emergency checkpoint: {self.stop.no_checkpoint}"
         if not life.connected:
             return ("stopped; no emergency checkpoint: the script never connected to ckptd "
                     "(it does not use ckptd.Checkpointer, or it had not created one yet)")
@@ -526,17 +541,24 @@ class Supervisor:
     def _end(self, state: ChildState, code: int, why: str) -> None:
         self.exit_code = code
         self.sm.to(state)
+        if self.stop is not None:
+            self._guarded("after the stop", self._after_stop, code)
         self._event("info" if code in (0, exitcodes.PREEMPTED) else "warning", "end",
                     f"{why}; exiting with {code} ({exitcodes.DESCRIPTIONS.get(code, 'child exit code')})",
                     exit_code=code, restarts=self.restarts)
 
     # --- requests -------------------------------------------------------------------------------
 
-    def _request_stop(self, reason: str, *, force: bool = False, waiter: Peer | None = None) -> str:
+    def _request_stop(self, reason: str, *, force: bool = False, waiter: Peer | None = None,
+                      notice: noticesmod.Notice | None = None) -> str:
         now = self.clock.monotonic()
         if self.stop is None:
-            self.stop = StopRequest(uuid.uuid4().hex[:12], reason, now + self.cfg.grace,
-                                    self.clock.time() + self.cfg.grace)
+            grace = self.cfg.grace
+            if notice is not None and notice.deadline is not None:  # the platform's deadline replaces the grace
+                grace = max(1.0, notice.deadline - self.clock.time())
+            self.stop = StopRequest(uuid.uuid4().hex[:12], reason, now + grace,
+                                    notice.deadline if notice and notice.deadline is not None
+                                    else self.clock.time() + grace, notice=notice)
             self.notifier.send("STOPPING=1", f"STATUS=stopping ({reason})")
             self._begin_stop()
         elif force and self.life is not None:
@@ -568,8 +590,10 @@ class Supervisor:
             life.deadline = stop.deadline
             self.sm.to(S.STOPPING)
         via = "control channel" if trainers else "SIGTERM"
+        grace = round(stop.deadline - self.clock.monotonic(), 3) if stop.notice else self.cfg.grace
         self._event("info", "stop_requested", f"stop requested ({stop.reason}): asked the trainer via {via}; "
-                    f"grace {self.cfg.grace:g} s", reason=stop.reason, via=via, grace=self.cfg.grace)
+                    + (f"deadline in {grace:.1f} s" if stop.notice else f"grace {grace:g} s"),
+                    reason=stop.reason, via=via, grace=grace, deadline=stop.deadline_wall)
         self._save_state()
 
     def _force_stop(self, life: Life, reason: str) -> None:
@@ -581,7 +605,8 @@ class Supervisor:
         self._event("warning", "stop_forced", f"second {reason}: SIGTERM to pid {life.child.pid}, "
                     f"SIGKILL in {self.cfg.force_grace:g} s", reason=reason)
 
-    def _request_save(self, source: str, *, kind: str = "manual", waiter: Peer | None = None) -> str | None:
+    def _request_save(self, source: str, *, kind: str = "manual", waiter: Peer | None = None,
+                      hurry: bool = False) -> str | None:
         trainers = self.control.trainers() if self.control and self.sm.state is S.RUNNING else []
         if not trainers:
             why = {S.STOPPING: "the trainer is stopping", S.KILLING: "the trainer is being killed",
@@ -593,7 +618,7 @@ class Supervisor:
         request_id = uuid.uuid4().hex[:12]
         for peer in trainers:
             self.control.send(peer, protocol.SAVE, request_id=request_id, kind=kind,  # type: ignore[union-attr]
-                              wait=waiter is not None)
+                              wait=waiter is not None or hurry)
         self.saves[request_id] = [waiter] if waiter else []
         if waiter is not None:
             waiter.waiting = True
@@ -619,6 +644,110 @@ class Supervisor:
         active = self.schedules.apply(self.cfg.every, self.cfg.cron)
         if active:
             self.log("info", "schedule", "checkpoint schedule: " + ", ".join(active.values()))
+
+    # --- cloud preemption notices (supervisor/notices.py) ---------------------------------------
+
+    def _start_notices(self) -> None:
+        self.notices, line = noticesmod.start(self.cfg.notices, self.post)
+        self.log("info", "notices", line)
+
+    def _on_notice(self, notice: noticesmod.Notice) -> None:
+        fields = notice.fields()
+        if notice.withdrawn:
+            self._event("info", "notice_withdrawn", f"{notice.source}: {notice.detail}; training goes on", **fields)
+            return
+        lead = f", deadline in {notice.deadline - self.clock.time():.1f} s" if notice.deadline is not None else ""
+        todo = {"stop": "emergency checkpoint, then stop", "checkpoint": "checkpoint and keep training",
+                "log": "nothing to do"}[notice.action]
+        self._event("warning" if notice.action != "log" else "info", "notice",
+                    f"{notice.source} {notice.kind} notice: {notice.detail}{lead}; {todo}",
+                    state=self.sm.state.value, **fields)
+        if notice.action == "stop":
+            if self.stop is not None:  # a second notice, or a notice after SIGTERM: one emergency checkpoint
+                self.log("info", "notices", f"a stop is already under way ({self.stop.reason}): "
+                         "one emergency checkpoint, not two")
+                if notice.event_id and (self.stop.committed_at is not None or self.sm.terminal):
+                    self._acknowledge_notices(notice.event_id)
+                elif notice.event_id:
+                    self._pending_acks.append(notice.event_id)
+                return
+            self.notice = {**fields, "pending": True}
+            self._request_stop(f"{notice.source} {notice.kind} notice", notice=notice)
+            self._save_state()
+        elif notice.action == "checkpoint":
+            self.notice = {**fields, "pending": True}
+            request_id = self._request_save(f"the {notice.source} {notice.kind} notice", hurry=True)
+            if request_id is None:
+                self._acknowledge_notices(notice.event_id)
+            elif notice.event_id:
+                self._notice_saves[request_id] = notice.event_id
+            self._save_state()
+
+    def _second_stop(self, name: str) -> bool:
+        """A second stop takes the fast path, except the platform's SIGTERM after its own notice: that is
+        the same preemption, and the emergency checkpoint already under way keeps the notice's deadline."""
+        stop = self.stop
+        if stop is None:
+            return False
+        if stop.notice is not None and not stop.signalled:
+            stop.signalled = True
+            self.log("info", "notices", f"{name} after the {stop.reason}: the same preemption; "
+                     "the emergency checkpoint under way goes on (a second signal forces the stop)")
+            return False
+        return True
+
+    def _acknowledge_notices(self, event_id: str | None = None) -> None:
+        """Let the platform go ahead (Azure StartRequests): the stop's events, or one event."""
+        if self.notices is None:
+            return
+        ids = [event_id] if event_id else [i for i in (
+            [self.stop.notice.event_id if self.stop and self.stop.notice else None] + self._pending_acks) if i]
+        for i in ids:
+            if self.stop is not None and i in self.stop.acked:
+                continue
+            if self.stop is not None:
+                self.stop.acked.add(i)
+            self.notices.acknowledge(i)
+
+    def _after_stop(self, code: int) -> None:
+        """The run ends after a stop: journal how the notice went, acknowledge it, requeue under SLURM."""
+        stop = self.stop
+        assert stop is not None
+        notice = stop.notice
+        if notice is not None:
+            committed = code == exitcodes.PREEMPTED
+            at = stop.committed_at
+            if committed and at is None and self.last_checkpoint and self.last_checkpoint.get("kind") == "emergency":
+                at = self.last_checkpoint.get("time")
+            margin = round(notice.deadline - at, 3) if committed and at is not None and notice.deadline else None
+            result = {"committed": committed, "committed_at": at, "step": stop.committed_step,
+                      "margin_seconds": margin, "before_deadline": None if margin is None else margin >= 0,
+                      "no_checkpoint": stop.no_checkpoint, "exit_code": code}
+            self._event("info" if committed else "warning", "notice_result",
+                        f"{notice.source} {notice.kind} notice: " + (
+                            f"emergency checkpoint committed {margin:.1f} s before the deadline" if margin is not None
+                            else "emergency checkpoint committed" if committed
+                            else "no emergency checkpoint; the last committed one stays"),
+                        source=notice.source, kind=notice.kind, received=notice.received, deadline=notice.deadline,
+                        lead_seconds=notice.lead, **result)
+            if self.notice is not None:
+                self.notice.update(pending=False, **result)
+        self._acknowledge_notices()
+        if self.cfg.slurm.requeue and code == exitcodes.PREEMPTED and stop.reason != "ckptd stop":
+            self._slurm_requeue()
+
+    def _slurm_requeue(self) -> None:
+        job = os.environ.get("SLURM_JOB_ID")
+        if not job:
+            self.log("warning", "slurm", "slurm.requeue is set but SLURM_JOB_ID is not: not running under SLURM, "
+                     "nothing requeued")
+            return
+        argv = ["scontrol", "requeue", job]
+        code, output = run_command(argv, timeout=30.0)
+        level = "info" if code == 0 else "error"
+        self._event(level, "slurm_requeue", f"{' '.join(argv)}: " + ("job requeued" if code == 0 else
+                    f"failed ({output or f'exit {code}'}); requeue the job by hand"),
+                    job_id=job, exit_code=code, output=output)
 
     # --- control channel ------------------------------------------------------------------------
 
@@ -658,6 +787,11 @@ class Supervisor:
         name = os.path.basename(path.rstrip("/"))
         if kind == "emergency" and self.stop is not None:
             self.stop.confirmed = True
+            if self.stop.committed_at is None:
+                self.stop.committed_at, self.stop.committed_step = self.clock.time(), step
+            self._acknowledge_notices()  # the checkpoint is durable: the platform may go ahead
+        for request_id in _request_ids(msg):
+            self._acknowledge_notices(self._notice_saves.pop(request_id, None))
         self.last_checkpoint = _ckpt_record(name, step, kind, self.clock.time())
         if name not in self._journaled:
             self._journaled.add(name)
@@ -671,6 +805,8 @@ class Supervisor:
     def _msg_trainer_save_failed(self, peer: Peer, msg: dict[str, Any]) -> None:
         self._event("error", "save_failed", f"checkpoint failed in the trainer: {msg.get('error')}",
                     step=msg.get("step"), kind=msg.get("kind"), error=msg.get("error"))
+        for request_id in _request_ids(msg):
+            self._acknowledge_notices(self._notice_saves.pop(request_id, None))
         self._answer_waiters(msg, protocol.SAVE_FAILED)
 
     def _answer_waiters(self, msg: dict[str, Any], reply: str) -> None:
@@ -690,6 +826,11 @@ class Supervisor:
         self._saw_step(msg.get("step"))
         self.log("info", "stopping", f"trainer pid {peer.pid} is exiting with {msg.get('exit_code')} "
                  f"at step {_fmt(msg.get('step'))}")
+        reason = msg.get("reason")
+        if isinstance(reason, str) and reason and self.stop is not None and self.stop.no_checkpoint is None:
+            self.stop.no_checkpoint = reason[:2000]
+            self._event("warning", "emergency_skipped", f"trainer pid {peer.pid}: {self.stop.no_checkpoint}",
+                        pid=peer.pid, step=msg.get("step"), reason=self.stop.no_checkpoint)
 
     def _msg_client_save(self, peer: Peer, msg: dict[str, Any]) -> None:
         wait = bool(msg.get("wait"))
@@ -804,6 +945,7 @@ class Supervisor:
             "last_exit": self.last_exit, "started": self.started,
             "uptime": round(self.clock.time() - self.started, 3), "exit_code": self.exit_code,
             "socket": self.control.path if self.control else None, "updated": self.clock.time(),
+            "notice": self.notice,
         }
 
     def _save_state(self) -> None:
@@ -824,6 +966,8 @@ class Supervisor:
         if self.life is not None:  # an exception escaped the loop: leave nothing running
             self.procs.kill_all(self.life.child)
         self.schedules.shutdown()
+        if self.notices is not None:
+            self.notices.close()  # sends the acknowledgements asked for, bounded
         self.watcher.stop()
         if self.control is not None:
             if self.stop is not None:
@@ -857,6 +1001,15 @@ def _request_ids(msg: dict[str, Any]) -> list[str]:
     if isinstance(ids, list):
         return [str(i) for i in ids if i]
     return [i for i in str(msg.get("request_id") or "").split(",") if i]  # older trainers joined them with ","
+
+
+def _slurm_env() -> dict[str, Any]:
+    """SLURM's view of this job for the journal's `start` event (requeued jobs count their restarts)."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return {}
+    count = os.environ.get("SLURM_RESTART_COUNT", "")
+    return {"slurm": {"job_id": os.environ["SLURM_JOB_ID"],
+                      "restart_count": int(count) if count.isdigit() else 0}}
 
 
 def _ckpt_record(name: str, step: Any, kind: Any, created: float) -> dict[str, Any]:

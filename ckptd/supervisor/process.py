@@ -280,3 +280,22 @@ def oom_kill_count() -> int:
         except (OSError, ValueError):
             continue
     return 0
+
+
+def run_command(argv: list[str], timeout: float) -> tuple[int | None, str]:
+    """Run a short command to its end (``scontrol requeue``); returns (exit code or None, its output).
+
+    Called from the loop's thread, which is also the only one that reaps: the command's exit cannot be
+    collected by :meth:`Processes.reap` before ``subprocess`` waits for it.
+    """
+    import subprocess
+
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        return None, f"{argv[0]} not found on PATH"
+    except subprocess.TimeoutExpired:
+        return None, f"{argv[0]} did not finish within {timeout:g} s"
+    except OSError as exc:
+        return None, f"cannot run {argv[0]}: {exc.strerror or exc}"
+    return done.returncode, (done.stdout + done.stderr).strip()[-2000:]

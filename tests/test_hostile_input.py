@@ -1,0 +1,474 @@
+"""Damaged and crafted checkpoints: restore falls back, never half-writes the model, never writes
+outside the root; listing never raises; hostile sizes are refused before they cost memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ckptd
+from ckptd import state, store
+from ckptd.errors import CkptdError, CorruptCheckpointError
+
+from conftest import ROOT, small_model, wait_for
+
+NEWEST, OLDER = "step-000000000020", "step-000000000010"
+
+
+def _tensor_file(ckpt: str) -> str:
+    return os.path.join(ckpt, store.TENSORS)
+
+
+def _edit_header(ckpt: str, edit) -> None:
+    """Rewrite the JSON header in place (same length, padded with spaces); the data is untouched."""
+    path = _tensor_file(ckpt)
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        body = edit(header)
+        body = body if isinstance(body, bytes) else json.dumps(header, separators=(",", ":")).encode()
+        assert len(body) <= n
+        f.seek(8)
+        f.write(body + b" " * (n - len(body)))
+
+
+def _resign(ckpt: str) -> None:
+    """What someone who can rewrite a checkpoint and its manifest together does: make it verify."""
+    mpath = os.path.join(ckpt, store.MANIFEST)
+    m = json.load(open(mpath))
+    for fname in m["files"]:
+        size, digest = store.hash_file(os.path.join(ckpt, fname))
+        m["files"][fname] = {"bytes": size, store.HASH: digest}
+    m["digest"] = store._digest(m)
+    open(mpath, "w").write(json.dumps(m))
+
+
+def _flip_data_byte(ckpt: str, back: int = 100) -> None:
+    path = _tensor_file(ckpt)
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) - back)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+def _checkpointer(root: str, seed: int = 99, **kw) -> tuple[ckptd.Checkpointer, torch.nn.Module]:
+    model, opt = small_model(seed=seed)
+    return ckptd.Checkpointer(model=model, optimizer=opt, dir=root, handle_signals=False, save_on_close=False,
+                              **kw), model
+
+
+def _set_shape(shape):
+    def edit(h):
+        h["model/0.weight"]["shape"] = shape
+    return edit
+
+
+def _drop_shape(h):
+    del h["model/0.weight"]["shape"]
+
+
+HEADER_EDITS = {
+    "17x8": _set_shape([17, 8]),  # the two-byte edit: `[16,8]` -> `[17,8]`
+    "negative": _set_shape([-16, 8]),
+    "non-numeric": _set_shape(["16", 8]),
+    "missing": _drop_shape,
+    "huge": _set_shape([1 << 40, 1 << 40]),  # 4 TiB and more, were it believed
+}
+
+
+# ---------------------------------------------------------------------------- restore (items 1, 2)
+
+
+def test_two_byte_shape_edit_is_corruption_not_a_different_model(make_checkpoints):
+    root = make_checkpoints([10, 20])
+    path = _tensor_file(os.path.join(root, NEWEST))
+    data = open(path, "rb").read()
+    old = b'"model/0.weight":{"dtype":"F32","shape":[16,8]'
+    assert data.count(old) == 1
+    open(path, "r+b").write(data.replace(old, old.replace(b"[16,8]", b"[17,8]")))
+    ck, _ = _checkpointer(root)
+    assert ck.restore() == 10
+    assert not os.path.exists(os.path.join(root, NEWEST))
+    (qname,) = os.listdir(os.path.join(root, ".quarantine"))
+    assert "checksum mismatch" in json.load(open(os.path.join(root, ".quarantine", qname, "QUARANTINE.json")))["reason"]
+
+
+@pytest.mark.parametrize("case", sorted(HEADER_EDITS))
+def test_damaged_tensor_header_is_quarantined_and_the_previous_checkpoint_used(make_checkpoints, case):
+    root = make_checkpoints([10, 20])
+    _edit_header(os.path.join(root, NEWEST), HEADER_EDITS[case])
+    ck, model = _checkpointer(root)
+    assert ck.restore() == 10  # no RuntimeError / TypeError / huge allocation
+    assert [i.step for i in store.list_checkpoints(root)] == [10]
+    assert os.listdir(os.path.join(root, ".quarantine"))
+    assert torch.equal(model[0].weight, ckptd.load_state(os.path.join(root, OLDER))["model"]["0.weight"])
+
+
+@pytest.mark.parametrize("case", sorted(HEADER_EDITS))
+def test_re_signed_invalid_header_is_corrupt_for_verify_and_restore(make_checkpoints, case):
+    root = make_checkpoints([10, 20])
+    newest = os.path.join(root, NEWEST)
+    _edit_header(newest, HEADER_EDITS[case])
+    _resign(newest)  # the checksums match now; the header itself is still impossible
+    info = store.verify(newest)
+    assert not info.valid and "model/0.weight" in info.reason
+    ck, _ = _checkpointer(root)
+    assert ck.restore() == 10
+    assert not os.path.exists(newest)
+
+
+def _snapshot(model, opt=None):
+    out = {k: v.clone() for k, v in model.state_dict().items()}
+    return out
+
+
+def test_every_checkpoint_damaged_restores_nothing_and_leaves_the_model_bit_identical(make_checkpoints):
+    root = make_checkpoints([10, 20, 30])
+    _flip_data_byte(os.path.join(root, "step-000000000030"))
+    _edit_header(os.path.join(root, NEWEST), HEADER_EDITS["17x8"])
+    _flip_data_byte(os.path.join(root, OLDER), back=8)  # in the last tensor
+    model, opt = small_model(seed=5)
+    opt.zero_grad()
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()  # live optimizer state exists too: a restore target
+    before = _snapshot(model)
+    before_opt = {(i, k): v.clone() for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root, handle_signals=False, save_on_close=False)
+    assert ck.restore() == 0
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    after_opt = {(i, k): v for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
+    assert all(torch.equal(v, after_opt[k]) for k, v in before_opt.items())
+    assert store.list_checkpoints(root) == []
+
+
+def test_verified_checkpoint_of_another_model_is_left_alone(make_checkpoints):
+    root = make_checkpoints([3])
+    model, opt = small_model(width=32)
+    before = _snapshot(model)
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root, handle_signals=False)
+    with pytest.raises(CkptdError, match="does not fit this model"):
+        ck.restore()
+    assert os.path.isdir(os.path.join(root, "step-000000000003"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_restore_says_one_line_on_stderr_without_logging_configured(make_checkpoints, tmp_path):
+    root = make_checkpoints([4])
+    code = ("import sys; sys.path.insert(0, 'tests'); import ckptd; from conftest import small_model; "
+            "m, o = small_model(); print(ckptd.Checkpointer(model=m, optimizer=o, dir=sys.argv[1], "
+            "handle_signals=False, save_on_close=False).restore())")
+    r = subprocess.run([sys.executable, "-c", code, root], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "4", r.stderr
+    assert r.stderr.splitlines() == [f"ckptd: resumed from step 4: {os.path.join(root, 'step-000000000004')}"]
+    empty = str(tmp_path / "empty")
+    r = subprocess.run([sys.executable, "-c", code, empty], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "0", r.stderr
+    assert r.stderr.splitlines() == [f"ckptd: no checkpoint in {empty}: starting at step 0"]
+
+
+# ---------------------------------------------------------------------------- symlinks (item 3)
+
+
+def _tree(path):
+    return sorted((os.path.relpath(os.path.join(d, n), path), os.lstat(os.path.join(d, n)).st_mtime_ns)
+                  for d, dirs, files in os.walk(path) for n in dirs + files)
+
+
+def test_quarantine_of_a_symlinked_step_directory_writes_nothing_outside_the_root(make_checkpoints, tmp_path):
+    root = make_checkpoints([10])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep")
+    before = _tree(str(outside))
+    os.symlink(outside, os.path.join(root, NEWEST))
+    ck, _ = _checkpointer(root)
+    assert ck.restore() == 10
+    assert _tree(str(outside)) == before
+    assert not os.path.lexists(os.path.join(root, NEWEST))
+    names = os.listdir(os.path.join(root, ".quarantine"))
+    link = [n for n in names if not n.endswith(".json")]
+    assert len(link) == 1 and os.path.islink(os.path.join(root, ".quarantine", link[0]))
+    assert f"{link[0]}.QUARANTINE.json" in names
+
+
+def test_symlinked_quarantine_directory_is_refused(make_checkpoints, tmp_path):
+    root = make_checkpoints([10, 20])
+    _flip_data_byte(os.path.join(root, NEWEST))
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, os.path.join(root, ".quarantine"))
+    ck, _ = _checkpointer(root)
+    with pytest.raises(CkptdError, match="not a plain directory"):
+        ck.restore()
+    assert os.listdir(outside) == [] and os.path.isdir(os.path.join(root, NEWEST))
+
+
+def test_prune_and_temp_cleanup_remove_links_never_their_targets(make_checkpoints, tmp_path):
+    root = make_checkpoints([10])
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep")
+    before = _tree(str(outside))
+    os.symlink(outside, os.path.join(root, NEWEST))
+    os.symlink(outside, os.path.join(root, ".trash-x"))
+    os.symlink(outside, os.path.join(root, ".tmp-step-000000000021-otherhost-1-abcdef01"))
+    os.utime(os.path.join(root, ".tmp-step-000000000021-otherhost-1-abcdef01"), (0, 0), follow_symlinks=False)
+    assert store.delete(root, NEWEST)
+    assert sorted(store.remove_stale_temps(root)) == [".tmp-step-000000000021-otherhost-1-abcdef01", ".trash-x"]
+    assert _tree(str(outside)) == before
+    assert sorted(os.listdir(root)) == [OLDER]
+
+
+# ---------------------------------------------------------------------------- ranks (item 4)
+
+RESTORER = """
+import os, sys, time
+sys.path.insert(0, 'tests')
+import ckptd
+from conftest import small_model
+go = sys.argv[2]
+deadline = time.monotonic() + 60
+while not os.path.exists(go):  # start together: the race is the point
+    if time.monotonic() > deadline:
+        sys.exit('no go signal')
+    time.sleep(0.001)
+m, o = small_model(seed=1)
+print(ckptd.Checkpointer(model=m, optimizer=o, dir=sys.argv[1], handle_signals=False, save_on_close=False).restore())
+"""
+
+
+def _race(root, tmp_path, envs):
+    go = str(tmp_path / "go")
+    procs = [subprocess.Popen([sys.executable, "-c", RESTORER, root, go], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **e}) for e in envs]
+    open(go, "w").close()
+    outs = [p.communicate(timeout=120) for p in procs]
+    return [(p.returncode, out.strip(), err) for p, (out, err) in zip(procs, outs)]
+
+
+def test_concurrent_restores_of_a_corrupt_directory_all_fall_back_without_errors(make_checkpoints, tmp_path):
+    root = make_checkpoints([10, 20, 30])
+    _flip_data_byte(os.path.join(root, NEWEST))
+    _flip_data_byte(os.path.join(root, "step-000000000030"))
+    # two writers racing to quarantine, and rank 1 of a pair reading while they move things
+    results = _race(root, tmp_path, [{"WORLD_SIZE": "1"}] * 2 + [{"WORLD_SIZE": "2", "RANK": str(r)} for r in (0, 1)])
+    assert [(rc, out) for rc, out, _ in results] == [(0, "10")] * 4, [err for *_, err in results]
+    assert [i.step for i in store.list_checkpoints(root)] == [10]
+    assert len(os.listdir(os.path.join(root, ".quarantine"))) == 2
+
+
+def test_ranks_that_do_not_write_move_nothing(make_checkpoints, tmp_path):
+    root = make_checkpoints([10, 20])
+    _flip_data_byte(os.path.join(root, NEWEST))
+    dead = os.path.join(root, ".tmp-step-000000000030-%s-999999999-abcd0123" % os.uname().nodename)
+    os.mkdir(dead)
+    results = _race(root, tmp_path, [{"WORLD_SIZE": "4", "RANK": str(r)} for r in (1, 3)])
+    assert [(rc, out) for rc, out, _ in results] == [(0, "10")] * 2, [err for *_, err in results]
+    assert sorted(os.listdir(root)) == sorted([OLDER, NEWEST, os.path.basename(dead)])
+
+
+def test_quarantine_that_lost_the_race_is_not_an_error(make_checkpoints):
+    root = make_checkpoints([10])
+    assert store.quarantine(root, OLDER, "first") is not None
+    assert store.quarantine(root, OLDER, "second") is None
+
+
+# ---------------------------------------------------------------------------- state encoding (item 5)
+
+
+def _state_with(ckpt: str, edit) -> None:
+    spath = os.path.join(ckpt, store.STATE)
+    tree = json.load(open(spath))
+    edit(tree)
+    open(spath, "w").write(json.dumps(tree))
+    _resign(ckpt)
+
+
+BAD_TAGS = {
+    "dtype-module": {"__dtype": "os"},
+    "dtype-function": {"__dtype": "load"},
+    "npscalar-object": {"__npscalar": ["|O", "model/0.bias"]},
+    "float": {"__float": "1e5"},
+    "device": {"__device": "cuda:0 or anything"},
+    "tensor-missing": {"__t": "no/such/tensor"},
+    "tensor-not-a-name": {"__t": ["x"]},
+    "bytes": {"__bytes": "!!not base64"},
+    "dict-key-unhashable": {"__dict": [[{"a": 1}, 2]]},
+    "tuple": {"__tuple": "abc"},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TAGS))
+def test_state_tags_decode_only_from_fixed_tables(case):
+    with pytest.raises(state.StateDecodeError, match="user/x"):
+        state.decode({"user": {"x": BAD_TAGS[case]}}, {"model/0.bias": torch.zeros(4)}.__getitem__)
+
+
+def test_dtype_tag_decodes_every_torch_dtype_and_nothing_else():
+    assert state.decode({"__dtype": "bfloat16"}, {}.__getitem__) is torch.bfloat16
+    assert all(isinstance(v, torch.dtype) for v in state.TORCH_DTYPE_NAMES.values())
+    for name in ("os", "load", "nn", "Tensor", "float32 "):
+        with pytest.raises(state.StateDecodeError):
+            state.decode({"__dtype": name}, {}.__getitem__)
+
+
+@pytest.mark.parametrize("case", ["dtype-module", "npscalar-object", "tensor-missing"])
+def test_re_signed_state_with_a_bad_tag_is_quarantined_with_the_run_untouched(make_checkpoints, case):
+    root = make_checkpoints([10, 20])
+    newest = os.path.join(root, NEWEST)
+    _state_with(newest, lambda t: t["scheduler" if "scheduler" in t else "user"].update({"x": BAD_TAGS[case]}))
+    with pytest.raises(CorruptCheckpointError, match="user/x"):
+        ckptd.load_state(newest)
+    ck, _ = _checkpointer(root)
+    assert ck.restore() == 10
+    assert not os.path.exists(newest)
+
+
+def test_re_signed_state_with_a_bad_rng_or_progress_is_refused_before_the_model_is_written(make_checkpoints):
+    root = make_checkpoints([10])
+    ckpt = os.path.join(root, OLDER)
+    _state_with(ckpt, lambda t: t["rng"].update({"python": [3, [1, 2], None]}))
+    model, opt = small_model(seed=5)
+    before = _snapshot(model)
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root, handle_signals=False, save_on_close=False)
+    assert ck.restore() == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------- hostile sizes (item 6)
+
+MEASURE = """
+import resource, sys, time, json
+sys.path.insert(0, 'tests')
+import ckptd
+from ckptd import store
+what, path = sys.argv[1], sys.argv[2]
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+try:
+    if what == 'load_state':
+        ckptd.load_state(path)
+        result = 'loaded'
+    elif what == 'verify':
+        result = store.verify(path).reason
+    else:
+        result = store.inspect_checkpoint(path).reason
+except ckptd.CorruptCheckpointError as exc:
+    result = exc.reason
+print(json.dumps({'reason': result, 'seconds': time.perf_counter() - t0,
+                  'rss_mib': (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024}))
+"""
+
+
+def _measure(what: str, path: str) -> dict:
+    r = subprocess.run([sys.executable, "-c", MEASURE, what, path], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_state_json_of_many_empty_lists_is_refused_quickly_without_memory(make_checkpoints):
+    root = make_checkpoints([10])
+    ckpt = os.path.join(root, OLDER)
+    blob = b"[" + b",".join([b"[]"] * (store.MAX_STATE_VALUES + 10)) + b"]"  # 12 MB, ~400 MB once parsed
+    open(os.path.join(ckpt, store.STATE), "wb").write(blob)
+    _resign(ckpt)
+    for what in ("load_state", "verify"):
+        got = _measure(what, ckpt)
+        assert "JSON values, more than" in got["reason"], got
+        assert got["rss_mib"] < 100 and got["seconds"] < 10, got
+
+
+def test_header_of_many_empty_tensors_is_refused_quickly_without_memory(make_checkpoints):
+    root = make_checkpoints([10])
+    ckpt = os.path.join(root, OLDER)
+    entries = b",".join(b'"%d":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}' % i
+                        for i in range(store.MAX_TENSORS + 10))
+    body = b"{" + entries + b"}"
+    open(_tensor_file(ckpt), "wb").write(struct.pack("<Q", len(body)) + body)
+    _resign(ckpt)
+    for what in ("load_state", "verify"):
+        got = _measure(what, ckpt)
+        assert f"more than the {store.MAX_TENSORS} tensors allowed" in got["reason"], got
+        assert got["rss_mib"] < 100 and got["seconds"] < 10, got
+
+
+def test_deeply_nested_state_is_refused_at_save_time_not_at_restore(tmp_path):
+    model, _ = small_model()
+    ck = ckptd.Checkpointer(model=model, dir=str(tmp_path), handle_signals=False, save_on_close=False)
+    deep: list = []
+    for _ in range(store.MAX_STATE_DEPTH + 5):
+        deep = [deep]
+    ck.user["deep"] = deep
+    ck.step(1)
+    with pytest.raises(ckptd.UnsupportedStateError, match="nested more than"):
+        ck.save(block=True)
+    ck.close()
+    assert store.list_checkpoints(str(tmp_path)) == []
+
+
+# ---------------------------------------------------------------------------- manifests (item 7, store side)
+
+
+def _manifest_with(ckpt: str, edit, resign: bool = True) -> None:
+    mpath = os.path.join(ckpt, store.MANIFEST)
+    m = json.load(open(mpath))
+    edit(m)
+    if resign:
+        m["digest"] = store._digest(m)
+    open(mpath, "w").write(json.dumps(m))
+
+
+MANIFEST_EDITS = {
+    "created-yesterday": (lambda m: m.update(created="yesterday"), "created"),
+    "metrics-list": (lambda m: m.update(metrics=[1, 2]), "metrics"),
+    "metrics-nested": (lambda m: m.update(metrics={"loss": {"a": 1}}), "metrics"),
+    "step-text": (lambda m: m.update(step="x"), "step"),
+    "step-bool": (lambda m: m.update(step=True), "step"),
+    "files-list": (lambda m: m.update(files=["tensors.safetensors"]), "file list"),
+    "file-bytes-text": (lambda m: m["files"]["state.json"].update(bytes="12"), "bad file entry"),
+    "file-hash-missing": (lambda m: m["files"]["state.json"].pop("xxh3_128"), "bad file entry"),
+    "kind-list": (lambda m: m.update(kind=["periodic"]), "kind"),
+    "epoch-text": (lambda m: m.update(epoch="1"), "epoch"),
+    "versions-number": (lambda m: m.update(versions=3), "versions"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MANIFEST_EDITS))
+def test_listing_never_raises_on_manifest_content(make_checkpoints, case):
+    edit, reason = MANIFEST_EDITS[case]
+    root = make_checkpoints([10, 20])
+    _manifest_with(os.path.join(root, NEWEST), edit)
+    infos = store.list_checkpoints(root)
+    bad = [i for i in infos if i.name == NEWEST][0]
+    assert not bad.valid and reason in bad.reason
+    ck, _ = _checkpointer(root)
+    assert ck.restore() == 10
+
+
+def test_100k_deep_manifest_is_invalid_not_a_recursion_error(make_checkpoints):
+    root = make_checkpoints([10])
+    bad = os.path.join(root, NEWEST)
+    os.mkdir(bad)
+    for body in (b"[" * 100_000, b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000):
+        open(os.path.join(bad, store.MANIFEST), "wb").write(body)
+        info = [i for i in store.list_checkpoints(root) if i.name == NEWEST][0]
+        assert not info.valid and "manifest.json" in info.reason, info.reason
+    r = store.verify(bad)
+    assert not r.valid
+
+
+def test_non_ascii_digits_are_not_a_step_name(make_checkpoints):
+    root = make_checkpoints([2])
+    os.rename(os.path.join(root, "step-000000000002"), os.path.join(root, "step-" + "\u0660" * 11 + "\u0662"))
+    assert store.list_checkpoints(root) == []
+    with pytest.raises(CkptdError):
+        store.check_name("step-" + "\u0660" * 11 + "\u0662")
