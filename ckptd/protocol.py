@@ -13,7 +13,8 @@ Trainer -> supervisor
     heartbeat  {step, time}                   from every ``Checkpointer.step()`` (rate-limited)
     saved      {step, path, kind, request_id, bytes, seconds, paused_seconds}   a checkpoint was committed
     save_failed{step, kind, request_id, error}
-    stopping   {step, exit_code}              the trainer is about to exit after a stop request
+    stopping   {step, exit_code, reason}      the trainer is about to exit after a stop request; ``reason``
+                                              (exit 86) says why no emergency checkpoint was written
 
 Supervisor -> trainer
     save       {request_id, kind, wait}       checkpoint at the next safe point, keep training; with

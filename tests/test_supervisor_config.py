@@ -10,7 +10,7 @@ import yaml
 
 from ckptd import exitcodes
 from ckptd.errors import ConfigError
-from ckptd.supervisor.config import OPTIONS, Config, resolve
+from ckptd.supervisor.config import OPTIONS, SECTIONS, Config, resolve
 from fixtures.sup_helpers import PLAIN, ckptd
 
 
@@ -29,7 +29,10 @@ def test_defaults_file_and_command_line_merge_with_the_command_line_winning(tmp_
 
 def test_every_option_has_a_config_key_and_a_flag():
     keys = {o.key for o in OPTIONS}
-    assert keys == set(Config.__dataclass_fields__)
+    assert {k.split(".")[0] for k in keys} == set(Config.__dataclass_fields__)
+    for section in SECTIONS:  # sections (notices:, slurm:) have one dotted key per field
+        assert {k for k in keys if k.startswith(section + ".")} == {
+            f"{section}.{f}" for f in getattr(Config(), section).__dataclass_fields__}
     for flag in ("--dir", "--every-steps", "--every", "--cron", "--keep-last", "--grace", "--max-restarts",
                  "--restart-window", "--hang-timeout", "--metrics-addr", "--log-format"):
         assert flag in {o.cli for o in OPTIONS}

@@ -1,8 +1,9 @@
 """The Supervisor: one loop that owns the child.
 
-Signal handlers, the scheduler thread and the file-watcher thread only put events on a queue
-(``queue.SimpleQueue``, safe to use from a signal handler) and wake the selector; the loop in the
-main thread does all the work: control-socket I/O, state transitions, spawning, stopping, restarts.
+Signal handlers, the scheduler thread, the file-watcher thread and the cloud-notice poller only put
+events on a queue (``queue.SimpleQueue``, safe to use from a signal handler) and wake the selector; the
+loop in the main thread does all the work: control-socket I/O, state transitions, spawning, stopping,
+restarts.
 """
 
 from __future__ import annotations
@@ -559,7 +560,7 @@ class Supervisor:
             self.stop = StopRequest(uuid.uuid4().hex[:12], reason, now + grace,
                                     notice.deadline if notice and notice.deadline is not None
                                     else self.clock.time() + grace, notice=notice)
-            self.notifier.send("STOPPING=1", f"STATUS=stopping ({reason})")
+            self.service.stopping(reason)
             self._begin_stop()
         elif force and self.life is not None:
             self._force_stop(self.life, reason)
@@ -948,6 +949,17 @@ class Supervisor:
             "notice": self.notice,
         }
 
+    def _service_view(self) -> ServiceView:
+        trainers = self.control.trainers() if self.control else []
+        life, stop = self.life, self.stop
+        return ServiceView(
+            state=self.sm.state.value, step=self.step, last_checkpoint=self.last_checkpoint, restarts=self.restarts,
+            quiet_since=min(p.last_seen for p in trainers) if trainers else None,
+            stop_reason=stop.reason if stop else None, stop_deadline=life.deadline if life else None,
+            hang=bool(life and life.hang), backoff_until=self._backoff_until, exit_code=self.exit_code,
+            exit_text=exitcodes.DESCRIPTIONS.get(self.exit_code, "") if self.exit_code is not None else "",
+            root=self.root)
+
     def _save_state(self) -> None:
         try:
             write_json_atomic(os.path.join(self.run_dir, STATE_NAME), self.status())
@@ -980,7 +992,7 @@ class Supervisor:
             self.control.close()
         if self.exit_code is None:
             self.exit_code = exitcodes.FAILURE
-        self.notifier.send("STOPPING=1", f"STATUS=exited with {self.exit_code}")
+        self.service.exited(self.exit_code, exitcodes.DESCRIPTIONS.get(self.exit_code, "the child's exit code"))
         self.notifier.close()
         self._save_state()
         if self.journal is not None:

@@ -234,8 +234,9 @@ class Poller:
         self._wake.clear()
 
     def _request(self, method: str, path: str, headers: dict[str, str], body: bytes | None = None,
-                 timeout: float = REQUEST_TIMEOUT) -> tuple[int, http.client.HTTPMessage, bytes]:
+                 timeout: float | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
         """One HTTP request; transport failures become a :class:`Problem` named for their kind."""
+        timeout = REQUEST_TIMEOUT if timeout is None else timeout
         conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         try:
             conn.request(method, self.prefix + path, body=body, headers=headers)
@@ -291,6 +292,8 @@ class AwsPoller(Poller):
                 self._answered()
             except Problem as problem:
                 self._problem(problem)
+                if not problem.failing:
+                    self._answered()  # it answered, with something that is not a notice
             self._sleep(self._delay())
 
     def _poll_once(self) -> None:
@@ -321,7 +324,8 @@ class AwsPoller(Poller):
             if status != 200 or not body.strip():
                 raise self._status_problem(status, "the IMDSv2 token request")
             self._token = body.decode("ascii", "replace").strip()
-            self._renew_at = now + self.token_ttl * 0.8  # renewed well before the service expires it
+            # Renewed well before the service expires it: at 80 % of the TTL, or half way for short TTLs.
+            self._renew_at = now + self.token_ttl - max(self.token_ttl * 0.2, min(60.0, self.token_ttl / 2))
         return self._token
 
     def _instance_action(self, body: bytes) -> None:
@@ -454,6 +458,8 @@ class AzurePoller(Poller):
                 self._answered()
             except Problem as problem:
                 self._problem(problem)
+                if not problem.failing:
+                    self._answered()  # it answered, with something that is not a notice
             self._sleep(self._delay())
 
     def _vm_name(self) -> str:
