@@ -165,6 +165,12 @@ class _Snapshot:
             self.buffer = torch.frombuffer(mem, dtype=torch.uint8)
         self.allocations += 1
 
+    def helper(self) -> ThreadPoolExecutor:
+        """Copy threads, started once and kept (starting threads costs ~8 ms each on a busy VM)."""
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(max_workers=max(1, COPY_THREADS - 1), thread_name_prefix="ckptd-copy")
+        return self._helper
+
     def close(self) -> None:
         if self._helper is not None:
             self._helper.shutdown(wait=True)
@@ -210,9 +216,7 @@ class _Snapshot:
             _copy_into(self._dests, tensors)
         else:
             # The loop is blocked anyway: copy with COPY_THREADS threads (memmove releases the GIL).
-            if self._helper is None:
-                self._helper = ThreadPoolExecutor(max_workers=COPY_THREADS - 1, thread_name_prefix="ckptd-copy")
-            others = [self._helper.submit(_copy_into, part, tensors) for part in self._parts[1:]]
+            others = [self.helper().submit(_copy_into, part, tensors) for part in self._parts[1:]]
             try:
                 _copy_into(self._parts[0], tensors)
             finally:
@@ -737,7 +741,7 @@ class Checkpointer:
             _check_state(decode(tree, staged.source.__getitem__), info)  # every tag, before applying
         except StateDecodeError as exc:
             raise CorruptCheckpointError(info.path, f"{store.STATE}: {exc}") from None
-        staged.apply()
+        staged.apply(self._snapshot.helper() if COPY_THREADS > 1 else None)
         self._apply_tree(decode(tree, staged.result.__getitem__))
         self._restored_tensors = staged.result
 
@@ -865,13 +869,13 @@ class _Staged:
     result: dict[str, torch.Tensor]
     copies: list[tuple[torch.Tensor, torch.Tensor]]  # (live target, staging view)
 
-    def apply(self) -> None:
+    def apply(self, pool: ThreadPoolExecutor | None = None) -> None:
         """Copy the staged data into the live tensors (libc memmove over up to COPY_THREADS threads)."""
-        _copy_pairs(self.copies)
+        _copy_pairs(self.copies, pool)
         self.copies = []
 
 
-def _copy_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def _copy_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]], pool: ThreadPoolExecutor | None = None) -> None:
     fast = [(d, s) for d, s in pairs if d.is_cpu and d.is_contiguous() and s.numel()]
     slow = [(d, s) for d, s in pairs if not (d.is_cpu and d.is_contiguous())]
     total = sum(_nbytes(s) for _, s in fast)
@@ -886,12 +890,13 @@ def _copy_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         for d, s in part:
             ctypes.memmove(d.data_ptr(), s.data_ptr(), _nbytes(s))  # same dtype and shape: bytes are the value
 
-    if total < PARALLEL_COPY_BYTES or COPY_THREADS < 2:
+    if total < PARALLEL_COPY_BYTES or COPY_THREADS < 2 or pool is None:
         run([p for part in parts for p in part])
     else:
-        with ThreadPoolExecutor(COPY_THREADS - 1, thread_name_prefix="ckptd-copy") as pool:
-            others = [pool.submit(run, part) for part in parts[1:]]
+        others = [pool.submit(run, part) for part in parts[1:]]
+        try:
             run(parts[0])
+        finally:
             for f in others:
                 f.result()
     with torch.no_grad():
