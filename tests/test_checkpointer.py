@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import socket
 import subprocess
 import sys
@@ -155,7 +156,7 @@ def test_control_channel_save_and_stop_requests(tmp_path, monkeypatch):
     wait_for(lambda: sup.got("saved"), what="saved")
     saved = sup.got("saved")[0]
     assert saved["request_id"] == "r1" and saved["step"] == 2 and saved["kind"] == "manual"
-    sup.send(type="stop", request_id="r2", deadline=0, reason="test")
+    sup.send(type="stop", request_id="r2", deadline=time.time() + 60, reason="test")
     wait_for(lambda: ck.channel.peek_stop().stop, what="stop received")
     with pytest.raises(SystemExit) as exc:
         ck.step(3)
