@@ -162,7 +162,7 @@ def test_control_channel_save_and_stop_requests(tmp_path, monkeypatch):
         ck.step(3)
     assert exc.value.code == exitcodes.PREEMPTED
     wait_for(lambda: sup.got("stopping"), what="stopping")
-    assert sup.got("stopping")[0] == {"type": "stopping", "step": 3, "exit_code": 85}
+    assert sup.got("stopping")[0] == {"type": "stopping", "step": 3, "exit_code": 85, "reason": None}
     infos = store.list_checkpoints(str(tmp_path / "ck"))
     assert [(i.step, i.kind) for i in infos] == [(2, "manual"), (3, "emergency")]
     assert [m["kind"] for m in sup.got("saved")] == ["manual", "emergency"]
