@@ -17,8 +17,9 @@ RESTART_COUNT = "CKPTD_RESTART_COUNT"  # 0 on the first start, then 1, 2, ...
 CONTROL = "CKPTD_CONTROL"  # path of the supervisor's unix control socket
 STOP_DEADLINE = "CKPTD_STOP_DEADLINE"  # unix time by which a pending stop must be done ("" if none)
 EXIT_ON_STOP = "CKPTD_EXIT_CODE_PREEMPTED"  # exit code the trainer uses after an emergency save
+METRICS = "CKPTD_METRICS"  # "0": the supervisor serves no metrics, the trainer sends no metric figures
 
-ALL = (DIR, EVERY_STEPS, EVERY_SECONDS, KEEP_LAST, RUN_ID, RESTART_COUNT, CONTROL, STOP_DEADLINE)
+ALL = (DIR, EVERY_STEPS, EVERY_SECONDS, KEEP_LAST, RUN_ID, RESTART_COUNT, CONTROL, STOP_DEADLINE, METRICS)
 
 
 def get_int(name: str) -> int | None:

@@ -9,10 +9,13 @@ message on a connection is ``hello`` with ``role`` = ``trainer`` or ``client``.
 
 Trainer -> supervisor
     hello      {role: "trainer", pid, rank, restart_count}
-    restored   {step, path}                   after ``Checkpointer.restore()``
-    heartbeat  {step, time}                   from every ``Checkpointer.step()`` (rate-limited)
-    saved      {step, path, kind, request_id, bytes, seconds, paused_seconds}   a checkpoint was committed
-    save_failed{step, kind, request_id, error}
+    restored   {step, path, seconds}          after ``Checkpointer.restore()`` (``seconds`` it took)
+    heartbeat  {step, time, metrics}          from every ``Checkpointer.step()`` (rate-limited to 1/s);
+                                              ``metrics``: the numbers last given to ``step()`` (absent
+                                              when ``CKPTD_METRICS=0``)
+    saved      {step, path, kind, request_id, bytes, seconds, paused_seconds, stall_seconds}
+                                              a checkpoint was committed (``seconds``: snapshot + persist)
+    save_failed{step, kind, request_id, error, errno}
     stopping   {step, exit_code, reason}      the trainer is about to exit after a stop request; ``reason``
                                               (exit 86) says why no emergency checkpoint was written
 

@@ -45,7 +45,7 @@ def test_every_option_has_a_config_key_and_a_flag():
     ("grace: -1\n", ["grace", "> 0"]),
     ("cron: 'every day'\n", ["cron", "crontab"]),
     ("log_format: xml\n", ["log_format", "text, json"]),
-    ("metrics_addr: 'host:99999'\n", ["metrics_addr", "port"]),
+    ("metrics:\n  addr: 'host:99999'\n", [".yaml:2:", "metrics.addr", "port"]),
     ("requeue_signal: KILL\n", ["requeue_signal", "USR1"]),
     ("grace: 1\ngrace: 2\n", [".yaml:2:", "appears twice", "first on line 1"]),
     ("- a\n- b\n", ["mapping"]),
@@ -89,10 +89,13 @@ def test_a_bad_value_on_the_command_line_is_a_usage_error_and_in_the_file_a_conf
     assert not marker.exists() and not root.exists()
 
 
-def test_metrics_addr_host_defaults_to_localhost():
-    assert resolve(None, {"metrics_addr": "9464"}).metrics_addr == "127.0.0.1:9464"
-    assert resolve(None, {"metrics_addr": ":9464"}).metrics_addr == "127.0.0.1:9464"
-    assert resolve(None, {"metrics_addr": "0.0.0.0:80"}).metrics_addr == "0.0.0.0:80"
+def test_metrics_addr_host_defaults_to_localhost_and_off_disables(tmp_path):
+    assert resolve(None, {}).metrics.addr == "127.0.0.1:9477"
+    assert resolve(None, {"metrics.addr": "9464"}).metrics.addr == "127.0.0.1:9464"
+    assert resolve(None, {"metrics.addr": ":9464"}).metrics.addr == "127.0.0.1:9464"
+    assert resolve(None, {"metrics.addr": "0.0.0.0:80"}).metrics.addr == "0.0.0.0:80"
+    assert resolve(None, {"metrics.addr": "off"}).metrics.addr is None
+    assert resolve(write(tmp_path, "metrics:\n  addr: off\n  linger: 5\n"), {}).metrics.addr is None
 
 
 def test_config_check_and_show(tmp_path):

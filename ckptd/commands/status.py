@@ -84,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     if data.get("notice"):
         rows.append(("notice", _notice_line(data["notice"])))
+    if data["running"] and data.get("metrics"):
+        rows.append(("metrics", _metrics_line(data["metrics"])))
     for key, value in rows:
         print(f"{key + ':':<12}{value}")
     if data["recent_events"]:
@@ -109,6 +111,16 @@ def _notice_line(n: dict[str, Any]) -> str:
         return line + "; emergency checkpoint committed" + (f" {margin:.1f} s before it" if margin is not None else "")
     return line + ("; no emergency checkpoint" + (f": {n['no_checkpoint']}" if n.get("no_checkpoint") else "")
                    if n.get("exit_code") is not None else "")
+
+
+def _metrics_line(m: dict[str, Any]) -> str:
+    """The Prometheus endpoint: where it serves, or why not (docs/metrics.md)."""
+    if m.get("state") == "serving":
+        return f"{m.get('url')} (goodput {m.get('goodput_ratio', 0):.2f})" + (
+            f"; file_sd {m['sd_file']}" if m.get("sd_file") else "")
+    if m.get("state") == "unavailable":
+        return f"unavailable: {m.get('error')}"
+    return "off"
 
 
 def _duration(seconds: float | None) -> str:

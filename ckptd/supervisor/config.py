@@ -10,7 +10,7 @@ the file, and :class:`OptionError` (exit 2, a usage error) for a command-line fl
     >>> cfg.every_steps, cfg.grace
     (100, 10.0)
 
-Sections (``notices:``, ``slurm:``) are YAML mappings in the file; their keys are
+Sections (``notices:``, ``slurm:``, ``metrics:``) are YAML mappings in the file; their keys are
 spelled ``section.key`` everywhere else (errors, :data:`OPTIONS`), and the values
 live in a frozen dataclass per section (``cfg.notices.source``):
 
@@ -61,13 +61,22 @@ class NoticesConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """``metrics:`` - the Prometheus endpoint the supervisor serves (supervisor/metrics.py, docs/metrics.md)."""
+
+    addr: str | None = "127.0.0.1:9477"  # HOST:PORT; None (`off`) serves nothing; port 0 picks a free one
+    sd_file: str | None = None  # Prometheus file_sd entry for this run (a file, or a directory: one file per run)
+    linger: float = 0.0  # seconds the endpoint stays up after the run ended, for a last scrape
+
+
+@dataclass(frozen=True)
 class SlurmConfig:
     """``slurm:`` - what to do under SLURM."""
 
     requeue: bool = False  # `scontrol requeue $SLURM_JOB_ID` after an emergency checkpoint
 
 
-SECTIONS: dict[str, type] = {"notices": NoticesConfig, "slurm": SlurmConfig}
+SECTIONS: dict[str, type] = {"notices": NoticesConfig, "slurm": SlurmConfig, "metrics": MetricsConfig}
 
 
 @dataclass(frozen=True)
@@ -91,10 +100,10 @@ class Config:
     hang_grace: float = 5.0
     start_failures: int = 3
     requeue_signal: str | None = None
-    metrics_addr: str | None = None
     log_format: str = "text"
     notices: NoticesConfig = NoticesConfig()
     slurm: SlurmConfig = SlurmConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -189,6 +198,13 @@ def _addr(raw: Any) -> str:
     return f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
 
 
+def _metrics_addr(raw: Any) -> str | None:
+    """``off`` (or YAML false) disables the endpoint; else HOST:PORT as :func:`_addr`."""
+    if raw is False or (isinstance(raw, str) and raw.strip().lower() == "off"):
+        return None
+    return _addr(raw)
+
+
 def _bool(raw: Any) -> bool:
     if not isinstance(raw, bool):
         raise ValueError(f"expected true or false, got {raw!r}")
@@ -280,8 +296,6 @@ OPTIONS: tuple[Option, ...] = (
     Option("start_failures", _int(1), "give up when the script fails N times in a row before its first "
            "step (default 3)"),
     Option("requeue_signal", _signal_name, "signal meaning 'checkpoint and exit for requeue' (USR1|USR2)", "SIG"),
-    Option("metrics_addr", _addr, "Prometheus metrics address HOST:PORT (host defaults to 127.0.0.1)",
-           "HOST:PORT"),
     Option("log_format", _choice("text", "json"), "stderr log format: text (default) or json", "FORMAT"),
     Option("notices.source", _choice(*NOTICE_SOURCES), "cloud preemption notices to poll: auto (default: the cloud "
            "this machine's DMI data names, none elsewhere), aws, gcp, azure or off", "SOURCE", flag="--notices"),
@@ -297,6 +311,13 @@ OPTIONS: tuple[Option, ...] = (
            "SECONDS", flag="--notice-gcp-deadline"),
     Option("notices.azure_events", _list(_choice(*AZURE_EVENT_TYPES)), "Azure scheduled event type acted on "
            "(repeatable; default Preempt and Terminate)", "TYPE", append=True, flag="--notice-azure-event"),
+    Option("metrics.addr", _metrics_addr, "serve Prometheus metrics, /healthz and /status on HOST:PORT (default "
+           "127.0.0.1:9477; host defaults to 127.0.0.1; port 0 picks a free one) or 'off'", "HOST:PORT",
+           flag="--metrics-addr"),
+    Option("metrics.sd_file", _string, "write this run's target in Prometheus file_sd format to PATH (a file, or "
+           "a directory for one file per run); removed at exit", "PATH", flag="--metrics-sd-file"),
+    Option("metrics.linger", _seconds(allow_zero=True), "keep serving metrics this long after the run ended, "
+           "so Prometheus scrapes its last state (default 0)", "SECONDS", flag="--metrics-linger"),
     Option("slurm.requeue", _bool, "under SLURM: `scontrol requeue $SLURM_JOB_ID` after an emergency checkpoint",
            switch=True, flag="--slurm-requeue"),
 )

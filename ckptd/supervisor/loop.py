@@ -25,6 +25,7 @@ from .. import env as envvars
 from .. import exitcodes, protocol
 from ..errors import CkptdError
 from . import config as configmod
+from . import metrics as metricsmod
 from . import notices as noticesmod
 from .clock import Clock
 from .config import Config
@@ -64,6 +65,7 @@ class StopRequest:
     committed_step: int | None = None
     no_checkpoint: str | None = None  # why the trainer did not write one (it says so in `stopping`)
     acked: set[str] = field(default_factory=set)  # Azure events acknowledged
+    requested_at: float = 0.0  # unix time of the request
 
 
 @dataclass
@@ -135,6 +137,9 @@ class Supervisor:
         self.notice: dict[str, Any] | None = None  # the last cloud notice acted on (`ckptd status`)
         self._notice_saves: dict[str, str] = {}  # save request id -> Azure event to acknowledge after it
         self._pending_acks: list[str] = []  # Azure events that arrived during a stop already under way
+        self.metrics = metricsmod.RunMetrics(self._new_registry(), self.clock, latest_step=self._latest_step)
+        self.metrics_server: metricsmod.MetricsServer | None = None
+        self._sd_file: str | None = None
 
     # --- entry ----------------------------------------------------------------------------------
 
@@ -182,6 +187,8 @@ class Supervisor:
         # A run that did not finish (preempted, gave up, supervisor killed) keeps its id when resumed.
         self.run_id = previous.get("run_id") if previous.get("exit_code") != 0 and previous.get("run_id") \
             else uuid.uuid4().hex[:12]
+        if self.run_id == previous.get("run_id"):  # goodput counts the whole run, across `ckptd run`s
+            self.metrics.goodput.resume((previous.get("metrics") or {}).get("goodput"))
         self.journal = Journal(os.path.join(self.run_dir, JOURNAL_NAME), self.clock.time, on_error=self.log)
         self.control = ControlServer(choose_socket_path(self.root), self.sel, self.clock, self._on_message,
                                      self._on_close, self.log)
@@ -196,9 +203,11 @@ class Supervisor:
             self.watcher.start()
             self._apply_schedules()
             self._guarded("notices", self._start_notices)
+            self._guarded("metrics endpoint", self._start_metrics)
             self._event("info", "start", f"supervising {' '.join(self.argv)} in {self.root} (run {self.run_id})",
                         pid=os.getpid(), argv=self.argv, dir=self.root,
-                        resume_from=latest.step if latest else None, config=self.cfg.as_dict(), **_slurm_env())
+                        resume_from=latest.step if latest else None, config=self.cfg.as_dict(),
+                        metrics=self._metrics_endpoint(), **_slurm_env())
             self._spawn()
             self.service.ready(self._service_view(), self.clock.monotonic(), self.clock.time())
             while not self.sm.terminal:
@@ -219,6 +228,7 @@ class Supervisor:
                 break
             self._guarded(f"event {event[0]}", self._handle, event)
         self._guarded("timers", self._run_timers)
+        self._guarded("metrics", self._publish_metrics)
 
     def _guarded(self, where: str, fn: Any, *args: Any) -> Any:
         """Run one piece of loop work; an unexpected error is logged (once per place) and supervision goes on.
@@ -271,8 +281,10 @@ class Supervisor:
         if self.journal is not None:
             self.journal.append("notice", run_id=self.run_id, signal=name, state=self.sm.state.value)
         if signum == configmod.signal_number(self.cfg.requeue_signal):
+            self._metric("signal_notice", "requeue")
             self._request_stop(f"{name} (requeue)")
         elif signum in (signal.SIGTERM, signal.SIGINT):
+            self._metric("signal_notice", "signal")
             self._request_stop(name, force=self._second_stop(name))
         elif signum == signal.SIGUSR1:
             self._request_save(name)
@@ -317,6 +329,7 @@ class Supervisor:
             envvars.CONTROL: self.control.path if self.control else "",
             envvars.STOP_DEADLINE: "",
             envvars.EXIT_ON_STOP: str(exitcodes.PREEMPTED),
+            envvars.METRICS: "1" if self.cfg.metrics.addr else "0",
         })
         if self.cfg.every_steps:
             env[envvars.EVERY_STEPS] = str(self.cfg.every_steps)
@@ -422,7 +435,8 @@ class Supervisor:
         if outcome.reason is Reason.FINISHED:
             self._end(S.EXITED, exitcodes.OK, "training finished")
         elif self.stop is not None:
-            confirmed = status.code == exitcodes.PREEMPTED or self.stop.confirmed
+            # Judged by the checkpoint, not only by the exit code: torchrun exits 1 when its ranks exit 85.
+            confirmed = status.code == exitcodes.PREEMPTED or self.stop.confirmed or self._emergency_on_disk()
             self._end(S.EXITED, exitcodes.PREEMPTED if confirmed else exitcodes.STOPPED_NO_CHECKPOINT,
                       "stopped with an emergency checkpoint" if confirmed else self._why_no_checkpoint(life, status))
         elif outcome.reason is Reason.PREEMPTED:
@@ -436,6 +450,18 @@ class Supervisor:
             early = not life.stepped and (life.connected or uptime < STARTUP_WINDOW)
             self._after_failure(life.last_step, outcome.reason.value, before_first_step=early,
                                 tail=list(life.stderr_tail))
+
+    def _emergency_on_disk(self) -> bool:
+        """An emergency checkpoint committed since the stop was requested is in the directory (rescanned
+        at the exit), though no trainer reported it (a launcher's exit code hid the ranks' 85)."""
+        latest = self.view.latest()
+        stop = self.stop
+        if latest is None or stop is None or latest.kind != "emergency" or latest.created < stop.requested_at - 1.0:
+            return False
+        stop.confirmed = True
+        if stop.committed_at is None:
+            stop.committed_at, stop.committed_step = latest.created, latest.step
+        return True
 
     def _why_no_checkpoint(self, life: Life, status: ExitStatus) -> str:
         if self.stop is not None and self.stop.no_checkpoint:
@@ -559,7 +585,8 @@ class Supervisor:
                 grace = max(1.0, notice.deadline - self.clock.time())
             self.stop = StopRequest(uuid.uuid4().hex[:12], reason, now + grace,
                                     notice.deadline if notice and notice.deadline is not None
-                                    else self.clock.time() + grace, notice=notice)
+                                    else self.clock.time() + grace, notice=notice, requested_at=self.clock.time())
+            self._metric("stop_requested", self.stop.deadline_wall)
             self.service.stopping(reason)
             self._begin_stop()
         elif force and self.life is not None:
@@ -621,6 +648,7 @@ class Supervisor:
             self.control.send(peer, protocol.SAVE, request_id=request_id, kind=kind,  # type: ignore[union-attr]
                               wait=waiter is not None or hurry)
         self.saves[request_id] = [waiter] if waiter else []
+        self._metric("save_requested", request_id)
         if waiter is not None:
             waiter.waiting = True
         self.log("info", "save_requested", f"checkpoint requested by {source} (request {request_id})")
@@ -766,26 +794,30 @@ class Supervisor:
         self._trainer_seen = True
         if self.life is not None:
             self.life.connected = True
+            self._metric("trainer_connected")
         if self.sm.state is S.STOPPING and self.stop is not None and not (self.life and self.life.hang):
             self.control.send(peer, protocol.STOP, request_id=self.stop.request_id,  # type: ignore[union-attr]
                               deadline=self.stop.deadline_wall, reason=self.stop.reason)
 
     def _msg_trainer_heartbeat(self, peer: Peer, msg: dict[str, Any]) -> None:
         self._saw_step(msg.get("step"), completed=True)
+        self._metric("train_metrics", msg.get("metrics"))
 
     def _msg_trainer_restored(self, peer: Peer, msg: dict[str, Any]) -> None:
         step = msg.get("step")
         self._saw_step(step)
+        self._metric("restored", step, msg.get("seconds"))
         if msg.get("path"):
             self._resumed_from = os.path.basename(str(msg["path"]).rstrip("/"))
         if peer.rank in (None, 0):
             self._event("info", "resumed", f"trainer restored step {_fmt(step)} from {msg.get('path')}",
-                        step=step, path=msg.get("path"), restart_count=self.restarts)
+                        step=step, path=msg.get("path"), restart_count=self.restarts, seconds=msg.get("seconds"))
 
     def _msg_trainer_saved(self, peer: Peer, msg: dict[str, Any]) -> None:
         step, path, kind = msg.get("step"), str(msg.get("path") or ""), msg.get("kind")
         self._saw_step(step, completed=True)
         name = os.path.basename(path.rstrip("/"))
+        self._metric("saved", msg, name)
         if kind == "emergency" and self.stop is not None:
             self.stop.confirmed = True
             if self.stop.committed_at is None:
@@ -805,7 +837,7 @@ class Supervisor:
 
     def _msg_trainer_save_failed(self, peer: Peer, msg: dict[str, Any]) -> None:
         self._event("error", "save_failed", f"checkpoint failed in the trainer: {msg.get('error')}",
-                    step=msg.get("step"), kind=msg.get("kind"), error=msg.get("error"))
+                    step=msg.get("step"), kind=msg.get("kind"), error=msg.get("error"), errno=msg.get("errno"))
         for request_id in _request_ids(msg):
             self._acknowledge_notices(self._notice_saves.pop(request_id, None))
         self._answer_waiters(msg, protocol.SAVE_FAILED)
@@ -876,6 +908,8 @@ class Supervisor:
         if self.life is not None:
             self.life.last_step = step
             self.life.stepped = self.life.stepped or completed
+        if completed:
+            self._metric("step", step)
         if self.policy.observe_step(step):
             self.log("info", "progress", f"training progressed to step {step}: restart budget refilled")
 
@@ -947,6 +981,7 @@ class Supervisor:
             "uptime": round(self.clock.time() - self.started, 3), "exit_code": self.exit_code,
             "socket": self.control.path if self.control else None, "updated": self.clock.time(),
             "notice": self.notice,
+            "metrics": {**self._metrics_endpoint(), **self.metrics.status()},
         }
 
     def _service_view(self) -> ServiceView:
@@ -973,6 +1008,80 @@ class Supervisor:
         self.log(level, event, msg, **fields)
         if self.journal is not None:
             self.journal.append(event, run_id=self.run_id, **fields)
+        self._metric("on_event", event, fields)
+
+    # --- metrics (supervisor/metrics.py, docs/metrics.md) -------------------------------------------
+
+    @staticmethod
+    def _new_registry() -> Any:
+        from prometheus_client import CollectorRegistry
+
+        return CollectorRegistry(auto_describe=True)
+
+    def _metric(self, method: str, *args: Any) -> None:
+        """Feed the run's metrics; a bug there is logged once and never disturbs supervision."""
+        self._guarded("metrics", getattr(self.metrics, method), *args)
+
+    def _latest_step(self) -> int | None:
+        latest = self.view.latest()
+        return latest.step if latest is not None else None
+
+    def _publish_metrics(self) -> None:
+        self.metrics.publish(state=self.sm.state.value, stopping=self.stop is not None, exit_code=self.exit_code,
+                             step=self.step, last_checkpoint=self.last_checkpoint, valid=len(self.view.valid))
+
+    def _metrics_endpoint(self) -> dict[str, Any]:
+        server = self.metrics_server
+        return server.endpoint.as_dict() if server is not None else metricsmod.Endpoint("off").as_dict()
+
+    def _start_metrics(self) -> None:
+        """Serve /metrics, /healthz, /status. A busy or bad address never stops training: one warning."""
+        mc = self.cfg.metrics
+        if not mc.addr:
+            return
+        from ..commands.status import collect
+
+        self._publish_metrics()
+        self.metrics_server = metricsmod.MetricsServer(self.metrics.registry, lambda: self.metrics.healthy,
+                                                       lambda: collect(self.root))
+        endpoint = self.metrics_server.start(mc.addr)
+        if endpoint.state != "serving":
+            self.log("warning", "metrics", f"metrics unavailable: {endpoint.error}; training goes on without "
+                     "them (choose another --metrics-addr, port 0 for any free port, or 'off')")
+            return
+        self.log("info", "metrics", f"serving metrics on http://{endpoint.addr}/metrics (also /healthz, /status)")
+        if mc.sd_file:
+            path = metricsmod.sd_path(mc.sd_file, self.run_id)
+            try:
+                metricsmod.write_sd_file(path, endpoint.addr or "", {})
+            except OSError as exc:
+                self.log("warning", "metrics", f"cannot write the Prometheus file_sd entry {path} "
+                         f"({exc.strerror or exc}); Prometheus will not discover this run through it")
+                return
+            self._sd_file = endpoint.sd_file = path
+
+    def _stop_metrics(self) -> None:
+        """After the run: serve the final state for ``metrics.linger`` seconds (a signal ends that), then close."""
+        server = self.metrics_server
+        if server is None:
+            return
+        if self._sd_file is not None:
+            with contextlib.suppress(OSError):
+                metricsmod.remove_sd_file(self._sd_file)
+        self._publish_metrics()
+        end = self.clock.monotonic() + self.cfg.metrics.linger
+        while self.clock.monotonic() < end and not self._signalled_during_linger():
+            self._poll_io(min(1.0, max(0.0, end - self.clock.monotonic())))
+        server.close()
+
+    def _signalled_during_linger(self) -> bool:
+        while True:
+            try:
+                event = self.queue.get_nowait()
+            except queue.Empty:
+                return False
+            if event[0] == "signal" and event[1] in (signal.SIGTERM, signal.SIGINT):
+                return True
 
     def _finish(self) -> None:
         if self.life is not None:  # an exception escaped the loop: leave nothing running
@@ -995,6 +1104,7 @@ class Supervisor:
         self.service.exited(self.exit_code, exitcodes.DESCRIPTIONS.get(self.exit_code, "the child's exit code"))
         self.notifier.close()
         self._save_state()
+        self._guarded("metrics endpoint", self._stop_metrics)
         if self.journal is not None:
             self.journal.close()
         self.procs.shutdown()

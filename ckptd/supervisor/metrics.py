@@ -1,0 +1,544 @@
+"""Prometheus metrics of a supervised run: the one module that defines them (docs/metrics.md).
+
+The supervisor serves them with prometheus-client on ``metrics.addr`` (default ``127.0.0.1:9477``); the
+trainer opens no port: its figures (steps, save timings, the metrics passed to ``ck.step``) arrive over the
+control channel, in the heartbeat (at most 1/s) and in ``saved``/``restored``. Every metric lives on a
+:class:`~prometheus_client.CollectorRegistry` passed in, never the global default one.
+
+    >>> from prometheus_client import CollectorRegistry
+    >>> from ckptd.supervisor.clock import Clock
+    >>> reg = CollectorRegistry()
+    >>> m = RunMetrics(reg, Clock())
+    >>> m.on_event("checkpoint", {"kind": "periodic", "step": 10})
+    >>> reg.get_sample_value("ckptd_checkpoints_total", {"kind": "periodic", "result": "ok"})
+    1.0
+
+Labels come only from the fixed tuples below (``ckptd_train_metric{name}``: at most
+:data:`MAX_TRAIN_METRICS` names, the first ones seen), so the number of series of a run stays constant.
+
+Threads: the loop calls every ``on_*`` method; the HTTP server thread only reads (prometheus-client's
+metric objects are thread-safe, :class:`Goodput` takes a lock, and ``/status`` asks the loop over the
+control socket exactly like ``ckptd status --json``).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, make_wsgi_app
+
+from .. import __version__
+
+DEFAULT_PORT = 9477  # docs/metrics.md, "Port": not a port of the exporters found on GPU nodes
+DEFAULT_ADDR = f"127.0.0.1:{DEFAULT_PORT}"
+HTTP_TIMEOUT = 10.0  # seconds a scrape connection may take; a stuck client cannot hold a thread for ever
+
+KINDS = ("periodic", "manual", "emergency", "final")  # store.KINDS
+RESULTS = ("ok", "failed")
+FAILURE_REASONS = ("no_space", "io_error", "error", "deadline")
+RESTART_REASONS = ("error", "signal", "oom", "hang")  # policy.Reason values that lead to a restart
+NOTICE_SOURCES = ("signal", "requeue", "aws", "gcp", "azure")
+STATES = ("starting", "running", "stopping", "backoff", "finished", "stopped", "gave_up")
+MAX_TRAIN_METRICS = 16
+TRAIN_METRIC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.:/-]{0,63}\Z")
+
+DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+STALL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+NAN = float("nan")
+
+
+class Goodput:
+    """The share of the run's wall time that produced steps that are still kept (docs/metrics.md, "Goodput").
+
+    Per life (one start of the training script): training time is from the trainer being ready (its
+    ``restored`` report, or its ``hello`` when there was nothing to restore) to its last step report, less
+    the time saves stalled the loop; it is credited in proportion to the steps of that life that are kept
+    (``(computed - lost) / computed``). Startup, restores, backoff and stops earn nothing. ``carried`` holds
+    the figures of earlier ``ckptd run`` invocations of the same run (from state.json).
+    """
+
+    def __init__(self, now: float, carried: dict[str, Any] | None = None) -> None:
+        self._lock = threading.Lock()
+        self._started = now
+        carried = carried or {}
+        self._carried_wall = _non_negative(carried.get("wall_seconds"))
+        self._productive = _non_negative(carried.get("productive_seconds"))
+        self._life: dict[str, Any] | None = None
+
+    def resume(self, carried: Any) -> None:
+        """Add the figures of earlier ``ckptd run`` invocations of this run (state.json's ``goodput``)."""
+        if isinstance(carried, dict):
+            with self._lock:
+                self._carried_wall += _non_negative(carried.get("wall_seconds"))
+                self._productive += _non_negative(carried.get("productive_seconds"))
+
+    def life_started(self) -> None:
+        with self._lock:
+            self._life = {"t_base": None, "base": 0, "t_last": None, "last": None, "stall": 0.0}
+
+    def ready(self, now: float, step: int) -> None:
+        """The trainer of this life is ready to train from ``step`` (restored, or connected at 0)."""
+        with self._lock:
+            life = self._life
+            if life is not None and life["last"] is None:
+                life["t_base"], life["base"] = now, step
+
+    def step(self, now: float, step: int) -> None:
+        with self._lock:
+            life = self._life
+            if life is None or life["t_base"] is None:
+                return
+            if life["last"] is None or step > life["last"]:
+                life["t_last"], life["last"] = now, step
+
+    def stall(self, seconds: float) -> None:
+        with self._lock:
+            if self._life is not None:
+                self._life["stall"] += max(0.0, seconds)
+
+    def life_ended(self, lost_steps: int) -> None:
+        with self._lock:
+            if self._life is not None:
+                self._productive += _life_productive(self._life, lost_steps)
+            self._life = None
+
+    def totals(self, now: float) -> tuple[float, float]:
+        """``(productive_seconds, wall_seconds)`` so far, the current life counted as kept."""
+        with self._lock:
+            current = _life_productive(self._life, 0) if self._life is not None else 0.0
+            return self._productive + current, self._carried_wall + max(0.0, now - self._started)
+
+    def ratio(self, now: float) -> float:
+        productive, wall = self.totals(now)
+        return min(1.0, productive / wall) if wall > 0 else 0.0
+
+    def carry(self, now: float) -> dict[str, float]:
+        productive, wall = self.totals(now)
+        return {"wall_seconds": round(wall, 3), "productive_seconds": round(productive, 3)}
+
+
+def _life_productive(life: dict[str, Any], lost: int) -> float:
+    if life["t_base"] is None or life["last"] is None:
+        return 0.0
+    computed = life["last"] - life["base"]
+    if computed <= 0:
+        return 0.0
+    kept = max(0, computed - max(0, lost))
+    return max(0.0, life["t_last"] - life["t_base"] - life["stall"]) * kept / computed
+
+
+def _non_negative(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else 0.0
+
+
+class RunMetrics:
+    """Every ``ckptd_*`` metric of one supervised run, on ``registry``; fed by the supervisor's loop."""
+
+    def __init__(self, registry: CollectorRegistry, clock: Any, *, carried: dict[str, Any] | None = None,
+                 latest_step: Callable[[], int | None] = lambda: None) -> None:
+        disable_created_metrics()  # no `_created` series: they double the series and nothing here reads them
+        self.registry = registry
+        self.clock = clock
+        self.goodput = Goodput(clock.monotonic(), carried)
+        self._latest_step = latest_step
+        self._life_max: int | None = None  # the highest step reported in this life (steps_total counts above it)
+        self._life_hang = False
+        self._stop_failed = False  # the current stop already counted a missed deadline
+        self._timed: set[str] = set()  # checkpoints whose save timings were observed
+        self._train_names: set[str] = set()
+        self._train_refused: set[str] = set()
+        self._requests: dict[str, float] = {}  # save request id -> monotonic time asked
+        self._stop_asked: float | None = None
+        self._stop_deadline: float | None = None
+        self.state = "starting"
+        r = registry
+        Gauge("ckptd_info", "ckptd build information (always 1).", ["version"], registry=r).labels(__version__).set(1)
+        self.child_up = Gauge("ckptd_child_up", "1 while the training script's process runs, else 0.", registry=r)
+        self.state_g = Gauge("ckptd_state", "1 for the run's current state, 0 for the others.", ["state"], registry=r)
+        self.training_step = Gauge("ckptd_training_step", "The last completed step the trainer reported.",
+                                   registry=r)
+        self.steps = Counter("ckptd_steps", "Training steps completed, recomputed ones included.", registry=r)
+        self.checkpoints = Counter("ckptd_checkpoints", "Checkpoints by kind and result (ok: committed).",
+                                   ["kind", "result"], registry=r)
+        self.duration = Histogram("ckptd_checkpoint_duration_seconds", "Time from a checkpoint's request to its "
+                                  "durable commit.", buckets=DURATION_BUCKETS, registry=r)
+        self.stall_h = Histogram("ckptd_checkpoint_stall_seconds", "Time a save blocked the training loop "
+                                 "(snapshot).", buckets=STALL_BUCKETS, registry=r)
+        self.bytes = Gauge("ckptd_checkpoint_bytes", "Size of the last committed checkpoint.", registry=r)
+        self.last_ts = Gauge("ckptd_last_checkpoint_timestamp_seconds", "Unix time of the newest valid "
+                             "checkpoint; 0 when there is none.", registry=r)
+        self.last_step = Gauge("ckptd_last_checkpoint_step", "Step of the newest valid checkpoint; -1 when "
+                               "there is none.", registry=r)
+        self.start_ts = Gauge("ckptd_start_time_seconds", "Unix time this supervisor started.", registry=r)
+        self.failures = Counter("ckptd_checkpoint_failures", "Checkpoints that failed, by reason.", ["reason"],
+                                registry=r)
+        self.restarts = Counter("ckptd_restarts", "Restarts of the training script, by the reason of the exit.",
+                                ["reason"], registry=r)
+        self.restore = Gauge("ckptd_restore_seconds", "Duration of the trainer's last restore(); NaN before "
+                             "one.", registry=r)
+        self.notices = Counter("ckptd_preemption_notices", "Preemption warnings: stop signals and cloud notices.",
+                               ["source"], registry=r)
+        self.margin = Gauge("ckptd_emergency_checkpoint_margin_seconds", "Deadline minus commit time of the last "
+                            "emergency checkpoint (negative: too late); NaN before one.", registry=r)
+        self.lost = Counter("ckptd_lost_steps", "Steps computed and then lost (recomputed after a restart).",
+                            registry=r)
+        self.valid = Gauge("ckptd_valid_checkpoints", "Valid checkpoints in the checkpoint directory.", registry=r)
+        goodput = Gauge("ckptd_goodput_ratio", "Share of the run's wall time that produced steps still kept.",
+                        registry=r)
+        goodput.set_function(lambda: self.goodput.ratio(self.clock.monotonic()))
+        self.train = Gauge("ckptd_train_metric", "The last value of each metric passed to ck.step().", ["name"],
+                           registry=r)
+        for kind in KINDS:  # every series exists from the start: their number never changes during a run
+            for result in RESULTS:
+                self.checkpoints.labels(kind, result)
+        for reason in FAILURE_REASONS:
+            self.failures.labels(reason)
+        for reason in RESTART_REASONS:
+            self.restarts.labels(reason)
+        for source in NOTICE_SOURCES:
+            self.notices.labels(source)
+        self.restore.set(NAN)
+        self.margin.set(NAN)
+        self.last_step.set(-1)
+        self.start_ts.set(clock.time())
+        self.publish(state="idle", stopping=False, exit_code=None, step=None, last_checkpoint=None, valid=0)
+
+    # --- the loop's view, once per tick -----------------------------------------------------------
+
+    def publish(self, *, state: str, stopping: bool, exit_code: int | None, step: int | None,
+                last_checkpoint: dict[str, Any] | None, valid: int) -> None:
+        self.state = _run_state(state, stopping, exit_code)
+        for s in STATES:
+            self.state_g.labels(s).set(1 if s == self.state else 0)
+        self.child_up.set(1 if state in ("running", "stopping", "killing") else 0)
+        if step is not None:
+            self.training_step.set(step)
+        if last_checkpoint and isinstance(last_checkpoint.get("time"), (int, float)):
+            self.last_ts.set(last_checkpoint["time"])
+            if isinstance(last_checkpoint.get("step"), int):
+                self.last_step.set(last_checkpoint["step"])
+        self.valid.set(valid)
+
+    @property
+    def healthy(self) -> bool:
+        """``/healthz``: training or restarting normally (not stopping, stopped, finished or given up)."""
+        return self.state in ("starting", "running", "backoff")
+
+    # --- trainer reports --------------------------------------------------------------------------
+
+    def trainer_connected(self) -> None:
+        self.goodput.ready(self.clock.monotonic(), 0)
+
+    def restored(self, step: Any, seconds: Any) -> None:
+        if _is_step(step):
+            self.goodput.ready(self.clock.monotonic(), step)
+            if self._life_max is None or step > self._life_max:
+                self._life_max = step
+        if _is_number(seconds) and seconds >= 0:
+            self.restore.set(seconds)
+
+    def step(self, step: int) -> None:
+        """A completed step reported by a trainer (heartbeat, saved, stopping)."""
+        base = self._life_max if self._life_max is not None else 0
+        if step > base:
+            self.steps.inc(step - base)
+            self._life_max = step
+        elif self._life_max is None:
+            self._life_max = step
+        self.goodput.step(self.clock.monotonic(), step)
+
+    def train_metrics(self, values: Any) -> None:
+        if not isinstance(values, dict):
+            return
+        for name, value in values.items():
+            if not _is_number(value) or not isinstance(name, str):
+                continue
+            if name not in self._train_names:
+                if len(self._train_names) >= MAX_TRAIN_METRICS or not TRAIN_METRIC_NAME.match(name):
+                    if len(self._train_refused) < 64:  # bounded: a hostile trainer cannot grow it
+                        self._train_refused.add(name[:64])
+                    continue
+                self._train_names.add(name)
+            self.train.labels(name).set(value)
+
+    def saved(self, msg: dict[str, Any], name: str) -> None:
+        """Timings of a committed checkpoint (once per checkpoint, however often it is reported)."""
+        if not name or name in self._timed:
+            return
+        if len(self._timed) > 4096:
+            self._timed.clear()
+        self._timed.add(name)
+        now = self.clock.monotonic()
+        stall = msg.get("stall_seconds")
+        if _is_number(stall) and stall >= 0:
+            self.stall_h.observe(stall)
+            self.goodput.stall(stall)
+        seconds = msg.get("seconds")
+        asked = [self._requests.pop(i) for i in _ids(msg) if i in self._requests]
+        if msg.get("kind") == "emergency" and self._stop_asked is not None:
+            asked.append(self._stop_asked)
+        duration = max([now - t for t in asked] + ([seconds] if _is_number(seconds) and seconds >= 0 else []),
+                       default=None)
+        if duration is not None:
+            self.duration.observe(duration)
+        size = msg.get("bytes")
+        if _is_number(size) and size > 0:
+            self.bytes.set(size)
+        if msg.get("kind") == "emergency" and _is_number(self._stop_deadline):
+            margin = self._stop_deadline - self.clock.time()
+            self.margin.set(margin)
+            if margin < 0:
+                self._missed_deadline()
+
+    def save_requested(self, request_id: str) -> None:
+        if len(self._requests) > 1024:
+            self._requests.clear()
+        self._requests[request_id] = self.clock.monotonic()
+
+    def stop_requested(self, deadline: float | None = None) -> None:
+        """A stop began; ``deadline`` (unix time) is the one its emergency checkpoint must beat."""
+        if self._stop_asked is None:
+            self._stop_asked = self.clock.monotonic()
+            self._stop_deadline = deadline
+
+    def signal_notice(self, source: str) -> None:
+        self.notices.labels(source).inc()
+
+    # --- journal events ---------------------------------------------------------------------------
+
+    def on_event(self, event: str, fields: dict[str, Any]) -> None:
+        handler = getattr(self, f"_on_{event}", None)
+        if handler is not None:
+            handler(fields)
+
+    def _on_spawn(self, fields: dict[str, Any]) -> None:
+        self._life_max, self._life_hang = None, False
+        self.goodput.life_started()
+
+    def _on_restart(self, fields: dict[str, Any]) -> None:
+        reason = fields.get("reason")
+        self.restarts.labels(reason if reason in RESTART_REASONS else "error").inc()
+        self._on_spawn(fields)
+
+    def _on_exit(self, fields: dict[str, Any]) -> None:
+        step = fields.get("step")
+        lost = 0
+        if fields.get("reason") != "finished" and _is_step(step):
+            latest = self._latest_step()
+            lost = step if latest is None else max(0, step - latest)
+        if lost:
+            self.lost.inc(lost)
+        self.goodput.life_ended(lost)
+        self._life_max = None
+
+    def _on_checkpoint(self, fields: dict[str, Any]) -> None:
+        kind = fields.get("kind") if fields.get("kind") in KINDS else "manual"
+        self.checkpoints.labels(kind, "ok").inc()
+        size = fields.get("bytes")
+        if _is_number(size) and size > 0:
+            self.bytes.set(size)
+
+    def _on_save_failed(self, fields: dict[str, Any]) -> None:
+        kind = fields.get("kind") if fields.get("kind") in KINDS else "manual"
+        self.checkpoints.labels(kind, "failed").inc()
+        self.failures.labels(_failure_reason(fields.get("errno"))).inc()
+
+    def _on_emergency_skipped(self, fields: dict[str, Any]) -> None:
+        self._missed_deadline()
+
+    def _on_hang(self, fields: dict[str, Any]) -> None:
+        self._life_hang = True
+
+    def _on_kill(self, fields: dict[str, Any]) -> None:
+        if self._stop_asked is not None and not self._life_hang:  # the grace ran out before the checkpoint
+            self._missed_deadline()
+
+    def _on_notice(self, fields: dict[str, Any]) -> None:
+        if fields.get("source") in NOTICE_SOURCES and not fields.get("withdrawn"):
+            self.notices.labels(fields["source"]).inc()
+
+    def _on_notice_result(self, fields: dict[str, Any]) -> None:
+        margin = fields.get("margin_seconds")
+        if _is_number(margin):
+            self.margin.set(margin)
+            if margin < 0:
+                self._missed_deadline()
+
+    def _missed_deadline(self) -> None:
+        if not self._stop_failed:
+            self._stop_failed = True
+            self.checkpoints.labels("emergency", "failed").inc()
+            self.failures.labels("deadline").inc()
+
+    def status(self) -> dict[str, Any]:
+        now = self.clock.monotonic()
+        return {"goodput_ratio": round(self.goodput.ratio(now), 4), "goodput": self.goodput.carry(now),
+                "train_metrics_refused": sorted(self._train_refused)[:8]}
+
+
+def _run_state(state: str, stopping: bool, exit_code: int | None) -> str:
+    if state == "fatal":
+        return "gave_up"
+    if state == "exited":
+        return "finished" if exit_code == 0 else "stopped"
+    if state in ("stopping", "killing") or stopping:
+        return "stopping"
+    if state == "backoff":
+        return "backoff"
+    return "running" if state == "running" else "starting"
+
+
+def _failure_reason(err: Any) -> str:
+    if err in (errno.ENOSPC, errno.EDQUOT):
+        return "no_space"
+    if err in (errno.EIO, errno.EROFS, errno.ENXIO):
+        return "io_error"
+    return "error"
+
+
+def _ids(msg: dict[str, Any]) -> list[str]:
+    ids = msg.get("request_ids")
+    if isinstance(ids, list):
+        return [str(i) for i in ids if i]
+    return [i for i in str(msg.get("request_id") or "").split(",") if i]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_step(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+# --- the endpoint ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Endpoint:
+    """What ``ckptd status`` shows about the endpoint."""
+
+    state: str  # serving | unavailable | off
+    addr: str | None = None  # the bound HOST:PORT (port 0 resolved)
+    error: str | None = None
+    sd_file: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        url = f"http://{self.addr}/metrics" if self.addr else None
+        return {"state": self.state, "addr": self.addr, "url": url, "error": self.error, "sd_file": self.sd_file}
+
+
+class MetricsServer:
+    """``/metrics``, ``/healthz`` and ``/status`` on one address, in a daemon thread (prometheus-client's
+    WSGI app and its threading server). Binding fails softly: :attr:`endpoint` says why."""
+
+    def __init__(self, registry: CollectorRegistry, healthy: Callable[[], bool],
+                 status: Callable[[], dict[str, Any]]) -> None:
+        self._metrics_app = make_wsgi_app(registry)
+        self._healthy = healthy
+        self._status = status
+        self._httpd: Any = None
+        self._thread: threading.Thread | None = None
+        self.endpoint = Endpoint("off")
+
+    def start(self, addr: str) -> Endpoint:
+        from wsgiref.simple_server import make_server
+
+        from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+
+        host, port = split_addr(addr)
+        try:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+            class Server(ThreadingWSGIServer):
+                address_family = family
+
+            class Handler(_SilentHandler):
+                timeout = HTTP_TIMEOUT  # applied to each accepted connection (StreamRequestHandler)
+
+            self._httpd = make_server(host, port, self._app, Server, handler_class=Handler)
+        except OSError as exc:
+            self.endpoint = Endpoint("unavailable", addr, f"cannot listen on {addr}: {exc.strerror or exc}")
+            return self.endpoint
+        bound_port = self._httpd.socket.getsockname()[1]
+        self.endpoint = Endpoint("serving", join_addr(host, bound_port))
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.5},
+                                        name="ckptd-metrics", daemon=True)
+        self._thread.start()
+        return self.endpoint
+
+    def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        if path == "/healthz":
+            ok = self._healthy()
+            return _reply(start_response, "200 OK" if ok else "503 Service Unavailable", "text/plain",
+                          b"ok\n" if ok else b"not training\n")
+        if path == "/status":
+            body = json.dumps(self._status(), default=str, indent=1).encode() + b"\n"
+            return _reply(start_response, "200 OK", "application/json", body)
+        if path in ("/metrics", "/"):
+            return self._metrics_app(environ, start_response)
+        return _reply(start_response, "404 Not Found", "text/plain", b"not found: try /metrics, /healthz, /status\n")
+
+    def close(self) -> None:
+        httpd, self._httpd = self._httpd, None
+        if httpd is not None:
+            httpd.shutdown()  # returns once serve_forever has stopped (within poll_interval)
+            httpd.server_close()
+        if self._thread is not None:
+            self._thread.join(2.0)
+
+
+def _reply(start_response: Callable[..., Any], status: str, ctype: str, body: bytes) -> list[bytes]:
+    start_response(status, [("Content-Type", f"{ctype}; charset=utf-8"), ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def join_addr(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+# --- Prometheus file_sd ---------------------------------------------------------------------------
+
+
+def sd_path(path: str, run_id: str) -> str:
+    """``--metrics-sd-file``: a file, or a directory (then one file per run in it)."""
+    if path.endswith(os.sep) or os.path.isdir(path):
+        return os.path.join(path, f"ckptd-{socket.gethostname()}-{run_id}.json")
+    return path
+
+
+def sd_target(addr: str) -> str:
+    """The address Prometheus should scrape: a wildcard bind is reached by this host's name."""
+    host, port = split_addr(addr)
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    return join_addr(host, port)
+
+
+def write_sd_file(path: str, addr: str, labels: dict[str, str]) -> None:
+    """One target in Prometheus' file_sd format, written atomically (temp, fsync, rename, fsync dir)."""
+    from .journal import write_json_atomic
+
+    write_json_atomic(path, [{"targets": [sd_target(addr)], "labels": labels}])  # type: ignore[arg-type]
+
+
+def remove_sd_file(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,189 @@
+"""supervisor/metrics.py: every metric, goodput on a scripted run with a known answer, fixed label sets,
+the endpoint (/metrics, /healthz, /status) and the file_sd entry. Fake clock, fresh registries, no sleeping."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from ckptd.supervisor import metrics as metricsmod
+from ckptd.supervisor.clock import FakeClock
+from ckptd.supervisor.metrics import MetricsServer, RunMetrics
+
+
+def fresh(latest=lambda: None, carried=None):
+    clock = FakeClock()
+    reg = CollectorRegistry()
+    return clock, reg, RunMetrics(reg, clock, latest_step=latest, carried=carried)
+
+
+def value(reg, metric, **labels):
+    return reg.get_sample_value(metric, labels)
+
+
+def series(reg) -> set[tuple]:
+    return {(s.name, tuple(sorted(s.labels.items()))) for m in reg.collect() for s in m.samples}
+
+
+def test_goodput_of_a_scripted_run_with_a_crash_and_a_restart_is_the_known_answer():
+    """Life 1: ready at t=1, steps 1..100 every 0.1 s (to t=11), a 0.5 s save stall at step 50 (the newest
+    checkpoint), crash at step 100: 50 steps lost. Life 2 (restart at t=12): ready (restored step 50) at t=14,
+    steps 51..150 every 0.1 s (to t=24), finished at t=24.5. Productive: (10 - 0.5) x 50/100 + 10 x 100/100."""
+    latest = {"step": None}
+    clock, reg, m = fresh(latest=lambda: latest["step"])
+    m.on_event("spawn", {"pid": 1})
+    clock.advance(1)
+    m.trainer_connected()
+    for step in range(1, 101):
+        clock.advance(0.1)
+        m.step(step)
+        if step == 50:
+            m.saved({"kind": "periodic", "step": 50, "stall_seconds": 0.5, "seconds": 0.75, "bytes": 4096}, "step-50")
+            m.on_event("checkpoint", {"kind": "periodic", "step": 50, "bytes": 4096})
+            latest["step"] = 50
+    m.on_event("exit", {"reason": "error", "step": 100})
+    clock.advance(1)
+    m.on_event("restart", {"reason": "error", "resume_step": 50, "lost_steps": 50})
+    clock.advance(1)
+    m.trainer_connected()
+    clock.advance(1)
+    m.restored(50, 0.25)
+    for step in range(51, 151):
+        clock.advance(0.1)
+        m.step(step)
+    clock.advance(0.5)
+    m.on_event("exit", {"reason": "finished", "step": 150})
+
+    expected = ((10 - 0.5) * 50 / 100 + 10.0) / 24.5
+    assert value(reg, "ckptd_goodput_ratio") == pytest.approx(expected, abs=1e-9)
+    assert value(reg, "ckptd_steps_total") == 200  # 50 of them recomputed
+    assert value(reg, "ckptd_lost_steps_total") == 50
+    assert value(reg, "ckptd_restarts_total", reason="error") == 1
+    assert value(reg, "ckptd_restore_seconds") == 0.25
+    assert value(reg, "ckptd_checkpoint_stall_seconds_sum") == 0.5
+    assert value(reg, "ckptd_checkpoint_duration_seconds_sum") == 0.75
+    assert value(reg, "ckptd_checkpoint_bytes") == 4096
+    assert value(reg, "ckptd_checkpoints_total", kind="periodic", result="ok") == 1
+    # The figures carry over to the next `ckptd run` of the same run (state.json): same answer there.
+    carried = m.goodput.carry(clock.monotonic())
+    assert carried == {"wall_seconds": 24.5, "productive_seconds": round(expected * 24.5, 3)}
+    clock2, reg2, m2 = fresh(carried=carried)
+    assert value(reg2, "ckptd_goodput_ratio") == pytest.approx(expected, abs=1e-4)
+    clock2.advance(24.5)  # a second invocation that trains nothing halves it
+    assert value(reg2, "ckptd_goodput_ratio") == pytest.approx(expected / 2, abs=1e-4)
+
+
+def test_goodput_counts_the_current_life_as_kept_until_it_loses_steps():
+    latest = {"step": 0}
+    clock, reg, m = fresh(latest=lambda: latest["step"])
+    m.on_event("spawn", {})
+    clock.advance(2)  # startup earns nothing
+    m.trainer_connected()
+    for step in range(1, 9):
+        clock.advance(1)
+        m.step(step)
+    assert value(reg, "ckptd_goodput_ratio") == pytest.approx(8 / 10)
+    m.on_event("exit", {"reason": "signal", "step": 8})  # no checkpoint beyond step 0: all 8 steps lost
+    assert value(reg, "ckptd_goodput_ratio") == 0
+    assert value(reg, "ckptd_lost_steps_total") == 8
+
+
+def test_every_labelled_series_exists_from_the_start_and_their_number_never_changes():
+    latest = {"step": None}
+    clock, reg, m = fresh(latest=lambda: latest["step"])
+    m.train_metrics({"loss": 0.5, "lr": 1e-3})
+    before = series(reg)
+    assert ("ckptd_checkpoint_failures_total", (("reason", "deadline"),)) in before
+    assert ("ckptd_preemption_notices_total", (("source", "gcp"),)) in before
+    events = [("spawn", {}), ("checkpoint", {"kind": "emergency", "step": 3}),
+              ("save_failed", {"kind": "periodic", "errno": 28}), ("notice", {"source": "aws"}),
+              ("notice_result", {"margin_seconds": -1.5}), ("hang", {}), ("kill", {}),
+              ("exit", {"reason": "hang", "step": 9}), ("restart", {"reason": "hang"}),
+              ("checkpoint", {"kind": "a-path/../x", "step": 7}), ("restart", {"reason": "made-up"}),
+              ("give_up", {}), ("end", {"exit_code": 70})]
+    for event, fields in events:
+        m.on_event(event, fields)
+        m.step(5)
+        m.train_metrics({"loss": 0.25, "lr": 1e-4})
+        for state in ("running", "stopping", "backoff", "exited", "fatal", "killing", "idle"):
+            m.publish(state=state, stopping=False, exit_code=1, step=5,
+                      last_checkpoint={"name": "step-7", "step": 7, "kind": "manual", "time": 1.0}, valid=3)
+    m.signal_notice("signal")
+    assert series(reg) == before
+    assert value(reg, "ckptd_checkpoint_failures_total", reason="no_space") == 1
+    assert value(reg, "ckptd_checkpoint_failures_total", reason="deadline") == 1  # once per stop
+    assert value(reg, "ckptd_restarts_total", reason="error") == 1  # an unknown reason lands in a fixed label
+    assert value(reg, "ckptd_checkpoints_total", kind="manual", result="ok") == 1
+    assert value(reg, "ckptd_emergency_checkpoint_margin_seconds") == -1.5
+
+
+def test_train_metrics_keep_a_fixed_set_of_names():
+    clock, reg, m = fresh()
+    m.train_metrics({f"m{i}": float(i) for i in range(40)} | {"bad name{}": 1.0, "nan": float("nan"), "b": True})
+    names = {s.labels["name"] for mm in reg.collect() for s in mm.samples if s.name == "ckptd_train_metric"}
+    assert names == {f"m{i}" for i in range(metricsmod.MAX_TRAIN_METRICS)}
+    m.train_metrics({"m0": 7.0, "late": 1.0})
+    assert value(reg, "ckptd_train_metric", name="m0") == 7.0
+    assert value(reg, "ckptd_train_metric", name="late") is None
+    assert "late" in m.status()["train_metrics_refused"]
+
+
+@pytest.mark.parametrize("state, stopping, code, shown, healthy", [
+    ("idle", False, None, "starting", True), ("running", False, None, "running", True),
+    ("backoff", False, None, "backoff", True), ("running", True, None, "stopping", False),
+    ("stopping", True, None, "stopping", False), ("exited", True, 85, "stopped", False),
+    ("exited", False, 0, "finished", False), ("fatal", False, 70, "gave_up", False)])
+def test_run_state_and_health(state, stopping, code, shown, healthy):
+    clock, reg, m = fresh()
+    m.publish(state=state, stopping=stopping, exit_code=code, step=None, last_checkpoint=None, valid=0)
+    assert value(reg, "ckptd_state", state=shown) == 1 and m.healthy is healthy
+    assert sum(value(reg, "ckptd_state", state=s) for s in metricsmod.STATES) == 1
+
+
+def get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_the_endpoint_serves_metrics_healthz_and_status_and_a_busy_port_is_reported_not_raised():
+    clock, reg, m = fresh()
+    server = MetricsServer(reg, lambda: m.healthy, lambda: {"state": "running", "step": 3})
+    endpoint = server.start("127.0.0.1:0")
+    try:
+        assert endpoint.state == "serving" and not endpoint.addr.endswith(":0")
+        base = f"http://{endpoint.addr}"
+        code, body = get(base + "/metrics")
+        assert code == 200 and b"ckptd_goodput_ratio" in body and b"_created" not in body
+        assert get(base + "/healthz")[0] == 200
+        m.publish(state="fatal", stopping=False, exit_code=70, step=None, last_checkpoint=None, valid=0)
+        assert get(base + "/healthz")[0] == 503
+        code, body = get(base + "/status")
+        assert code == 200 and json.loads(body) == {"state": "running", "step": 3}
+        assert get(base + "/nothing")[0] == 404
+        busy = MetricsServer(reg, lambda: True, dict).start(endpoint.addr)
+        assert busy.state == "unavailable" and "in use" in busy.error and endpoint.addr in busy.error
+    finally:
+        server.close()
+    with pytest.raises(OSError):
+        socket.create_connection(tuple(metricsmod.split_addr(endpoint.addr)), timeout=1)
+
+
+def test_the_file_sd_entry_is_prometheus_shaped_and_a_directory_gets_one_file_per_run(tmp_path):
+    path = metricsmod.sd_path(str(tmp_path) + os.sep, "run1")
+    assert os.path.dirname(path) == str(tmp_path) and path.endswith("-run1.json")
+    metricsmod.write_sd_file(path, "0.0.0.0:9477", {})
+    entry = json.loads(open(path).read())
+    assert entry == [{"targets": [f"{socket.gethostname()}:9477"], "labels": {}}]
+    assert os.listdir(tmp_path) == [os.path.basename(path)]  # no temp file left
+    metricsmod.remove_sd_file(path)
+    metricsmod.remove_sd_file(path)  # gone already: fine
+    assert os.listdir(tmp_path) == []
