@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import logging
+import math
 import os
 import signal
 import sys
@@ -321,6 +322,10 @@ class Checkpointer:
         self._old_handlers: dict[int, Any] = {}
         self._closed = False
         self._last_heartbeat = 0.0
+        self._dist: Any = None  # distributed.Coordinator once torch.distributed runs several ranks
+        self._dist_checked = False
+        self._send_metrics = os.environ.get(env.METRICS, "1") != "0"  # the supervisor serves metrics
+        self._restore_started = 0.0
         self.channel: TrainerChannel | None = connect_from_env(
             os.environ.get(env.CONTROL), rank=self.rank, restart_count=env.get_int(env.RESTART_COUNT) or 0)
         if handle_signals:
@@ -351,6 +356,8 @@ class Checkpointer:
         if self._prewarm is None and self.async_save and self.writes and (
                 self.every_steps or self.every_seconds or self.channel is not None or self.save_on_close):
             self._start_prewarm()
+        if self._coordinate() is not None:  # several ranks: act only on what all agreed (distributed.py)
+            return self._step_agreed(step, now)
         requests = self.channel.take() if self.channel is not None else None
         if self._signal_stop is not None or (requests is not None and requests.stop):
             self._emergency_stop(requests.stop_reason if requests and requests.stop else "signal",
@@ -378,6 +385,8 @@ class Checkpointer:
         if step is not None:
             self._heartbeat(step, now)
         stop = self.channel.peek_stop() if self.channel is not None else None
+        if self._dist is not None:
+            return  # several ranks: a stop is agreed and written at the next step(), never alone
         if step is not None and (self._signal_stop is not None or (stop is not None and stop.stop)):
             requests = self.channel.take() if self.channel is not None else None
             self._emergency_stop(requests.stop_reason if requests and requests.stop else "signal",
@@ -386,7 +395,44 @@ class Checkpointer:
     def _heartbeat(self, step: int, now: float) -> None:
         if self.channel is not None and now - self._last_heartbeat >= 1.0:
             self._last_heartbeat = now
-            self.channel.send(protocol.HEARTBEAT, step=step, time=time.time())
+            # The metrics given to step() travel here, batched: at most once a second, not per step.
+            extra = {"metrics": _heartbeat_metrics(self.metrics)} if self._send_metrics and self.metrics else {}
+            self.channel.send(protocol.HEARTBEAT, step=step, time=time.time(), **extra)
+
+    def _coordinate(self) -> Any:
+        """The distributed.Coordinator, set up at the first restore() or step() (all ranks call them)."""
+        if not self._dist_checked:
+            self._dist_checked = True
+            from . import distributed
+
+            self._dist = distributed.detect(self.model)
+        return self._dist
+
+    def _step_agreed(self, step: int, now: float) -> SaveResult | None:
+        """step() with several ranks: act on requests only at agreement steps, all ranks alike."""
+        dist = self._dist
+        dist.listen(self, step)
+        if not dist.due(step, self.every_steps):
+            return None
+        busy = self._inflight is not None and not self._inflight.done()
+        due_seconds = bool(self.every_seconds and now - self._last_save_time >= self.every_seconds)
+        decision = dist.agree(step, due_seconds=due_seconds, busy=busy)
+        if decision.stop:
+            self._emergency_stop(dist.pending.stop_reason or "a stop reached another rank", decision.deadline)
+        if decision.save:
+            ids, waited = dist.take_saves()
+            self.wait()  # before ckptd's group is used from this thread
+            ids = dist.gather_ids(ids)
+            if not ids:  # late copies of requests an earlier save answered
+                return None
+            return self.save(kind="manual", request_ids=ids, hurry=decision.save_waited or waited)
+        periodic = decision.due or bool(self.every_steps and step % self.every_steps == 0)
+        if periodic and step != self._committed_step:
+            if decision.busy:
+                self.stats["coalesced"] += 1
+                return None
+            return self.save(kind="periodic")
+        return None
 
     def save(self, step: int | None = None, kind: str = "manual", *, block: bool | None = None,
              hurry: bool = False, request_ids: list[str] | None = None) -> SaveResult:
@@ -404,7 +450,7 @@ class Checkpointer:
         block = block if block is not None else not self.async_save
         if hurry or block:
             result._hurry.set()  # somebody waits for this one: no pacing
-        if not self.writes:
+        if not self.writes and self._dist is None:
             result.skipped = f"rank {self.rank} does not write checkpoints"
             return result
         busy = self._inflight is not None and not self._inflight.done()
@@ -422,12 +468,16 @@ class Checkpointer:
         if self._prewarm is not None:
             self._prewarm.result()  # usually long done; never allocate the buffer twice
         t0 = time.perf_counter()
-        encoder = Encoder()
-        tree = encoder.encode(self._capture_tree(step), "")
-        header, data = self._snapshot.take(encoder.tensors)
-        state_json = state_dumps(tree)  # refuses what restore would refuse (store's bounds on state.json)
+        if self._dist is not None:  # this rank's files; rank 0's include the replicated state
+            header, data, state_json = self._dist.capture(self, step), memoryview(b""), b""
+            result.bytes = sum(len(h) + (len(d) if d is not None else 0) for _, h, d in header)
+        else:
+            encoder = Encoder()
+            tree = encoder.encode(self._capture_tree(step), "")
+            header, data = self._snapshot.take(encoder.tensors)
+            state_json = state_dumps(tree)  # refuses what restore would refuse (store's bounds on state.json)
+            result.bytes = len(header) + len(data) + len(state_json)
         result.stall_seconds = time.perf_counter() - t0
-        result.bytes = len(header) + len(data) + len(state_json)
         self.stats["last_stall_seconds"] = result.stall_seconds
         self._last_save_time = time.monotonic()
         executor = self._writer()
@@ -435,7 +485,7 @@ class Checkpointer:
         result._future = executor.submit(self._persist, result, header, data, state_json, dict(self.metrics), self.epoch)
         result._future.add_done_callback(lambda _: _in_flight_hurry.discard(result._hurry))
         self._inflight = result
-        if self.policy.active:  # after the commit, outside the save's wait()
+        if self.policy.active and self.writes:  # after the commit, outside the save's wait()
             executor.submit(self._apply_retention)
         if block:
             self.wait()
@@ -459,12 +509,15 @@ class Checkpointer:
         what it did (see :func:`_announce`).
         """
         self.wait()
+        self._restore_started = time.perf_counter()
         if path is not None:
             info = store.inspect_checkpoint(os.fspath(path))
             if not info.valid:
                 raise CorruptCheckpointError(info.path, info.reason)
             self._load(info)
             return self._after_restore(info)
+        if self._coordinate() is not None:  # every rank loads the same checkpoint, its own part of it
+            return self._dist.restore(self)
         if not os.path.isdir(self.dir):
             _announce(f"ckptd: no checkpoint in {self.dir}: starting at step 0")
             return 0
@@ -564,31 +617,27 @@ class Checkpointer:
                  metrics: dict[str, Any], epoch: int | None) -> None:
         t0 = time.perf_counter()
         try:
-            name = store.checkpoint_name(result.step)
-            existing = os.path.join(self.dir, name)
-            if os.path.lexists(existing):
-                info = store.inspect_checkpoint(existing)
-                if info.valid:
-                    result.path, result.skipped = existing, f"step {result.step} is already checkpointed"
-                    self._committed_step = result.step
-                    self._notify_saved(result)
-                    return
-                store.quarantine(self.dir, name, info.reason)
-            with store.PendingCheckpoint(self.dir, result.step) as pending:
-                pending.write_aligned(store.TENSORS, header, data, self._pacer(result))
-                pending.write_file(store.STATE, (state_json,))
-                result.path = pending.commit(kind=result.kind, metrics=_jsonable_metrics(metrics), extra={
-                    "epoch": epoch, "versions": {"ckptd": __version__, "torch": torch.__version__},
-                    "run_id": os.environ.get(env.RUN_ID, ""),
-                })
+            fields = {"kind": result.kind, "metrics": _jsonable_metrics(metrics), "extra": {
+                "epoch": epoch, "versions": {"ckptd": __version__, "torch": torch.__version__},
+                "run_id": os.environ.get(env.RUN_ID, "")}}
+            if self._dist is not None:  # every rank writes its files; rank 0 commits them all at once
+                fields["extra"]["world_size"] = self._dist.world
+                result.path = self._dist.persist(self, result, header, fields)
+            else:
+                result.path = self._write_local(result, header, data, state_json, fields)
+            if result.path is None:  # this step is already checkpointed
+                result.path = os.path.join(self.dir, store.checkpoint_name(result.step))
+                self._committed_step = result.step
+                self._notify_saved(result)
+                return
         except BaseException as exc:  # noqa: BLE001 - reported at the next step(); never published
             result.error = exc
             with self._lock:
                 self._failures.append(exc)
-            if self.channel is not None:
+            if self.channel is not None and (self._dist is None or self._dist.rank == 0):
                 self.channel.send(protocol.SAVE_FAILED, step=result.step, kind=result.kind,
                                   request_id=",".join(result.request_ids), request_ids=result.request_ids,
-                                  error=str(exc))
+                                  error=str(exc), errno=getattr(exc, "errno", None))
             return
         result.persist_seconds = time.perf_counter() - t0
         self.stats["saves"] += 1
@@ -599,6 +648,22 @@ class Checkpointer:
         del recent[:-EMERGENCY_HISTORY]
         self._committed_step = result.step
         self._notify_saved(result)
+
+    def _write_local(self, result: SaveResult, header: bytes, data: memoryview, state_json: bytes,
+                     fields: dict[str, Any]) -> str | None:
+        """One process writes the whole checkpoint; None when a valid one of this step exists."""
+        name = store.checkpoint_name(result.step)
+        existing = os.path.join(self.dir, name)
+        if os.path.lexists(existing):
+            info = store.inspect_checkpoint(existing)
+            if info.valid:
+                result.skipped = f"step {result.step} is already checkpointed"
+                return None
+            store.quarantine(self.dir, name, info.reason)
+        with store.PendingCheckpoint(self.dir, result.step) as pending:
+            pending.write_aligned(store.TENSORS, header, data, self._pacer(result))
+            pending.write_file(store.STATE, (state_json,))
+            return pending.commit(**fields)
 
     def _pacer(self, result: SaveResult) -> store.Pace | None:
         """Pause ``pace`` x each write request's time, until somebody waits for the save."""
@@ -615,12 +680,12 @@ class Checkpointer:
         return pause
 
     def _notify_saved(self, result: SaveResult) -> None:
-        if self.channel is not None:
+        if self.channel is not None and (self._dist is None or self._dist.rank == 0):  # one word per checkpoint
             self.channel.send(protocol.SAVED, step=result.step, path=result.path, kind=result.kind,
                               request_id=",".join(result.request_ids), request_ids=result.request_ids,
                               bytes=result.bytes,
                               seconds=result.stall_seconds + result.persist_seconds,
-                              paused_seconds=result.paused_seconds)
+                              paused_seconds=result.paused_seconds, stall_seconds=result.stall_seconds)
 
     def _apply_retention(self) -> None:
         if not self.policy.active:
@@ -675,6 +740,8 @@ class Checkpointer:
             self.wait()  # the save in flight hurries; its time counts against the deadline, it may be this step
             self._report_failures()
             why_not = self._too_late(step, deadline)
+            if self._dist is not None:  # all ranks write it, or none does
+                why_not = self._dist.agree_reason(why_not)
             if why_not is None:
                 result = self.save(kind="emergency", block=True)
                 if result.error is not None:
@@ -688,7 +755,11 @@ class Checkpointer:
             why_not = f"the emergency checkpoint failed: {exc}"
         if self.channel is not None:
             self.channel.send(protocol.STOPPING, step=step, exit_code=code, reason=why_not)
-        self._shutdown()
+        dist, self._dist = self._dist, None
+        self._shutdown()  # restores the signal handlers: before_exit() then ignores SIGTERM
+        if dist is not None:
+            dist.before_exit()
+            dist.close()
         raise SystemExit(code)
 
     def emergency_save_estimate(self) -> float | None:
@@ -721,6 +792,8 @@ class Checkpointer:
             self._executor.shutdown(wait=True)
             self._executor = None
         self._snapshot.close()
+        if self._dist is not None:
+            self._dist.close()
         for sig, old in self._old_handlers.items():
             try:
                 signal.signal(sig, old)
@@ -735,15 +808,34 @@ class Checkpointer:
     def _load(self, info: store.CheckpointInfo) -> None:
         """Read, verify, then apply one checkpoint. Until every byte has verified and the state has
         decoded, the run's tensors and objects are untouched; CorruptCheckpointError otherwise."""
+        self._stage(info)()
+
+    def _stage(self, info: store.CheckpointInfo) -> Callable[[], None]:
+        """Read and verify one checkpoint (this rank's part of it); returns what applies it.
+
+        A checkpoint written by several ranks holds the replicated state once and each rank's own
+        state (RNG streams, ``extra``, ``user``) in ``rank-NNNNN.*``: this rank's part replaces those keys.
+        """
         tree = _read_state_json(info)
         staged = _read_tensors(info, self._live_tensors(), check=self._check_model_keys, staging=self._staging)
+        own = _read_rank_part(info, self.rank)
         try:
-            _check_state(decode(tree, staged.source.__getitem__), info)  # every tag, before applying
+            merged = decode(tree, staged.source.__getitem__)
+            if own is not None:
+                merged.update(own)
+            _check_state(merged, info)  # every tag, before applying
         except StateDecodeError as exc:
             raise CorruptCheckpointError(info.path, f"{store.STATE}: {exc}") from None
-        staged.apply(self._snapshot.helper() if COPY_THREADS > 1 else None)
-        self._apply_tree(decode(tree, staged.result.__getitem__))
-        self._restored_tensors = staged.result
+
+        def apply() -> None:
+            staged.apply(self._snapshot.helper() if COPY_THREADS > 1 else None)
+            state = decode(tree, staged.result.__getitem__)
+            if own is not None:
+                state.update(own)
+            self._apply_tree(state)
+            self._restored_tensors = staged.result
+
+        return apply
 
     def _staging(self, nbytes: int, pinned: bool) -> torch.Tensor:
         """Host memory to read a candidate into before it verified: the reused snapshot buffer when this
@@ -768,8 +860,8 @@ class Checkpointer:
         return enc.tensors
 
     def _check_model_keys(self, path: str, entries: list[store.TensorEntry]) -> None:
-        if self.model is None:
-            return
+        if self.model is None or (self._dist is not None and self._dist.sharded):
+            return  # sharded: the model's shards are checked by torch.distributed.checkpoint's load planner
         model_sd = self.model.state_dict()
         saved = {e.key[6:]: e for e in entries if e.key.startswith("model/")}
         wanted = {k for k, v in model_sd.items() if isinstance(v, torch.Tensor)}
@@ -824,7 +916,8 @@ class Checkpointer:
         if self._prewarm is None and self.async_save and self.writes:
             self._start_prewarm(tensors)  # the state's size is known now; the first save will not page-fault
         if self.channel is not None:
-            self.channel.send(protocol.RESTORED, step=step, path=info.path)
+            self.channel.send(protocol.RESTORED, step=step, path=info.path,
+                              seconds=round(time.perf_counter() - self._restore_started, 6))
         return step
 
 
@@ -911,7 +1004,7 @@ STAGING_ALIGN = 64  # every staged tensor starts cache-line aligned (and so alig
 
 def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
                   check: Callable[[str, list[store.TensorEntry]], None] | None = None,
-                  staging: Callable[[int, bool], torch.Tensor] | None = None) -> _Staged:
+                  staging: Callable[[int, bool], torch.Tensor] | None = None, fname: str = store.TENSORS) -> _Staged:
     """Read and verify a checkpoint's tensor file without touching ``live``.
 
     Order: the header is read and checked structurally (store.parse_safetensors_header: known
@@ -922,15 +1015,15 @@ def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
     same key, dtype and shape into ``staging(nbytes, pinned)``, everything else into fresh tensors.
     Raises CorruptCheckpointError unless the whole file matches the manifest's size and checksum.
     """
-    path = os.path.join(info.path, store.TENSORS)
-    if store.TENSORS not in info.manifest["files"]:
-        raise CorruptCheckpointError(info.path, f"{store.TENSORS} is not listed in the manifest")
-    rec = info.manifest["files"][store.TENSORS]
+    path = os.path.join(info.path, fname)
+    if fname not in info.manifest["files"]:
+        raise CorruptCheckpointError(info.path, f"{fname} is not listed in the manifest")
+    rec = info.manifest["files"][fname]
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         size = os.fstat(fd).st_size
         if size != rec["bytes"]:
-            raise CorruptCheckpointError(info.path, f"{store.TENSORS} is {size} bytes, manifest says {rec['bytes']}")
+            raise CorruptCheckpointError(info.path, f"{fname} is {size} bytes, manifest says {rec['bytes']}")
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
             lead, body = store.read_header_bytes(f, path, size)
         h = store.new_hasher()
@@ -945,7 +1038,7 @@ def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
             # Believe nothing the header says until the bytes verified: a damaged header is corruption.
             _hash_rest(fd, data_start, size, h, path)
             if h.hexdigest() != rec[store.HASH]:
-                raise CorruptCheckpointError(info.path, f"{store.TENSORS} checksum mismatch "
+                raise CorruptCheckpointError(info.path, f"{fname} checksum mismatch "
                                                         "(content altered or corrupted)") from None
             raise
         staged, reads = _plan(entries, live, staging)
@@ -954,7 +1047,7 @@ def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
     finally:
         os.close(fd)
     if h.hexdigest() != rec[store.HASH] or end != size:
-        raise CorruptCheckpointError(info.path, f"{store.TENSORS} checksum mismatch (content altered or corrupted)")
+        raise CorruptCheckpointError(info.path, f"{fname} checksum mismatch (content altered or corrupted)")
     return staged
 
 
@@ -1017,6 +1110,46 @@ def _read_state_json(info: store.CheckpointInfo) -> Any:
     return tree
 
 
+MAX_HEARTBEAT_METRICS = 32
+
+
+def _heartbeat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The plain numbers among the metrics given to step() (``loss.item()``, not tensors), for the supervisor."""
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[str(name)[:64]] = float(value)
+            if len(out) >= MAX_HEARTBEAT_METRICS:
+                break
+    return out
+
+
+def _read_rank_part(info: store.CheckpointInfo, rank: int) -> dict[str, Any] | None:
+    """This rank's own state in a checkpoint written by several ranks (decoded, checksums verified);
+    None for a single-process checkpoint. A rank the checkpoint has no part for (the job grew) keeps
+    its fresh RNG streams and objects, with a warning."""
+    world = info.manifest.get("world_size")
+    if not isinstance(world, int) or isinstance(world, bool):
+        return None
+    tname, jname = f"rank-{rank:05d}.safetensors", f"rank-{rank:05d}.json"
+    files = info.manifest["files"]
+    if tname not in files or jname not in files:
+        log.warning("ckptd: %s was written by %d ranks and holds no state of rank %d: its RNG streams and "
+                    "extra objects start fresh", info.name, world, rank)
+        return None
+    raw = store.read_small(os.path.join(info.path, jname), store.MAX_STATE_BYTES)
+    if store.digest_bytes(raw) != files[jname][store.HASH]:
+        raise CorruptCheckpointError(info.path, f"{jname} checksum mismatch")
+    tree = store.load_json(raw, info.path, jname, store.MAX_STATE_DEPTH, store.MAX_STATE_VALUES)
+    if not isinstance(tree, dict):
+        raise CorruptCheckpointError(info.path, f"{jname} is not a JSON object")
+    staged = _read_tensors(info, {}, fname=tname)
+    try:
+        return decode(tree, staged.result.__getitem__)
+    except StateDecodeError as exc:
+        raise CorruptCheckpointError(info.path, f"{jname}: {exc}") from None
+
+
 def _jsonable_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in metrics.items():
@@ -1040,6 +1173,10 @@ def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
     tree = _read_state_json(info)
     staged = _read_tensors(info, {})  # fresh tensors, checksums verified
     try:
-        return decode(tree, staged.result.__getitem__)
+        state = decode(tree, staged.result.__getitem__)
     except StateDecodeError as exc:
         raise CorruptCheckpointError(info.path, f"{store.STATE}: {exc}") from None
+    own = _read_rank_part(info, 0)  # written by several ranks: rank 0's own state
+    if own is not None:
+        state.update(own)
+    return state

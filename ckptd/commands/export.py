@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
             info = store.verify(path, progress=prog)
     if not info.valid:
         raise CorruptCheckpointError(path, info.reason)
+    if info.manifest.get("sharded"):
+        return _export_sharded(args, path, info, out)
     header = read_tensor_header(path)  # every entry has a dtype and a shape
     tpath = os.path.join(path, store.TENSORS)
     with open(tpath, "rb") as f:
@@ -78,4 +80,53 @@ def run(args: argparse.Namespace) -> int:
         print_json({"output": out, "checkpoint": path, "step": info.step, "tensors": len(entries), "bytes": total})
     else:
         print(f"exported {len(entries)} tensors of {path} to {out}")
+    return 0
+
+
+def _export_sharded(args: argparse.Namespace, path: str, info: store.CheckpointInfo, out: str) -> int:
+    """Consolidate a sharded (FSDP) checkpoint's model weights: every chunk of every rank's shard file
+    placed into the full tensor (raw bytes; no torch needed), then one safetensors file, atomically."""
+    import numpy as np
+
+    doc = store.load_json(store.read_small(os.path.join(path, "dcp.json"), 256 << 20), path, "dcp.json", 8, 256 << 20)
+    try:
+        metas = {k[len("model\x1f"):]: v for k, v in doc["tensors"].items() if k.startswith("model\x1f")}
+        fulls = {name: np.zeros(tuple(m["size"]), dtype=f"V{store.DTYPE_SIZES[m['dtype']]}") for name, m in metas.items()}
+        for (fqn, offsets, index), fname, offset, length in doc["storage"]:
+            name = fqn[len("model\x1f"):]
+            if not fqn.startswith("model\x1f") or name not in fulls:
+                continue
+            m = metas[name]
+            chunk_offsets, sizes = m["chunks"][index]
+            raw = store.read_range(os.path.join(path, store.check_name(fname)), offset, length)
+            part = np.frombuffer(raw, dtype=fulls[name].dtype).reshape(sizes)
+            fulls[name][tuple(slice(o, o + n) for o, n in zip(chunk_offsets, sizes))] = part
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise CorruptCheckpointError(path, f"dcp.json does not describe the shard files ({exc})") from None
+    if not fulls:
+        raise CkptdError(f"{path} holds no model weights (it was saved without model=)")
+    names = sorted(fulls)
+    entries = [(n, metas[n]["dtype"], metas[n]["size"], fulls[n].nbytes) for n in names]
+    head = store.safetensors_header_bytes(entries, {"format": "pt", "ckptd_step": str(info.step)})
+    tmp = f"{out}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as dst:
+            dst.write(head)
+            for n in names:
+                dst.write(fulls[n].tobytes())
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, out)
+        store.fsync_dir(os.path.dirname(out))
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise storage_error(exc, "export to", out) from exc
+    total = sum(e[3] for e in entries)
+    if args.json:
+        print_json({"output": out, "checkpoint": path, "step": info.step, "tensors": len(entries), "bytes": total,
+                    "consolidated_from": info.manifest.get("world_size")})
+    else:
+        print(f"exported {len(entries)} tensors of {path} (consolidated from {info.manifest.get('world_size')} "
+              f"shards) to {out}")
     return 0

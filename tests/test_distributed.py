@@ -1,0 +1,141 @@
+"""Several ranks (gloo on CPU, real processes): per-rank state, one stop at one step, one commit.
+
+Starting a gloo job costs seconds here, so each test does several things with one job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from ckptd import exitcodes, store
+from fixtures.sup_helpers import FIXTURES, Run, ckptd, journal, wait_for
+
+TRAINER = os.path.join(FIXTURES, "dist_trainer.py")
+WORKER = os.path.join(FIXTURES, "dist_worker.py")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+OFF = ["--metrics-addr", "off", "--notices", "off", "--grace", "20", "--force-grace", "2",
+       "--backoff-base", "0.05", "--backoff-max", "0.2"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(scenario: str, root: str, world: int = 2, env: dict[str, str] | None = None,
+                timeout: float = 120) -> list[dict]:
+    """Start ``world`` ranks of tests/fixtures/dist_worker.py; return their JSON lines."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        e = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, **(env or {})}
+        e.pop("CKPTD_CONTROL", None)
+        procs.append(subprocess.Popen([sys.executable, WORKER, scenario, root], env=e, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout)
+        assert p.returncode == 0, stderr
+        out += [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return sorted(out, key=lambda d: d["rank"])
+
+
+def digest(text: str) -> str:
+    return next(line.split()[0] for line in text.splitlines() if line.startswith("digest="))
+
+
+def test_ddp_sigterm_stops_every_rank_at_one_step_exits_85_not_restarted_and_resumes_bit_identical(tmp_path):
+    steps = 60
+    ref = subprocess.run([*TORCHRUN, "--standalone", "--nproc-per-node", "2", TRAINER, "--steps", str(steps)],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "CKPTD_DIR": str(tmp_path / "ref")})
+    assert ref.returncode == 0, ref.stderr
+    root = str(tmp_path / "ck")
+    argv = [*OFF, "--", *TORCHRUN, "--standalone", "--nproc-per-node", "2", "--max-restarts", "2", TRAINER,
+            "--steps", str(steps), "--step-delay", "0.03"]
+    run = Run(tmp_path, root, argv)
+    at = random.randint(3, 25)
+    wait_for(lambda: _live_step(root) >= at, 90, f"step {at}")
+    run.signal(signal.SIGTERM)
+    assert run.wait(40) == exitcodes.PREEMPTED, run.stderr()
+    out = run.stdout()
+    stopped = sorted(line for line in out.splitlines() if line.startswith("stopped at step"))
+    assert len(stopped) == 2, out
+    step = int(stopped[0].split()[3])
+    assert stopped == [f"stopped at step {step} rank=0 code=85", f"stopped at step {step} rank=1 code=85"]
+    assert out.count("start_step=0") == 2, "torchrun --max-restarts started the stopped ranks again"
+    notice, ck = journal(root, "notice")[-1], journal(root, "checkpoint")[-1]
+    assert ck["kind"] == "emergency" and ck["step"] == step
+    assert ck["time"] - notice["time"] < 2.0
+    names = set(os.listdir(os.path.join(root, store.checkpoint_name(step))))
+    assert {"rank-00000.json", "rank-00001.safetensors", "tensors.safetensors"} <= names
+    again = Run(tmp_path, root, argv[:-2] + ["--step-delay", "0"], name="again")
+    assert again.wait(90) == 0, again.stderr()
+    assert f"start_step={step} rank=1" in again.stdout()
+    assert digest(again.stdout()) == digest(ref.stdout)
+
+
+def _live_step(root: str) -> int:
+    r = ckptd("status", "--dir", root, "--json")
+    return (json.loads(r.stdout).get("step") or 0) if r.returncode == 0 else 0
+
+
+def test_each_rank_restores_its_own_state_and_a_damaged_rank_file_falls_back_for_every_rank(tmp_path):
+    root = str(tmp_path / "ck")
+    out = run_workers("restore_fallback", root)
+    assert [o["step"] for o in out] == [5, 5]  # step 10's rank-1 file is damaged: both ranks take step 5
+    assert [o["seen"] for o in out] == [80, 80]
+    assert all(o["rng_ok"] for o in out), out  # each rank's own torch stream, not rank 0's
+    quarantined = os.listdir(os.path.join(root, store.QUARANTINE_DIR))
+    assert len(quarantined) == 1 and quarantined[0].startswith("step-000000000010")
+    note = json.load(open(os.path.join(root, store.QUARANTINE_DIR, quarantined[0], "QUARANTINE.json")))
+    assert "rank 1" in note["reason"] and "rank-00001.safetensors" in note["reason"]
+
+
+@pytest.mark.parametrize("every", ["1", ""])
+def test_agreement_cost_per_step_is_small(tmp_path, every):
+    out = run_workers("agree_cost", str(tmp_path / "ck"), env={"CKPTD_AGREE_EVERY": every, "AGREE_STEPS": "1000"})
+    per_step = max(o["seconds_per_step"] for o in out)
+    print(f"CKPTD_AGREE_EVERY={every or 'adaptive'}: {per_step * 1e6:.0f} us per step, "
+          f"{out[0]['agreements']} agreements, K={out[0]['k']}")
+    assert per_step < (0.005 if every == "1" else 0.0005)
+
+
+def test_fsdp_sharded_checkpoints_resume_bit_exact_fall_back_on_a_damaged_shard_and_reshard_2_1_2(tmp_path):
+    root = str(tmp_path / "ck")
+    first = run_workers("fsdp_resume", root)
+    a = first[0]
+    assert {"dcp.json", "shard-00000.bin", "shard-00001.bin", "rank-00001.json"} <= set(a["names"])
+    assert "tensors.safetensors" in a["names"] and "model" not in json.dumps(a["names"])
+    assert a["start"] == 6 and a["resumed"] == a["ref"], a  # resumed from 6 ends where 0->10 ended
+    fb = [o for o in first if "fallback" in o]
+    assert [o["fallback"] for o in fb] == [3, 3]  # 9's and 6's rank-1 shards damaged: step 3 on both ranks
+    assert len(os.listdir(os.path.join(root, store.QUARANTINE_DIR))) == 2
+    at3 = fb[0]["at"]
+    one = run_workers("fsdp_reshard", root, world=1)[0]  # 2 ranks -> 1
+    assert one["start"] == 3 and one["loaded"] == at3
+    two = run_workers("fsdp_reshard", root, world=2)  # 1 rank -> 2
+    assert [o["start"] for o in two] == [4, 4] and two[0]["loaded"] == one["saved"]
+    r = ckptd("verify", "--dir", root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = str(tmp_path / "model.safetensors")  # export consolidates the 2 ranks' shards of step 3
+    r = ckptd("export", os.path.join(root, store.checkpoint_name(3)), "-o", out)
+    assert r.returncode == 0 and "consolidated from 2 shards" in r.stdout, r.stdout + r.stderr
+    from safetensors.numpy import load_file
+
+    h = hashlib.sha256()
+    for name, value in sorted(load_file(out).items()):
+        h.update(name.encode())
+        h.update(value.tobytes())
+    assert h.hexdigest()[:16] == at3
