@@ -122,6 +122,29 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+_PARENT_SYNCED: set[str] = set()
+
+
+def fsync_parent_once(root: str) -> None:
+    """Make ``root``'s own entry durable: fsync its parent once per process.
+
+    A root created by this run (``makedirs`` here or in the supervisor) is an entry of its parent
+    that nothing else syncs; without this the first checkpoints can vanish with the whole root on a
+    power loss (tests/test_power_loss.py). A parent this process cannot open (a sandbox) is skipped.
+    """
+    if root in _PARENT_SYNCED:
+        return
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(root)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    _PARENT_SYNCED.add(root)
+
+
 def _storage(path: str, op: str, exc: OSError) -> StorageError:
     return StorageError(path, op, exc)
 
@@ -198,11 +221,36 @@ class PendingCheckpoint:
         except OSError as exc:
             raise _storage(self.tmp, "mkdir", exc) from exc
 
+    @classmethod
+    def join(cls, root: str, step: int, tmp: str) -> PendingCheckpoint:
+        """Another rank's view of a checkpoint being written: its files go into ``tmp`` (created by the
+        rank that commits); this object never commits nor removes it."""
+        self = cls.__new__(cls)
+        self.root, self.step, self.name = root, step, checkpoint_name(step)
+        self.files, self.committed_path = {}, None
+        if os.path.dirname(os.path.abspath(tmp)) != os.path.abspath(root) or \
+                not os.path.basename(tmp).startswith(f"{TMP_PREFIX}{self.name}-"):
+            raise CkptdError(f"{tmp} is not a temporary directory of {self.name} in {root}")
+        self.tmp = tmp
+        self._joined = True
+        return self
+
+    def add_file(self, name: str, rec: FileRecord) -> None:
+        """List a file another rank wrote (and fsynced) into this directory; checked before the commit."""
+        check_name(name)
+        try:
+            st = os.lstat(os.path.join(self.tmp, name))
+        except OSError as exc:
+            raise _storage(os.path.join(self.tmp, name), "stat", exc) from exc
+        if not stat.S_ISREG(st.st_mode) or st.st_size != rec.bytes:
+            raise CkptdError(f"{os.path.join(self.tmp, name)} is not the {rec.bytes}-byte file its writer reported")
+        self.files[name] = rec
+
     def __enter__(self) -> PendingCheckpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.committed_path is None:
+        if self.committed_path is None and not getattr(self, "_joined", False):
             self.abort()
 
     def write_file(self, name: str, chunks: Iterable[bytes | bytearray | memoryview],
@@ -319,6 +367,7 @@ class PendingCheckpoint:
             raise _storage(final, "rename", exc) from exc
         try:
             fsync_dir(self.root)
+            fsync_parent_once(self.root)
         except OSError as exc:
             # The rename may not be durable: take the checkpoint back out of sight rather than
             # publish something whose durability a failed fsync left unknown.
@@ -401,6 +450,17 @@ class CheckpointInfo:
             "metrics": self.metrics,
             "epoch": self.epoch,
         }
+
+
+def read_range(path: str, offset: int, length: int) -> bytes:
+    """``length`` bytes of a regular file (no symlinks) at ``offset``; CorruptCheckpointError when it ends early."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if length < 0 or offset < 0 or offset + length > os.fstat(fd).st_size:
+            raise CorruptCheckpointError(path, f"no {length} bytes at offset {offset} (truncated or altered)")
+        return os.pread(fd, length, offset)
+    finally:
+        os.close(fd)
 
 
 def read_small(path: str, limit: int) -> bytes:
@@ -866,7 +926,13 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A zombie (exited, not yet reaped: an orphaned trainer under a PID 1 that does not reap) writes nothing more.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            st = f.read()
+        return st[st.rfind(b")") + 2 : st.rfind(b")") + 3] != b"Z"
+    except OSError:
+        return True
 
 
 _TMP_RE = re.compile(r"^\.tmp-step-[0-9]+-(.+)-([0-9]+)-[0-9a-f]{8}$")
@@ -1006,6 +1072,9 @@ def pin(root: str, name: str) -> None:
     os.makedirs(os.path.join(root, PINS_DIR), mode=DIR_MODE, exist_ok=True)
     with open(os.path.join(root, PINS_DIR, name), "w"):
         pass
+    # Durable before we say so: a pin lost to a power loss lets retention delete what it protected.
+    fsync_dir(os.path.join(root, PINS_DIR))
+    fsync_dir(root)
 
 
 def unpin(root: str, name: str) -> None:

@@ -50,12 +50,13 @@ def test_enospc_on_a_full_tmpfs_aborts_cleanly(tmp_path, mode):
 
 
 # Saves 1 and 4 succeed; save 2 must fail. All run in the writer thread (strace counts per thread);
-# each save makes 5 fsyncs: tensors file, state file, manifest, temp directory, root directory.
+# each save makes 5 fsyncs: tensors file, state file, manifest, temp directory, root directory; the
+# first save of a process also fsyncs the root's parent (the root may be new: its entry must be durable).
 FSYNC_FAULTS = {
-    "fsync-tensors-eio": ("fsync", "EIO", 6),
-    "fsync-manifest-eio": ("fsync", "EIO", 8),
-    "fsync-tempdir-eio": ("fsync", "EIO", 9),
-    "fsync-root-eio": ("fsync", "EIO", 10),
+    "fsync-tensors-eio": ("fsync", "EIO", 7),
+    "fsync-manifest-eio": ("fsync", "EIO", 9),
+    "fsync-tempdir-eio": ("fsync", "EIO", 10),
+    "fsync-root-eio": ("fsync", "EIO", 11),
     "rename-exdev": ("rename", "EXDEV", 2),
 }
 
