@@ -1,0 +1,47 @@
+"""Random SIGKILLs during saves, of the trainer, `ckptd prune` and `ckptd run` (issue 15, item 1).
+
+The bounded version of scripts/chaos_kills.py (whose long run's figures are in docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+import chaos_kills  # noqa: E402
+
+from ckptd import store  # noqa: E402
+
+
+@pytest.mark.slow
+def test_random_kills_of_trainer_prune_and_supervisor_never_accept_a_torn_checkpoint(tmp_path):
+    report = chaos_kills.run(120, ["trainer", "prune", "supervisor"], seed=15, work=str(tmp_path))
+    assert report["failed"] == 0, report["failures"]
+    assert report["kills"] >= 120
+    inside = sum(v for k, v in report["phases"].items() if k not in ("between", "completed"))
+    assert inside >= 30, f"too few kills landed inside a save or a deletion: {report['phases']}"
+
+
+def test_a_temp_directory_of_a_dead_but_unreaped_writer_is_removed_at_the_next_start(tmp_path):
+    # A SIGKILLed supervisor's trainer stays a zombie until its new parent reaps it (and a container's
+    # PID 1 may never do so): it writes nothing more, so its temp directory must not outlive it.
+    root = tmp_path / "ck"
+    root.mkdir()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        os._exit(0)
+    try:
+        chaos_kills._wait_gone(pid)  # now a zombie: exited, not reaped
+        name = f"{store.TMP_PREFIX}step-000000000007-{socket.gethostname()}-{pid}-0123abcd"
+        (root / name).mkdir()
+        assert store.remove_stale_temps(str(root)) == [name]
+        assert not (root / name).exists()
+    finally:
+        os.waitpid(pid, 0)
