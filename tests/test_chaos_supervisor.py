@@ -18,10 +18,11 @@ import hygiene  # noqa: E402
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_20_random_events_end_bit_identical_with_bounded_lost_steps_and_a_full_journal(tmp_path):
-    report = chaos_supervisor.run(20, steps=2500, delay=0.004, seed=15, work=str(tmp_path))
+def test_10_random_events_end_bit_identical_with_bounded_lost_steps_and_a_full_journal(tmp_path):
+    # bounded: 10 events (every kind appears with this seed); scripts/chaos_supervisor.py --count 40 is the long run
+    report = chaos_supervisor.run(10, steps=2500, delay=0.004, seed=15, work=str(tmp_path))
     assert report["failed"] == 0, report["failures"]
-    assert report["events"] == 20
+    assert report["events"] == 10
     for event in ("sigterm", "notice", "stop"):
         if event in report["lost_steps"]:
             assert report["lost_steps"][event]["max"] == 0

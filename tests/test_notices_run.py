@@ -95,7 +95,7 @@ def test_auto_on_this_machine_starts_no_poller_and_connects_nowhere(tmp_path, fa
         trace = tmp_path / f"{name}.trace"
         run = Run(tmp_path, str(tmp_path / name), [*extra, "--notice-poll", "0.05", TRAINER, "--steps", "60",
                                                    "--step-time", "0.01"],
-                  name=name, env=env, prefix=["strace", "-f", "-qq", "-e", "trace=connect", "-o", str(trace)])
+                  name=name, env=env, prefix=["strace", "-f", "--seccomp-bpf", "-qq", "-e", "trace=connect", "-o", str(trace)])
         assert run.wait(60) == 0, run.stderr()
         traces[name] = (trace.read_text(), run.stderr())
     plain, plain_err = traces["plain"]

@@ -67,7 +67,7 @@ def test_injected_storage_fault_aborts_cleanly(tmp_path, case):
     syscall, err, when = FSYNC_FAULTS[case]
     root = tmp_path / "ck"
     spec = f"inject={syscall}:error={err}:when={when}"
-    cmd = ["strace", "-f", "-qqq", "-o", "/dev/null", "-e", f"trace={syscall}", "-e", spec,
+    cmd = ["strace", "-f", "--seccomp-bpf", "-qqq", "-o", "/dev/null", "-e", f"trace={syscall}", "-e", spec,
            sys.executable, CHILD, str(root), "fault"]
     report, stderr = _run_child(cmd)
     _assert_aborted_cleanly(report)

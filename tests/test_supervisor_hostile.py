@@ -154,7 +154,7 @@ def test_the_supervisor_keeps_supervising_when_journal_and_state_writes_fail(tmp
     # state.json cannot be replaced: a directory sits at its name (every write fails, EISDIR)
     os.makedirs(os.path.join(root, ".ckptd", "state.json", "x"))
     # the first two writes (start, spawn) land; every later write to the journal fails with ENOSPC
-    strace = ["strace", "-f", "-qqq", "-o", "/dev/null", "-P", path, "-e", "trace=write",
+    strace = ["strace", "-f", "--seccomp-bpf", "-qqq", "-o", "/dev/null", "-P", path, "-e", "trace=write",
               "-e", "inject=write:error=ENOSPC:when=3+"]
     run = Run(tmp_path, root, [*FAST, "--every-steps", "20", TRAINER, "--steps", "10000000", "--step-time", "0.01"],
               prefix=strace)
