@@ -88,7 +88,7 @@ def test_metrics_arrive_and_move_across_a_checkpoint_a_crash_and_restart_and_a_p
         # 6. The number of ckptd series never changed while Prometheus scraped the run.
         counts = sc.prom.query_range(f'count({{__name__=~"ckptd_.+", instance="{sc.instance}"}})', sc.t0, end)
         assert len(counts) == 1 and len({v for _, v in counts[0]["values"]}) == 1, counts
-        assert len(counts[0]["values"]) >= 10
+        assert len(counts[0]["values"]) >= 5  # one per second of the run: checkpoint, crash, restart and stop all inside
         # 7. Every PromQL expression of the dashboard evaluates without error and returns data from this run.
         empty = []
         for panel in generate.PANELS:

@@ -16,7 +16,7 @@ import pytest
 
 from ckptd import exitcodes
 from ckptd.supervisor.journal import Journal
-from fixtures.sup_helpers import FAST, TRAINER, Run, ckptd, journal, wait_for
+from fixtures.sup_helpers import FAST, FIXTURES, TRAINER, Run, ckptd, journal, wait_for
 
 
 def _status(root: str) -> dict:
@@ -169,3 +169,34 @@ def test_the_supervisor_keeps_supervising_when_journal_and_state_writes_fail(tmp
     assert "cannot write state.json" in err, err
     assert "Traceback" not in err, err
     assert [e["event"] for e in journal(root)] == ["start", "spawn"]
+
+
+def _can_unshare() -> bool:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    import subprocess
+
+    return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="needs root and mount namespaces (unshare -m) for a private tmpfs")
+def test_on_a_full_disk_the_supervisor_backs_off_gives_up_and_says_why(tmp_path):
+    """Checkpoints, journal and state all on one full tmpfs: the trainer's saves fail with ENOSPC and it
+    exits; the supervisor (whose own journal writes fail too) restarts it with growing backoff, gives up
+    after the same step failed 3 times, and shows the reason - no crash loop, no traceback of its own."""
+    import subprocess
+    import sys
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = (f'mount -t tmpfs -o size=8m tmpfs "{mnt}" && exec "{sys.executable}" -m ckptd run --dir "{mnt}/ck" '
+              f'--backoff-base 0.2 --backoff-max 2 "{os.path.join(FIXTURES, "full_disk_trainer.py")}"')
+    r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=180)
+    err = r.stderr
+    assert r.returncode == exitcodes.GAVE_UP, err[-3000:]
+    assert "crashed 3 times in a row" in err and "No space left on device" in err.split("giving up")[-1], err[-3000:]
+    delays = [float(line.split("restarting in ")[1].split(" s")[0]) for line in err.splitlines()
+              if "restarting in " in line]
+    assert len(delays) == 2 and delays[1] > delays[0] * 0.99, delays  # backed off, not a loop
+    assert "cannot write the journal" in err  # it kept supervising with its own writes failing
+    assert 'File "' not in "\n".join(line for line in err.splitlines() if "ckptd/supervisor" in line)

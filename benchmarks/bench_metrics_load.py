@@ -1,0 +1,112 @@
+"""Issue 15, item 8 (second half): step time of a training loop while /metrics serves 10,000 requests,
+against the same loop unloaded, in one `ckptd run` (windows alternate: quiet, loaded, quiet, loaded).
+
+    python benchmarks/bench_metrics_load.py [--requests 10000] [--clients 2]
+
+Prints the median step time of each window and the ratio loaded/quiet (target: <= 1.05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def status(root: str) -> dict:
+    r = subprocess.run([sys.executable, "-m", "ckptd", "status", "--dir", root, "--json"], capture_output=True, text=True)
+    return json.loads(r.stdout) if r.returncode == 0 else {}
+
+
+def steps_between(path: str, t0: float, t1: float) -> list[float]:
+    out = []
+    with open(path) as f:
+        for line in f:
+            t, d = line.split()
+            if t0 <= float(t) <= t1:
+                out.append(float(d))
+    return out
+
+
+def hammer(host: str, port: int, n: int, clients: int) -> float:
+    done = [0]
+
+    def client(k: int) -> None:
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        for _ in range(k):
+            conn.request("GET", "/metrics")
+            r = conn.getresponse()
+            r.read()
+            if r.status != 200:
+                raise RuntimeError(f"/metrics answered {r.status}")
+            done[0] += 1
+        conn.close()
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=client, args=(n // clients,)) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.monotonic() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=10_000)
+    ap.add_argument("--clients", type=int, default=2)
+    ap.add_argument("--quiet-seconds", type=float, default=10.0)
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="ckptd-metrics-load-")
+    root, steps = os.path.join(work, "ck"), os.path.join(work, "steps.txt")
+    run = subprocess.Popen([sys.executable, "-m", "ckptd", "run", "--dir", root, "--metrics-addr", "127.0.0.1:0",
+                            os.path.join(HERE, "_load_trainer.py")], env={**os.environ, "LOAD_STEPS_FILE": steps},
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        url = None
+        while time.monotonic() < deadline and not url:
+            st = status(root)
+            url = (st.get("metrics") or {}).get("url") if st.get("trainers") else None
+            time.sleep(0.2)
+        if not url:
+            raise SystemExit("the run did not come up with a metrics endpoint")
+        hostport = url.split("//")[1].split("/")[0]
+        host, port = hostport.rsplit(":", 1)
+        time.sleep(3)  # warm-up steps
+        rows = []
+        for window in ("quiet", "loaded", "quiet", "loaded"):
+            t0 = time.time()
+            if window == "quiet":
+                time.sleep(args.quiet_seconds)
+                served = 0.0
+            else:
+                served = hammer(host, int(port), args.requests, args.clients)
+            t1 = time.time()
+            d = steps_between(steps, t0, t1)
+            rows.append((window, len(d), statistics.median(d), t1 - t0, served))
+        for w, n, med, wall, served in rows:
+            extra = f", {args.requests} requests in {served:.1f} s ({args.requests / served:.0f}/s)" if served else ""
+            print(f"{w:7s} {n:6d} steps, median step {med * 1e3:.3f} ms{extra}")
+        quiet = statistics.median([r[2] for r in rows if r[0] == "quiet"])
+        loaded = statistics.median([r[2] for r in rows if r[0] == "loaded"])
+        ratio = loaded / quiet
+        print(f"loaded/quiet median step ratio: {ratio:.3f} ({'PASS' if ratio <= 1.05 else 'MISS'} <= 1.05)")
+        return 0
+    finally:
+        run.send_signal(signal.SIGTERM)
+        run.wait(60)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
