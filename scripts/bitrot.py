@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+from _report import emit  # noqa: E402  (scripts/ is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -180,12 +181,7 @@ def main() -> int:
     logging.getLogger("ckptd").addHandler(logging.NullHandler())  # quiet: one line per restore otherwise
     logging.getLogger("ckptd").propagate = False
     report = run(a.count, a.seed)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if a.json:
-        with open(a.json, "w") as f:
-            f.write(text + "\n")
-    return 1 if report["failed"] else 0
+    return emit(report, a.json)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from _report import emit  # noqa: E402  (scripts/ is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -299,12 +300,7 @@ def main() -> int:
     p.add_argument("--json", help="also write the report to this file")
     a = p.parse_args()
     report = run(a.count, a.steps or max(3000, 150 * a.count), a.step_delay, a.seed)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if a.json:
-        with open(a.json, "w") as f:
-            f.write(text + "\n")
-    return 1 if report["failed"] else 0
+    return emit(report, a.json)
 
 
 if __name__ == "__main__":

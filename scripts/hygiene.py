@@ -13,7 +13,6 @@ Must hold: no zombie outlives a sample by more than one cycle, the fd count does
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -21,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from _report import emit  # noqa: E402  (scripts/ is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -110,12 +110,7 @@ def main() -> int:
     p.add_argument("--json", help="also write the report to this file")
     a = p.parse_args()
     report = run(a.count)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if a.json:
-        with open(a.json, "w") as f:
-            f.write(text + "\n")
-    return 1 if report["failed"] else 0
+    return emit(report, a.json)
 
 
 if __name__ == "__main__":

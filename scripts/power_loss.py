@@ -30,7 +30,6 @@ The scenario (``scenario``): saves into a root that does not exist yet, retentio
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -39,6 +38,7 @@ import tempfile
 import threading
 import time
 from typing import Any, Callable
+from _report import emit  # noqa: E402  (scripts/ is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -364,12 +364,7 @@ def main() -> int:
     p.add_argument("--json", help="also write the report to this file")
     a = p.parse_args()
     report = run(a.count, a.seed)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if a.json:
-        with open(a.json, "w") as f:
-            f.write(text + "\n")
-    return 1 if report["failed"] else 0
+    return emit(report, a.json)
 
 
 if __name__ == "__main__":
