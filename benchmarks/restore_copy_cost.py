@@ -4,7 +4,7 @@ Run against either tree: PYTHONPATH=TREE python benchmarks/restore_copy_cost.py 
 Used for docs/performance.md, "Restore: read, verify, then apply"; also times SHA-256 of the tensor file
 (what a keyed digest over the content would add) and an HMAC of the manifest.
 """
-import hashlib, json, os, sys, tempfile, time, statistics
+import hashlib, json, os, sys, time, statistics
 import torch, ckptd
 
 size_mib, runs, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]

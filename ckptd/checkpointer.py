@@ -36,7 +36,7 @@ import torch
 
 from . import __version__, env, exitcodes, protocol, retention, store
 from .channel import TrainerChannel, connect_from_env
-from .errors import CkptdError, CorruptCheckpointError, StorageError
+from .errors import CkptdError, CorruptCheckpointError
 from .state import (DTYPES, TORCH_DTYPES, Encoder, StateDecodeError, byte_view, capture_rng, check_rng, decode,
                     restore_rng)
 from .state import dumps as state_dumps

@@ -29,7 +29,6 @@ The scenario (``scenario``): saves into a root that does not exist yet, retentio
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import shutil
@@ -38,7 +37,7 @@ import tempfile
 import threading
 import time
 from typing import Any, Callable
-from _report import emit  # noqa: E402  (scripts/ is on sys.path)
+from _report import count_seed_main  # noqa: E402  (scripts/ is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -358,13 +357,7 @@ def run(count: int, seed: int = 15, work: str | None = None) -> dict:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--count", type=int, default=20, help="random mixtures per point besides the synced state")
-    p.add_argument("--seed", type=int, default=15)
-    p.add_argument("--json", help="also write the report to this file")
-    a = p.parse_args()
-    report = run(a.count, a.seed)
-    return emit(report, a.json)
+    return count_seed_main(__doc__, run, 20, "random mixtures per point besides the synced state")
 
 
 if __name__ == "__main__":

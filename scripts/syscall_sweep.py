@@ -17,7 +17,6 @@ exactly over the operation's own calls. After each case, what the next start mus
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import re
@@ -26,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from _report import emit  # noqa: E402  (scripts/ is on sys.path)
+from _report import count_seed_main  # noqa: E402  (scripts/ is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = os.path.join(HERE, "sweep_child.py")
@@ -162,13 +161,7 @@ def run(count: int, seed: int = 15, work: str | None = None, ops: tuple[str, ...
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--count", type=int, default=0, help="cases per operation, sampled; 0 = every N and fault")
-    p.add_argument("--seed", type=int, default=15)
-    p.add_argument("--json", help="also write the report to this file")
-    a = p.parse_args()
-    report = run(a.count, a.seed)
-    return emit(report, a.json)
+    return count_seed_main(__doc__, run, 0, "cases per operation, sampled; 0 = every N and fault")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import ckptd
 from ckptd import state, store
 from ckptd.errors import CkptdError, CorruptCheckpointError
 
-from conftest import ROOT, small_model, wait_for
+from conftest import ROOT, small_model
 
 NEWEST, OLDER = "step-000000000020", "step-000000000010"
 

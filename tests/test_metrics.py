@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import urllib.error
-import urllib.request
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -146,12 +144,9 @@ def test_run_state_and_health(state, stopping, code, shown, healthy):
     assert sum(value(reg, "ckptd_state", state=s) for s in metricsmod.STATES) == 1
 
 
-def get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+from fixtures.sup_helpers import http_get  # noqa: E402
+
+get = http_get
 
 
 def test_the_endpoint_serves_metrics_healthz_and_status_and_a_busy_port_is_reported_not_raised():

@@ -9,19 +9,12 @@ import os
 import signal
 import socket
 import time
-import urllib.error
-import urllib.request
 
 from ckptd import exitcodes
-from fixtures.sup_helpers import FAST, PLAIN, TRAINER, Run, ckptd, wait_for
+from fixtures.sup_helpers import FAST, PLAIN, TRAINER, Run, ckptd, wait_for, http_get
 
 
-def get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+get = http_get
 
 
 def status(root: str) -> dict:

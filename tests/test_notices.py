@@ -14,8 +14,8 @@ from ckptd import exitcodes
 from ckptd.errors import ConfigError
 from ckptd.supervisor import notices
 from ckptd.supervisor.config import NoticesConfig, resolve
-from fixtures.fake_metadata import FakeMetadata, free_port, iso, rfc1123
-from fixtures.sup_helpers import ckptd, wait_for
+from fixtures.fake_metadata import FakeMetadata, free_port, iso
+from fixtures.sup_helpers import ckptd, hold, wait_for
 
 
 class Posted:
@@ -118,7 +118,8 @@ def test_aws_spot_notice_carries_its_deadline_and_a_revoked_token_is_replaced(fa
         when = time.time() + 120
         imds.set(instance_action={"action": "terminate", "time": iso(when)})
         n = wait_for(posted.notices, 10, "the notice")[0]
-        time.sleep(0.3)  # more polls: the same notice is posted once
+        polls = imds.count("instance-action")
+        wait_for(lambda: imds.count("instance-action") >= polls + 3, 10, "more polls of the same notice")
     finally:
         p.close()
     assert (n.source, n.kind, n.action) == ("aws", "instance-action", "stop")
@@ -161,7 +162,8 @@ def test_a_failing_service_is_logged_once_backed_off_and_never_a_notice(fake, mo
         runs.append((cloud, svc, *poller(cloud, svc.url)))
     for _, _, p, _ in runs:
         p.start()
-    time.sleep(1.2)  # the window in which requests are counted; a healthy poller makes ~24 polls here
+    # the window in which requests are counted (a healthy poller makes ~24 polls here); never a notice in it
+    hold(lambda: [assert_no_notice(cloud, posted) for cloud, _, _, posted in runs], 1.2)
     for cloud, svc, p, posted in runs:
         p.close(timeout=0.3)
         svc.release()
@@ -176,7 +178,7 @@ def test_connection_refused_is_logged_once_and_never_a_notice():
     runs = [poller(cloud, f"http://127.0.0.1:{free_port()}") for cloud in CLOUDS]
     for p, _ in runs:
         p.start()
-    time.sleep(1.0)
+    hold(lambda: [assert_no_notice("refused", posted) for _, posted in runs], 1.0)
     for p, posted in runs:
         p.close()
         assert not posted.notices()
@@ -220,8 +222,11 @@ def test_gcp_long_polls_with_etag_and_the_deadline_is_the_notice_plus_the_config
         wait_for(lambda: [r for r in gce.requests if "wait_for_change=true" in r["path"] and "preempted" in r["path"]],
                  10, "a long poll")
         before = len(gce.requests)
-        time.sleep(0.5)
-        assert len(gce.requests) - before <= 2  # waiting on the server, not polling
+
+        def waiting_on_the_server() -> None:
+            assert len(gce.requests) - before <= 2  # a long poll, not polling
+
+        hold(waiting_on_the_server, 0.5)
         flipped = time.time()
         gce.set_gcp("preempted", "TRUE")
         n = wait_for(posted.notices, 5, "the notice")[0]
@@ -342,3 +347,7 @@ def test_a_bad_notice_flag_is_a_usage_error(tmp_path):
         r = ckptd("run", *flags, "--dir", str(tmp_path / "ck"), "--", "true")
         assert r.returncode == exitcodes.USAGE and words in r.stderr, (flags, r.stderr)
     assert not (tmp_path / "ck").exists()
+
+
+def assert_no_notice(what: str, posted) -> None:
+    assert not posted.notices(), (what, posted.notices())

@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -17,7 +16,7 @@ import pytest
 from ckptd import exitcodes, store
 from ckptd.supervisor import notices
 from fixtures.fake_metadata import FakeMetadata, iso
-from fixtures.sup_helpers import TRAINER, Run, ckptd, wait_for
+from fixtures.sup_helpers import TRAINER, Run, ckptd, wait_for, toy_digest, toy_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "examples", "train_toy.py")
@@ -28,18 +27,12 @@ CLOUDS = ("aws", "gcp", "azure")
 
 
 def digest(text: str) -> str:
-    m = re.search(r"final_step=(\d+) digest=(\w+)", text)
-    assert m and int(m.group(1)) == STEPS, text
-    return m.group(2)
+    return toy_digest(text, STEPS)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ref")
-    out = subprocess.run([sys.executable, TOY, "--steps", str(STEPS), "--dir", str(d / "ck")], capture_output=True,
-                         text=True, timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")})
-    assert out.returncode == 0, out.stderr
-    return digest(out.stdout)
+    return toy_reference(str(tmp_path_factory.mktemp("ref")), STEPS)
 
 
 @pytest.fixture

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from ckptd import exitcodes
-from fixtures.sup_helpers import Run, ckptd, wait_for
+from fixtures.sup_helpers import Run, ckptd, wait_for, toy_digest, toy_reference
 
 pytest.importorskip("torch")
 TOY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_toy.py")
@@ -22,19 +19,12 @@ FAST = ["--backoff-base", "0.05", "--backoff-max", "0.2"]
 
 
 def digest(text: str) -> str:
-    m = re.search(r"final_step=(\d+) digest=(\w+)", text)
-    assert m, text
-    assert int(m.group(1)) == STEPS
-    return m.group(2)
+    return toy_digest(text, STEPS)
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ref")
-    out = subprocess.run([sys.executable, TOY, "--steps", str(STEPS), "--dir", str(d / "ck")], capture_output=True,
-                         text=True, timeout=120, env={k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")})
-    assert out.returncode == 0, out.stderr
-    return digest(out.stdout)
+    return toy_reference(str(tmp_path_factory.mktemp("ref")), STEPS)
 
 
 def test_sigterm_commits_emergency_checkpoint_exits_85_and_resume_is_bit_identical(tmp_path, reference):

@@ -18,7 +18,7 @@ import pytest
 from ckptd import exitcodes
 from ckptd.supervisor.notify import Notifier
 from ckptd.supervisor.service import STALL_SECONDS, Service, ServiceView, age_text, status_text
-from fixtures.sup_helpers import FAST, TRAINER, Run, ckptd, wait_for
+from fixtures.sup_helpers import FAST, TRAINER, Run, ckptd, hold, wait_for
 
 
 class Recorder(Notifier):
@@ -184,11 +184,15 @@ def test_supervisor_tells_ready_status_watchdog_by_progress_extend_and_stopping(
     # A stopped trainer is no progress: the pings stop once it has been silent for WATCHDOG_USEC ...
     os.kill(trainer, signal.SIGSTOP)
     stopped = time.monotonic()
-    time.sleep(2.5)  # an absence can only be seen over a window
-    quiet = notify_socket.fields("WATCHDOG=1", stopped + 1.5)
-    os.kill(trainer, signal.SIGCONT)
+    def no_ping_once_silent() -> None:  # an absence can only be seen over a window
+        quiet = notify_socket.fields("WATCHDOG=1", stopped + 1.5)
+        assert quiet == [], f"watchdog pings while the trainer was stopped: {quiet}"
+
+    try:
+        hold(no_ping_once_silent, 2.5)
+    finally:
+        os.kill(trainer, signal.SIGCONT)
     resumed = time.monotonic()
-    assert quiet == [], f"watchdog pings while the trainer was stopped: {quiet}"
     # ... and resume as soon as it speaks again.
     wait_for(lambda: notify_socket.fields("WATCHDOG=1", resumed), 2, "a ping after SIGCONT")
     assert run.proc.poll() is None

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from ckptd import exitcodes, store
-from fixtures.sup_helpers import TRAINER, ckptd, journal, running, wait_for
+from fixtures.sup_helpers import TRAINER, ckptd, journal, hold, running, wait_for
 from fixtures.systemd_user import UserManager, skip_reason
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,10 +151,12 @@ def test_stopped_trainer_is_handled_by_ckptd_before_systemds_watchdog_fires(mana
     hang = wait_for(lambda: journal(root, "hang"), 20, "ckptd's hang event")[0]
     trainer_pid(root, other_than=victim)
     step = wait_for(lambda: status(root).get("step"), 20, "the restarted trainer's steps")
-    time.sleep(4.5)  # longer than WatchdogSec: had the watchdog starved, systemd would have acted by now
-    after = show(manager)
-    assert after["MainPID"] == before["MainPID"] and after["NRestarts"] == "0", after
-    assert (after["ActiveState"], after["Result"]) == ("active", "success"), after
+    def systemd_saw_no_failure() -> None:
+        after = show(manager)
+        assert after["MainPID"] == before["MainPID"] and after["NRestarts"] == "0", after
+        assert (after["ActiveState"], after["Result"]) == ("active", "success"), after
+
+    hold(systemd_saw_no_failure, 4.5, interval=0.5)  # longer than WatchdogSec: a starved watchdog would act
     assert status(root)["step"] > step and hang["pids"] == [victim]
     manager.systemctl("stop", UNIT)
 

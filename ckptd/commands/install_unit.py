@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 from ..errors import CkptdError
 from ..supervisor import config as configmod
+from ..supervisor.journal import write_text_atomic
 from . import UsageError, print_json
 from .run import command_argv
 
@@ -252,19 +253,5 @@ def apply(plan: Plan) -> None:
 
 
 def write_file(path: str, content: str, mode: int) -> None:
-    """Write next to ``path``, fsync, rename over it: a unit or config is never seen half-written."""
-    tmp = f"{path}.ckptd-tmp-{os.getpid()}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """A unit or config is never seen half-written (temp, fsync, rename, fsync the directory)."""
+    write_text_atomic(path, content, mode)

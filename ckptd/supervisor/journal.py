@@ -89,15 +89,21 @@ def read_journal(path: str) -> Iterator[dict[str, Any]]:
                 yield record
 
 
-def write_json_atomic(path: str, data: dict[str, Any]) -> None:
+def write_text_atomic(path: str, text: str, mode: int | None = None) -> None:
+    """Temp file beside ``path``, fsync, rename over it, fsync the directory: never seen half-written.
+
+    ``mode``: exact permissions of the result (umask ignored); None keeps open()'s default.
+    """
     directory = os.path.dirname(path) or "."
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, default=str)
-            f.write("\n")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666 if mode is None else mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -110,6 +116,10 @@ def write_json_atomic(path: str, data: dict[str, Any]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 def read_json(path: str) -> dict[str, Any] | None:

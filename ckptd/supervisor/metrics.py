@@ -534,7 +534,7 @@ def write_sd_file(path: str, addr: str, labels: dict[str, str]) -> None:
     """One target in Prometheus' file_sd format, written atomically (temp, fsync, rename, fsync dir)."""
     from .journal import write_json_atomic
 
-    write_json_atomic(path, [{"targets": [sd_target(addr)], "labels": labels}])  # type: ignore[arg-type]
+    write_json_atomic(path, [{"targets": [sd_target(addr)], "labels": labels}])
 
 
 def remove_sd_file(path: str) -> None:

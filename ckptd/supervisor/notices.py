@@ -233,6 +233,17 @@ class Poller:
         self._wake.wait(seconds)
         self._wake.clear()
 
+    def _poll_then_wait(self, poll: Callable[[], None]) -> None:
+        """One poll; a problem is logged once per kind and backs off only while the service fails."""
+        try:
+            poll()
+            self._answered()
+        except Problem as problem:
+            self._problem(problem)
+            if not problem.failing:
+                self._answered()  # it answered, with something that is not a notice
+        self._sleep(self._delay())
+
     def _request(self, method: str, path: str, headers: dict[str, str], body: bytes | None = None,
                  timeout: float | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
         """One HTTP request; transport failures become a :class:`Problem` named for their kind."""
@@ -287,14 +298,7 @@ class AwsPoller(Poller):
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                self._poll_once()
-                self._answered()
-            except Problem as problem:
-                self._problem(problem)
-                if not problem.failing:
-                    self._answered()  # it answered, with something that is not a notice
-            self._sleep(self._delay())
+            self._poll_then_wait(self._poll_once)
 
     def _poll_once(self) -> None:
         action = self._get("/latest/meta-data/spot/instance-action")
@@ -451,16 +455,12 @@ class AzurePoller(Poller):
             retry = self._send_acks(retry)
             if self._stop.is_set():
                 break
-            try:
-                if self.vm_name is None:
-                    self.vm_name = self._vm_name()
-                self._events()
-                self._answered()
-            except Problem as problem:
-                self._problem(problem)
-                if not problem.failing:
-                    self._answered()  # it answered, with something that is not a notice
-            self._sleep(self._delay())
+            self._poll_then_wait(self._poll_once)
+
+    def _poll_once(self) -> None:
+        if self.vm_name is None:
+            self.vm_name = self._vm_name()
+        self._events()
 
     def _vm_name(self) -> str:
         status, _, body = self._request("GET", self.NAME, self.HEADERS)

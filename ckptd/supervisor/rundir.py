@@ -16,7 +16,7 @@ import tempfile
 
 from .. import protocol
 from ..errors import ConfigError, LockedError, NotRunningError
-from .journal import LOCK_NAME, SOCKET_PATH_NAME
+from .journal import LOCK_NAME, SOCKET_PATH_NAME, write_text_atomic
 
 SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 for the NUL
 
@@ -115,9 +115,7 @@ def choose_socket_path(root: str) -> str:
     if len(os.fsencode(path)) > SUN_PATH_MAX:
         raise ConfigError(f"no usable control socket path: {path} is over {SUN_PATH_MAX} bytes; "
                           "set XDG_RUNTIME_DIR to a short directory")
-    with open(record + ".tmp", "w") as f:
-        f.write(path + "\n")
-    os.replace(record + ".tmp", record)
+    write_text_atomic(record, path + "\n")
     return path
 
 
