@@ -436,7 +436,7 @@ class Supervisor:
             self._end(S.EXITED, exitcodes.OK, "training finished")
         elif self.stop is not None:
             # Judged by the checkpoint, not only by the exit code: torchrun exits 1 when its ranks exit 85.
-            confirmed = status.code == exitcodes.PREEMPTED or self.stop.confirmed or self._emergency_on_disk()
+            confirmed = status.code == exitcodes.PREEMPTED or self.stop.confirmed
             self._end(S.EXITED, exitcodes.PREEMPTED if confirmed else exitcodes.STOPPED_NO_CHECKPOINT,
                       "stopped with an emergency checkpoint" if confirmed else self._why_no_checkpoint(life, status))
         elif outcome.reason is Reason.PREEMPTED:
@@ -451,17 +451,16 @@ class Supervisor:
             self._after_failure(life.last_step, outcome.reason.value, before_first_step=early,
                                 tail=list(life.stderr_tail))
 
-    def _emergency_on_disk(self) -> bool:
-        """An emergency checkpoint committed since the stop was requested is in the directory (rescanned
-        at the exit), though no trainer reported it (a launcher's exit code hid the ranks' 85)."""
-        latest = self.view.latest()
+    def _emergency_committed(self, step: Any, at: float) -> None:
+        """The stop's emergency checkpoint is durable: reported by a trainer, or seen on disk by a rescan
+        (a launcher's exit code can hide the ranks' 85, and a trainer may die before it reports)."""
         stop = self.stop
-        if latest is None or stop is None or latest.kind != "emergency" or latest.created < stop.requested_at - 1.0:
-            return False
+        if stop is None:
+            return
         stop.confirmed = True
         if stop.committed_at is None:
-            stop.committed_at, stop.committed_step = latest.created, latest.step
-        return True
+            stop.committed_at, stop.committed_step = at, step
+        self._acknowledge_notices()  # the checkpoint is durable: the platform may go ahead
 
     def _why_no_checkpoint(self, life: Life, status: ExitStatus) -> str:
         if self.stop is not None and self.stop.no_checkpoint:
@@ -818,11 +817,8 @@ class Supervisor:
         self._saw_step(step, completed=True)
         name = os.path.basename(path.rstrip("/"))
         self._metric("saved", msg, name)
-        if kind == "emergency" and self.stop is not None:
-            self.stop.confirmed = True
-            if self.stop.committed_at is None:
-                self.stop.committed_at, self.stop.committed_step = self.clock.time(), step
-            self._acknowledge_notices()  # the checkpoint is durable: the platform may go ahead
+        if kind == "emergency":
+            self._emergency_committed(step, self.clock.time())
         for request_id in _request_ids(msg):
             self._acknowledge_notices(self._notice_saves.pop(request_id, None))
         self.last_checkpoint = _ckpt_record(name, step, kind, self.clock.time())
@@ -918,6 +914,8 @@ class Supervisor:
     def _rescan(self) -> None:
         changes = self.view.refresh()
         for info in changes.added:
+            if info.kind == "emergency" and self.stop is not None and info.created >= self.stop.requested_at - 1.0:
+                self._emergency_committed(info.step, info.created)
             if info.name not in self._journaled:
                 self._journaled.add(info.name)
                 self._event("info", "checkpoint", f"checkpoint appeared: {info.name} (step {info.step}, {info.kind})",
