@@ -322,13 +322,13 @@ class Coordinator:
         names = self._broadcast(names)
         for name in names:
             info = store.inspect_checkpoint(os.path.join(ck.dir, name))
-            apply, why, fatal = None, "", ""
+            apply, pending, why, fatal = None, None, "", ""
             try:
                 if not info.valid:
                     raise CorruptCheckpointError(info.path, info.reason)
-                apply = ck._stage(info)
+                apply = pending = ck._stage(info)
                 if info.manifest.get("sharded"):
-                    apply = self._sharded_apply(ck, info, apply)
+                    apply = self._sharded_apply(ck, info, pending)
             except CorruptCheckpointError as exc:
                 why = exc.reason
             except FileNotFoundError:
@@ -337,14 +337,16 @@ class Coordinator:
                 fatal = str(exc)
             verdicts: list[Any] = [None] * self.world
             dist.all_gather_object(verdicts, (why, fatal), group=self.group)
-            fatals = [f for _, f in verdicts if f]
-            if fatals:
-                raise CkptdError(fatals[0])
             bad = [(r, w) for r, (w, _) in enumerate(verdicts) if w]
-            if not bad:
+            fatals = [f for _, f in verdicts if f]
+            if not bad and not fatals:
                 assert apply is not None
                 apply()
                 return ck._after_restore(info)
+            if pending is not None:
+                pending.discard()  # refused by a peer: this rank's tensors go back as they were
+            if fatals:
+                raise CkptdError(fatals[0])
             reason = "; ".join(f"rank {r}: {w}" for r, w in bad)
             if self.rank == 0 and not all(w == "disappeared while being read" for _, w in bad):
                 store.quarantine(ck.dir, name, reason)

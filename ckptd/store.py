@@ -671,8 +671,11 @@ def advise_sequential(fd: int) -> None:
             pass  # advice only
 
 
-def read_into(fd: int, offset: int, views: Iterable[memoryview], h: Any, path: str) -> int:
+def read_into(fd: int, offset: int, views: Iterable[memoryview], h: Any, path: str,
+              ready: Callable[[int], None] | None = None) -> int:
     """Fill ``views`` in order from the file's bytes at ``offset``; update ``h`` with them in order.
+    ``ready(end)``, when given, is called before each read request with the file offset the request
+    ends at (restore keeps an undo log of what a request will overwrite).
 
     Straight into the callers' buffers (tensors), no second copy. READERS requests of ~READ_CHUNK
     bytes each (``preadv``, scattering into several small tensors at once) are in flight, issued in
@@ -698,6 +701,8 @@ def read_into(fd: int, offset: int, views: Iterable[memoryview], h: Any, path: s
 
     def read_group(off: int, pieces: list[memoryview]) -> None:
         want = sum(len(b) for b in pieces)
+        if ready is not None:
+            ready(off + want)
         got = 0
         while got < want:
             rest, skip = [], got

@@ -182,3 +182,25 @@ def test_the_file_sd_entry_is_prometheus_shaped_and_a_directory_gets_one_file_pe
     metricsmod.remove_sd_file(path)
     metricsmod.remove_sd_file(path)  # gone already: fine
     assert os.listdir(tmp_path) == []
+
+
+def test_scrapes_are_served_at_a_lower_priority_than_the_supervisor():
+    # On a busy host the trainer gets the CPU before a scraper does: every request runs in a thread
+    # whose nice value is SERVE_NICE above the supervisor's.
+    import threading
+
+    seen = []
+
+    def status():
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return {"state": "running"}
+
+    server = MetricsServer(CollectorRegistry(), lambda: True, status)
+    endpoint = server.start("127.0.0.1:0")
+    try:
+        for _ in range(3):
+            assert http_get(f"http://{endpoint.addr}/status")[0] == 200
+    finally:
+        server.close()
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    assert seen == [min(19, base + metricsmod.SERVE_NICE)] * 3

@@ -40,6 +40,7 @@ from .. import __version__
 DEFAULT_PORT = 9477  # docs/metrics.md, "Port": not a port of the exporters found on GPU nodes
 DEFAULT_ADDR = f"127.0.0.1:{DEFAULT_PORT}"
 HTTP_TIMEOUT = 10.0  # seconds a scrape connection may take; a stuck client cannot hold a thread for ever
+SERVE_NICE = 10  # the HTTP threads' nice increment: on a busy host, training gets the CPU before a scraper
 
 KINDS = ("periodic", "manual", "emergency", "final")  # store.KINDS
 RESULTS = ("ok", "failed")
@@ -471,10 +472,20 @@ class MetricsServer:
             return self.endpoint
         bound_port = self._httpd.socket.getsockname()[1]
         self.endpoint = Endpoint("serving", join_addr(host, bound_port))
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.5},
-                                        name="ckptd-metrics", daemon=True)
+        self._thread = threading.Thread(target=self._serve, args=(self._httpd,), name="ckptd-metrics", daemon=True)
         self._thread.start()
         return self.endpoint
+
+    @staticmethod
+    def _serve(httpd: Any) -> None:
+        """The listener thread: lowers its own priority (Linux nice is per thread, and the per-request
+        threads it starts inherit it), then serves until close()."""
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + SERVE_NICE))
+        except (OSError, AttributeError):
+            pass  # not Linux: serve at the supervisor's priority
+        httpd.serve_forever(poll_interval=0.5)
 
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
