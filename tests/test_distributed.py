@@ -104,12 +104,18 @@ def test_each_rank_restores_its_own_state_and_a_damaged_rank_file_falls_back_for
 
 
 @pytest.mark.parametrize("every", ["1", ""])
-def test_agreement_cost_per_step_is_small(tmp_path, every):
-    out = run_workers("agree_cost", str(tmp_path / "ck"), env={"CKPTD_AGREE_EVERY": every, "AGREE_STEPS": "1000"})
-    per_step = max(o["seconds_per_step"] for o in out)
-    print(f"CKPTD_AGREE_EVERY={every or 'adaptive'}: {per_step * 1e6:.0f} us per step, "
-          f"{out[0]['agreements']} agreements, K={out[0]['k']}")
-    assert per_step < (0.005 if every == "1" else 0.0005)
+def test_agreement_runs_every_step_only_when_fixed_so_and_adaptively_keeps_off_the_common_path(tmp_path, every):
+    # The cost per step is a benchmark figure (docs/performance.md); here the rule that keeps it small:
+    # with fast steps the adaptive period K grows until agreeing is rare, and both ranks use the same K.
+    n = 1000
+    out = run_workers("agree_cost", str(tmp_path / "ck"), env={"CKPTD_AGREE_EVERY": every, "AGREE_STEPS": str(n)})
+    print(f"CKPTD_AGREE_EVERY={every or 'adaptive'}: {max(o['seconds_per_step'] for o in out) * 1e6:.0f} us "
+          f"per step, {out[0]['agreements']} agreements, K={out[0]['k']}")
+    assert out[0]["k"] == out[1]["k"] and out[0]["agreements"] == out[1]["agreements"]
+    if every == "1":
+        assert out[0]["k"] == 1 and out[0]["agreements"] >= n
+    else:
+        assert out[0]["k"] > 10 and out[0]["agreements"] <= n // 10, out
 
 
 def test_fsdp_sharded_checkpoints_resume_bit_exact_fall_back_on_a_damaged_shard_and_reshard_2_1_2(tmp_path):
