@@ -109,7 +109,7 @@ class Coordinator:
         self.staging: Any = None
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        self.local_rank = int(os.environ.get("LOCAL_RANK") or self.rank)  # this node's first rank reports
         backend = dist.get_backend()
         # The agreement runs on the job's own group, so on its device (NCCL: CUDA only; untested here).
         self.device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")

@@ -22,9 +22,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_client_arguments(p: argparse.ArgumentParser, wait_help: str) -> None:
     p.add_argument("--dir", default=None, help="checkpoint directory of the run (default: $CKPTD_DIR or ./checkpoints)")
+    add_node_argument(p)
     p.add_argument("--wait", action="store_true", help=wait_help)
     p.add_argument("--timeout", type=positive_seconds, default=None, metavar="SECONDS",
                    help="give up waiting after SECONDS, a number > 0 (default: wait as long as it takes)")
+
+
+def add_node_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--node-rank", type=int, default=None, metavar="N",
+                   help="multi-node job: talk to the `ckptd run` of node N (default: the one running on this host)")
 
 
 def deadline(args: argparse.Namespace) -> float | None:
@@ -32,7 +38,7 @@ def deadline(args: argparse.Namespace) -> float | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with ControlClient(args.dir or default_dir()) as client:
+    with ControlClient(args.dir or default_dir(), node_rank=args.node_rank) as client:
         client.send(protocol.SAVE, wait=args.wait)
         try:
             for msg in client.replies(deadline(args)):

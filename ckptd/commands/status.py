@@ -14,8 +14,9 @@ from .. import protocol
 from ..errors import CkptdError, NotFoundError
 from ..supervisor.client import ControlClient, default_dir
 from ..supervisor.journal import JOURNAL_NAME, STATE_NAME, read_journal, read_json
-from ..supervisor.rundir import supervisor_pid
+from ..supervisor.rundir import node_run_dir, pick_node, supervisor_pid
 from . import human_time, print_json
+from .save import add_node_argument
 
 RECENT = 8  # journal events shown
 
@@ -25,20 +26,25 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Show a run's state, pids, step, last checkpoint, restarts and uptime. Works "
                        "from the journal and state file in DIR/.ckptd when no supervisor runs.")
     p.add_argument("--dir", default=None, help="checkpoint directory of the run (default: $CKPTD_DIR or ./checkpoints)")
+    add_node_argument(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
 
-def collect(root: str) -> dict[str, Any]:
-    run_dir = protocol.run_dir(root)
-    if not os.path.isdir(run_dir):
+def collect(root: str, node_rank: int | None = None) -> dict[str, Any]:
+    if not os.path.isdir(protocol.run_dir(root)):
         raise NotFoundError(f"{root} has no run directory ({protocol.RUN_DIR_NAME}/): "
                             "it was never supervised by `ckptd run`")
+    rank = pick_node(root, node_rank)  # multi-node: this node's supervisor (node 0's run dir when none runs)
+    run_dir = node_run_dir(root, rank)
+    if not os.path.isdir(run_dir):
+        raise NotFoundError(f"{root} has no run directory for node {rank} ({os.path.relpath(run_dir, root)}/): "
+                            "no `ckptd run` of that node ever ran here; check --node-rank")
     events = list(read_journal(os.path.join(run_dir, JOURNAL_NAME)))
     live = None
-    if supervisor_pid(root) is not None:
+    if supervisor_pid(root, rank) is not None:
         try:
-            with ControlClient(root, timeout=5.0) as client:
+            with ControlClient(root, timeout=5.0, node_rank=rank) as client:
                 client.send(protocol.STATUS)
                 live = next((m for m in client.replies(time.monotonic() + 5.0) if m["type"] == protocol.STATUS), None)
         except (CkptdError, OSError, TimeoutError):
@@ -61,7 +67,7 @@ def collect(root: str) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    data = collect(args.dir or default_dir())
+    data = collect(args.dir or default_dir(), args.node_rank)
     if args.json:
         print_json(data)
         return 0
@@ -74,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         ("state", data["state"] + (f" (last: {data.get('last_state')}, exit code {data.get('exit_code')})"
                                    if not data["running"] and data.get("last_state") else "")),
         ("run id", data.get("run_id") or "-"),
+        *([("job", f"{data['job_id']}, node {data.get('node_rank')}")] if data.get("job_id") else []),
         ("pids", pids + (f"; trainers {trainers}" if trainers else "")),
         ("step", str(data.get("step") if data.get("step") is not None else "-")),
         ("checkpoint", f"{ck.get('name')} (step {ck.get('step')}, {ck.get('kind')}, {human_time(ck.get('time') or 0)})"

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with ControlClient(args.dir or default_dir()) as client:
+    with ControlClient(args.dir or default_dir(), node_rank=args.node_rank) as client:
         client.send(protocol.STOP, wait=args.wait)
         try:
             for msg in client.replies(deadline(args)):

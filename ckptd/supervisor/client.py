@@ -13,9 +13,9 @@ from .rundir import find_socket_path
 
 
 class ControlClient:
-    def __init__(self, root: str, timeout: float = 10.0) -> None:
+    def __init__(self, root: str, timeout: float = 10.0, node_rank: int | None = None) -> None:
         self.root = root
-        path = find_socket_path(root)
+        path = find_socket_path(root, node_rank)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
         try:

@@ -101,6 +101,8 @@ class Config:
     start_failures: int = 3
     requeue_signal: str | None = None
     log_format: str = "text"
+    job_id: str | None = None  # several nodes' `ckptd run` of one job share the directory (rundir.py)
+    node_rank: int | None = None  # this node's rank in the job (default: torchrun's --node-rank, $SLURM_NODEID, 0)
     notices: NoticesConfig = NoticesConfig()
     slurm: SlurmConfig = SlurmConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -240,6 +242,12 @@ def _exit_code(raw: Any) -> int:
     return code
 
 
+def _job_id(raw: Any) -> str:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return str(raw)  # `job_id: 12345` in YAML
+    return _string(raw).strip()
+
+
 def _keep_best(raw: Any) -> tuple[str, int, str]:
     if isinstance(raw, dict):
         metric, k, mode = raw.get("metric"), raw.get("k"), raw.get("mode", "min")
@@ -297,6 +305,10 @@ OPTIONS: tuple[Option, ...] = (
            "step (default 3)"),
     Option("requeue_signal", _signal_name, "signal meaning 'checkpoint and exit for requeue' (USR1|USR2)", "SIG"),
     Option("log_format", _choice("text", "json"), "stderr log format: text (default) or json", "FORMAT"),
+    Option("job_id", _job_id, "multi-node: the job this node belongs to, the same on every node's `ckptd run` "
+           "(default: $SLURM_JOB_ID, else torchrun's --rdzv-id; none: a single-node run)", "ID"),
+    Option("node_rank", _int(0), "multi-node: this node's rank in the job (default: torchrun's --node-rank, "
+           "else $SLURM_NODEID, else 0)"),
     Option("notices.source", _choice(*NOTICE_SOURCES), "cloud preemption notices to poll: auto (default: the cloud "
            "this machine's DMI data names, none elsewhere), aws, gcp, azure or off", "SOURCE", flag="--notices"),
     Option("notices.endpoint", _url, "base URL of the metadata service (default: the cloud's own)", "URL",

@@ -35,7 +35,7 @@ from .log import EventLog
 from .notify import CHILD_UNSET, Notifier
 from .policy import ExitStatus, Reason, RestartPolicy, classify
 from .process import Child, Processes, oom_kill_count, process_state, run_command, system_oom_kill_count
-from .rundir import RunLock, choose_socket_path, ensure_run_dir
+from .rundir import JobLock, choose_socket_path, node_identity, node_run_dir
 from .schedule import Schedules
 from .service import Service, ServiceView
 from .states import ChildState, StateMachine
@@ -66,6 +66,7 @@ class StopRequest:
     no_checkpoint: str | None = None  # why the trainer did not write one (it says so in `stopping`)
     acked: set[str] = field(default_factory=set)  # Azure events acknowledged
     requested_at: float = 0.0  # unix time of the request
+    joined: bool = False  # not asked of this supervisor: the job stopped elsewhere (another node, a rank's signal)
 
 
 @dataclass
@@ -99,7 +100,8 @@ class Supervisor:
         self.clock = clock or Clock()
         self.log = log or EventLog(cfg.log_format, clock_time=self.clock.time)
         self.root = self.cfg.dir
-        self.run_dir = protocol.run_dir(self.root)
+        self.node = node_identity(self.cfg.job_id, self.cfg.node_rank, argv)  # multi-node: rundir.py
+        self.run_dir = node_run_dir(self.root, self.node.rank)
         self.queue: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self.sel = selectors.DefaultSelector()
         self.sm = StateMachine()
@@ -145,8 +147,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Supervise until training finishes, stops or gives up; return the exit code of `ckptd run`."""
-        ensure_run_dir(self.root)
-        lock = RunLock(self.run_dir)
+        lock = JobLock(self.root, self.node)
         lock.acquire()
         try:
             with self._signals_captured():
@@ -190,7 +191,7 @@ class Supervisor:
         if self.run_id == previous.get("run_id"):  # goodput counts the whole run, across `ckptd run`s
             self.metrics.goodput.resume((previous.get("metrics") or {}).get("goodput"))
         self.journal = Journal(os.path.join(self.run_dir, JOURNAL_NAME), self.clock.time, on_error=self.log)
-        self.control = ControlServer(choose_socket_path(self.root), self.sel, self.clock, self._on_message,
+        self.control = ControlServer(choose_socket_path(self.run_dir), self.sel, self.clock, self._on_message,
                                      self._on_close, self.log)
         self.control.open()
         try:
@@ -204,8 +205,10 @@ class Supervisor:
             self._apply_schedules()
             self._guarded("notices", self._start_notices)
             self._guarded("metrics endpoint", self._start_metrics)
-            self._event("info", "start", f"supervising {' '.join(self.argv)} in {self.root} (run {self.run_id})",
-                        pid=os.getpid(), argv=self.argv, dir=self.root,
+            node = f", {self.node.describe()}" if self.node.job_id is not None else ""
+            self._event("info", "start", f"supervising {' '.join(self.argv)} in {self.root} (run {self.run_id}{node})",
+                        pid=os.getpid(), argv=self.argv, dir=self.root, job_id=self.node.job_id,
+                        node_rank=self.node.rank,
                         resume_from=latest.step if latest else None, config=self.cfg.as_dict(),
                         metrics=self._metrics_endpoint(), **_slurm_env())
             self._spawn()
@@ -623,6 +626,31 @@ class Supervisor:
                     reason=stop.reason, via=via, grace=grace, deadline=stop.deadline_wall)
         self._save_state()
 
+    def _join_stop(self, peer: Peer, msg: dict[str, Any]) -> None:
+        """A trainer stops though nobody asked this supervisor: the job's stop came from elsewhere (another
+        node's supervisor, whose ranks agreed on it with ours in ``ck.step()``, or a signal to a rank). Judge
+        the exit like a stop of our own: exit 85 when the emergency checkpoint it reports is on disk."""
+        from .. import store
+
+        step, code = msg.get("step"), msg.get("exit_code")
+        now = self.clock.monotonic()
+        self.stop = StopRequest(uuid.uuid4().hex[:12], "the job stopped elsewhere", now + self.cfg.grace,
+                                self.clock.time() + self.cfg.grace, requested_at=self.clock.time(), joined=True)
+        self._metric("stop_requested", self.stop.deadline_wall)
+        self.service.stopping(self.stop.reason)
+        if self.life is not None:
+            self.life.deadline = self.stop.deadline
+        self.sm.to(S.STOPPING)
+        self._event("info", "stop_requested", f"trainer pid {peer.pid} (rank {_fmt(peer.rank)}) stops at step "
+                    f"{_fmt(step)} with exit code {_fmt(code)} without a stop asked of this supervisor: the job "
+                    f"stopped elsewhere; waiting {self.cfg.grace:g} s for it to exit", reason=self.stop.reason,
+                    via="trainer", grace=self.cfg.grace, step=step, rank=peer.rank)
+        self._rescan()
+        info = self.view.valid.get(store.checkpoint_name(step)) if isinstance(step, int) and step >= 0 else None
+        if code == exitcodes.PREEMPTED and info is not None and info.kind == "emergency":
+            self._emergency_committed(step, info.created)
+        self._save_state()
+
     def _force_stop(self, life: Life, reason: str) -> None:
         if self.sm.state is not S.STOPPING:
             return
@@ -761,7 +789,7 @@ class Supervisor:
             if self.notice is not None:
                 self.notice.update(pending=False, **result)
         self._acknowledge_notices()
-        if self.cfg.slurm.requeue and code == exitcodes.PREEMPTED and stop.reason != "ckptd stop":
+        if self.cfg.slurm.requeue and code == exitcodes.PREEMPTED and stop.reason != "ckptd stop" and not stop.joined:
             self._slurm_requeue()
 
     def _slurm_requeue(self) -> None:
@@ -855,6 +883,8 @@ class Supervisor:
         self._saw_step(msg.get("step"))
         self.log("info", "stopping", f"trainer pid {peer.pid} is exiting with {msg.get('exit_code')} "
                  f"at step {_fmt(msg.get('step'))}")
+        if self.stop is None and self.sm.state is S.RUNNING:
+            self._join_stop(peer, msg)
         reason = msg.get("reason")
         if isinstance(reason, str) and reason and self.stop is not None and self.stop.no_checkpoint is None:
             self.stop.no_checkpoint = reason[:2000]
@@ -972,6 +1002,7 @@ class Supervisor:
         trainers = self.control.trainers() if self.control else []
         return {
             "dir": self.root, "run_id": self.run_id, "state": self.sm.state.value,
+            "job_id": self.node.job_id, "node_rank": self.node.rank,
             "supervisor_pid": os.getpid(), "child_pid": life.child.pid if life else None,
             "trainers": [{"pid": p.pid, "rank": p.rank} for p in trainers],
             "step": self.step, "last_checkpoint": self.last_checkpoint, "restarts": self.restarts,
@@ -1041,7 +1072,7 @@ class Supervisor:
 
         self._publish_metrics()
         self.metrics_server = metricsmod.MetricsServer(self.metrics.registry, lambda: self.metrics.healthy,
-                                                       lambda: collect(self.root))
+                                                       lambda: collect(self.root, self.node.rank))
         endpoint = self.metrics_server.start(mc.addr)
         if endpoint.state != "serving":
             self.log("warning", "metrics", f"metrics unavailable: {endpoint.error}; training goes on without "
