@@ -13,7 +13,7 @@ ckptd provides the storage: :class:`Writer` and :class:`Reader` implement DCP's 
 * each rank writes its shard file (``shard-NNNNN.bin``) into the checkpoint's temporary directory, with
   fsync and an xxh3-128 checksum; the records reach rank 0 through DCP's own gather, and rank 0 commits
   the one manifest (distributed.Coordinator.persist) only when every rank's files are durable;
-* the tensors are staged into host copies made once and reused (DCP's ``_create_cpu_state_dict`` /
+* the tensors are staged into host copies made once and reused (:func:`host_copies`,
   ``_copy_state_dict``), and the write runs in the background on ckptd's private gloo group.
 
 On restore every rank verifies the checksums of a share of the files (file i: rank i mod world), the
@@ -87,6 +87,20 @@ def join(rest: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return rest
 
 
+def host_copies(tensors: dict[str, torch.Tensor], pin_memory: bool = False) -> dict[str, torch.Tensor]:
+    """Empty host tensors like ``tensors``; a DTensor's keeps its mesh and placements (its spec).
+
+    What ``torch.distributed._state_dict_utils._create_cpu_state_dict`` returns, without the deepcopy (or
+    device-to-host copy) it makes of every DTensor's data only to replace it: that copy was over half of a
+    256 MiB 2-rank restore here (docs/performance.md, "Sharded save and restore against DCP")."""
+    out: dict[str, torch.Tensor] = {}
+    for k, t in tensors.items():
+        local = t._local_tensor if isinstance(t, DTensor) else t
+        host = torch.empty(tuple(local.size()), dtype=local.dtype, pin_memory=pin_memory)
+        out[k] = DTensor(host, t._spec, requires_grad=False) if isinstance(t, DTensor) else host
+    return out
+
+
 class Staging:
     """Host copies of the sharded tensors, made once and reused by every save (the save's stall is the copy)."""
 
@@ -95,11 +109,11 @@ class Staging:
         self._signature: Any = None
 
     def take(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+        from torch.distributed._state_dict_utils import _copy_state_dict
 
         signature = tuple((k, t.dtype, tuple(t.shape)) for k, t in tensors.items())
         if self._cpu is None or signature != self._signature:
-            self._cpu = _create_cpu_state_dict(tensors, pin_memory=any(t.is_cuda for t in tensors.values()))
+            self._cpu = host_copies(tensors, pin_memory=any(t.is_cuda for t in tensors.values()))
             self._signature = signature
         _copy_state_dict(tensors, self._cpu)
         return self._cpu
@@ -290,12 +304,11 @@ def verify_share(info: store.CheckpointInfo, rank: int, world: int) -> None:
 
 def load(info: store.CheckpointInfo, model: Any, optimizer: Any, rest: dict[str, Any], group: Any) -> None:
     """Read a verified sharded checkpoint (resharding to this world size) and apply it."""
-    from torch.distributed._state_dict_utils import _create_cpu_state_dict
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     live, _ = split(model, optimizer)
-    cpu = _create_cpu_state_dict(live)  # read into copies: the live state changes only once all is read
+    cpu = host_copies(live)  # read into copies: the live state changes only once all is read
     dcp.load(cpu, storage_reader=Reader(info.path), planner=DefaultLoadPlanner(flatten_state_dict=False),
              process_group=group)
     tree = join(rest, cpu)

@@ -1,16 +1,26 @@
-"""ckptd inspect CKPT [--json]: tensors, other state keys, manifest."""
+"""ckptd inspect CKPT [--json]: tensors, other state keys, manifest.
+
+A sharded (FSDP/DTensor) checkpoint's tensors are listed from its ``dcp.json``: the tensor map that
+ckptd/sharded.py writes as JSON (never pickled, so nothing here executes code from the checkpoint),
+one logical tensor per entry with its global shape, its chunks and the rank files that hold them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 from typing import Any
 
 from .. import store
 from ..errors import CorruptCheckpointError
 from . import add_dir_argument, human_bytes, print_json, resolve_checkpoint
 
+DCP_JSON = "dcp.json"  # sharded.METADATA (that module imports torch; the commands do not)
+DCP_MAX_BYTES = 256 << 20  # sharded.MAX_METADATA_BYTES
+SHARD_SEP = "\x1f"  # sharded.SEP: joins a flattened value's path (FQNs hold dots)
+_SHARD_FILE = re.compile(r"^shard-([0-9]{5,})\.bin$")
 CKPT_HELP = ("one checkpoint: a path (checkpoints/step-000000000300), DIR/latest (the newest valid one), DIR/300 "
              "(a step number), or 300 / latest / step-000000000300 looked up in --dir")
 
@@ -41,6 +51,78 @@ def read_tensor_header(path: str) -> dict[str, Any]:
             raise CorruptCheckpointError(path, f"{store.TENSORS}: tensor {key!r} lacks a valid dtype or shape "
                                          "(damaged or crafted header)")
     return header
+
+
+def _dims(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= store.MAX_DIMS and \
+        all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v)
+
+
+def read_shard_map(path: str, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The logical tensors of a sharded checkpoint, from its ``dcp.json`` (JSON, read within bounds and
+    every field's type checked): ``{name: {dtype, shape, shards, files, ranks, bytes}}``, ``name`` the
+    flattened path with ``/`` (``model/0.weight``, ``optimizer/state/0.weight/exp_avg``), ``bytes``
+    what the shard files hold of it."""
+    bad = f"{DCP_JSON} does not describe the shard files"
+    try:
+        raw = store.read_small(os.path.join(path, DCP_JSON), DCP_MAX_BYTES)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(path, f"{DCP_JSON} is missing (a sharded checkpoint needs its tensor map)") \
+            from None
+    except OSError as exc:
+        raise CorruptCheckpointError(path, f"{DCP_JSON} unreadable: {exc.strerror}") from None
+    doc = store.load_json(raw, path, DCP_JSON, 8, DCP_MAX_BYTES)
+    if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), dict) or \
+            not isinstance(doc.get("storage"), list):
+        raise CorruptCheckpointError(path, f"{bad} (no tensors/storage)")
+    out: dict[str, dict[str, Any]] = {}
+    for fqn, m in doc["tensors"].items():
+        if not (isinstance(m, dict) and m.get("dtype") in store.DTYPE_SIZES and _dims(m.get("size"))
+                and isinstance(m.get("chunks"), list)):
+            raise CorruptCheckpointError(path, f"{bad} (tensor {fqn!r} lacks a valid dtype, size or chunks)")
+        out[fqn] = {"dtype": m["dtype"], "shape": m["size"], "shards": len(m["chunks"]), "files": [], "ranks": [],
+                    "bytes": 0}
+    for entry in doc["storage"]:
+        ok = isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], list) and len(entry[0]) == 3
+        fqn, fname, offset, length = entry if ok else (None, None, None, None)
+        if not (ok and isinstance(fqn[0], str) and fqn[0] in out and isinstance(fname, str)
+                and fname in manifest["files"] and _dims([offset, length])
+                and offset + length <= manifest["files"][fname]["bytes"]):
+            raise CorruptCheckpointError(path, f"{bad} (storage entry {str(entry)[:80]} is not a chunk of a "
+                                         "listed tensor in a listed file)")
+        rec = out[fqn[0]]
+        rec["bytes"] += length
+        if fname not in rec["files"]:
+            rec["files"].append(fname)
+            m = _SHARD_FILE.match(fname)
+            if m:
+                rec["ranks"].append(int(m.group(1)))
+    for rec in out.values():
+        rec["files"].sort()
+        rec["ranks"].sort()
+    return {fqn.replace(SHARD_SEP, "/"): rec for fqn, rec in out.items()}
+
+
+def _ranges(ranks: list[int]) -> str:
+    """0,1,2,5 -> "0-2,5"."""
+    parts: list[str] = []
+    for r in ranks:
+        if parts and parts[-1][1] == r - 1:
+            parts[-1][1] = r
+        else:
+            parts.append([r, r])  # type: ignore[arg-type]
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts) or "-"
+
+
+def _drop_shard_refs(tree: Any) -> Any:
+    """The state tree without the sharded tensors' references (listed as tensors instead)."""
+    if isinstance(tree, dict):
+        if set(tree) == {"__shard"}:
+            return None
+        kept = {k: _drop_shard_refs(v) for k, v in tree.items()}
+        kept = {k: v for k, v in kept.items() if v is not None or tree[k] is None}
+        return kept if kept or not tree else None  # emptied by the removal: gone too
+    return tree
 
 
 def read_state_tree(path: str) -> Any:
@@ -79,14 +161,29 @@ def run(args: argparse.Namespace) -> int:
         raise CorruptCheckpointError(path, info.reason)
     tensors = read_tensor_header(path)
     tree = read_state_tree(path)
+    sharded = bool(info.manifest.get("sharded"))
+    shards = read_shard_map(path, info.manifest) if sharded else {}
+    if sharded:
+        tree = _drop_shard_refs(tree)
     if args.json:
-        print_json({"manifest": info.manifest, "tensors": {k: {"dtype": v["dtype"], "shape": v["shape"]}
-                                                            for k, v in tensors.items()},
-                    "state": state_outline(tree)})
+        out = {"manifest": info.manifest, "tensors": {k: {"dtype": v["dtype"], "shape": v["shape"]}
+                                                      for k, v in tensors.items()},
+               "state": state_outline(tree)}
+        if sharded:
+            out["sharded_tensors"] = shards
+        print_json(out)
         return 0
     print(f"checkpoint {info.path}")
-    print(f"  step {info.step}  kind {info.kind}  epoch {info.epoch}  size {human_bytes(info.bytes)}")
-    print(f"\ntensors ({len(tensors)}):")
+    print(f"  step {info.step}  kind {info.kind}  epoch {info.epoch}  size {human_bytes(info.bytes)}"
+          + (f"  sharded over {info.manifest.get('world_size')} ranks" if sharded else ""))
+    if sharded:
+        width = max([40, *(len(k) for k in shards)])
+        print(f"\nsharded tensors ({len(shards)}, from {DCP_JSON}; global shapes):")
+        print(f"  {'NAME':<{width}} {'DTYPE':<5} {'SHAPE':<16} {'SHARDS':>6}  {'RANKS':<8} BYTES")
+        for k, v in shards.items():
+            print(f"  {k:<{width}} {v['dtype']:<5} {str(v['shape']):<16} {v['shards']:>6}  "
+                  f"{_ranges(v['ranks']):<8} {human_bytes(v['bytes'])}")
+    print(f"\n{'replicated tensors' if sharded else 'tensors'} ({len(tensors)}):")
     for k, v in tensors.items():
         print(f"  {k:<60} {v['dtype']:<5} {v['shape']}")
     print("\nother state:")
