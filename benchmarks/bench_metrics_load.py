@@ -3,7 +3,8 @@ against the same loop unloaded, in one `ckptd run` (windows alternate: quiet, lo
 
     python benchmarks/bench_metrics_load.py [--requests 10000] [--clients 2] [--client-nice 19]
 
-Prints the median step time of each window and the ratio loaded/quiet (target: <= 1.05).
+Prints the median step time of each window and the ratio loaded/quiet (target: <= 1.05), and, as a
+reference, the same for a window in which a plain busy loop (no ckptd involved) occupies the other core.
 The load generator runs on the same host; its threads run at nice --client-nice (default 19) to stand
 in for a scraper on another machine (0: it competes with the trainer for this host's cores as well).
 """
@@ -65,6 +66,13 @@ def hammer(host: str, port: int, n: int, clients: int, nice: int) -> float:
     return time.monotonic() - t0
 
 
+def spin(seconds: float, nice: int) -> None:
+    """The reference window: one process that only burns CPU (at the load generator's nice), so the
+    figure shows what any work on this host's other core costs the trainer, ckptd or not."""
+    code = f"import os, time\nos.nice({nice})\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass\n"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=10_000)
@@ -90,11 +98,14 @@ def main() -> int:
         host, port = hostport.rsplit(":", 1)
         time.sleep(3)  # warm-up steps
         rows = []
-        for window in ("quiet", "loaded", "quiet", "loaded"):
+        windows = ("quiet", "loaded", "spin", "quiet", "loaded", "spin")
+        for window in windows:
             t0 = time.time()
+            served = 0.0
             if window == "quiet":
                 time.sleep(args.quiet_seconds)
-                served = 0.0
+            elif window == "spin":
+                spin(args.quiet_seconds, args.client_nice)
             else:
                 served = hammer(host, int(port), args.requests, args.clients, args.client_nice)
             t1 = time.time()
@@ -105,7 +116,10 @@ def main() -> int:
             print(f"{w:7s} {n:6d} steps, median step {med * 1e3:.3f} ms{extra}")
         quiet = statistics.median([r[2] for r in rows if r[0] == "quiet"])
         loaded = statistics.median([r[2] for r in rows if r[0] == "loaded"])
+        spun = statistics.median([r[2] for r in rows if r[0] == "spin"])
         ratio = loaded / quiet
+        print(f"reference: a busy loop on the other core (no ckptd involved), spin/quiet: {spun / quiet:.3f}; "
+              f"loaded/spin: {loaded / spun:.3f}")
         print(f"load generator: {args.clients} clients at nice {args.client_nice}; load average {os.getloadavg()}")
         print(f"loaded/quiet median step ratio: {ratio:.3f} ({'PASS' if ratio <= 1.05 else 'MISS'} <= 1.05)")
         return 0

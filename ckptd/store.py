@@ -77,7 +77,7 @@ MAX_STATE_DEPTH = 100  # nesting of state.json (real: ~10)
 CHUNK = 8 << 20  # buffered write/read/hash granularity
 DIRECT_CHUNK = 16 << 20  # O_DIRECT request size (as fast as 64 MiB here; finer steps for pacing)
 READ_CHUNK = 16 << 20  # restore read request: small enough that hashing the last one adds little after the read ends
-READERS = 2  # restore read requests in flight (docs/performance.md, P3)
+READERS = 1  # restore read requests in flight: one stream, hashed behind it (docs/performance.md, P3)
 MAX_IOV = 512  # buffers per preadv (IOV_MAX is 1024 on Linux)
 Pace = Callable[[float], None]
 """Called by the writers after each piece with the seconds it took; a background save sleeps

@@ -184,23 +184,38 @@ def test_the_file_sd_entry_is_prometheus_shaped_and_a_directory_gets_one_file_pe
     assert os.listdir(tmp_path) == []
 
 
-def test_scrapes_are_served_at_a_lower_priority_than_the_supervisor():
-    # On a busy host the trainer gets the CPU before a scraper does: every request runs in a thread
-    # whose nice value is SERVE_NICE above the supervisor's.
-    import threading
 
-    seen = []
+def test_pace_hands_out_turns_in_order_at_the_rate_and_refuses_beyond_the_wait():
+    clock = FakeClock()
+    slept = []
+    pace = metricsmod.Pace(10.0, 0.25, clock=clock.monotonic, sleep=slept.append)
+    assert [pace.wait_turn() for _ in range(4)] == [True, True, True, False]  # turns at +0, +0.1, +0.2; +0.3 > 0.25
+    assert slept == pytest.approx([0.1, 0.2])
+    clock.advance(1.0)  # idle: the next request is served at once
+    assert pace.wait_turn() and slept == pytest.approx([0.1, 0.2])
 
-    def status():
-        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        return {"state": "running"}
 
-    server = MetricsServer(CollectorRegistry(), lambda: True, status)
+def test_a_scrape_storm_is_paced_and_refused_with_429_while_healthz_stays_free(monkeypatch):
+    import concurrent.futures
+    import urllib.error
+    import urllib.request
+
+    monkeypatch.setattr(metricsmod, "RENDER_RATE", 4.0)
+    monkeypatch.setattr(metricsmod, "RENDER_WAIT", 0.5)
+    server = MetricsServer(CollectorRegistry(), lambda: True, lambda: {"state": "running"})
     endpoint = server.start("127.0.0.1:0")
+
+    def get(path):
+        try:
+            with urllib.request.urlopen(f"http://{endpoint.addr}{path}", timeout=10) as r:
+                return r.status, None
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers.get("Retry-After")
+
     try:
-        for _ in range(3):
-            assert http_get(f"http://{endpoint.addr}/status")[0] == 200
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            storm = list(pool.map(get, ["/metrics"] * 8))
+        assert storm.count((200, None)) >= 2 and (429, "1") in storm, storm  # 4/s, at most 0.5 s of waiting
+        assert all(get("/healthz") == (200, None) for _ in range(20))
     finally:
         server.close()
-    base = os.getpriority(os.PRIO_PROCESS, 0)
-    assert seen == [min(19, base + metricsmod.SERVE_NICE)] * 3

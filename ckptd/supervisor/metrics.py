@@ -30,6 +30,7 @@ import os
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -40,7 +41,8 @@ from .. import __version__
 DEFAULT_PORT = 9477  # docs/metrics.md, "Port": not a port of the exporters found on GPU nodes
 DEFAULT_ADDR = f"127.0.0.1:{DEFAULT_PORT}"
 HTTP_TIMEOUT = 10.0  # seconds a scrape connection may take; a stuck client cannot hold a thread for ever
-SERVE_NICE = 10  # the HTTP threads' nice increment: on a busy host, training gets the CPU before a scraper
+RENDER_RATE = 50.0  # /metrics and /status answers per second at most; more wait their turn (docs/metrics.md)
+RENDER_WAIT = 2.0  # seconds a request may wait for its turn; beyond that: 429 with Retry-After
 
 KINDS = ("periodic", "manual", "emergency", "final")  # store.KINDS
 RESULTS = ("ok", "failed")
@@ -449,6 +451,7 @@ class MetricsServer:
         self._status = status
         self._httpd: Any = None
         self._thread: threading.Thread | None = None
+        self._pace = Pace(RENDER_RATE, RENDER_WAIT)
         self.endpoint = Endpoint("off")
 
     def start(self, addr: str) -> Endpoint:
@@ -472,20 +475,10 @@ class MetricsServer:
             return self.endpoint
         bound_port = self._httpd.socket.getsockname()[1]
         self.endpoint = Endpoint("serving", join_addr(host, bound_port))
-        self._thread = threading.Thread(target=self._serve, args=(self._httpd,), name="ckptd-metrics", daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.5},
+                                        name="ckptd-metrics", daemon=True)
         self._thread.start()
         return self.endpoint
-
-    @staticmethod
-    def _serve(httpd: Any) -> None:
-        """The listener thread: lowers its own priority (Linux nice is per thread, and the per-request
-        threads it starts inherit it), then serves until close()."""
-        try:
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + SERVE_NICE))
-        except (OSError, AttributeError):
-            pass  # not Linux: serve at the supervisor's priority
-        httpd.serve_forever(poll_interval=0.5)
 
     def _app(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
@@ -493,6 +486,10 @@ class MetricsServer:
             ok = self._healthy()
             return _reply(start_response, "200 OK" if ok else "503 Service Unavailable", "text/plain",
                           b"ok\n" if ok else b"not training\n")
+        if path in ("/status", "/metrics", "/") and not self._pace.wait_turn():
+            start_response("429 Too Many Requests", [("Content-Type", "text/plain; charset=utf-8"),
+                                                     ("Retry-After", "1")])
+            return [f"more than {RENDER_RATE:g} requests per second; scrape less often\n".encode()]
         if path == "/status":
             body = json.dumps(self._status(), default=str, indent=1).encode() + b"\n"
             return _reply(start_response, "200 OK", "application/json", body)
@@ -507,6 +504,30 @@ class MetricsServer:
             httpd.server_close()
         if self._thread is not None:
             self._thread.join(2.0)
+
+
+class Pace:
+    """At most ``rate`` turns per second, handed out in order of arrival: a request waits for its turn
+    (a scrape storm is served at ``rate``, so it cannot take the host's CPU from training) or, when its
+    turn is more than ``max_wait`` seconds away, is refused. /healthz is never paced (probes stay cheap)."""
+
+    def __init__(self, rate: float, max_wait: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self._gap, self._max_wait = 1.0 / rate, max_wait
+        self._clock, self._sleep = clock, sleep
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def wait_turn(self) -> bool:
+        with self._lock:
+            now = self._clock()
+            turn = max(now, self._next)
+            if turn - now > self._max_wait:
+                return False
+            self._next = turn + self._gap
+        if turn > now:
+            self._sleep(turn - now)
+        return True
 
 
 def _reply(start_response: Callable[..., Any], status: str, ctype: str, body: bytes) -> list[bytes]:
