@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import psutil
@@ -234,16 +236,22 @@ def test_sd_notify_ready_watchdog_and_stopping(tmp_path, root):
 def test_long_checkpoint_dir_puts_the_socket_elsewhere_and_records_it(tmp_path):
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     root = str(deep / "ck")
-    run = Run(tmp_path, root, [*FAST, TRAINER, "--steps", "100000"],
-              env={"XDG_RUNTIME_DIR": str(tmp_path / "xdg")})
-    os.makedirs(tmp_path / "xdg", mode=0o700, exist_ok=True)
-    wait_for(lambda: len(_status(root).get("trainers", [])) == 1, 20, "the trainer to connect")
-    recorded = open(os.path.join(root, ".ckptd", "control.path")).read().strip()
-    assert len(recorded.encode()) <= 107 and os.path.exists(recorded)
-    assert oct(os.stat(os.path.dirname(recorded)).st_mode & 0o777) == "0o700"
-    assert oct(os.stat(recorded).st_mode & 0o777) == "0o600"
-    run.signal(signal.SIGTERM)
-    assert run.wait(10) == exitcodes.PREEMPTED
+    xdg = tempfile.mkdtemp(prefix="x", dir="/tmp")  # short, as a real XDG_RUNTIME_DIR (/run/user/UID) is
+    try:
+        run = Run(tmp_path, root, [*FAST, TRAINER, "--steps", "100000"], env={"XDG_RUNTIME_DIR": xdg})
+        try:
+            wait_for(lambda: len(_status(root).get("trainers", [])) == 1, 60, "the trainer to connect")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; status: {_status(root)}; stderr:\n{run.stderr()}") from None
+        recorded = open(os.path.join(root, ".ckptd", "control.path")).read().strip()
+        assert recorded.startswith(xdg + os.sep)  # under $XDG_RUNTIME_DIR, not /tmp
+        assert len(recorded.encode()) <= 107 and os.path.exists(recorded)
+        assert oct(os.stat(os.path.dirname(recorded)).st_mode & 0o777) == "0o700"
+        assert oct(os.stat(recorded).st_mode & 0o777) == "0o600"
+        run.signal(signal.SIGTERM)
+        assert run.wait(10) == exitcodes.PREEMPTED
+    finally:
+        shutil.rmtree(xdg, ignore_errors=True)
 
 
 def test_supervisor_stays_small_and_never_loads_torch(tmp_path, root):
