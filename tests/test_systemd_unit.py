@@ -19,6 +19,7 @@ from ckptd import exitcodes
 from ckptd.commands import install_unit
 from ckptd.supervisor.config import Config
 from fixtures.sup_helpers import TRAINER
+from fixtures.systemd_user import under_tmp_reason
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNIT_FILE = os.path.join(ROOT, "systemd", "ckptd@.service")
@@ -135,6 +136,10 @@ def config(tmp_path):
     return str(path)
 
 
+outside_tmp = pytest.mark.skipif(under_tmp_reason() is not None, reason=str(under_tmp_reason()))
+
+
+@outside_tmp
 def test_install_unit_dry_run_prints_the_plan_and_changes_nothing(tmp_path, config):
     image = tmp_path / "image"
     r = cli("install-unit", "job", "--config", config, "--root", str(image), "--dry-run", TRAINER, "--steps", "5")
@@ -149,6 +154,7 @@ def test_install_unit_dry_run_prints_the_plan_and_changes_nothing(tmp_path, conf
     assert plan["commands"] == [["systemctl", "daemon-reload"], ["systemctl", "enable", "ckptd@job.service"]]
 
 
+@outside_tmp
 @pytest.mark.skipif(shutil.which("systemctl") is None, reason="systemctl is not installed (Debian package `systemd`)")
 def test_install_unit_into_an_image_writes_config_command_unit_and_enables_it(tmp_path, config):
     image = tmp_path / "image"
