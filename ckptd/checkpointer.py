@@ -825,11 +825,10 @@ class Checkpointer:
             if own is not None:
                 merged.update(own)
             _check_state(merged, info)  # every tag, before applying
-        except StateDecodeError as exc:
-            staged.rollback()
-            raise CorruptCheckpointError(info.path, f"{store.STATE}: {exc}") from None
-        except BaseException:
-            staged.rollback()
+        except BaseException as exc:
+            staged.rollback()  # the run's tensors go back as they were, whatever failed
+            if isinstance(exc, StateDecodeError):
+                raise CorruptCheckpointError(info.path, f"{store.STATE}: {exc}") from None
             raise
 
         def apply() -> None:

@@ -62,8 +62,26 @@ def digest(model) -> str:
     return h.hexdigest()
 
 
+def save_forever(ck, model, log_path: str, tick=None, manual_every: int = 0) -> None:
+    """Resume, then step and save until killed: the values of ``fill``; every ``manual_every``-th save
+    manual; ``tick()`` once each save started; "STEP DIGEST" logged for each committed one."""
+    step = ck.restore()
+    with open(log_path, "a") as log:
+        while True:
+            step += 1
+            fill(model, step)
+            ck.step(step)
+            res = ck.save(kind="manual" if manual_every and step % manual_every == 0 else "periodic")
+            if tick is not None:
+                tick()
+            res.wait()
+            if res.error is None:
+                log.write(f"{step} {digest(model)}\n")
+                log.flush()
+
+
 def _saver(root: str, w: int, log_path: str, async_save: bool) -> None:
-    """Child: resume, then step and save until killed; log each committed step's digest; a byte per cycle."""
+    """Child: the save loop in ``root``; a byte on the pipe per cycle."""
     import torch
 
     import ckptd
@@ -72,18 +90,7 @@ def _saver(root: str, w: int, log_path: str, async_save: bool) -> None:
     model = _model()
     ck = ckptd.Checkpointer(model=model, dir=root, keep_last=2, async_save=async_save, pace=0,
                             handle_signals=False, save_on_close=False)
-    step = ck.restore()
-    with open(log_path, "a") as log:
-        while True:
-            step += 1
-            fill(model, step)
-            ck.step(step)
-            res = ck.save(kind="periodic" if step % 3 else "manual")
-            os.write(w, b".")
-            res.wait()
-            if res.error is None:
-                log.write(f"{step} {digest(model)}\n")
-                log.flush()
+    save_forever(ck, model, log_path, tick=lambda: os.write(w, b"."), manual_every=3)
 
 
 def _recorded(log_path: str) -> dict[int, str]:

@@ -11,26 +11,17 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from ckptd import exitcodes, store
-from fixtures.sup_helpers import FIXTURES, Run, ckptd, journal, wait_for
+from fixtures.sup_helpers import DIST_OFF as OFF
+from fixtures.sup_helpers import DIST_TRAINER as TRAINER
+from fixtures.sup_helpers import FIXTURES, TORCHRUN, Run, ckptd, free_port, journal, wait_for
 
-TRAINER = os.path.join(FIXTURES, "dist_trainer.py")
 WORKER = os.path.join(FIXTURES, "dist_worker.py")
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-OFF = ["--metrics-addr", "off", "--notices", "off", "--grace", "20", "--force-grace", "2",
-       "--backoff-base", "0.05", "--backoff-max", "0.2"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_workers(scenario: str, root: str, world: int = 2, env: dict[str, str] | None = None,

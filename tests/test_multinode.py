@@ -9,26 +9,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 
 import pytest
 
 from ckptd import exitcodes, store
 from ckptd.supervisor.rundir import Node, node_identity, node_run_dir
-from fixtures.sup_helpers import FIXTURES, PLAIN, Run, ckptd, wait_for
-
-TRAINER = os.path.join(FIXTURES, "dist_trainer.py")
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-OFF = ["--metrics-addr", "off", "--notices", "off", "--grace", "20", "--force-grace", "2",
-       "--backoff-base", "0.05", "--backoff-max", "0.2"]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fixtures.sup_helpers import DIST_OFF as OFF
+from fixtures.sup_helpers import DIST_TRAINER as TRAINER
+from fixtures.sup_helpers import PLAIN, TORCHRUN, Run, ckptd, free_port, wait_for
 
 
 def events(root: str, node: int, name: str | None = None) -> list[dict]:

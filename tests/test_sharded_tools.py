@@ -14,8 +14,7 @@ import subprocess
 import sys
 
 from ckptd import exitcodes, store
-from fixtures.sup_helpers import FIXTURES, ckptd
-from test_distributed import free_port
+from fixtures.sup_helpers import FIXTURES, ckptd, free_port
 
 WORKER = os.path.join(FIXTURES, "dist_sharded.py")
 # dist_trainer.build("fsdp", 2, 16): Linear(8, 16), ReLU, Dropout, Linear(16, 16), ReLU, Linear(16, 4)
