@@ -580,16 +580,11 @@ class Supervisor:
 
     def _request_stop(self, reason: str, *, force: bool = False, waiter: Peer | None = None,
                       notice: noticesmod.Notice | None = None) -> str:
-        now = self.clock.monotonic()
         if self.stop is None:
             grace = self.cfg.grace
             if notice is not None and notice.deadline is not None:  # the platform's deadline replaces the grace
                 grace = max(1.0, notice.deadline - self.clock.time())
-            self.stop = StopRequest(uuid.uuid4().hex[:12], reason, now + grace,
-                                    notice.deadline if notice and notice.deadline is not None
-                                    else self.clock.time() + grace, notice=notice, requested_at=self.clock.time())
-            self._metric("stop_requested", self.stop.deadline_wall)
-            self.service.stopping(reason)
+            self._new_stop(reason, grace, notice.deadline if notice else None, notice=notice)
             self._begin_stop()
         elif force and self.life is not None:
             self._force_stop(self.life, reason)
@@ -597,6 +592,14 @@ class Supervisor:
             waiter.waiting = True
             self.stop.waiters.append(waiter)
         return self.stop.request_id
+
+    def _new_stop(self, reason: str, grace: float, deadline_wall: float | None = None, **kw: Any) -> None:
+        """Record a stop whose deadline is ``grace`` seconds away (a notice's own deadline when it has one)."""
+        now, wall = self.clock.monotonic(), self.clock.time()
+        self.stop = StopRequest(uuid.uuid4().hex[:12], reason, now + grace,
+                                deadline_wall if deadline_wall is not None else wall + grace, requested_at=wall, **kw)
+        self._metric("stop_requested", self.stop.deadline_wall)
+        self.service.stopping(reason)
 
     def _begin_stop(self) -> None:
         stop, life = self.stop, self.life
@@ -633,11 +636,8 @@ class Supervisor:
         from .. import store
 
         step, code = msg.get("step"), msg.get("exit_code")
-        now = self.clock.monotonic()
-        self.stop = StopRequest(uuid.uuid4().hex[:12], "the job stopped elsewhere", now + self.cfg.grace,
-                                self.clock.time() + self.cfg.grace, requested_at=self.clock.time(), joined=True)
-        self._metric("stop_requested", self.stop.deadline_wall)
-        self.service.stopping(self.stop.reason)
+        self._new_stop("the job stopped elsewhere", self.cfg.grace, joined=True)
+        assert self.stop is not None
         if self.life is not None:
             self.life.deadline = self.stop.deadline
         self.sm.to(S.STOPPING)
