@@ -679,8 +679,9 @@ def read_into(fd: int, offset: int, views: Iterable[memoryview], h: Any, path: s
 
     Straight into the callers' buffers (tensors), no second copy. READERS requests of ~READ_CHUNK
     bytes each (``preadv``, scattering into several small tensors at once) are in flight, issued in
-    file order; this thread hashes each one as soon as it and all before it are in. Two requests in
-    flight kept a cold read of this VM's disk steadier than one sequential stream. Returns the
+    file order; this thread hashes each one as soon as it and all before it are in. One request in
+    flight: beside restore's undo-log copy, two were 60-100 ms slower per 256 MiB (docs/performance.md,
+    "Restore: read in place with an undo log"). Returns the
     offset after the last byte read; a file that ends early raises CorruptCheckpointError.
     """
     groups: list[tuple[int, list[memoryview]]] = []
