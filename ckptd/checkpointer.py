@@ -817,14 +817,27 @@ class Checkpointer:
         A checkpoint written by several ranks holds the replicated state once and each rank's own
         state (RNG streams, ``extra``, ``user``) in ``rank-NNNNN.*``: this rank's part replaces those keys.
         """
-        tree = _read_state_json(info)
-        staged = _read_tensors(info, self._live_tensors(), check=self._check_model_keys, staging=self._staging)
+        decoded: list[tuple[dict[str, Any], Any, bool]] = []
+
+        def decode_state(staged: _Staged) -> None:
+            """While the tensor file is being read: state.json's read and its decoding need no tensor
+            data, except NumPy scalars (values, not views), which are decoded again after the read."""
+            tree, raw = _read_state_json_raw(info)
+            try:
+                decoded.append((tree, decode(tree, staged.source.__getitem__), b'"__npscalar"' in raw))
+            except StateDecodeError as exc:
+                raise CorruptCheckpointError(info.path, f"{store.STATE}: {exc}") from None
+
+        staged = _read_tensors(info, self._live_tensors(), check=self._check_model_keys, staging=self._staging,
+                               during=decode_state)
+        tree, merged, values = decoded[0]
         try:
+            if values:
+                merged = decode(tree, staged.source.__getitem__)
             own = _read_rank_part(info, self.rank)
-            merged = decode(tree, staged.source.__getitem__)
             if own is not None:
                 merged.update(own)
-            _check_state(merged, info)  # every tag, before applying
+            _check_state(merged, info)  # every tag, before applying (the RNG states need the tensor data)
         except BaseException as exc:
             staged.rollback()  # the run's tensors go back as they were, whatever failed
             if isinstance(exc, StateDecodeError):
@@ -833,9 +846,11 @@ class Checkpointer:
 
         def apply() -> None:
             staged.apply(self._snapshot.helper() if COPY_THREADS > 1 else None)
-            state = decode(tree, staged.result.__getitem__)
-            if own is not None:
-                state.update(own)
+            state = merged
+            if any(staged.source[k] is not v for k, v in staged.result.items()):  # staged copies: decode anew
+                state = decode(tree, staged.result.__getitem__)
+                if own is not None:
+                    state.update(own)
             self._apply_tree(state)
             self._restored_tensors = staged.result
 
@@ -993,14 +1008,22 @@ class _Pending:
 
 class _Backup:
     """Copies, in file order and ahead of the reader, the bytes of each live tensor about to be read in
-    place into its backup (the reused snapshot buffer): at ~10x the disk's speed the copy hides behind
-    the read. ``ready(end)`` blocks a read request until everything before file offset ``end`` is
-    backed up; :meth:`finish` stops and returns the undo log of what was backed up."""
+    place into its backup (the reused snapshot buffer). ``ready(end)`` blocks a read request until
+    everything before file offset ``end`` is backed up; :meth:`finish` stops and returns the undo log
+    of what was backed up.
+
+    The copy keeps at most ``LEAD`` bytes ahead of the reader's requests: the same memory copy in one
+    burst at the start (on two cores, beside the reader and the hashing) slowed the read more than
+    spread out in step with it (docs/performance.md, "Restore: read in place with an undo log").
+    """
+
+    LEAD = 2 * store.READ_CHUNK
 
     def __init__(self, plan: list[tuple[int, torch.Tensor | None, torch.Tensor | None]]) -> None:
         self._plan = plan  # (file end offset, live target, backup) per tensor, in file order
         self._done = 0  # entries of the plan backed up
         self._covered = 0  # file offset up to which reads may go
+        self._wanted = 0  # file offset the reader's newest request ends at
         self._stop = False
         self._error: BaseException | None = None
         self._cond = threading.Condition()
@@ -1010,8 +1033,11 @@ class _Backup:
     def _run(self) -> None:
         try:
             for i, (end, target, backup) in enumerate(self._plan):
-                if self._stop:
-                    return
+                with self._cond:
+                    while not self._stop and self._covered >= self._wanted + self.LEAD:
+                        self._cond.wait()
+                    if self._stop:
+                        return
                 if target is not None and backup is not None:
                     ctypes.memmove(backup.data_ptr(), target.data_ptr(), _nbytes(backup))
                 with self._cond:
@@ -1024,13 +1050,17 @@ class _Backup:
 
     def ready(self, end: int) -> None:
         with self._cond:
+            self._wanted = max(self._wanted, end)
+            self._cond.notify_all()
             while self._covered < end and self._error is None and self._done < len(self._plan):
                 self._cond.wait()
             if self._error is not None:
                 raise self._error
 
     def finish(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        self._stop = True
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
         self._thread.join()
         return [(t, b) for _, t, b in self._plan[: self._done] if t is not None and b is not None]
 
@@ -1071,7 +1101,8 @@ STAGING_ALIGN = 64  # every staged tensor starts cache-line aligned (and so alig
 
 def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
                   check: Callable[[str, list[store.TensorEntry]], None] | None = None,
-                  staging: Callable[[int, bool], torch.Tensor] | None = None, fname: str = store.TENSORS) -> _Staged:
+                  staging: Callable[[int, bool], torch.Tensor] | None = None, fname: str = store.TENSORS,
+                  during: Callable[[_Staged], None] | None = None) -> _Staged:
     """Read and verify a checkpoint's tensor file without touching ``live``.
 
     Order: the header is read and checked structurally (store.parse_safetensors_header: known
@@ -1080,6 +1111,8 @@ def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
     whole file's checksum matched (else the checkpoint is corrupt, whatever its header says). Then
     every byte is read (store.read_into, checksummed in file order): data for a live tensor of the
     same key, dtype and shape into ``staging(nbytes, pinned)``, everything else into fresh tensors.
+    ``during(staged)`` runs while the data is being read (store.read_into); what it raises, like a
+    mismatch, puts ``live`` back as it was.
     Raises CorruptCheckpointError unless the whole file matches the manifest's size and checksum.
     """
     path = os.path.join(info.path, fname)
@@ -1116,7 +1149,8 @@ def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
             backup = _Backup([(data_start + e.end, t if b is not None else None, b)
                               for e, t, b in zip(entries, reads, backups)])
         try:
-            end = store.read_into(fd, data_start, views, h, path, ready=backup.ready if backup else None)
+            end = store.read_into(fd, data_start, views, h, path, ready=backup.ready if backup else None,
+                                  during=(lambda: during(staged)) if during is not None else None)
         finally:
             if backup is not None:
                 staged.undo = backup.finish()
@@ -1187,6 +1221,11 @@ def _hash_rest(fd: int, offset: int, size: int, h: Any, path: str) -> None:
 
 
 def _read_state_json(info: store.CheckpointInfo) -> Any:
+    return _read_state_json_raw(info)[0]
+
+
+def _read_state_json_raw(info: store.CheckpointInfo) -> tuple[Any, bytes]:
+    """state.json parsed (checksum verified first), and its bytes."""
     files = info.manifest["files"]
     for fname in (store.TENSORS, store.STATE):
         if fname not in files:
@@ -1197,7 +1236,7 @@ def _read_state_json(info: store.CheckpointInfo) -> Any:
     tree = store.load_json(raw, info.path, store.STATE, store.MAX_STATE_DEPTH, store.MAX_STATE_VALUES)
     if not isinstance(tree, dict):
         raise CorruptCheckpointError(info.path, f"{store.STATE} is not a JSON object")
-    return tree
+    return tree, raw
 
 
 MAX_HEARTBEAT_METRICS = 32

@@ -77,6 +77,7 @@ MAX_STATE_DEPTH = 100  # nesting of state.json (real: ~10)
 CHUNK = 8 << 20  # buffered write/read/hash granularity
 DIRECT_CHUNK = 16 << 20  # O_DIRECT request size (as fast as 64 MiB here; finer steps for pacing)
 READ_CHUNK = 16 << 20  # restore read request: small enough that hashing the last one adds little after the read ends
+FIRST_READ = 2 << 20  # the first restore read request (see read_into)
 READERS = 1  # restore read requests in flight: one stream, hashed behind it (docs/performance.md, P3)
 MAX_IOV = 512  # buffers per preadv (IOV_MAX is 1024 on Linux)
 Pace = Callable[[float], None]
@@ -672,10 +673,12 @@ def advise_sequential(fd: int) -> None:
 
 
 def read_into(fd: int, offset: int, views: Iterable[memoryview], h: Any, path: str,
-              ready: Callable[[int], None] | None = None) -> int:
+              ready: Callable[[int], None] | None = None, during: Callable[[], None] | None = None) -> int:
     """Fill ``views`` in order from the file's bytes at ``offset``; update ``h`` with them in order.
     ``ready(end)``, when given, is called before each read request with the file offset the request
-    ends at (restore keeps an undo log of what a request will overwrite).
+    ends at (restore keeps an undo log of what a request will overwrite). ``during()``, when given,
+    runs in this thread once the first request is in flight (restore decodes its state meanwhile);
+    what it raises stops the reading (requests in flight finish first) and is raised.
 
     Straight into the callers' buffers (tensors), no second copy. READERS requests of ~READ_CHUNK
     bytes each (``preadv``, scattering into several small tensors at once) are in flight, issued in
@@ -686,18 +689,23 @@ def read_into(fd: int, offset: int, views: Iterable[memoryview], h: Any, path: s
     """
     groups: list[tuple[int, list[memoryview]]] = []
     pos, bufs, size = offset, [], 0
+    limit = FIRST_READ  # the first request is small: it waits for its undo-log copy before it can start
     for mv in views:
-        for start in range(0, len(mv), READ_CHUNK):
-            piece = mv[start : start + READ_CHUNK]
+        start = 0
+        while start < len(mv):
+            piece = mv[start : start + min(READ_CHUNK, limit - size)]
+            start += len(piece)
             bufs.append(piece)
             size += len(piece)
-            if size >= READ_CHUNK or len(bufs) >= MAX_IOV:
+            if size >= limit or len(bufs) >= MAX_IOV:
                 groups.append((pos, bufs))
-                pos, bufs, size = pos + size, [], 0
+                pos, bufs, size, limit = pos + size, [], 0, READ_CHUNK
     if bufs:
         groups.append((pos, bufs))
         pos += size
     if not groups:
+        if during is not None:
+            during()
         return pos
 
     def read_group(off: int, pieces: list[memoryview]) -> None:
@@ -721,6 +729,8 @@ def read_into(fd: int, offset: int, views: Iterable[memoryview], h: Any, path: s
     with ThreadPoolExecutor(min(READERS, len(groups)), thread_name_prefix="ckptd-read") as pool:
         futures = [pool.submit(read_group, off, pieces) for off, pieces in groups]
         try:
+            if during is not None:
+                during()
             for fut, (_, pieces) in zip(futures, groups):
                 fut.result()
                 for b in pieces:

@@ -36,6 +36,8 @@ def test_slow_writers_and_clients_that_never_read_do_not_stall_the_supervisor(tm
                 s.send(b'{"type": "status"}\n')
         except BlockingIOError:
             pass
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # answered and closed (a client gets one reply, then the connection ends) before all were sent
         deaf.append(s)
     t0 = time.monotonic()
     for i, ch in enumerate(b'{"type": "sta'):

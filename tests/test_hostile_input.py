@@ -16,7 +16,7 @@ import ckptd
 from ckptd import state, store
 from ckptd.errors import CkptdError, CorruptCheckpointError
 
-from conftest import ROOT, small_model
+from conftest import ROOT, small_model, train_steps
 
 NEWEST, OLDER = "step-000000000020", "step-000000000010"
 
@@ -147,6 +147,80 @@ def test_every_checkpoint_damaged_restores_nothing_and_leaves_the_model_bit_iden
     after_opt = {(i, k): v for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
     assert all(torch.equal(v, after_opt[k]) for k, v in before_opt.items())
     assert store.list_checkpoints(root) == []
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_undo_log_in_step_with_many_small_reads_restores_or_rolls_back_exactly(tmp_path, monkeypatch, damaged):
+    # The undo-log copy keeps only LEAD bytes ahead of the reader, and the first request is small:
+    # shrunk here so that a small model takes dozens of requests and the copy waits on the reader.
+    from ckptd import checkpointer
+
+    monkeypatch.setattr(store, "READ_CHUNK", 4096)
+    monkeypatch.setattr(store, "FIRST_READ", 1024)
+    monkeypatch.setattr(checkpointer._Backup, "LEAD", 8192)
+    root = str(tmp_path / "ck")
+    model, opt = small_model(seed=1, width=128)  # ~2 k floats per layer: about 30 read requests
+    train_steps(model, opt, 2)
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root, handle_signals=False, save_on_close=False)
+    ck.step(10)
+    ck.save(block=True)
+    ck.close()
+    saved = _snapshot(model)
+    if damaged:
+        _flip_data_byte(os.path.join(root, OLDER), back=8)  # found only after every other byte was read
+    live, live_opt = small_model(seed=2, width=128)
+    train_steps(live, live_opt, 1)
+    before = _snapshot(live)
+    ck2 = ckptd.Checkpointer(model=live, optimizer=live_opt, dir=root, handle_signals=False, save_on_close=False)
+    assert ck2.restore() == (0 if damaged else 10)
+    want = before if damaged else saved
+    after = live.state_dict()
+    assert all(torch.equal(want[k], after[k]) for k in want)
+    ck2.close()
+
+
+def test_numpy_scalars_restore_as_saved_although_the_state_is_decoded_while_the_tensors_are_read(tmp_path, monkeypatch):
+    # state.json is decoded during the tensor read; a NumPy scalar is a value taken from tensor bytes,
+    # so it must come from the verified bytes, not from what the run held before.
+    import threading
+
+    import numpy as np
+
+    root = str(tmp_path / "ck")
+    model, opt = small_model()
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root, handle_signals=False, save_on_close=False,
+                            extra={"v": {"s": np.float32(2.5), "i": np.int32(7)}})
+    ck.step(1)
+    ck.save(block=True)
+    ck.close()
+    read_into = store.read_into
+
+    def decode_first(fd, offset, views, h, path, ready=None, during=None):  # no byte read before decoding ends
+        decoded = threading.Event()
+
+        def during_then_read() -> None:
+            try:
+                during()
+            finally:
+                decoded.set()
+
+        def after_decoding(end: int) -> None:
+            assert decoded.wait(60)
+            if ready is not None:
+                ready(end)
+
+        if during is None:
+            return read_into(fd, offset, views, h, path, ready=ready)
+        return read_into(fd, offset, views, h, path, ready=after_decoding, during=during_then_read)
+
+    monkeypatch.setattr(store, "read_into", decode_first)
+    model2, opt2 = small_model(seed=3)
+    ck2 = ckptd.Checkpointer(model=model2, optimizer=opt2, dir=root, handle_signals=False, save_on_close=False,
+                             extra={"v": {"s": np.float32(-1.0), "i": np.int32(-9)}})
+    assert ck2.restore() == 1
+    got = ck2.extra["v"]
+    assert got["s"] == 2.5 and got["s"].dtype == np.float32 and got["i"] == 7 and got["i"].dtype == np.int32
+    ck2.close()
 
 
 class _Tied(torch.nn.Module):

@@ -284,3 +284,30 @@ def test_read_into_fills_views_in_file_order_hashes_all_and_refuses_a_short_file
             store.read_into(fd, 4, iter([memoryview(bytearray(n)) for n in sizes]), store.new_hasher(), str(path))
     finally:
         os.close(fd)
+
+
+def test_read_into_runs_during_once_and_stops_on_its_error(tmp_path, monkeypatch):
+    # Restore decodes its state in read_into's thread while the tensor file is read; an error there
+    # (a corrupt state.json) ends the read and is raised, after the requests in flight finished.
+    monkeypatch.setattr(store, "READ_CHUNK", 4096)
+    data = os.urandom(64 * 1024)
+    path = str(tmp_path / "f")
+    with open(path, "wb") as f:
+        f.write(data)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        calls = []
+        buf = bytearray(len(data))
+        h = store.new_hasher()
+        assert store.read_into(fd, 0, [memoryview(buf)], h, path, during=lambda: calls.append(1)) == len(data)
+        assert calls == [1] and bytes(buf) == data and h.hexdigest() == store.digest_bytes(data)
+        assert store.read_into(fd, 0, [], store.new_hasher(), path, during=lambda: calls.append(2)) == 0
+        assert calls == [1, 2]  # nothing to read: still called, once
+
+        def boom() -> None:
+            raise ValueError("state.json is damaged")
+
+        with pytest.raises(ValueError, match="damaged"):
+            store.read_into(fd, 0, [memoryview(bytearray(len(data)))], store.new_hasher(), path, during=boom)
+    finally:
+        os.close(fd)
