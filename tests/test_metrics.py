@@ -92,6 +92,27 @@ def test_goodput_counts_the_current_life_as_kept_until_it_loses_steps():
     assert value(reg, "ckptd_lost_steps_total") == 8
 
 
+def test_a_restore_older_than_the_newest_checkpoint_counts_the_steps_between_as_lost():
+    """Life 1: ready at t=0, steps 1..100 every 0.1 s, checkpoints at 50 and 100, killed right after step
+    100: 0 steps lost by the newest checkpoint. But checkpoint 100 does not verify and life 2 restores 50:
+    50 more steps lost, and life 1's 10 s of training count half."""
+    latest = {"step": 100}
+    clock, reg, m = fresh(latest=lambda: latest["step"])
+    m.on_event("spawn", {})
+    m.trainer_connected()
+    for step in range(1, 101):
+        clock.advance(0.1)
+        m.step(step)
+    m.on_event("exit", {"reason": "signal", "step": 100})
+    assert value(reg, "ckptd_lost_steps_total") == 0
+    m.on_event("restart", {"reason": "signal", "resume_step": 100, "lost_steps": 0})
+    clock.advance(10)
+    m.lost_at_restore(50)
+    m.restored(50, 0.1)
+    assert value(reg, "ckptd_lost_steps_total") == 50
+    assert value(reg, "ckptd_goodput_ratio") == pytest.approx(10 * 50 / 100 / 20)
+
+
 def test_every_labelled_series_exists_from_the_start_and_their_number_never_changes():
     latest = {"step": None}
     clock, reg, m = fresh(latest=lambda: latest["step"])

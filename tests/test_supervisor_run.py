@@ -77,6 +77,26 @@ def test_sigkill_of_the_child_restarts_from_latest_checkpoint_with_bounded_loss(
     assert run.wait(10) == exitcodes.PREEMPTED
 
 
+def test_a_restart_that_resumes_before_the_newest_checkpoint_journals_the_steps_it_lost(tmp_path, root):
+    # The restart expects the newest checkpoint; the library resumes from an older one when the newest does
+    # not verify (the fixture trainer acts that out): the difference is lost too, and said so.
+    every = 10
+    run = Run(tmp_path, root, [*FAST, "--every-steps", str(every), TRAINER, "--steps", "100000", "--step-time",
+                               "0.005", "--older-on-restart"])
+    first = run.wait_event("spawn")
+    run.wait_event("checkpoint", count=3)
+    os.kill(first["pid"], signal.SIGKILL)
+    restart = run.wait_event("restart")
+    resumed = run.wait_event("resumed")
+    assert resumed["expected_step"] == restart["resume_step"]
+    assert resumed["step"] == restart["resume_step"] - every
+    assert resumed["more_lost_steps"] == every
+    said = f"not step {restart['resume_step']}: the newer checkpoint did not verify ({every} more steps lost)"
+    wait_for(lambda: said in run.stderr(), 10, "the supervisor to say so")
+    run.signal(signal.SIGTERM)
+    assert run.wait(10) == exitcodes.PREEMPTED
+
+
 def test_crash_loop_backs_off_growing_then_gives_up_with_low_cpu(tmp_path, root):
     run = Run(tmp_path, root, ["--max-restarts", "4", "--backoff-base", "0.1", "--backoff-max", "10",
                                "--restart-window", "600", "--start-failures", "100", PLAIN, "--crash"])

@@ -125,6 +125,7 @@ class Supervisor:
         self.last_checkpoint: dict[str, Any] | None = None
         self.last_exit: dict[str, Any] | None = None
         self._resume: dict[str, Any] | None = None  # set between a crash and the restart it leads to
+        self._expected_resume: int | None = None  # the step a restarted life should resume at (newest checkpoint)
         self._backoff_until: float | None = None
         self._fs_due: float | None = None
         self._journaled: set[str] = set()  # checkpoint names already in the journal
@@ -360,7 +361,7 @@ class Supervisor:
                         if self._resume["resume_step"] is not None else
                         f"restart #{self.restarts} (pid {child.pid}) after {self._resume['reason']}; no checkpoint yet",
                         restart_count=self.restarts, pid=child.pid, **self._resume)
-            self._resume = None
+            self._expected_resume, self._resume = self._resume["resume_step"], None
         else:
             self._event("info", "spawn", f"started pid {child.pid}", pid=child.pid, restart_count=self.restarts)
         self._save_state()
@@ -837,6 +838,16 @@ class Supervisor:
         if msg.get("path"):
             self._resumed_from = os.path.basename(str(msg["path"]).rstrip("/"))
         if peer.rank in (None, 0):
+            expected, self._expected_resume = self._expected_resume, None
+            more = (expected - step if isinstance(step, int) and not isinstance(step, bool) and isinstance(expected, int)
+                    and step < expected else 0)
+            if more:  # the newest checkpoint did not verify (the library quarantined it): more steps are lost
+                self._metric("lost_at_restore", more)
+                self._event("warning", "resumed", f"trainer restored step {_fmt(step)} from {msg.get('path')}, not "
+                            f"step {expected}: the newer checkpoint did not verify ({more} more steps lost)",
+                            step=step, path=msg.get("path"), restart_count=self.restarts,
+                            seconds=msg.get("seconds"), expected_step=expected, more_lost_steps=more)
+                return
             self._event("info", "resumed", f"trainer restored step {_fmt(step)} from {msg.get('path')}",
                         step=step, path=msg.get("path"), restart_count=self.restarts, seconds=msg.get("seconds"))
 

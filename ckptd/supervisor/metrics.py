@@ -76,6 +76,7 @@ class Goodput:
         self._carried_wall = _non_negative(carried.get("wall_seconds"))
         self._productive = _non_negative(carried.get("productive_seconds"))
         self._life: dict[str, Any] | None = None
+        self._ended: tuple[dict[str, Any], int] | None = None  # the life that ended last, and its lost steps
 
     def resume(self, carried: Any) -> None:
         """Add the figures of earlier ``ckptd run`` invocations of this run (state.json's ``goodput``)."""
@@ -112,7 +113,17 @@ class Goodput:
         with self._lock:
             if self._life is not None:
                 self._productive += _life_productive(self._life, lost_steps)
+                self._ended = (self._life, lost_steps)
             self._life = None
+
+    def more_lost(self, steps: int) -> None:
+        """The life that ended last lost ``steps`` more than counted when it ended (the next one resumed
+        from an older checkpoint than the newest: the newest did not verify)."""
+        with self._lock:
+            if self._ended is not None and steps > 0:
+                life, lost = self._ended
+                self._productive += _life_productive(life, lost + steps) - _life_productive(life, lost)
+                self._ended = (life, lost + steps)
 
     def totals(self, now: float) -> tuple[float, float]:
         """``(productive_seconds, wall_seconds)`` so far, the current life counted as kept."""
@@ -240,6 +251,11 @@ class RunMetrics:
 
     def trainer_connected(self) -> None:
         self.goodput.ready(self.clock.monotonic(), 0)
+
+    def lost_at_restore(self, steps: int) -> None:
+        """Steps the restart's count missed: the trainer resumed ``steps`` before the newest checkpoint."""
+        self.lost.inc(steps)
+        self.goodput.more_lost(steps)
 
     def restored(self, step: Any, seconds: Any) -> None:
         if _is_step(step):
