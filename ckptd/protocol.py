@@ -62,8 +62,9 @@ def run_dir(root: str) -> str:
     return os.path.join(root, RUN_DIR_NAME)
 
 
-def default_socket_path(root: str) -> str:
-    return os.path.join(run_dir(root), SOCKET_NAME)
+def default_socket_path(node_dir: str) -> str:
+    """The control socket in a run directory (``run_dir(root)``, or a node's: supervisor/rundir.py)."""
+    return os.path.join(node_dir, SOCKET_NAME)
 
 
 def encode(msg: dict[str, Any]) -> bytes:

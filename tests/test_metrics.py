@@ -107,8 +107,8 @@ def test_a_restore_older_than_the_newest_checkpoint_counts_the_steps_between_as_
     assert value(reg, "ckptd_lost_steps_total") == 0
     m.on_event("restart", {"reason": "signal", "resume_step": 100, "lost_steps": 0})
     clock.advance(10)
-    m.lost_at_restore(50)
     m.restored(50, 0.1)
+    m.on_event("resumed", {"step": 50, "expected_step": 100, "more_lost_steps": 50})
     assert value(reg, "ckptd_lost_steps_total") == 50
     assert value(reg, "ckptd_goodput_ratio") == pytest.approx(10 * 50 / 100 / 20)
 

@@ -83,6 +83,12 @@ def add_dir_argument(p: argparse.ArgumentParser, positional: bool) -> None:
                    help=DIR_HELP if not positional else "same as DIR")
 
 
+def add_node_argument(p: argparse.ArgumentParser) -> None:
+    """``--node-rank N`` of the client commands (save, stop, status)."""
+    p.add_argument("--node-rank", type=node_rank, default=None, metavar="N",
+                   help="multi-node job: talk to the `ckptd run` of node N (default: the one running on this host)")
+
+
 def root_from(args: argparse.Namespace) -> str:
     """The checkpoint directory a command works on: DIR, ``--dir``, ``$CKPTD_DIR``, ``./checkpoints``."""
     given, option = getattr(args, "dir", None), getattr(args, "dir_option", None)
@@ -103,6 +109,17 @@ def positive_seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected seconds as a number, got {text!r}") from None
     if not math.isfinite(v) or v <= 0:
         raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return v
+
+
+def node_rank(text: str) -> int:
+    """argparse type: a node rank, a whole number >= 0."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"a node rank is a whole number >= 0, got {text!r}")
     return v
 
 

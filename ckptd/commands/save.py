@@ -8,7 +8,7 @@ import time
 from .. import protocol
 from ..errors import CkptdError
 from ..supervisor.client import ControlClient, default_dir
-from . import positive_seconds
+from . import add_node_argument, positive_seconds
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,11 +26,6 @@ def add_client_arguments(p: argparse.ArgumentParser, wait_help: str) -> None:
     p.add_argument("--wait", action="store_true", help=wait_help)
     p.add_argument("--timeout", type=positive_seconds, default=None, metavar="SECONDS",
                    help="give up waiting after SECONDS, a number > 0 (default: wait as long as it takes)")
-
-
-def add_node_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--node-rank", type=int, default=None, metavar="N",
-                   help="multi-node job: talk to the `ckptd run` of node N (default: the one running on this host)")
 
 
 def deadline(args: argparse.Namespace) -> float | None:

@@ -15,8 +15,7 @@ from ..errors import CkptdError, NotFoundError
 from ..supervisor.client import ControlClient, default_dir
 from ..supervisor.journal import JOURNAL_NAME, STATE_NAME, read_journal, read_json
 from ..supervisor.rundir import node_run_dir, pick_node, supervisor_pid
-from . import human_time, print_json
-from .save import add_node_argument
+from . import add_node_argument, human_time, print_json
 
 RECENT = 8  # journal events shown
 

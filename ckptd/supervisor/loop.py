@@ -126,6 +126,7 @@ class Supervisor:
         self.last_exit: dict[str, Any] | None = None
         self._resume: dict[str, Any] | None = None  # set between a crash and the restart it leads to
         self._expected_resume: int | None = None  # the step a restarted life should resume at (newest checkpoint)
+        self._restore_reported = False  # a trainer of the current (or last) life reported its restore: `resumed`
         self._backoff_until: float | None = None
         self._fs_due: float | None = None
         self._journaled: set[str] = set()  # checkpoint names already in the journal
@@ -352,6 +353,7 @@ class Supervisor:
             self._after_failure(None, Reason.ERROR.value, before_first_step=True)
             return
         self.life = Life(child, oom_before, system_oom_before, stderr_fd=child.stderr)
+        self._restore_reported = False
         if child.stderr is not None:
             self.sel.register(child.stderr, selectors.EVENT_READ, lambda mask, life=self.life: self._child_stderr(life))
         self.sm.to(S.RUNNING)
@@ -837,19 +839,19 @@ class Supervisor:
         self._metric("restored", step, msg.get("seconds"))
         if msg.get("path"):
             self._resumed_from = os.path.basename(str(msg["path"]).rstrip("/"))
-        if peer.rank in (None, 0):
-            expected, self._expected_resume = self._expected_resume, None
-            more = (expected - step if isinstance(step, int) and not isinstance(step, bool) and isinstance(expected, int)
-                    and step < expected else 0)
-            if more:  # the newest checkpoint did not verify (the library quarantined it): more steps are lost
-                self._metric("lost_at_restore", more)
-                self._event("warning", "resumed", f"trainer restored step {_fmt(step)} from {msg.get('path')}, not "
-                            f"step {expected}: the newer checkpoint did not verify ({more} more steps lost)",
-                            step=step, path=msg.get("path"), restart_count=self.restarts,
-                            seconds=msg.get("seconds"), expected_step=expected, more_lost_steps=more)
-                return
-            self._event("info", "resumed", f"trainer restored step {_fmt(step)} from {msg.get('path')}",
-                        step=step, path=msg.get("path"), restart_count=self.restarts, seconds=msg.get("seconds"))
+        # Journal the life's first report only: every rank restores the step the job agreed on, and the first
+        # is as good as any (peer.rank is the global rank: on node K > 0 of a multi-node job no rank 0 reports).
+        if self._restore_reported:
+            return
+        self._restore_reported = True
+        expected, self._expected_resume = self._expected_resume, None
+        more = expected - step if metricsmod.is_step(step) and expected is not None and step < expected else 0
+        said, extra = f"trainer restored step {_fmt(step)} from {msg.get('path')}", {}
+        if more:  # the newest checkpoint did not verify (quarantined); RunMetrics._on_resumed counts the steps
+            said += f", not step {expected}: the newer checkpoint did not verify ({more} more steps lost)"
+            extra = {"expected_step": expected, "more_lost_steps": more}
+        self._event("warning" if more else "info", "resumed", said, step=step, path=msg.get("path"),
+                    restart_count=self.restarts, seconds=msg.get("seconds"), **extra)
 
     def _msg_trainer_saved(self, peer: Peer, msg: dict[str, Any]) -> None:
         step, path, kind = msg.get("step"), str(msg.get("path") or ""), msg.get("kind")
@@ -939,7 +941,7 @@ class Supervisor:
             self.stop.waiters.remove(peer)
 
     def _saw_step(self, step: Any, completed: bool = False) -> None:
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        if not metricsmod.is_step(step):
             return
         self.step = step
         if self.life is not None:

@@ -252,13 +252,8 @@ class RunMetrics:
     def trainer_connected(self) -> None:
         self.goodput.ready(self.clock.monotonic(), 0)
 
-    def lost_at_restore(self, steps: int) -> None:
-        """Steps the restart's count missed: the trainer resumed ``steps`` before the newest checkpoint."""
-        self.lost.inc(steps)
-        self.goodput.more_lost(steps)
-
     def restored(self, step: Any, seconds: Any) -> None:
-        if _is_step(step):
+        if is_step(step):
             self.goodput.ready(self.clock.monotonic(), step)
             if self._life_max is None or step > self._life_max:
                 self._life_max = step
@@ -351,13 +346,20 @@ class RunMetrics:
     def _on_exit(self, fields: dict[str, Any]) -> None:
         step = fields.get("step")
         lost = 0
-        if fields.get("reason") != "finished" and _is_step(step):
+        if fields.get("reason") != "finished" and is_step(step):
             latest = self._latest_step()
             lost = step if latest is None else max(0, step - latest)
         if lost:
             self.lost.inc(lost)
         self.goodput.life_ended(lost)
         self._life_max = None
+
+    def _on_resumed(self, fields: dict[str, Any]) -> None:
+        """Steps the restart's count missed: the trainer resumed ``more_lost_steps`` before the newest checkpoint."""
+        more = fields.get("more_lost_steps")
+        if is_step(more) and more > 0:
+            self.lost.inc(more)
+            self.goodput.more_lost(more)
 
     def _on_checkpoint(self, fields: dict[str, Any]) -> None:
         kind = fields.get("kind") if fields.get("kind") in KINDS else "manual"
@@ -435,7 +437,8 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _is_step(v: Any) -> bool:
+def is_step(v: Any) -> bool:
+    """A step number: an int >= 0 (not a bool). The supervisor loop checks steps with it too."""
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 

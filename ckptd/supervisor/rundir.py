@@ -122,7 +122,8 @@ def ensure_run_dir(root: str, node_rank: int = 0) -> str:
     except OSError as exc:
         raise ConfigError(f"cannot create the checkpoint directory {root}: {exc.strerror}; "
                           "check --dir and its permissions") from None
-    _check_private_dir(path)
+    if path != base:  # node 0's is the base, checked above
+        _check_private_dir(path)
     return path
 
 
@@ -284,7 +285,7 @@ def pick_node(root: str, node_rank: int | None = None) -> int:
 def choose_socket_path(run_dir: str) -> str:
     """Where this run's socket goes; records a fallback location in the run directory."""
     record = os.path.join(run_dir, SOCKET_PATH_NAME)
-    default = os.path.join(run_dir, protocol.SOCKET_NAME)
+    default = protocol.default_socket_path(run_dir)
     if len(os.fsencode(default)) <= SUN_PATH_MAX:
         if os.path.exists(record):
             os.unlink(record)
@@ -317,4 +318,4 @@ def find_socket_path(root: str, node_rank: int | None = None) -> str:
         with open(os.path.join(run_dir, SOCKET_PATH_NAME)) as f:
             return f.read().strip()
     except FileNotFoundError:
-        return os.path.join(run_dir, protocol.SOCKET_NAME)
+        return protocol.default_socket_path(run_dir)
