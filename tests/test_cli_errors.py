@@ -18,7 +18,7 @@ import threading
 import pytest
 
 from ckptd import exitcodes, store
-from conftest import ROOT, small_model, train_steps, wait_for
+from conftest import ROOT, resign, small_model, train_steps, wait_for
 
 S = store.checkpoint_name  # S(300) == "step-000000000300"
 
@@ -37,19 +37,6 @@ def one_line_error(r: subprocess.CompletedProcess, code: int, *words: str) -> No
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     for w in words:
         assert w in r.stderr, (w, r.stderr)
-
-
-def resign(ckpt: str) -> None:
-    """Rewrite the manifest so that it vouches for the files as they now are (a crafted checkpoint)."""
-    mpath = os.path.join(ckpt, store.MANIFEST)
-    with open(mpath) as f:
-        m = json.load(f)
-    for fname, rec in m["files"].items():
-        size, digest = store.hash_file(os.path.join(ckpt, fname))
-        rec["bytes"], rec[store.HASH] = size, digest
-    m["digest"] = store._digest(m)
-    with open(mpath, "w") as f:
-        json.dump(m, f)
 
 
 def flip_byte(path: str, offset: int = -1) -> None:
@@ -159,6 +146,14 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, make_checkpoints):
         one_line_error(cli(*argv), exitcodes.USAGE, words)
     assert not os.path.exists(run_dir)  # nothing was started
     assert os.listdir(root) == [S(1)]
+
+
+def test_a_negative_node_rank_is_a_usage_error(tmp_path):
+    root = str(tmp_path / "ck")
+    for command in ("status", "save", "stop"):
+        r = cli(command, "--node-rank", "-1", "--dir", root)
+        one_line_error(r, exitcodes.USAGE, "--node-rank", "whole number >= 0", "'-1'")
+    assert not os.path.exists(root)  # no .ckptd/node--1 looked for or made
 
 
 # ------------------------------------------------------------------ one line instead of tracebacks (issue 9, item 10)
