@@ -807,7 +807,8 @@ class Checkpointer:
 
     def _load(self, info: store.CheckpointInfo) -> None:
         """Read, verify, then apply one checkpoint. Until every byte has verified and the state has
-        decoded, the run's tensors and objects are untouched; CorruptCheckpointError otherwise."""
+        decoded, nothing of the run changes for good: CPU tensors read in place are put back from the
+        undo log on any failure (CorruptCheckpointError otherwise), objects are not touched before apply."""
         self._stage(info)()
 
     def _stage(self, info: store.CheckpointInfo) -> _Pending:
@@ -838,23 +839,25 @@ class Checkpointer:
             if own is not None:
                 merged.update(own)
             _check_state(merged, info)  # every tag, before applying (the RNG states need the tensor data)
-        except BaseException as exc:
+        except StateDecodeError as exc:
             staged.rollback()  # the run's tensors go back as they were, whatever failed
-            if isinstance(exc, StateDecodeError):
-                raise CorruptCheckpointError(info.path, f"{store.STATE}: {exc}") from None
+            raise CorruptCheckpointError(info.path, f"{store.STATE}: {exc}") from None
+        except BaseException:
+            staged.rollback()
             raise
 
         def apply() -> None:
+            redecode = bool(staged.copies)  # staged (CUDA) tensors: the state must name the live ones
             staged.apply(self._snapshot.helper() if COPY_THREADS > 1 else None)
             state = merged
-            if any(staged.source[k] is not v for k, v in staged.result.items()):  # staged copies: decode anew
+            if redecode:
                 state = decode(tree, staged.result.__getitem__)
                 if own is not None:
                     state.update(own)
             self._apply_tree(state)
             self._restored_tensors = staged.result
 
-        return _Pending(apply, staged.rollback)
+        return _Pending(apply, staged.rollback, tree)
 
     def _staging(self, nbytes: int, pinned: bool) -> torch.Tensor:
         """Host memory to read a candidate into before it verified: the reused snapshot buffer when this
@@ -997,10 +1000,11 @@ class _Staged:
 
 
 class _Pending:
-    """A staged checkpoint: call it to apply, or ``discard()`` it (the run's tensors go back as they were)."""
+    """A staged checkpoint: call it to apply, or ``discard()`` it (the run's tensors go back as they were).
+    ``tree``: its state.json, parsed."""
 
-    def __init__(self, apply: Callable[[], None], discard: Callable[[], None]) -> None:
-        self._apply, self.discard = apply, discard
+    def __init__(self, apply: Callable[[], None], discard: Callable[[], None], tree: dict[str, Any]) -> None:
+        self._apply, self.discard, self.tree = apply, discard, tree
 
     def __call__(self) -> None:
         self._apply()
@@ -1019,7 +1023,7 @@ class _Backup:
 
     LEAD = 2 * store.READ_CHUNK
 
-    def __init__(self, plan: list[tuple[int, torch.Tensor | None, torch.Tensor | None]]) -> None:
+    def __init__(self, plan: UndoPlan) -> None:
         self._plan = plan  # (file end offset, live target, backup) per tensor, in file order
         self._done = 0  # entries of the plan backed up
         self._covered = 0  # file offset up to which reads may go
@@ -1103,7 +1107,7 @@ def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
                   check: Callable[[str, list[store.TensorEntry]], None] | None = None,
                   staging: Callable[[int, bool], torch.Tensor] | None = None, fname: str = store.TENSORS,
                   during: Callable[[_Staged], None] | None = None) -> _Staged:
-    """Read and verify a checkpoint's tensor file without touching ``live``.
+    """Read and verify a checkpoint's tensor file; ``live`` ends as it was unless it verified.
 
     Order: the header is read and checked structurally (store.parse_safetensors_header: known
     dtypes, shapes matching byte spans that tile the file, so nothing allocated can exceed the
@@ -1142,12 +1146,11 @@ def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
                 raise CorruptCheckpointError(info.path, f"{fname} checksum mismatch "
                                                         "(content altered or corrupted)") from None
             raise
-        staged, reads, backups = _plan(entries, live, staging)
+        staged, reads, undo = _plan(entries, live, staging)
         views = (memoryview(byte_view(t).numpy()).cast("B") for t in reads if t.numel())
         backup = None
-        if any(b is not None for b in backups):
-            backup = _Backup([(data_start + e.end, t if b is not None else None, b)
-                              for e, t, b in zip(entries, reads, backups)])
+        if any(b is not None for _, _, b in undo):
+            backup = _Backup([(data_start + end, t, b) for end, t, b in undo])
         try:
             end = store.read_into(fd, data_start, views, h, path, ready=backup.ready if backup else None,
                                   during=(lambda: during(staged)) if during is not None else None)
@@ -1165,14 +1168,19 @@ def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
     return staged
 
 
+UndoPlan = list[tuple[int, "torch.Tensor | None", "torch.Tensor | None"]]
+
+
 def _plan(entries: list[store.TensorEntry], live: Mapping[str, torch.Tensor],
-          staging: Callable[[int, bool], torch.Tensor] | None
-          ) -> tuple[_Staged, list[torch.Tensor], list[torch.Tensor | None]]:
-    """Where each tensor's bytes go (returned in file order, with each one's backup or None).
+          staging: Callable[[int, bool], torch.Tensor] | None) -> tuple[_Staged, list[torch.Tensor], UndoPlan]:
+    """Where each tensor's bytes go (returned in file order), and the undo plan for :class:`_Backup`.
 
     A live CPU tensor of the same key, dtype and shape is read in place, its old bytes first copied
     to a slice of the staging buffer (the undo log); another live tensor (CUDA, non-contiguous) is
-    read into a staging slice and copied in on apply; anything else into a fresh tensor.
+    read into a staging slice and copied in on apply; anything else into a fresh tensor. The undo
+    plan lists, in file order, (end offset in the data section, live bytes, backup) in pieces of at
+    most store.READ_CHUNK (so the copy keeps pace with the reader even for one huge tensor), and
+    (end, None, None) for a tensor that needs no backup.
     """
     layout: list[tuple[store.TensorEntry, torch.dtype, torch.Tensor | None, int]] = []
     off = 0
@@ -1188,9 +1196,9 @@ def _plan(entries: list[store.TensorEntry], live: Mapping[str, torch.Tensor],
     buf = staging(max(off, 1), pinned) if off and staging is not None else None
     staged = _Staged({}, {}, [])
     reads: list[torch.Tensor] = []
-    backups: list[torch.Tensor | None] = []
+    undo: UndoPlan = []
     for e, dtype, target, at in layout:
-        back = None
+        pieces: UndoPlan = [(e.end, None, None)]
         if target is None:
             src = torch.empty(e.shape, dtype=dtype)  # bounded: the header's spans tile the file
             staged.result[e.key] = src
@@ -1199,14 +1207,17 @@ def _plan(entries: list[store.TensorEntry], live: Mapping[str, torch.Tensor],
             slot = buf[at : at + e.end - e.start]
             staged.result[e.key] = target
             if target.is_cpu and target.is_contiguous():
-                src, back = target, slot  # in place; the slot keeps the old bytes until apply
+                src = target  # in place; the slot keeps the old bytes until apply
+                old, step = byte_view(target), store.READ_CHUNK
+                pieces = [(e.start + min(i + step, len(slot)), old[i : i + step], slot[i : i + step])
+                          for i in range(0, len(slot), step)]
             else:
                 src = slot.view(dtype).view(e.shape)
                 staged.copies.append((target, src))
         staged.source[e.key] = src
         reads.append(src)
-        backups.append(back)
-    return staged, reads, backups
+        undo.extend(pieces)
+    return staged, reads, undo
 
 
 def _hash_rest(fd: int, offset: int, size: int, h: Any, path: str) -> None:

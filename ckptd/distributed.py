@@ -326,15 +326,18 @@ class Coordinator:
             try:
                 if not info.valid:
                     raise CorruptCheckpointError(info.path, info.reason)
-                apply = pending = ck._stage(info)
-                if info.manifest.get("sharded"):
-                    apply = self._sharded_apply(ck, info, pending)
+                pending = ck._stage(info)
+                apply = self._sharded_apply(ck, info, pending) if info.manifest.get("sharded") else pending
             except CorruptCheckpointError as exc:
                 why = exc.reason
             except FileNotFoundError:
                 why = "disappeared while being read"
             except CkptdError as exc:  # verified but does not fit this model: every rank stops
                 fatal = str(exc)
+            except BaseException:
+                if pending is not None:
+                    pending.discard()  # read in place: whatever failed, this rank's tensors go back as they were
+                raise
             verdicts: list[Any] = [None] * self.world
             dist.all_gather_object(verdicts, (why, fatal), group=self.group)
             bad = [(r, w) for r, (w, _) in enumerate(verdicts) if w]
@@ -355,10 +358,9 @@ class Coordinator:
         _announce(f"ckptd: no {'valid ' if names else ''}checkpoint in {ck.dir}: starting at step 0")
         return 0
 
-    def _sharded_apply(self, ck: Checkpointer, info: store.CheckpointInfo, apply: Any) -> Any:
+    def _sharded_apply(self, ck: Checkpointer, info: store.CheckpointInfo, pending: Any) -> Any:
         """Verify this rank's share of a sharded checkpoint's files; return what applies all of it."""
         from . import sharded
-        from .checkpointer import _read_state_json
         from .state import StateDecodeError, decode
 
         if not self.sharded:
@@ -366,14 +368,14 @@ class Coordinator:
                              "shard it the same way (fully_shard) before restore()")
         sharded.verify_share(info, self.rank, self.world)
         try:
-            rest = decode(_read_state_json(info).get("sharded"), lambda key: None)
+            rest = decode(pending.tree.get("sharded"), lambda key: None)
         except StateDecodeError as exc:
             raise CorruptCheckpointError(info.path, f"{store.STATE}: {exc}") from None
         if not isinstance(rest, dict) or not {"model", "optimizer"} <= set(rest):
             raise CorruptCheckpointError(info.path, f"{store.STATE} lacks the sharded state's structure")
 
         def apply_all() -> None:
-            apply()
+            pending()
             sharded.load(info, ck.model, ck.optimizer, rest, self.group)
 
         return apply_all

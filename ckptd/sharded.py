@@ -39,13 +39,7 @@ from . import store
 from .errors import CorruptCheckpointError
 from .state import DTYPES, TORCH_DTYPES
 
-METADATA = "dcp.json"
-MAX_METADATA_BYTES = 256 << 20
-SEP = "\x1f"  # joins the path of a flattened value (FQNs hold dots)
-
-
-def shard_file(rank: int) -> str:
-    return f"shard-{rank:05d}.bin"
+METADATA, SEP, shard_file = store.DCP_JSON, store.SHARD_SEP, store.shard_file
 
 
 def is_sharded(model: Any) -> bool:
@@ -96,7 +90,7 @@ def host_copies(tensors: dict[str, torch.Tensor], pin_memory: bool = False) -> d
     out: dict[str, torch.Tensor] = {}
     for k, t in tensors.items():
         local = t._local_tensor if isinstance(t, DTensor) else t
-        host = torch.empty(tuple(local.size()), dtype=local.dtype, pin_memory=pin_memory)
+        host = torch.empty(tuple(local.size()), dtype=local.dtype, pin_memory=pin_memory and local.numel() > 0)  # as torch: no empty pin
         out[k] = DTensor(host, t._spec, requires_grad=False) if isinstance(t, DTensor) else host
     return out
 
@@ -202,8 +196,7 @@ class Reader(StorageReader):
         pass
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        raw = store.read_small(os.path.join(self.path, METADATA), MAX_METADATA_BYTES)
-        doc = store.load_json(raw, self.path, METADATA, 8, MAX_METADATA_BYTES)
+        doc = store.read_dcp_json(self.path)
         try:
             tensors = {fqn: _tensor_md(v) for fqn, v in doc["tensors"].items()}
             storage = {_index(i): (str(f), int(o), int(n)) for i, f, o, n in doc["storage"]}

@@ -54,6 +54,10 @@ FORMAT = "ckptd/1"
 MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
+DCP_JSON = "dcp.json"  # a sharded checkpoint's tensor map (ckptd/sharded.py writes it: JSON, never pickled)
+MAX_DCP_JSON_BYTES = 256 << 20
+SHARD_SEP = "\x1f"  # joins the path of a flattened value in dcp.json (FQNs hold dots)
+SHARD_FILE_RE = re.compile(r"^shard-([0-9]{5,})\.bin$")
 QUARANTINE_DIR = ".quarantine"
 PINS_DIR = ".pins"
 TMP_PREFIX = ".tmp-"
@@ -663,7 +667,7 @@ def advise_sequential(fd: int) -> None:
 
     Only SEQUENTIAL: adding WILLNEED for the whole file made cold reads ~10% slower here (the kernel
     queues the entire file at once and small reads, e.g. state.json, wait behind it). Restores use
-    read_into instead (two requests in flight).
+    read_into instead (one request in flight, see there).
     """
     if hasattr(os, "posix_fadvise"):
         try:
@@ -693,7 +697,7 @@ def read_into(fd: int, offset: int, views: Iterable[memoryview], h: Any, path: s
     for mv in views:
         start = 0
         while start < len(mv):
-            piece = mv[start : start + min(READ_CHUNK, limit - size)]
+            piece = mv[start : start + limit - size]  # limit <= READ_CHUNK
             start += len(piece)
             bufs.append(piece)
             size += len(piece)
@@ -739,6 +743,17 @@ def read_into(fd: int, offset: int, views: Iterable[memoryview], h: Any, path: s
             for fut in futures:
                 fut.cancel()
     return pos
+
+
+def shard_file(rank: int) -> str:
+    """A sharded checkpoint's file of one rank's shards."""
+    return f"shard-{rank:05d}.bin"
+
+
+def read_dcp_json(path: str) -> Any:
+    """A sharded checkpoint's ``dcp.json``, parsed within bounds (OSError when it cannot be read)."""
+    raw = read_small(os.path.join(path, DCP_JSON), MAX_DCP_JSON_BYTES)
+    return load_json(raw, path, DCP_JSON, 8, MAX_DCP_JSON_BYTES)
 
 
 def hash_file(path: str, progress: Any = None) -> tuple[int, str]:

@@ -16,7 +16,7 @@ import ckptd
 from ckptd import state, store
 from ckptd.errors import CkptdError, CorruptCheckpointError
 
-from conftest import ROOT, small_model, train_steps
+from conftest import ROOT, resign, small_model, train_steps
 
 NEWEST, OLDER = "step-000000000020", "step-000000000010"
 
@@ -36,17 +36,6 @@ def _edit_header(ckpt: str, edit) -> None:
         assert len(body) <= n
         f.seek(8)
         f.write(body + b" " * (n - len(body)))
-
-
-def _resign(ckpt: str) -> None:
-    """What someone who can rewrite a checkpoint and its manifest together does: make it verify."""
-    mpath = os.path.join(ckpt, store.MANIFEST)
-    m = json.load(open(mpath))
-    for fname in m["files"]:
-        size, digest = store.hash_file(os.path.join(ckpt, fname))
-        m["files"][fname] = {"bytes": size, store.HASH: digest}
-    m["digest"] = store._digest(m)
-    open(mpath, "w").write(json.dumps(m))
 
 
 def _flip_data_byte(ckpt: str, back: int = 100) -> None:
@@ -116,7 +105,7 @@ def test_re_signed_invalid_header_is_corrupt_for_verify_and_restore(make_checkpo
     root = make_checkpoints([10, 20])
     newest = os.path.join(root, NEWEST)
     _edit_header(newest, HEADER_EDITS[case])
-    _resign(newest)  # the checksums match now; the header itself is still impossible
+    resign(newest)  # the checksums match now; the header itself is still impossible
     info = store.verify(newest)
     assert not info.valid and "model/0.weight" in info.reason
     ck, _ = _checkpointer(root)
@@ -155,11 +144,11 @@ def test_undo_log_in_step_with_many_small_reads_restores_or_rolls_back_exactly(t
     # shrunk here so that a small model takes dozens of requests and the copy waits on the reader.
     from ckptd import checkpointer
 
-    monkeypatch.setattr(store, "READ_CHUNK", 4096)
-    monkeypatch.setattr(store, "FIRST_READ", 1024)
-    monkeypatch.setattr(checkpointer._Backup, "LEAD", 8192)
+    monkeypatch.setattr(store, "READ_CHUNK", 1024)  # below the 4 KiB tensors: each is backed up in pieces
+    monkeypatch.setattr(store, "FIRST_READ", 512)
+    monkeypatch.setattr(checkpointer._Backup, "LEAD", 2048)
     root = str(tmp_path / "ck")
-    model, opt = small_model(seed=1, width=128)  # ~2 k floats per layer: about 30 read requests
+    model, opt = small_model(seed=1, width=128)  # ~1 k floats per layer: about 30 read requests
     train_steps(model, opt, 2)
     ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root, handle_signals=False, save_on_close=False)
     ck.step(10)
@@ -177,6 +166,22 @@ def test_undo_log_in_step_with_many_small_reads_restores_or_rolls_back_exactly(t
     after = live.state_dict()
     assert all(torch.equal(want[k], after[k]) for k in want)
     ck2.close()
+
+
+def test_the_undo_plan_backs_up_a_large_tensor_in_read_sized_pieces(monkeypatch):
+    # One plan entry per tensor made the first read request wait for the copy of a whole (say 1 GiB)
+    # tensor; pieces of at most READ_CHUNK keep the copy in step with the reader.
+    from ckptd.checkpointer import _plan
+
+    monkeypatch.setattr(store, "READ_CHUNK", 4096)
+    live = {"a": torch.arange(2500, dtype=torch.float32), "b": torch.zeros(3)}
+    entries = [store.TensorEntry("a", "F32", (2500,), 0, 10000), store.TensorEntry("b", "F32", (3,), 10000, 10012)]
+    buf = torch.empty(20000, dtype=torch.uint8)
+    _, reads, undo = _plan(entries, {"a": live["a"]}, lambda n, pinned: buf[:n])
+    assert reads[0] is live["a"]
+    assert [end for end, _, _ in undo] == [4096, 8192, 10000, 10012]
+    assert [t.numel() for _, t, b in undo[:3]] == [4096, 4096, 1808] and undo[3][1:] == (None, None)
+    assert undo[1][1].data_ptr() == live["a"].data_ptr() + 4096 and undo[1][2].data_ptr() == buf.data_ptr() + 4096
 
 
 def test_numpy_scalars_restore_as_saved_although_the_state_is_decoded_while_the_tensors_are_read(tmp_path, monkeypatch):
@@ -410,7 +415,7 @@ def _state_with(ckpt: str, edit) -> None:
     tree = json.load(open(spath))
     edit(tree)
     open(spath, "w").write(json.dumps(tree))
-    _resign(ckpt)
+    resign(ckpt)
 
 
 BAD_TAGS = {
@@ -501,7 +506,7 @@ def test_state_json_of_many_empty_lists_is_refused_quickly_without_memory(make_c
     ckpt = os.path.join(root, OLDER)
     blob = b"[" + b",".join([b"[]"] * (store.MAX_STATE_VALUES + 10)) + b"]"  # 12 MB, ~400 MB once parsed
     open(os.path.join(ckpt, store.STATE), "wb").write(blob)
-    _resign(ckpt)
+    resign(ckpt)
     for what in ("load_state", "verify"):
         got = _measure(what, ckpt)
         assert "JSON values, more than" in got["reason"], got
@@ -515,7 +520,7 @@ def test_header_of_many_empty_tensors_is_refused_quickly_without_memory(make_che
                         for i in range(store.MAX_TENSORS + 10))
     body = b"{" + entries + b"}"
     open(_tensor_file(ckpt), "wb").write(struct.pack("<Q", len(body)) + body)
-    _resign(ckpt)
+    resign(ckpt)
     for what in ("load_state", "verify"):
         got = _measure(what, ckpt)
         assert f"more than the {store.MAX_TENSORS} tensors allowed" in got["reason"], got

@@ -10,17 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from typing import Any
 
 from .. import store
 from ..errors import CorruptCheckpointError
 from . import add_dir_argument, human_bytes, print_json, resolve_checkpoint
 
-DCP_JSON = "dcp.json"  # sharded.METADATA (that module imports torch; the commands do not)
-DCP_MAX_BYTES = 256 << 20  # sharded.MAX_METADATA_BYTES
-SHARD_SEP = "\x1f"  # sharded.SEP: joins a flattened value's path (FQNs hold dots)
-_SHARD_FILE = re.compile(r"^shard-([0-9]{5,})\.bin$")
 CKPT_HELP = ("one checkpoint: a path (checkpoints/step-000000000300), DIR/latest (the newest valid one), DIR/300 "
              "(a step number), or 300 / latest / step-000000000300 looked up in --dir")
 
@@ -63,15 +58,14 @@ def read_shard_map(path: str, manifest: dict[str, Any]) -> dict[str, dict[str, A
     every field's type checked): ``{name: {dtype, shape, shards, files, ranks, bytes}}``, ``name`` the
     flattened path with ``/`` (``model/0.weight``, ``optimizer/state/0.weight/exp_avg``), ``bytes``
     what the shard files hold of it."""
-    bad = f"{DCP_JSON} does not describe the shard files"
+    bad = f"{store.DCP_JSON} does not describe the shard files"
     try:
-        raw = store.read_small(os.path.join(path, DCP_JSON), DCP_MAX_BYTES)
+        doc = store.read_dcp_json(path)
     except FileNotFoundError:
-        raise CorruptCheckpointError(path, f"{DCP_JSON} is missing (a sharded checkpoint needs its tensor map)") \
+        raise CorruptCheckpointError(path, f"{store.DCP_JSON} is missing (a sharded checkpoint needs its tensor map)") \
             from None
     except OSError as exc:
-        raise CorruptCheckpointError(path, f"{DCP_JSON} unreadable: {exc.strerror}") from None
-    doc = store.load_json(raw, path, DCP_JSON, 8, DCP_MAX_BYTES)
+        raise CorruptCheckpointError(path, f"{store.DCP_JSON} unreadable: {exc.strerror}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), dict) or \
             not isinstance(doc.get("storage"), list):
         raise CorruptCheckpointError(path, f"{bad} (no tensors/storage)")
@@ -94,13 +88,13 @@ def read_shard_map(path: str, manifest: dict[str, Any]) -> dict[str, dict[str, A
         rec["bytes"] += length
         if fname not in rec["files"]:
             rec["files"].append(fname)
-            m = _SHARD_FILE.match(fname)
+            m = store.SHARD_FILE_RE.match(fname)
             if m:
                 rec["ranks"].append(int(m.group(1)))
     for rec in out.values():
         rec["files"].sort()
         rec["ranks"].sort()
-    return {fqn.replace(SHARD_SEP, "/"): rec for fqn, rec in out.items()}
+    return {fqn.replace(store.SHARD_SEP, "/"): rec for fqn, rec in out.items()}
 
 
 def _ranges(ranks: list[int]) -> str:
@@ -178,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
           + (f"  sharded over {info.manifest.get('world_size')} ranks" if sharded else ""))
     if sharded:
         width = max([40, *(len(k) for k in shards)])
-        print(f"\nsharded tensors ({len(shards)}, from {DCP_JSON}; global shapes):")
+        print(f"\nsharded tensors ({len(shards)}, from {store.DCP_JSON}; global shapes):")
         print(f"  {'NAME':<{width}} {'DTYPE':<5} {'SHAPE':<16} {'SHARDS':>6}  {'RANKS':<8} BYTES")
         for k, v in shards.items():
             print(f"  {k:<{width}} {v['dtype']:<5} {str(v['shape']):<16} {v['shards']:>6}  "
