@@ -231,6 +231,12 @@ def drop_caches() -> bool:
 # --------------------------------------------------------------------------- memory
 
 
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages, as /proc/loadavg gives them."""
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
 def proc_status(pid: int | str = "self") -> dict[str, int]:
     out: dict[str, int] = {}
     with open(f"/proc/{pid}/status") as f:

@@ -47,11 +47,6 @@ warnings.filterwarnings("ignore")
 MiB, GiB = U.MiB, U.GiB
 
 
-def loadavg() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
-
-
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -355,7 +350,7 @@ def worker_baselines(args: argparse.Namespace) -> dict[str, Any]:
         return time.perf_counter() - t0
 
     # ---- warm-up round (untimed; ckptd's first save = cold buffers, reported apart) -------
-    load0 = loadavg()
+    load0 = U.loadavg()
     log(f"[{U.fmt_size(size)}] warm-up round ({nbytes / MiB:.0f} MiB, {len(tensors)} tensors)")
     fa = fc = None
     if base_part:
@@ -439,7 +434,7 @@ def worker_baselines(args: argparse.Namespace) -> dict[str, Any]:
     for p in (raw_path, ts_path, st_path, dcp_path, dcp_a_path, dcp_c_path, ck_dir):
         U.remove(p)
     return {
-        "loadavg": [load0, loadavg()],
+        "loadavg": [load0, U.loadavg()],
         "size_target": size,
         "state_bytes": nbytes,
         "tensors": len(tensors),
@@ -620,7 +615,7 @@ def worker_overlap(args: argparse.Namespace) -> dict[str, Any]:
             variants[name] = ck_start
 
     base_steps: list[float] = []
-    out: dict[str, Any] = {"state_bytes": nbytes, "variants": {}, "loadavg": [loadavg()]}
+    out: dict[str, Any] = {"state_bytes": nbytes, "variants": {}, "loadavg": [U.loadavg()]}
     per: dict[str, dict[str, list[float]]] = {k: {"steps": [], "persist_s": [], "stall_s": [], "step_count": []} for k in variants}
     for r in range(args.runs):
         log(f"[{U.fmt_size(args.size)}] overlap round {r + 1}/{args.runs}")
@@ -655,7 +650,7 @@ def worker_overlap(args: argparse.Namespace) -> dict[str, Any]:
             "persist_GBps": nbytes / 1e9 / statistics.median(d["persist_s"]),
             "stall_s": U.summarize(d["stall_s"]),
         }
-    out["loadavg"].append(loadavg())
+    out["loadavg"].append(U.loadavg())
     tw.close()
     pw.close()
     for ck in cks:

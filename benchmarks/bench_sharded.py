@@ -37,24 +37,21 @@ import argparse
 import json
 import os
 import shutil
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from statistics import median
 from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+from fixtures.sup_helpers import free_port  # noqa: E402
 
 SAVES = ("ckptd.save", "ckptd.async", "dcp.save", "dcp.async_save", "dcp.async_cached")
 LOADS = {"ckptd.save": "ckptd.restore", "dcp.save": "dcp.load"}  # each sync save is followed by its load
-
-
-def loadavg() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
 
 
 # =========================================================================== one rank
@@ -196,14 +193,8 @@ def worker(a: argparse.Namespace) -> None:
 # =========================================================================== the driver
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_job(world: int, a: argparse.Namespace) -> dict[str, Any]:
-    port = str(_free_port())
+    port = str(free_port())
     argv = [sys.executable, os.path.abspath(__file__), "--worker", "--size", str(a.size), "--rounds", str(a.rounds),
             "--warmup", str(a.warmup), "--dir", a.dir] + (["--cold"] if a.cold else [])
     procs = []
@@ -225,10 +216,6 @@ def run_job(world: int, a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def med(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
 def table(results: list[dict[str, Any]]) -> str:
     lines = ["| ranks | method | median s | min-max s | GiB/s | blocked (median) | ckptd / DCP time |",
              "|---|---|---|---|---|---|---|"]
@@ -238,15 +225,15 @@ def table(results: list[dict[str, Any]]) -> str:
         for m in ("ckptd.save", "dcp.save", "ckptd.async", "dcp.async_save", "dcp.async_cached", "ckptd.restore",
                   "dcp.load"):
             xs = s[m]
-            ratio = f"{med(xs) / med(s[pairs[m]]):.2f}" if m in pairs else ""
+            ratio = f"{median(xs) / median(s[pairs[m]]):.2f}" if m in pairs else ""
             if m == "ckptd.async":
                 cached = s["dcp.async_cached"]
-                ratio += (f" (blocked {med(b[m]) / med(b['dcp.async_save']):.2f};"
-                          f" vs cached {med(xs) / med(cached):.2f},"
-                          f" blocked {med(b[m]) / med(b['dcp.async_cached']):.2f})")
-            blk = f"{med(b[m]) * 1000:.0f} ms" if m in b else ""
-            lines.append(f"| {r['world']} | {m} | {med(xs):.3f} | {min(xs):.3f}-{max(xs):.3f} | {gib / med(xs):.2f} | "
-                         f"{blk} | {ratio} |")
+                ratio += (f" (blocked {median(b[m]) / median(b['dcp.async_save']):.2f};"
+                          f" vs cached {median(xs) / median(cached):.2f},"
+                          f" blocked {median(b[m]) / median(b['dcp.async_cached']):.2f})")
+            blk = f"{median(b[m]) * 1000:.0f} ms" if m in b else ""
+            lines.append(f"| {r['world']} | {m} | {median(xs):.3f} | {min(xs):.3f}-{max(xs):.3f} | "
+                         f"{gib / median(xs):.2f} | {blk} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -269,28 +256,27 @@ def main() -> int:
     own = a.dir is None
     a.dir = a.dir or tempfile.mkdtemp(prefix="ckptd-bench-sharded-")
     info = {"size": a.size, "rounds": a.rounds, "warmup": a.warmup, "cold": a.cold, "cpus": os.cpu_count(),
-            "loadavg_before": loadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            "loadavg_before": U.loadavg(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
     results = []
     try:
         for world in (int(w) for w in a.worlds.split(",")):
             os.makedirs(os.path.join(a.dir, f"w{world}", "ckptd"), exist_ok=True)
             t0 = time.monotonic()
             r = run_job(world, a)
-            r.update(seconds=round(time.monotonic() - t0, 1), loadavg_after=loadavg())
+            r.update(seconds=round(time.monotonic() - t0, 1), loadavg_after=U.loadavg())
             results.append(r)
             print(f"[{time.strftime('%H:%M:%S')}] {world} ranks done in {r['seconds']} s, load {r['loadavg_after']}",
                   file=sys.stderr, flush=True)
     finally:
         if own:
             shutil.rmtree(a.dir, ignore_errors=True)
-    info["loadavg_after"] = loadavg()
+    info["loadavg_after"] = U.loadavg()
     print(f"state {a.size / (1 << 20):.0f} MiB, {a.rounds} rounds, {'cold' if a.cold else 'warm'} reads, "
           f"{os.cpu_count()} CPUs, load average {info['loadavg_before']} -> {info['loadavg_after']}")
     print(table(results))
     if a.json:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
-        with open(a.json, "w") as f:
-            json.dump({"info": info, "results": results}, f, indent=1)
+        U.dump_json(a.json, {"info": info, "results": results})
     return 0
 
 

@@ -34,7 +34,6 @@ import random
 import select
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -43,12 +42,14 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 from _report import emit  # noqa: E402
+from fixtures.sup_helpers import free_port  # noqa: E402
 
 WIDTH = 256  # Linear(64, 256), Linear(256, 256), Linear(256, 16): ~86k parameters, ~1 MiB with AdamW's state
 
 
-def build(world: int) -> tuple[Any, Any]:
+def build() -> tuple[Any, Any]:
     import torch
     from torch.distributed.fsdp import fully_shard
 
@@ -88,12 +89,6 @@ def digest(model: Any, opt: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ----------------------------------------------------------------------------- a rank (forked child)
 
 
@@ -118,7 +113,7 @@ def _rank(rank: int, world: int, port: int, root: str, w: int | None, log_path: 
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    model, opt = build(world)
+    model, opt = build()
     ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root, every_steps=1, keep_last=2, pace=0,
                             handle_signals=False, save_on_close=False)
     step = ck.restore()
@@ -202,7 +197,6 @@ def _gone(pid: int, timeout: float) -> bool:
 
 class Chaos:
     def __init__(self, work: str, seed: int) -> None:
-        self.work = work
         self.root = os.path.join(work, "ck")
         self.log = os.path.join(work, "ranks.log")
         self.rng = random.Random(seed)
@@ -380,7 +374,7 @@ def run(count: int, seed: int = 15, work: str | None = None) -> dict:
     finally:
         if own:
             shutil.rmtree(work, ignore_errors=True)
-    return {"count": count, "seed": seed, "rounds": count, "kills": chaos.kills, "peer_exited_first": chaos.peer_exited,
+    return {"seed": seed, "rounds": count, "kills": chaos.kills, "peer_exited_first": chaos.peer_exited,
             "first_killed_rank": chaos.first_killed,
             "phases": chaos.phases, "save_cycle_seconds": round(chaos.cycle, 4), "saves_started": chaos.saves_started,
             "steps_reported": len(chaos.states), "newest_step": chaos.newest, "loads": chaos.loads,

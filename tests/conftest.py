@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -42,6 +43,26 @@ def train_steps(model, opt, n: int) -> float:
         loss.backward()
         opt.step()
     return float(loss.detach())
+
+
+def resign(ckpt: str, files: dict[str, bytes] | None = None) -> None:
+    """What someone who can rewrite a checkpoint and its manifest together does (a crafted checkpoint): write
+    ``files`` (name -> new content) into it, then rewrite the manifest so that it vouches for every listed file
+    as it now is, and make it verify."""
+    from ckptd import store
+
+    for fname, data in (files or {}).items():
+        with open(os.path.join(ckpt, fname), "wb") as f:
+            f.write(data)
+    mpath = os.path.join(ckpt, store.MANIFEST)
+    with open(mpath) as f:
+        m = json.load(f)
+    for fname in m["files"]:
+        size, digest = store.hash_file(os.path.join(ckpt, fname))
+        m["files"][fname] = {"bytes": size, store.HASH: digest}
+    m["digest"] = store._digest(m)
+    with open(mpath, "w") as f:
+        json.dump(m, f)
 
 
 @pytest.fixture(autouse=True)

@@ -102,8 +102,9 @@ def test_shell_script_passes_bash_n_and_shellcheck(name, tmp_path):
 def test_unit_a_cloud_recipe_installs_passes_systemd_analyze_verify(recipe, tmp_path):
     from fixtures.systemd_user import under_tmp_reason
 
-    if under_tmp_reason():
-        pytest.skip(under_tmp_reason())
+    under_tmp = under_tmp_reason()
+    if under_tmp:
+        pytest.skip(under_tmp)
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed (Debian package `systemd`; .ci/run installs it)")
     script = shell_scripts()[f"{recipe} runcmd[0]"] if recipe in CLOUD_INIT else read(recipe, "startup.sh")

@@ -13,21 +13,10 @@ import signal
 import pytest
 
 from ckptd import exitcodes, store
-from ckptd.supervisor.rundir import Node, node_identity, node_run_dir
+from ckptd.supervisor.rundir import Node, node_identity
 from fixtures.sup_helpers import DIST_OFF as OFF
 from fixtures.sup_helpers import DIST_TRAINER as TRAINER
-from fixtures.sup_helpers import PLAIN, TORCHRUN, Run, ckptd, free_port, wait_for
-
-
-def events(root: str, node: int, name: str | None = None) -> list[dict]:
-    """Node ``node``'s journal (node 0: <root>/.ckptd/, node K: <root>/.ckptd/node-K/)."""
-    try:
-        with open(os.path.join(node_run_dir(root, node), "journal.jsonl")) as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        return []
-    out = [json.loads(line) for line in lines if line.strip()]
-    return [e for e in out if name is None or e.get("event") == name]
+from fixtures.sup_helpers import PLAIN, TORCHRUN, Run, ckptd, free_port, journal, wait_for
 
 
 def start_nodes(tmp_path, root: str, port: int, trainer_args: list[str], tag: str) -> list[Run]:
@@ -52,7 +41,7 @@ def test_two_nodes_restart_together_after_a_rank_is_killed_stop_together_on_one_
     nodes = start_nodes(tmp_path, root, free_port(), [*args, "--steps", "100000", "--crash-rank-at", "1:14"], "a")
 
     # 1. rank 1 (node 1) is SIGKILLed at step 14: both nodes restart the job from the newest valid checkpoint.
-    restarts = [wait_for(lambda k=k: events(root, k, "restart"), 90, f"node {k} restart") for k in (0, 1)]
+    restarts = [wait_for(lambda k=k: journal(root, "restart", node=k), 90, f"node {k} restart") for k in (0, 1)]
     newest = max(i.step for i in store.list_checkpoints(root) if i.valid and i.step <= 14)
     assert [r[0]["resume_step"] for r in restarts] == [newest, newest], restarts
     for k, run in enumerate(nodes):
@@ -72,10 +61,10 @@ def test_two_nodes_restart_together_after_a_rank_is_killed_stop_together_on_one_
     info = store.inspect_checkpoint(os.path.join(root, store.checkpoint_name(step)))
     assert info.valid and info.kind == "emergency", info.reason
     assert {"rank-00000.json", "rank-00001.json"} <= set(os.listdir(info.path))
-    joined = events(root, 0, "stop_requested")
+    joined = journal(root, "stop_requested")
     assert len(joined) == 1 and joined[0]["via"] == "trainer", joined  # node 0 was not asked: it joined
-    assert events(root, 0, "end")[-1]["exit_code"] == exitcodes.PREEMPTED
-    assert len(events(root, 0, "restart")) == len(events(root, 1, "restart")) == 1  # the stop restarted nothing
+    assert journal(root, "end")[-1]["exit_code"] == exitcodes.PREEMPTED
+    assert len(journal(root, "restart")) == len(journal(root, "restart", node=1)) == 1  # the stop restarted nothing
 
     # 4. Both nodes started again: every rank resumes at that step and the job finishes.
     again = start_nodes(tmp_path, root, free_port(), [*args, "--steps", str(step + 6)], "b")
@@ -83,7 +72,7 @@ def test_two_nodes_restart_together_after_a_rank_is_killed_stop_together_on_one_
         assert run.wait(90) == 0, run.stderr()
         assert f"start_step={step} rank={k}" in run.stdout()
     assert "digest=" in again[0].stdout()
-    assert events(root, 0, "start")[-1]["node_rank"] == 0 and events(root, 1, "start")[-1]["job_id"] == "mn"
+    assert journal(root, "start")[-1]["node_rank"] == 0 and journal(root, "start", node=1)[-1]["job_id"] == "mn"
 
 
 def test_a_second_job_and_a_second_supervisor_of_one_node_are_refused_clients_pick_a_node(tmp_path):
@@ -91,7 +80,7 @@ def test_a_second_job_and_a_second_supervisor_of_one_node_are_refused_clients_pi
     nodes = [Run(tmp_path, root, [*OFF, "--job-id", "A", "--node-rank", str(k), PLAIN], name=f"node{k}")
              for k in (0, 1)]
     for k in (0, 1):
-        wait_for(lambda k=k: events(root, k, "spawn"), 20, f"node {k} to start")
+        wait_for(lambda k=k: journal(root, "spawn", node=k), 20, f"node {k} to start")
 
     other = ckptd("run", "--dir", root, *OFF, "--job-id", "B", "--node-rank", "0", PLAIN)
     assert other.returncode == exitcodes.LOCKED

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 from ckptd import exitcodes, store
+from conftest import resign
 from fixtures.sup_helpers import FIXTURES, ckptd, free_port
 
 WORKER = os.path.join(FIXTURES, "dist_sharded.py")
@@ -37,18 +38,6 @@ def sharded_job(root: str, steps: int, world: int = 2) -> list[dict]:
         assert p.returncode == 0, stderr
         out += [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     return out
-
-
-def _resign(ckpt: str, fname: str, data: bytes) -> None:
-    """Replace a file of a checkpoint and re-sign its manifest, as a crafted checkpoint would be."""
-    with open(os.path.join(ckpt, fname), "wb") as f:
-        f.write(data)
-    mpath = os.path.join(ckpt, store.MANIFEST)
-    m = json.load(open(mpath))
-    m["files"][fname] = {"bytes": len(data), store.HASH: store.digest_bytes(data)}
-    m["digest"] = store._digest(m)
-    with open(mpath, "w") as f:
-        json.dump(m, f)
 
 
 def test_commands_understand_sharded_checkpoints_inspect_lists_every_logical_tensor_with_its_global_shape(tmp_path):
@@ -123,7 +112,7 @@ def test_commands_understand_sharded_checkpoints_inspect_lists_every_logical_ten
     shutil.copytree(step3, crafted)
     dcp = json.load(open(os.path.join(crafted, "dcp.json")))
     dcp["storage"][0][1] = "not-listed.bin"
-    _resign(crafted, "dcp.json", json.dumps(dcp).encode())
+    resign(crafted, {"dcp.json": json.dumps(dcp).encode()})
     r = ckptd("inspect", crafted)
     assert r.returncode == exitcodes.INVALID and "dcp.json" in r.stderr and len(r.stderr.splitlines()) == 1, \
         r.stdout + r.stderr

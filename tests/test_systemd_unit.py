@@ -136,7 +136,8 @@ def config(tmp_path):
     return str(path)
 
 
-outside_tmp = pytest.mark.skipif(under_tmp_reason() is not None, reason=str(under_tmp_reason()))
+UNDER_TMP = under_tmp_reason()
+outside_tmp = pytest.mark.skipif(UNDER_TMP is not None, reason=str(UNDER_TMP))
 
 
 @outside_tmp
