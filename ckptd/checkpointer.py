@@ -37,7 +37,7 @@ import torch
 from . import __version__, env, exitcodes, protocol, retention, store
 from .channel import TrainerChannel, connect_from_env
 from .errors import CkptdError, CorruptCheckpointError
-from .state import (DTYPES, TORCH_DTYPES, Encoder, StateDecodeError, byte_view, capture_rng, check_rng, decode,
+from .state import (DTYPES, TORCH_DTYPES, Encoder, StateDecodeError, capture_rng, check_rng, decode,
                     restore_rng)
 from .state import dumps as state_dumps
 
@@ -977,15 +977,17 @@ class _Staged:
 
     ``source``: every tensor's verified data (live CPU tensors read in place, staging views, or fresh
     tensors where no live tensor of that key, dtype and shape exists). ``result``: what the state
-    holds after :meth:`apply` (the live tensors, or the same fresh tensors). ``undo``: (live tensor,
-    backup of its bytes from before the read) for the tensors read in place; :meth:`rollback` puts
-    them back, in reverse file order (right for tensors that share memory too).
+    holds after :meth:`apply` (the live tensors, or the same fresh tensors). ``undo``: (address in a
+    live tensor, address of the backup of its bytes from before the read, length) for the tensors read
+    in place; :meth:`rollback` puts them back, in reverse file order (right for tensors that share
+    memory too). The addresses stay valid: ``result`` holds the live tensors, ``buffer`` the backups.
     """
 
     source: dict[str, torch.Tensor]
     result: dict[str, torch.Tensor]
     copies: list[tuple[torch.Tensor, torch.Tensor]]  # (live target, staging view): copied in on apply
-    undo: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    undo: list[tuple[int, int, int]] = field(default_factory=list)  # (live address, backup address, bytes)
+    buffer: torch.Tensor | None = None  # the staging buffer the backups and staged copies live in
 
     def apply(self, pool: ThreadPoolExecutor | None = None) -> None:
         """Copy the staged data into the live tensors (libc memmove over up to COPY_THREADS threads)."""
@@ -994,8 +996,8 @@ class _Staged:
 
     def rollback(self) -> None:
         """Leave the live tensors as they were before the read (a candidate that failed or was refused)."""
-        for target, backup in reversed(self.undo):
-            ctypes.memmove(target.data_ptr(), backup.data_ptr(), _nbytes(backup))
+        for live, backup, n in reversed(self.undo):
+            ctypes.memmove(live, backup, n)
         self.copies, self.undo = [], []
 
 
@@ -1024,7 +1026,7 @@ class _Backup:
     LEAD = 2 * store.READ_CHUNK
 
     def __init__(self, plan: UndoPlan) -> None:
-        self._plan = plan  # (file end offset, live target, backup) per tensor, in file order
+        self._plan = plan  # (file end offset, live address, backup address, bytes) per piece, in file order
         self._done = 0  # entries of the plan backed up
         self._covered = 0  # file offset up to which reads may go
         self._wanted = 0  # file offset the reader's newest request ends at
@@ -1036,14 +1038,14 @@ class _Backup:
 
     def _run(self) -> None:
         try:
-            for i, (end, target, backup) in enumerate(self._plan):
+            for i, (end, live, backup, n) in enumerate(self._plan):
                 with self._cond:
                     while not self._stop and self._covered >= self._wanted + self.LEAD:
                         self._cond.wait()
                     if self._stop:
                         return
-                if target is not None and backup is not None:
-                    ctypes.memmove(backup.data_ptr(), target.data_ptr(), _nbytes(backup))
+                if n:
+                    ctypes.memmove(backup, live, n)
                 with self._cond:
                     self._done, self._covered = i + 1, end
                     self._cond.notify_all()
@@ -1061,12 +1063,12 @@ class _Backup:
             if self._error is not None:
                 raise self._error
 
-    def finish(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def finish(self) -> list[tuple[int, int, int]]:
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         self._thread.join()
-        return [(t, b) for _, t, b in self._plan[: self._done] if t is not None and b is not None]
+        return [(live, backup, n) for _, live, backup, n in self._plan[: self._done] if n]
 
 
 def _copy_pairs(pairs: list[tuple[torch.Tensor, torch.Tensor]], pool: ThreadPoolExecutor | None = None) -> None:
@@ -1125,6 +1127,7 @@ def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
     rec = info.manifest["files"][fname]
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     staged: _Staged | None = None
+    prefetch: store.Prefetch | None = None
     try:
         size = os.fstat(fd).st_size
         if size != rec["bytes"]:
@@ -1135,6 +1138,7 @@ def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
         h.update(lead)
         h.update(body)
         data_start = 8 + len(body)
+        prefetch = store.Prefetch(fd, data_start, size) if store.RESTORE_PREFETCH else None
         try:
             _, entries = store.parse_safetensors_header(body, info.path, size - data_start)
             if check is not None:
@@ -1146,11 +1150,12 @@ def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
                 raise CorruptCheckpointError(info.path, f"{fname} checksum mismatch "
                                                         "(content altered or corrupted)") from None
             raise
-        staged, reads, undo = _plan(entries, live, staging)
-        views = (memoryview(byte_view(t).numpy()).cast("B") for t in reads if t.numel())
+        staged, views, undo = _plan(entries, live, staging)
         backup = None
-        if any(b is not None for _, _, b in undo):
-            backup = _Backup([(data_start + end, t, b) for end, t, b in undo])
+        if any(n for _, _, _, n in undo):
+            backup = _Backup([(data_start + end, a, b, n) for end, a, b, n in undo])
+        if prefetch is not None:
+            prefetch.stop()
         try:
             end = store.read_into(fd, data_start, views, h, path, ready=backup.ready if backup else None,
                                   during=(lambda: during(staged)) if during is not None else None)
@@ -1164,23 +1169,33 @@ def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
             staged.rollback()  # a failed candidate leaves the run's tensors as they were
         raise
     finally:
+        if prefetch is not None:
+            prefetch.stop()
+            prefetch.join()
         os.close(fd)
     return staged
 
 
-UndoPlan = list[tuple[int, "torch.Tensor | None", "torch.Tensor | None"]]
+UndoPlan = list[tuple[int, int, int, int]]
+
+
+def _bytes_at(address: int, n: int) -> memoryview:
+    """A writable byte view of ``n`` bytes of memory at ``address`` (a tensor's, kept alive by the caller):
+    a quarter of the cost of going through ``Tensor.numpy()``, which counts for thousands of tensors."""
+    return memoryview((ctypes.c_char * n).from_address(address)).cast("B")
 
 
 def _plan(entries: list[store.TensorEntry], live: Mapping[str, torch.Tensor],
-          staging: Callable[[int, bool], torch.Tensor] | None) -> tuple[_Staged, list[torch.Tensor], UndoPlan]:
-    """Where each tensor's bytes go (returned in file order), and the undo plan for :class:`_Backup`.
+          staging: Callable[[int, bool], torch.Tensor] | None) -> tuple[_Staged, list[memoryview], UndoPlan]:
+    """Where each tensor's bytes go (views, in file order), and the undo plan for :class:`_Backup`.
 
     A live CPU tensor of the same key, dtype and shape is read in place, its old bytes first copied
     to a slice of the staging buffer (the undo log); another live tensor (CUDA, non-contiguous) is
     read into a staging slice and copied in on apply; anything else into a fresh tensor. The undo
-    plan lists, in file order, (end offset in the data section, live bytes, backup) in pieces of at
-    most store.READ_CHUNK (so the copy keeps pace with the reader even for one huge tensor), and
-    (end, None, None) for a tensor that needs no backup.
+    plan lists, in file order, (end offset in the data section, live address, backup address, bytes)
+    in pieces of at most store.READ_CHUNK (so the copy keeps pace with the reader even for one huge
+    tensor), and (end, 0, 0, 0) for a tensor that needs no backup. Addresses, not tensor slices: the
+    plan of a state with thousands of tensors is made before the first byte is read.
     """
     layout: list[tuple[store.TensorEntry, torch.dtype, torch.Tensor | None, int]] = []
     off = 0
@@ -1194,30 +1209,35 @@ def _plan(entries: list[store.TensorEntry], live: Mapping[str, torch.Tensor],
             off += -(-(e.end - e.start) // STAGING_ALIGN) * STAGING_ALIGN
     pinned = any(t is not None and t.is_cuda for _, _, t, _ in layout)
     buf = staging(max(off, 1), pinned) if off and staging is not None else None
-    staged = _Staged({}, {}, [])
-    reads: list[torch.Tensor] = []
+    base = buf.data_ptr() if buf is not None else 0
+    staged = _Staged({}, {}, [], buffer=buf)
+    views: list[memoryview] = []
     undo: UndoPlan = []
+    step = store.READ_CHUNK
     for e, dtype, target, at in layout:
-        pieces: UndoPlan = [(e.end, None, None)]
+        n = e.end - e.start
         if target is None:
             src = torch.empty(e.shape, dtype=dtype)  # bounded: the header's spans tile the file
             staged.result[e.key] = src
+            undo.append((e.end, 0, 0, 0))
+            dest = src.data_ptr()
         else:
             assert buf is not None
-            slot = buf[at : at + e.end - e.start]
             staged.result[e.key] = target
             if target.is_cpu and target.is_contiguous():
                 src = target  # in place; the slot keeps the old bytes until apply
-                old, step = byte_view(target), store.READ_CHUNK
-                pieces = [(e.start + min(i + step, len(slot)), old[i : i + step], slot[i : i + step])
-                          for i in range(0, len(slot), step)]
+                dest = target.data_ptr()
+                undo.extend((e.start + min(i + step, n), dest + i, base + at + i, min(step, n - i))
+                            for i in range(0, n, step))
             else:
-                src = slot.view(dtype).view(e.shape)
+                src = buf[at : at + n].view(dtype).view(e.shape)
                 staged.copies.append((target, src))
+                undo.append((e.end, 0, 0, 0))
+                dest = base + at
         staged.source[e.key] = src
-        reads.append(src)
-        undo.extend(pieces)
-    return staged, reads, undo
+        if n:
+            views.append(_bytes_at(dest, n))
+    return staged, views, undo
 
 
 def _hash_rest(fd: int, offset: int, size: int, h: Any, path: str) -> None:

@@ -28,6 +28,7 @@ import fcntl
 import json
 import mmap
 import queue
+import sys
 import threading
 import logging
 import math
@@ -83,6 +84,9 @@ DIRECT_CHUNK = 16 << 20  # O_DIRECT request size (as fast as 64 MiB here; finer 
 READ_CHUNK = 16 << 20  # restore read request: small enough that hashing the last one adds little after the read ends
 FIRST_READ = 2 << 20  # the first restore read request (see read_into)
 READERS = 1  # restore read requests in flight: one stream, hashed behind it (docs/performance.md, P3)
+RESTORE_PREFETCH = 32 << 20  # restore starts the disk on this much while it plans (store.Prefetch)
+PREFETCH_PIECE = 4 << 20  # Prefetch's request: it stops within one of these once the real read starts
+DURING_SWITCH = 0.0002  # seconds: the interpreter's switch interval while read_into's during() runs
 MAX_IOV = 512  # buffers per preadv (IOV_MAX is 1024 on Linux)
 Pace = Callable[[float], None]
 """Called by the writers after each piece with the seconds it took; a background save sleeps
@@ -712,7 +716,10 @@ def read_into(fd: int, offset: int, views: Iterable[memoryview], h: Any, path: s
             during()
         return pos
 
+    started = threading.Event()
+
     def read_group(off: int, pieces: list[memoryview]) -> None:
+        started.set()
         want = sum(len(b) for b in pieces)
         if ready is not None:
             ready(off + want)
@@ -734,7 +741,13 @@ def read_into(fd: int, offset: int, views: Iterable[memoryview], h: Any, path: s
         futures = [pool.submit(read_group, off, pieces) for off, pieces in groups]
         try:
             if during is not None:
-                during()
+                started.wait()  # the reader runs before this thread takes the interpreter
+                switch = sys.getswitchinterval()
+                sys.setswitchinterval(DURING_SWITCH)  # and the reading threads get it back promptly
+                try:
+                    during()
+                finally:
+                    sys.setswitchinterval(switch)
             for fut, (_, pieces) in zip(futures, groups):
                 fut.result()
                 for b in pieces:
@@ -743,6 +756,42 @@ def read_into(fd: int, offset: int, views: Iterable[memoryview], h: Any, path: s
             for fut in futures:
                 fut.cancel()
     return pos
+
+
+class Prefetch:
+    """Starts the disk on the first RESTORE_PREFETCH bytes of a file's data section while the caller
+    plans where they go. ``sendfile`` to /dev/null reads through the page cache with the same readahead
+    state (per open file) as the caller's reads that follow, so the disk sees one sequential stream, and
+    copies nothing out. :meth:`stop` asks it to end after its current piece; :meth:`join` waits for that,
+    before the file descriptor closes."""
+
+    def __init__(self, fd: int, start: int, size: int) -> None:
+        self._fd, self._pos, self._end = fd, start, min(size, start + RESTORE_PREFETCH)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ckptd-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            sink = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            while self._pos < self._end and not self._stop.is_set():
+                n = os.sendfile(sink, self._fd, self._pos, min(PREFETCH_PIECE, self._end - self._pos))
+                if n <= 0:
+                    return
+                self._pos += n
+        except OSError:
+            return  # advice only: the real read reports what is wrong
+        finally:
+            os.close(sink)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def join(self) -> None:
+        self._thread.join()
 
 
 def shard_file(rank: int) -> str:

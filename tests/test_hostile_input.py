@@ -177,11 +177,14 @@ def test_the_undo_plan_backs_up_a_large_tensor_in_read_sized_pieces(monkeypatch)
     live = {"a": torch.arange(2500, dtype=torch.float32), "b": torch.zeros(3)}
     entries = [store.TensorEntry("a", "F32", (2500,), 0, 10000), store.TensorEntry("b", "F32", (3,), 10000, 10012)]
     buf = torch.empty(20000, dtype=torch.uint8)
-    _, reads, undo = _plan(entries, {"a": live["a"]}, lambda n, pinned: buf[:n])
-    assert reads[0] is live["a"]
-    assert [end for end, _, _ in undo] == [4096, 8192, 10000, 10012]
-    assert [t.numel() for _, t, b in undo[:3]] == [4096, 4096, 1808] and undo[3][1:] == (None, None)
-    assert undo[1][1].data_ptr() == live["a"].data_ptr() + 4096 and undo[1][2].data_ptr() == buf.data_ptr() + 4096
+    staged, views, undo = _plan(entries, {"a": live["a"]}, lambda n, pinned: buf[:n])
+    assert staged.source["a"] is live["a"] and len(views[0]) == 10000
+    views[0][:4] = bytes(4)  # the view is the live tensor's memory: read in place
+    assert live["a"][0].item() == 0.0 and live["a"][1].item() == 1.0
+    assert [end for end, *_ in undo] == [4096, 8192, 10000, 10012]
+    assert [n for *_, n in undo] == [4096, 4096, 1808, 0] and undo[3][1:] == (0, 0, 0)
+    assert undo[1][1] == live["a"].data_ptr() + 4096 and undo[1][2] == buf.data_ptr() + 4096
+    assert staged.source["b"] is not live["b"] and len(views[1]) == 12  # not live here: a fresh tensor
 
 
 def test_numpy_scalars_restore_as_saved_although_the_state_is_decoded_while_the_tensors_are_read(tmp_path, monkeypatch):
@@ -271,7 +274,8 @@ def test_the_undo_log_is_replayed_backwards_so_a_backup_taken_after_an_aliased_r
     first = live.clone().view(torch.uint8)  # backup of key a, taken before its read
     live.fill_(7.0)  # key a read in place
     second = live.clone().view(torch.uint8)  # backup of key b (same memory), taken after a's read
-    _Staged({}, {}, [], undo=[(live, first), (live, second)]).rollback()
+    undo = [(live.data_ptr(), b.data_ptr(), 64) for b in (first, second)]
+    _Staged({}, {}, [], undo=undo).rollback()
     assert torch.equal(live, torch.arange(16, dtype=torch.float32))
 
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
+import mmap
 import os
 import stat
+import sys
+import threading
 
 import pytest
 import torch
@@ -299,8 +304,14 @@ def test_read_into_runs_during_once_and_stops_on_its_error(tmp_path, monkeypatch
         calls = []
         buf = bytearray(len(data))
         h = store.new_hasher()
+        switch = sys.getswitchinterval()
+        assert store.read_into(fd, 0, [memoryview(buf)], h, path,
+                               during=lambda: calls.append(sys.getswitchinterval())) == len(data)
+        assert calls == [pytest.approx(store.DURING_SWITCH)] and bytes(buf) == data and h.hexdigest() == store.digest_bytes(data)
+        assert sys.getswitchinterval() == switch  # lowered only while during() ran
+        calls.clear()
         assert store.read_into(fd, 0, [memoryview(buf)], h, path, during=lambda: calls.append(1)) == len(data)
-        assert calls == [1] and bytes(buf) == data and h.hexdigest() == store.digest_bytes(data)
+        assert calls == [1]
         assert store.read_into(fd, 0, [], store.new_hasher(), path, during=lambda: calls.append(2)) == 0
         assert calls == [1, 2]  # nothing to read: still called, once
 
@@ -309,5 +320,78 @@ def test_read_into_runs_during_once_and_stops_on_its_error(tmp_path, monkeypatch
 
         with pytest.raises(ValueError, match="damaged"):
             store.read_into(fd, 0, [memoryview(bytearray(len(data)))], store.new_hasher(), path, during=boom)
+        assert sys.getswitchinterval() == switch
+    finally:
+        os.close(fd)
+
+
+def _resident_pages(path: str, length: int) -> list[bool]:
+    """Which pages of the file's first ``length`` bytes are in the page cache (mincore(2))."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    page = os.sysconf("SC_PAGE_SIZE")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            vec = ctypes.create_string_buffer((length + page - 1) // page)
+            assert libc.mincore(addr, length, vec) == 0, os.strerror(ctypes.get_errno())
+            return [b & 1 == 1 for b in vec.raw]
+        finally:
+            libc.munmap(addr, length)
+    finally:
+        os.close(fd)
+
+
+def test_prefetch_starts_the_disk_on_the_start_of_the_data_and_stops_when_asked(tmp_path, monkeypatch):
+    # Restore plans where each byte goes while store.Prefetch gets the first bytes of the data section
+    # off the disk (into the page cache, through the same open file), and stops once the real read starts.
+    monkeypatch.setattr(store, "RESTORE_PREFETCH", 1 << 20)
+    monkeypatch.setattr(store, "PREFETCH_PIECE", 256 << 10)
+    path = str(tmp_path / "f")
+    with open(path, "wb") as f:
+        f.write(os.urandom(8 << 20))
+        f.flush()
+        os.fsync(f.fileno())
+    page = os.sysconf("SC_PAGE_SIZE")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: dropped from the page cache
+        assert not any(_resident_pages(path, 8 << 20))
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no readahead beyond what is asked for
+        prefetch = store.Prefetch(fd, 4096, 8 << 20)
+        prefetch.join()
+        resident = _resident_pages(path, 8 << 20)
+        assert all(resident[4096 // page : (4096 + (1 << 20)) // page])  # the first MiB after the header
+        assert not any(resident[(4 << 20) // page :])  # and not the whole file
+
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        monkeypatch.setattr(store, "RESTORE_PREFETCH", 8 << 20)
+        sent = []
+        real = os.sendfile
+
+        began, stopped = threading.Event(), threading.Event()
+
+        def slow_sendfile(out, in_, offset, count):
+            sent.append(offset)
+            began.set()
+            assert stopped.wait(10)  # stop() arrives during the first piece
+            return real(out, in_, offset, count)
+
+        monkeypatch.setattr(os, "sendfile", slow_sendfile)
+        prefetch = store.Prefetch(fd, 0, 8 << 20)
+        assert began.wait(10)
+        prefetch.stop()
+        stopped.set()
+        prefetch.join()
+        assert sent == [0]  # no piece after the one in progress
+
+        monkeypatch.setattr(os, "sendfile", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+        prefetch = store.Prefetch(fd, 0, 8 << 20)  # a failure is the real read's to report, not the prefetch's
+        prefetch.join()
     finally:
         os.close(fd)
