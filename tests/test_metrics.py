@@ -206,6 +206,30 @@ def test_the_file_sd_entry_is_prometheus_shaped_and_a_directory_gets_one_file_pe
 
 
 
+def test_status_is_made_at_most_once_per_ttl_however_often_it_is_asked():
+    # /status reads the whole journal; a scraper asking 50 times a second must not make it 50 times.
+    clock = FakeClock()
+    made = []
+
+    def status():
+        made.append(clock.monotonic())
+        return {"state": "running", "n": len(made)}
+
+    server = MetricsServer(CollectorRegistry(), lambda: True, status, clock=clock.monotonic)
+    endpoint = server.start("127.0.0.1:0")
+    try:
+        base = f"http://{endpoint.addr}/status"
+        assert [json.loads(get(base)[1])["n"] for _ in range(5)] == [1] * 5
+        clock.advance(metricsmod.STATUS_TTL * 0.9)
+        assert json.loads(get(base)[1])["n"] == 1
+        clock.advance(metricsmod.STATUS_TTL * 0.2)  # older than the TTL: made again
+        assert json.loads(get(base)[1])["n"] == 2 and len(made) == 2
+        clock.advance(-10.0)  # a clock that went back does not pin an old answer
+        assert json.loads(get(base)[1])["n"] == 3
+    finally:
+        server.close()
+
+
 def test_pace_hands_out_turns_in_order_at_the_rate_and_refuses_beyond_the_wait():
     clock = FakeClock()
     slept = []

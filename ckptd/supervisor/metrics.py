@@ -42,6 +42,7 @@ DEFAULT_PORT = 9477  # docs/metrics.md, "Port": not a port of the exporters foun
 DEFAULT_ADDR = f"127.0.0.1:{DEFAULT_PORT}"
 HTTP_TIMEOUT = 10.0  # seconds a scrape connection may take; a stuck client cannot hold a thread for ever
 RENDER_RATE = 50.0  # /metrics and /status answers per second at most; more wait their turn (docs/metrics.md)
+STATUS_TTL = 1.0  # seconds a /status answer is reused: it reads the whole journal (docs/metrics.md)
 RENDER_WAIT = 2.0  # seconds a request may wait for its turn; beyond that: 429 with Retry-After
 
 KINDS = ("periodic", "manual", "emergency", "final")  # store.KINDS
@@ -464,10 +465,13 @@ class MetricsServer:
     WSGI app and its threading server). Binding fails softly: :attr:`endpoint` says why."""
 
     def __init__(self, registry: CollectorRegistry, healthy: Callable[[], bool],
-                 status: Callable[[], dict[str, Any]]) -> None:
+                 status: Callable[[], dict[str, Any]], clock: Callable[[], float] = time.monotonic) -> None:
         self._metrics_app = make_wsgi_app(registry)
         self._healthy = healthy
         self._status = status
+        self._clock = clock
+        self._status_cache: tuple[float, bytes] | None = None  # (when made, body): at most one made per STATUS_TTL
+        self._status_lock = threading.Lock()
         self._httpd: Any = None
         self._thread: threading.Thread | None = None
         self._pace = Pace(RENDER_RATE, RENDER_WAIT)
@@ -510,11 +514,20 @@ class MetricsServer:
                                                      ("Retry-After", "1")])
             return [f"more than {RENDER_RATE:g} requests per second; scrape less often\n".encode()]
         if path == "/status":
-            body = json.dumps(self._status(), default=str, indent=1).encode() + b"\n"
-            return _reply(start_response, "200 OK", "application/json", body)
+            return _reply(start_response, "200 OK", "application/json", self._status_body())
         if path in ("/metrics", "/"):
             return self._metrics_app(environ, start_response)
         return _reply(start_response, "404 Not Found", "text/plain", b"not found: try /metrics, /healthz, /status\n")
+
+    def _status_body(self) -> bytes:
+        """The /status answer, made at most once per STATUS_TTL seconds: it reads the whole journal and asks
+        the loop over the control socket, and the pace alone would let scrapers make it 50 times a second."""
+        with self._status_lock:
+            now = self._clock()
+            if self._status_cache is None or not 0 <= now - self._status_cache[0] < STATUS_TTL:
+                body = json.dumps(self._status(), default=str, indent=1).encode() + b"\n"
+                self._status_cache = (now, body)
+            return self._status_cache[1]
 
     def close(self) -> None:
         httpd, self._httpd = self._httpd, None
