@@ -41,7 +41,10 @@ class DirWatcher:
                     watcher._post(("fs",))
 
         self._observer = Observer()
-        self._observer.schedule(Handler(), self.root, recursive=True)
+        # The top level only: a commit, a quarantine, a prune and a user's rm are each a rename or removal
+        # of an entry there. Recursive watching cost one inotify watch per checkpoint directory, an event
+        # per file a save writes, and watchdog warned on every directory renamed under it.
+        self._observer.schedule(Handler(), self.root, recursive=False)
         self._observer.daemon = True
         self._observer.start()
 
