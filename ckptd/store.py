@@ -22,6 +22,7 @@ Nothing here imports torch: the supervisor and the inspection commands use it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -742,12 +743,8 @@ def read_into(fd: int, offset: int, views: Iterable[memoryview], h: Any, path: s
         try:
             if during is not None:
                 started.wait()  # the reader runs before this thread takes the interpreter
-                switch = sys.getswitchinterval()
-                sys.setswitchinterval(DURING_SWITCH)  # and the reading threads get it back promptly
-                try:
+                with _short_switch():  # and the reading threads get it back promptly
                     during()
-                finally:
-                    sys.setswitchinterval(switch)
             for fut, (_, pieces) in zip(futures, groups):
                 fut.result()
                 for b in pieces:
@@ -756,6 +753,30 @@ def read_into(fd: int, offset: int, views: Iterable[memoryview], h: Any, path: s
             for fut in futures:
                 fut.cancel()
     return pos
+
+
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_saved = 0.0
+
+
+@contextlib.contextmanager
+def _short_switch() -> Iterator[None]:
+    """The interpreter's switch interval at DURING_SWITCH while any thread is inside; the first one in
+    saves the interval in force and the last one out puts it back (restores in several threads)."""
+    global _switch_users, _switch_saved
+    with _switch_lock:
+        if _switch_users == 0:
+            _switch_saved = sys.getswitchinterval()
+            sys.setswitchinterval(DURING_SWITCH)
+        _switch_users += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch_users -= 1
+            if _switch_users == 0:
+                sys.setswitchinterval(_switch_saved)
 
 
 class Prefetch:

@@ -325,6 +325,28 @@ def test_read_into_runs_during_once_and_stops_on_its_error(tmp_path, monkeypatch
         os.close(fd)
 
 
+def test_the_short_switch_interval_nests_across_threads_and_the_last_one_out_restores_it():
+    # Two restores in two threads: the second must not save the first one's lowered interval as "the"
+    # interval and put that back at the end.
+    switch = sys.getswitchinterval()
+    inside, leave = threading.Event(), threading.Event()
+
+    def other() -> None:
+        with store._short_switch():
+            inside.set()
+            assert leave.wait(10)
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert inside.wait(10)
+    with store._short_switch():
+        assert sys.getswitchinterval() == pytest.approx(store.DURING_SWITCH)
+    assert sys.getswitchinterval() == pytest.approx(store.DURING_SWITCH)  # the other thread is still inside
+    leave.set()
+    t.join()
+    assert sys.getswitchinterval() == switch
+
+
 def _resident_pages(path: str, length: int) -> list[bool]:
     """Which pages of the file's first ``length`` bytes are in the page cache (mincore(2))."""
     libc = ctypes.CDLL(None, use_errno=True)
