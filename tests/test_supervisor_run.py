@@ -236,6 +236,23 @@ def test_watcher_sees_external_deletion_and_retention_keeps_last(tmp_path, root)
     assert run.wait(10) == exitcodes.PREEMPTED
 
 
+def test_a_checkpoint_moved_aside_is_seen_and_the_directory_watch_stays_quiet(tmp_path, root):
+    # A quarantine is a rename of a step directory into .quarantine/. The watch on the checkpoint
+    # directory's top level sees it; a recursive watch also had watchdog print a RuntimeWarning about the
+    # moved directory's watch into the user's log on every quarantine.
+    run = Run(tmp_path, root, [*FAST, "--every-steps", "50", TRAINER, "--steps", "100000", "--step-time", "0.01"])
+    first = run.wait_event("checkpoint")  # no retention: nothing but this test removes it
+    run.wait_event("checkpoint", count=3)  # the supervisor's rescans have seen the first one by now
+    os.makedirs(os.path.join(root, ".quarantine"), exist_ok=True)
+    os.rename(os.path.join(root, first["name"]), os.path.join(root, ".quarantine", first["name"] + "-aside"))
+    run.wait_event("checkpoint_removed", name=first["name"], by="someone else")
+    os.mkdir(os.path.join(root, "unrelated"))  # one more top-level event after the move
+    os.rmdir(os.path.join(root, "unrelated"))
+    run.signal(signal.SIGTERM)
+    assert run.wait(20) == exitcodes.PREEMPTED
+    assert "Warning" not in run.stderr(), run.stderr()
+
+
 def test_sd_notify_ready_watchdog_and_stopping(tmp_path, root):
     addr = str(tmp_path / "notify.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
