@@ -818,23 +818,12 @@ class Checkpointer:
         A checkpoint written by several ranks holds the replicated state once and each rank's own
         state (RNG streams, ``extra``, ``user``) in ``rank-NNNNN.*``: this rank's part replaces those keys.
         """
-        decoded: list[tuple[dict[str, Any], Any, bool]] = []
-
-        def decode_state(staged: _Staged) -> None:
-            """While the tensor file is being read: state.json's read and its decoding need no tensor
-            data, except NumPy scalars (values, not views), which are decoded again after the read."""
-            tree, raw = _read_state_json_raw(info)
-            try:
-                decoded.append((tree, decode(tree, staged.source.__getitem__), b'"__npscalar"' in raw))
-            except StateDecodeError as exc:
-                raise CorruptCheckpointError(info.path, f"{store.STATE}: {exc}") from None
-
+        trees: list[dict[str, Any]] = []  # state.json, read and parsed while the tensor file is read
         staged = _read_tensors(info, self._live_tensors(), check=self._check_model_keys, staging=self._staging,
-                               during=decode_state)
-        tree, merged, values = decoded[0]
+                               during=lambda: trees.append(_read_state_json(info)))
+        tree = trees[0]
         try:
-            if values:
-                merged = decode(tree, staged.source.__getitem__)
+            merged = decode(tree, staged.source.__getitem__)  # after the read: NumPy scalars are values from bytes
             own = _read_rank_part(info, self.rank)
             if own is not None:
                 merged.update(own)
@@ -1108,7 +1097,7 @@ STAGING_ALIGN = 64  # every staged tensor starts cache-line aligned (and so alig
 def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
                   check: Callable[[str, list[store.TensorEntry]], None] | None = None,
                   staging: Callable[[int, bool], torch.Tensor] | None = None, fname: str = store.TENSORS,
-                  during: Callable[[_Staged], None] | None = None) -> _Staged:
+                  during: Callable[[], None] | None = None) -> _Staged:
     """Read and verify a checkpoint's tensor file; ``live`` ends as it was unless it verified.
 
     Order: the header is read and checked structurally (store.parse_safetensors_header: known
@@ -1117,7 +1106,7 @@ def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
     whole file's checksum matched (else the checkpoint is corrupt, whatever its header says). Then
     every byte is read (store.read_into, checksummed in file order): data for a live tensor of the
     same key, dtype and shape into ``staging(nbytes, pinned)``, everything else into fresh tensors.
-    ``during(staged)`` runs while the data is being read (store.read_into); what it raises, like a
+    ``during()`` runs while the data is being read (store.read_into); what it raises, like a
     mismatch, puts ``live`` back as it was.
     Raises CorruptCheckpointError unless the whole file matches the manifest's size and checksum.
     """
@@ -1158,7 +1147,7 @@ def _read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
             prefetch.stop()
         try:
             end = store.read_into(fd, data_start, views, h, path, ready=backup.ready if backup else None,
-                                  during=(lambda: during(staged)) if during is not None else None)
+                                  during=during)
         finally:
             if backup is not None:
                 staged.undo = backup.finish()
@@ -1252,11 +1241,7 @@ def _hash_rest(fd: int, offset: int, size: int, h: Any, path: str) -> None:
 
 
 def _read_state_json(info: store.CheckpointInfo) -> Any:
-    return _read_state_json_raw(info)[0]
-
-
-def _read_state_json_raw(info: store.CheckpointInfo) -> tuple[Any, bytes]:
-    """state.json parsed (checksum verified first), and its bytes."""
+    """state.json parsed (checksum verified first)."""
     files = info.manifest["files"]
     for fname in (store.TENSORS, store.STATE):
         if fname not in files:
@@ -1267,7 +1252,7 @@ def _read_state_json_raw(info: store.CheckpointInfo) -> tuple[Any, bytes]:
     tree = store.load_json(raw, info.path, store.STATE, store.MAX_STATE_DEPTH, store.MAX_STATE_VALUES)
     if not isinstance(tree, dict):
         raise CorruptCheckpointError(info.path, f"{store.STATE} is not a JSON object")
-    return tree, raw
+    return tree
 
 
 MAX_HEARTBEAT_METRICS = 32

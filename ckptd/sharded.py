@@ -39,8 +39,6 @@ from . import store
 from .errors import CorruptCheckpointError
 from .state import DTYPES, TORCH_DTYPES
 
-METADATA, SEP, shard_file = store.DCP_JSON, store.SHARD_SEP, store.shard_file
-
 
 def is_sharded(model: Any) -> bool:
     """Whether the model's parameters are DTensors (FSDP2 fully_shard, tensor parallel)."""
@@ -65,9 +63,9 @@ def _strip(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
         tensors[path] = value
         return {"__shard": path}
     if isinstance(value, dict):
-        return {k: _strip(v, f"{path}{SEP}{k}", tensors) for k, v in value.items()}
+        return {k: _strip(v, f"{path}{store.SHARD_SEP}{k}", tensors) for k, v in value.items()}
     if isinstance(value, list):
-        return [_strip(v, f"{path}{SEP}{i}", tensors) for i, v in enumerate(value)]
+        return [_strip(v, f"{path}{store.SHARD_SEP}{i}", tensors) for i, v in enumerate(value)]
     return value
 
 
@@ -138,7 +136,7 @@ class Writer(StorageWriter):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         results, chunks, offset = [], [], 0
-        name = shard_file(self.rank)
+        name = store.shard_file(self.rank)
         for item in plan.items:
             if item.type == WriteItemType.BYTE_IO:
                 raise CorruptCheckpointError(self.part.tmp, f"{item.index.fqn} is not a tensor; ckptd stores "
@@ -167,13 +165,13 @@ class Writer(StorageWriter):
                 files[info["file"]] = info["record"]
                 storage.append([_index_json(r.index), info["file"], info["offset"], info["length"]])
         for name, (nbytes, digest) in files.items():
-            if name != shard_file(self.rank):
+            if name != store.shard_file(self.rank):
                 self.part.add_file(name, store.FileRecord(nbytes, digest))
             else:
                 self.part.files[name] = store.FileRecord(nbytes, digest)
         doc = {"tensors": {fqn: _tensor_md_json(md) for fqn, md in metadata.state_dict_metadata.items()},
                "storage": storage}
-        self.part.write_file(METADATA, [json.dumps(doc, separators=(",", ":")).encode()])
+        self.part.write_file(store.DCP_JSON, [json.dumps(doc, separators=(",", ":")).encode()])
 
     def storage_meta(self) -> Any:
         return None
@@ -201,7 +199,7 @@ class Reader(StorageReader):
             tensors = {fqn: _tensor_md(v) for fqn, v in doc["tensors"].items()}
             storage = {_index(i): (str(f), int(o), int(n)) for i, f, o, n in doc["storage"]}
         except (KeyError, TypeError, ValueError) as exc:
-            raise CorruptCheckpointError(self.path, f"{METADATA} is not DCP metadata ({exc})") from None
+            raise CorruptCheckpointError(self.path, f"{store.DCP_JSON} is not DCP metadata ({exc})") from None
         self.md = Metadata(state_dict_metadata=tensors, storage_data=storage)
         return self.md
 

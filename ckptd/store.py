@@ -686,7 +686,7 @@ def read_into(fd: int, offset: int, views: Iterable[memoryview], h: Any, path: s
     """Fill ``views`` in order from the file's bytes at ``offset``; update ``h`` with them in order.
     ``ready(end)``, when given, is called before each read request with the file offset the request
     ends at (restore keeps an undo log of what a request will overwrite). ``during()``, when given,
-    runs in this thread once the first request is in flight (restore decodes its state meanwhile);
+    runs in this thread once the first request is in flight (restore reads its state.json meanwhile);
     what it raises stops the reading (requests in flight finish first) and is raised.
 
     Straight into the callers' buffers (tensors), no second copy. READERS requests of ~READ_CHUNK

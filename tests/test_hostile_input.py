@@ -187,9 +187,12 @@ def test_the_undo_plan_backs_up_a_large_tensor_in_read_sized_pieces(monkeypatch)
     assert staged.source["b"] is not live["b"] and len(views[1]) == 12  # not live here: a fresh tensor
 
 
-def test_numpy_scalars_restore_as_saved_although_the_state_is_decoded_while_the_tensors_are_read(tmp_path, monkeypatch):
-    # state.json is decoded during the tensor read; a NumPy scalar is a value taken from tensor bytes,
-    # so it must come from the verified bytes, not from what the run held before.
+@pytest.mark.parametrize("escaped", [False, True])
+def test_numpy_scalars_restore_as_saved_although_state_json_is_read_while_the_tensors_are_read(
+        tmp_path, monkeypatch, escaped):
+    # state.json is read during the tensor read; a NumPy scalar is a value taken from tensor bytes,
+    # so it must come from the verified bytes, not from what the run held before. Escaped: the tag
+    # written with a JSON escape (a re-signed state), which a search of the raw bytes for it missed.
     import threading
 
     import numpy as np
@@ -201,6 +204,12 @@ def test_numpy_scalars_restore_as_saved_although_the_state_is_decoded_while_the_
     ck.step(1)
     ck.save(block=True)
     ck.close()
+    if escaped:
+        ckpt = store.list_checkpoints(root)[-1].path
+        with open(os.path.join(ckpt, store.STATE), "rb") as f:
+            raw = f.read()
+        assert b'"__npscalar"' in raw
+        resign(ckpt, {store.STATE: raw.replace(b'"__npscalar"', b'"\\u005f_npscalar"')})
     read_into = store.read_into
 
     def decode_first(fd, offset, views, h, path, ready=None, during=None):  # no byte read before decoding ends

@@ -292,7 +292,7 @@ def test_read_into_fills_views_in_file_order_hashes_all_and_refuses_a_short_file
 
 
 def test_read_into_runs_during_once_and_stops_on_its_error(tmp_path, monkeypatch):
-    # Restore decodes its state in read_into's thread while the tensor file is read; an error there
+    # Restore reads its state.json in read_into's thread while the tensor file is read; an error there
     # (a corrupt state.json) ends the read and is raised, after the requests in flight finished.
     monkeypatch.setattr(store, "READ_CHUNK", 4096)
     data = os.urandom(64 * 1024)
