@@ -66,6 +66,9 @@ TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 KINDS = ("periodic", "emergency", "manual", "final")
 HASH = "xxh3_128"
+# Errors of the reading process, not of what it reads: out of descriptors or memory never makes a
+# checkpoint "invalid" (the listing fails instead, and the supervisor keeps what it knew).
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 
 NAME_RE = re.compile(r"^step-([0-9]{12,20})$")  # ASCII digits only: \\d also matches e.g. Arabic-Indic digits
 FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -588,6 +591,8 @@ def read_manifest(path: str) -> dict[str, Any]:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise CorruptCheckpointError(path, f"{MANIFEST} is a symlink") from None
+        if exc.errno in RESOURCE_ERRNOS:
+            raise  # the reader's own trouble, not the checkpoint's
         raise CorruptCheckpointError(path, f"{MANIFEST} unreadable: {exc.strerror}") from None
     m = load_json(raw, path, MANIFEST, MAX_MANIFEST_DEPTH, MAX_MANIFEST_BYTES)
     if not isinstance(m, dict):
@@ -645,6 +650,8 @@ def inspect_checkpoint(path: str) -> CheckpointInfo:
         info.valid, info.reason = False, exc.reason
         return info
     except OSError as exc:
+        if exc.errno in RESOURCE_ERRNOS:
+            raise  # out of descriptors or memory says nothing about the checkpoint: the caller's listing fails
         info.valid, info.reason = False, f"unreadable: {exc.strerror or exc}"
         return info
     info.manifest = m

@@ -1,12 +1,15 @@
 """supervisor/metrics.py: every metric, goodput on a scripted run with a known answer, fixed label sets,
-the endpoint (/metrics, /healthz, /status) and the file_sd entry. Fake clock, fresh registries, no sleeping."""
+the endpoint (/metrics, /healthz; nothing else to other users) with its bounds against slow clients, and the
+file_sd entry. Fake clock, fresh registries, no sleeping."""
 
 from __future__ import annotations
 
 import json
 import os
 import socket
+import time
 
+import psutil
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -165,14 +168,14 @@ def test_run_state_and_health(state, stopping, code, shown, healthy):
     assert sum(value(reg, "ckptd_state", state=s) for s in metricsmod.STATES) == 1
 
 
-from fixtures.sup_helpers import http_get  # noqa: E402
+from fixtures.sup_helpers import http_get, wait_for  # noqa: E402
 
 get = http_get
 
 
-def test_the_endpoint_serves_metrics_healthz_and_status_and_a_busy_port_is_reported_not_raised():
+def test_the_endpoint_serves_metrics_and_healthz_only_and_a_busy_port_is_reported_not_raised():
     clock, reg, m = fresh()
-    server = MetricsServer(reg, lambda: m.healthy, lambda: {"state": "running", "step": 3})
+    server = MetricsServer(reg, lambda: m.healthy)
     endpoint = server.start("127.0.0.1:0")
     try:
         assert endpoint.state == "serving" and not endpoint.addr.endswith(":0")
@@ -182,10 +185,10 @@ def test_the_endpoint_serves_metrics_healthz_and_status_and_a_busy_port_is_repor
         assert get(base + "/healthz")[0] == 200
         m.publish(state="fatal", stopping=False, exit_code=70, step=None, last_checkpoint=None, valid=0)
         assert get(base + "/healthz")[0] == 503
-        code, body = get(base + "/status")
-        assert code == 200 and json.loads(body) == {"state": "running", "step": 3}
+        code, body = get(base + "/status")  # the run's details are for its owner: `ckptd status`, not this port
+        assert code == 404 and b"ckptd status" in body
         assert get(base + "/nothing")[0] == 404
-        busy = MetricsServer(reg, lambda: True, dict).start(endpoint.addr)
+        busy = MetricsServer(reg, lambda: True).start(endpoint.addr)
         assert busy.state == "unavailable" and "in use" in busy.error and endpoint.addr in busy.error
     finally:
         server.close()
@@ -206,30 +209,6 @@ def test_the_file_sd_entry_is_prometheus_shaped_and_a_directory_gets_one_file_pe
 
 
 
-def test_status_is_made_at_most_once_per_ttl_however_often_it_is_asked():
-    # /status reads the whole journal; a scraper asking 50 times a second must not make it 50 times.
-    clock = FakeClock()
-    made = []
-
-    def status():
-        made.append(clock.monotonic())
-        return {"state": "running", "n": len(made)}
-
-    server = MetricsServer(CollectorRegistry(), lambda: True, status, clock=clock.monotonic)
-    endpoint = server.start("127.0.0.1:0")
-    try:
-        base = f"http://{endpoint.addr}/status"
-        assert [json.loads(get(base)[1])["n"] for _ in range(5)] == [1] * 5
-        clock.advance(metricsmod.STATUS_TTL * 0.9)
-        assert json.loads(get(base)[1])["n"] == 1
-        clock.advance(metricsmod.STATUS_TTL * 0.2)  # older than the TTL: made again
-        assert json.loads(get(base)[1])["n"] == 2 and len(made) == 2
-        clock.advance(-10.0)  # a clock that went back does not pin an old answer
-        assert json.loads(get(base)[1])["n"] == 3
-    finally:
-        server.close()
-
-
 def test_pace_hands_out_turns_in_order_at_the_rate_and_refuses_beyond_the_wait():
     clock = FakeClock()
     slept = []
@@ -247,7 +226,7 @@ def test_a_scrape_storm_is_paced_and_refused_with_429_while_healthz_stays_free(m
 
     monkeypatch.setattr(metricsmod, "RENDER_RATE", 4.0)
     monkeypatch.setattr(metricsmod, "RENDER_WAIT", 0.5)
-    server = MetricsServer(CollectorRegistry(), lambda: True, lambda: {"state": "running"})
+    server = MetricsServer(CollectorRegistry(), lambda: True)
     endpoint = server.start("127.0.0.1:0")
 
     def get(path):
@@ -263,4 +242,102 @@ def test_a_scrape_storm_is_paced_and_refused_with_429_while_healthz_stays_free(m
         assert storm.count((200, None)) >= 2 and (429, "1") in storm, storm  # 4/s, at most 0.5 s of waiting
         assert all(get("/healthz") == (200, None) for _ in range(20))
     finally:
+        server.close()
+
+
+# --- bounds against slow clients (docs/metrics.md, "Bounds") ------------------------------------------------
+
+
+class Drippers:
+    """``n`` real TCP clients that each send one byte of a never-ending request per ``drip()`` (a slowloris);
+    a connection the server closed is opened again at the next drip, as an attacker would."""
+
+    def __init__(self, addr: str, n: int) -> None:
+        self.addr = metricsmod.split_addr(addr)
+        self.socks: list[socket.socket | None] = [None] * n
+        self.cut = 0  # connections the server closed while their request was still being sent
+        self.opened = 0
+
+    def drip(self) -> None:
+        for i, s in enumerate(self.socks):
+            if s is None:
+                try:
+                    s = socket.create_connection(self.addr, timeout=0.2)
+                    s.setblocking(False)
+                    s.send(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
+                    self.socks[i], self.opened = s, self.opened + 1
+                except OSError:
+                    if s is not None:
+                        s.close()
+                continue
+            try:
+                if s.recv(4096) == b"":
+                    raise ConnectionResetError  # the server closed it
+            except BlockingIOError:
+                pass
+            except OSError:
+                s.close()
+                self.socks[i], self.cut = None, self.cut + 1
+                continue
+            try:
+                s.send(b"a")
+            except BlockingIOError:
+                pass
+            except OSError:
+                s.close()
+                self.socks[i], self.cut = None, self.cut + 1
+
+    def close(self) -> None:
+        for s in self.socks:
+            if s is not None:
+                s.close()
+
+
+def test_a_client_dripping_its_request_is_cut_off_at_the_deadline_of_the_whole_request(monkeypatch):
+    """One byte every 0.2 s never lets a single recv() time out; the whole connection still ends at the
+    deadline counted from accept."""
+    monkeypatch.setattr(metricsmod, "REQUEST_DEADLINE", 2.0, raising=False)
+    server = MetricsServer(CollectorRegistry(), lambda: True)
+    endpoint = server.start("127.0.0.1:0")
+    slow = Drippers(endpoint.addr, 1)
+    try:
+        t0 = time.monotonic()
+        slow.drip()
+        assert slow.opened == 1
+
+        def cut():
+            slow.drip()
+            return slow.cut
+
+        wait_for(cut, 30, "the server to close the slow connection", interval=0.2)
+        assert time.monotonic() - t0 >= 2.0  # not before its deadline
+        assert get(f"http://{endpoint.addr}/metrics")[0] == 200  # and the server serves on
+    finally:
+        slow.close()
+        server.close()
+
+
+def test_a_slowloris_flood_holds_a_bounded_number_of_connections_and_threads_and_scrapes_still_succeed(monkeypatch):
+    monkeypatch.setattr(metricsmod, "MAX_CONNECTIONS", 8, raising=False)
+    me = psutil.Process()
+    threads_before = me.num_threads()
+    server = MetricsServer(CollectorRegistry(), lambda: True)
+    endpoint = server.start("127.0.0.1:0")
+    flood = Drippers(endpoint.addr, 200)
+    try:
+        peak = {"threads": 0}
+
+        def attacked():
+            flood.drip()
+            peak["threads"] = max(peak["threads"], me.num_threads() - threads_before)
+            assert peak["threads"] <= 2 * 8 + 2, peak  # the server thread, and at most 2 x the limit handlers
+            return flood.opened >= 600  # three rounds of 200 (re)connections
+
+        wait_for(attacked, 60, "the flood to reconnect 600 times", interval=0.1)
+        # a scraper that sends its request at once takes the place of a slow one
+        assert get(f"http://{endpoint.addr}/metrics")[0] == 200
+        assert get(f"http://{endpoint.addr}/healthz")[0] == 200
+        assert server.connections.count() <= 2 * 8
+    finally:
+        flood.close()
         server.close()

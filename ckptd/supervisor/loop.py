@@ -31,10 +31,11 @@ from .clock import Clock
 from .config import Config
 from .control import ControlServer, Peer
 from .journal import JOURNAL_NAME, STATE_NAME, Journal, read_json, write_json_atomic
-from .log import EventLog
+from .log import EventLog, redact_argv
 from .notify import CHILD_UNSET, Notifier
 from .policy import ExitStatus, Reason, RestartPolicy, classify
 from .process import Child, Processes, oom_kill_count, process_state, run_command, system_oom_kill_count
+from .reserve import SpareFd
 from .rundir import JobLock, choose_socket_path, node_identity, node_run_dir
 from .schedule import Schedules
 from .service import Service, ServiceView
@@ -106,6 +107,7 @@ class Supervisor:
         self.sel = selectors.DefaultSelector()
         self.sm = StateMachine()
         self.procs = Processes()
+        self.spare = SpareFd()  # released around the child-exit work, so EMFILE cannot stop it (reserve.py)
         self.policy = RestartPolicy(max_restarts=cfg.max_restarts, window=cfg.restart_window,
                                     base=cfg.backoff_base, cap=cfg.backoff_max, same_step_limit=cfg.same_step_crashes,
                                     start_failure_limit=cfg.start_failures)
@@ -208,8 +210,9 @@ class Supervisor:
             self._guarded("notices", self._start_notices)
             self._guarded("metrics endpoint", self._start_metrics)
             node = f", {self.node.describe()}" if self.node.job_id is not None else ""
-            self._event("info", "start", f"supervising {' '.join(self.argv)} in {self.root} (run {self.run_id}{node})",
-                        pid=os.getpid(), argv=self.argv, dir=self.root, job_id=self.node.job_id,
+            argv = redact_argv(self.argv)  # secrets on the command line stay out of the log and the journal
+            self._event("info", "start", f"supervising {' '.join(argv)} in {self.root} (run {self.run_id}{node})",
+                        pid=os.getpid(), argv=argv, dir=self.root, job_id=self.node.job_id,
                         node_rank=self.node.rank,
                         resume_from=latest.step if latest else None, config=self.cfg.as_dict(),
                         metrics=self._metrics_endpoint(), **_slurm_env())
@@ -247,7 +250,7 @@ class Supervisor:
             n = self._faults[where] = self._faults.get(where, 0) + 1
             if n == 1 or n % 1000 == 0:
                 self.log("error", "internal", f"unexpected error in {where} ({type(exc).__name__}: {exc}); "
-                         f"supervision continues ({n} so far)\n" + "".join(traceback.format_exc(limit=8)).rstrip())
+                         f"supervision continues ({n} so far)", lines=traceback.format_exc(limit=8).rstrip().splitlines())
             return None
 
     def _poll_io(self, timeout: float) -> int:
@@ -411,17 +414,20 @@ class Supervisor:
         # A trainer's last words (its emergency checkpoint's `saved`) can still sit unread in the socket when
         # its exit is seen; read them, and look at the directory (the watcher may lag), before the outcome is
         # judged and before a restart picks its resume step. Bounded: a flood must not stall the exit.
-        for _ in range(64):
-            if not self._poll_io(0):
-                break
-        self._guarded("rescan", self._rescan)
-        if life.stacks_due is not None:
-            self._collect_stacks(life)
-        self.life = None
-        leftovers = self.procs.kill_all(life.child)  # workers of a dead trainer must not linger
-        self.procs.forget(life.child)
-        self._child_stderr(life, final=True)
-        self._reap()
+        # Every step is guarded and runs with the spare descriptor free: out of descriptors (EMFILE) or
+        # memory, the exit is still judged and the run goes on or ends; it never stays half-handled.
+        with self.spare.released():
+            for _ in range(64):
+                if not self._guarded("control I/O", self._poll_io, 0):
+                    break
+            self._guarded("rescan", self._rescan)
+            if life.stacks_due is not None:
+                self._guarded("stacks", self._collect_stacks, life)
+            self.life = None
+            leftovers = self._guarded("leftover kill", self.procs.kill_all, life.child) or 0
+            self.procs.forget(life.child)
+            self._guarded("child stderr", self._child_stderr, life, True)
+            self._guarded("reap", self._reap)
         outcome = classify(status, stop_requested=self.stop is not None, hang=life.hang, we_killed=life.we_killed,
                            oom_kills=oom_kill_count() - life.oom_before,
                            system_oom_kills=system_oom_kill_count() - life.system_oom_before,
@@ -486,8 +492,8 @@ class Supervisor:
         decision = self.policy.on_failure(self.clock.monotonic(), step, before_first_step=before_first_step)
         if not decision.restart:
             lines = [t.decode("utf-8", "replace") for t in tail or [] if t.strip()]
-            shown = ("; the script's last stderr lines:\n    " + "\n    ".join(lines)) if lines else ""
-            self._event("error", "give_up", f"giving up: {decision.why}{shown}", why=decision.why,
+            shown = "; the script's last stderr lines:" if lines else ""
+            self._event("error", "give_up", f"giving up: {decision.why}{shown}", lines=lines, why=decision.why,
                         restarts=self.restarts, stderr_tail=lines)
             self._end(S.FATAL, exitcodes.GAVE_UP, "gave up")
             return
@@ -557,8 +563,8 @@ class Supervisor:
                         "no stack dump: the process did not run its handler (stuck in the kernel, state "
                         f"{state or 'gone'})" if peer.stack_signal else
                         "no stack dump: the trainer did not arm one")
-            self._event("warning", "hang_stacks", f"stacks of hung pid {peer.pid} (rank {_fmt(peer.rank)}):\n{text}",
-                        pid=peer.pid, rank=peer.rank, stacks=text)
+            self._event("warning", "hang_stacks", f"stacks of hung pid {peer.pid} (rank {_fmt(peer.rank)}):",
+                        lines=text.splitlines(), pid=peer.pid, rank=peer.rank, stacks=text)
 
     def _kill(self, life: Life, why: str) -> None:
         if life.stacks_due is not None:
@@ -591,6 +597,9 @@ class Supervisor:
             self._begin_stop()
         elif force and self.life is not None:
             self._force_stop(self.life, reason)
+        elif force and self.sm.state in (S.STOPPING, S.KILLING):  # no child left, yet not ended: end now
+            self._end(S.EXITED, exitcodes.PREEMPTED if self.stop.confirmed else exitcodes.STOPPED_NO_CHECKPOINT,
+                      f"second {reason} with no child left")
         if waiter is not None:
             waiter.waiting = True
             self.stop.waiters.append(waiter)
@@ -1046,8 +1055,9 @@ class Supervisor:
                 self.log("warning", "state", f"cannot write {STATE_NAME} ({exc.strerror or exc}); "
                          f"`ckptd status` of a stopped run may be stale ({n} failed writes)")
 
-    def _event(self, level: str, event: str, msg: str, **fields: Any) -> None:
-        self.log(level, event, msg, **fields)
+    def _event(self, level: str, event: str, msg: str, *, lines: list[str] | None = None, **fields: Any) -> None:
+        """Log, journal and count one event; ``lines``: a multi-line block for the text log only."""
+        self.log(level, event, msg, lines=lines or (), **fields)
         if self.journal is not None:
             self.journal.append(event, run_id=self.run_id, **fields)
         self._metric("on_event", event, fields)
@@ -1077,21 +1087,18 @@ class Supervisor:
         return server.endpoint.as_dict() if server is not None else metricsmod.Endpoint("off").as_dict()
 
     def _start_metrics(self) -> None:
-        """Serve /metrics, /healthz, /status. A busy or bad address never stops training: one warning."""
+        """Serve /metrics and /healthz. A busy or bad address never stops training: one warning."""
         mc = self.cfg.metrics
         if not mc.addr:
             return
-        from ..commands.status import collect
-
         self._publish_metrics()
-        self.metrics_server = metricsmod.MetricsServer(self.metrics.registry, lambda: self.metrics.healthy,
-                                                       lambda: collect(self.root, self.node.rank))
+        self.metrics_server = metricsmod.MetricsServer(self.metrics.registry, lambda: self.metrics.healthy)
         endpoint = self.metrics_server.start(mc.addr)
         if endpoint.state != "serving":
             self.log("warning", "metrics", f"metrics unavailable: {endpoint.error}; training goes on without "
                      "them (choose another --metrics-addr, port 0 for any free port, or 'off')")
             return
-        self.log("info", "metrics", f"serving metrics on http://{endpoint.addr}/metrics (also /healthz, /status)")
+        self.log("info", "metrics", f"serving metrics on http://{endpoint.addr}/metrics (also /healthz)")
         if mc.sd_file:
             path = metricsmod.sd_path(mc.sd_file, self.run_id)
             try:
@@ -1127,7 +1134,8 @@ class Supervisor:
 
     def _finish(self) -> None:
         if self.life is not None:  # an exception escaped the loop: leave nothing running
-            self.procs.kill_all(self.life.child)
+            with self.spare.released():
+                self.procs.kill_all(self.life.child)
         self.schedules.shutdown()
         if self.notices is not None:
             self.notices.close()  # sends the acknowledgements asked for, bounded
@@ -1150,6 +1158,7 @@ class Supervisor:
         if self.journal is not None:
             self.journal.close()
         self.procs.shutdown()
+        self.spare.close()
 
 
 def _drain(fd: int) -> None:

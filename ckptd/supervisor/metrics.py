@@ -16,18 +16,25 @@ control channel, in the heartbeat (at most 1/s) and in ``saved``/``restored``. E
 Labels come only from the fixed tuples below (``ckptd_train_metric{name}``: at most
 :data:`MAX_TRAIN_METRICS` names, the first ones seen), so the number of series of a run stays constant.
 
-Threads: the loop calls every ``on_*`` method; the HTTP server thread only reads (prometheus-client's
-metric objects are thread-safe, :class:`Goodput` takes a lock, and ``/status`` asks the loop over the
-control socket exactly like ``ckptd status --json``).
+Threads: the loop calls every ``on_*`` method; the HTTP server threads only read (prometheus-client's
+metric objects are thread-safe, :class:`Goodput` takes a lock).
+
+The port is open to every local user (and to the network with a wildcard address), so it serves what
+Prometheus and a health check need and nothing else: ``/metrics`` and ``/healthz``. The run's details
+(command line, config, pids, paths, stacks) go through the owner-only control socket (``ckptd status``).
+Everything a client can make the server hold is bounded (docs/metrics.md, "Bounds"): connections at once
+(:func:`max_connections`, well below the fd limit, so the supervisor keeps the descriptors it needs), the
+time of a whole connection (REQUEST_DEADLINE, from accept to the last byte of the answer, however slowly
+the client sends), and so the number of threads.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import re
+import resource
 import socket
 import threading
 import time
@@ -40,9 +47,12 @@ from .. import __version__
 
 DEFAULT_PORT = 9477  # docs/metrics.md, "Port": not a port of the exporters found on GPU nodes
 DEFAULT_ADDR = f"127.0.0.1:{DEFAULT_PORT}"
-HTTP_TIMEOUT = 10.0  # seconds a scrape connection may take; a stuck client cannot hold a thread for ever
-RENDER_RATE = 50.0  # /metrics and /status answers per second at most; more wait their turn (docs/metrics.md)
-STATUS_TTL = 1.0  # seconds a /status answer is reused: it reads the whole journal (docs/metrics.md)
+REQUEST_DEADLINE = 10.0  # seconds a connection may last, from accept to the end of the answer (docs/metrics.md)
+MAX_CONNECTIONS = 64  # HTTP connections at once, at most; fewer under a low fd limit (max_connections)
+FDS_PER_CONNECTION = 16  # ... at most 1/16 of RLIMIT_NOFILE: the rest stays for the supervisor's own work
+ADMIT_WAIT = 1.0  # seconds a new connection may wait for cut ones to end before it is refused
+ACCEPT_PAUSE = 0.5  # seconds the listener rests after accept() failed (EMFILE, ENFILE, ENOMEM), not spinning
+RENDER_RATE = 50.0  # /metrics answers per second at most; more wait their turn (docs/metrics.md)
 RENDER_WAIT = 2.0  # seconds a request may wait for its turn; beyond that: 429 with Retry-After
 
 KINDS = ("periodic", "manual", "emergency", "final")  # store.KINDS
@@ -460,21 +470,100 @@ class Endpoint:
         return {"state": self.state, "addr": self.addr, "url": url, "error": self.error, "sd_file": self.sd_file}
 
 
+def max_connections() -> int:
+    """HTTP connections served at once: MAX_CONNECTIONS, or 1/FDS_PER_CONNECTION of the fd limit if lower."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(2, min(MAX_CONNECTIONS, soft // FDS_PER_CONNECTION))
+
+
+class Connections:
+    """The open HTTP connections, each with its deadline; an outsider cannot make the server hold more.
+
+    At most ``limit`` are served at once. A new one beyond that takes the place of the oldest one still
+    sending its request (a slow client loses its slot to a scraper that sends its request at once); when
+    every slot is answering, the new one is refused. Sockets taken over or past their deadline are shut
+    down, which ends the thread blocked on them; while those threads end, at most ``limit`` more exist.
+    """
+
+    def __init__(self, limit: int, deadline: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit, self.deadline = limit, deadline
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._open: dict[Any, list] = {}  # socket -> [deadline, still reading its request, shut down]
+        self.refused = 0
+        self.cut = 0  # shut down: past the deadline, or taken over by a newer connection
+
+    def admit(self, sock: Any) -> bool:
+        """Make room for ``sock`` and take it (True), or refuse it (False). Called by the accepting thread;
+        it waits up to ADMIT_WAIT for connections cut earlier to end, so threads stay bounded."""
+        give_up = time.monotonic() + ADMIT_WAIT
+        with self._cond:
+            while True:
+                live = [(s, e) for s, e in self._open.items() if not e[2]]
+                if len(live) < self.limit:
+                    break
+                reading = [(e[0], s) for s, e in live if e[1]]
+                if not reading:
+                    self.refused += 1
+                    return False  # every slot is answering a request: this one may try again
+                if len(self._open) < 2 * self.limit:
+                    self._cut(min(reading, key=lambda t: t[0])[1])
+                    break
+                left = give_up - time.monotonic()
+                if left <= 0:
+                    self.refused += 1
+                    return False
+                self._cond.wait(left)  # the threads of cut connections are ending
+            self._open[sock] = [self._clock() + self.deadline, True, False]
+            return True
+
+    def request_read(self, sock: Any) -> None:
+        with self._lock:
+            if sock in self._open:
+                self._open[sock][1] = False
+
+    def closed(self, sock: Any) -> None:
+        with self._cond:
+            if self._open.pop(sock, None) is not None:
+                self._cond.notify()
+
+    def expire(self) -> None:
+        now = self._clock()
+        with self._lock:
+            for sock, entry in self._open.items():
+                if not entry[2] and now >= entry[0]:
+                    self._cut(sock)
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def _cut(self, sock: Any) -> None:
+        self._open[sock][2] = True
+        self.cut += 1
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # the thread blocked in recv() or send() on it returns at once
+        except OSError:
+            pass
+
+
 class MetricsServer:
-    """``/metrics``, ``/healthz`` and ``/status`` on one address, in a daemon thread (prometheus-client's
-    WSGI app and its threading server). Binding fails softly: :attr:`endpoint` says why."""
+    """``/metrics`` and ``/healthz`` on one address, a thread per connection (prometheus-client's WSGI app
+    and threading server), every connection bounded (:class:`Connections`). Binding fails softly:
+    :attr:`endpoint` says why."""
 
     def __init__(self, registry: CollectorRegistry, healthy: Callable[[], bool],
-                 status: Callable[[], dict[str, Any]], clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._metrics_app = make_wsgi_app(registry)
         self._healthy = healthy
-        self._status = status
         self._clock = clock
-        self._status_cache: tuple[float, bytes] | None = None  # (when made, body): at most one made per STATUS_TTL
-        self._status_lock = threading.Lock()
         self._httpd: Any = None
         self._thread: threading.Thread | None = None
         self._pace = Pace(RENDER_RATE, RENDER_WAIT)
+        self.connections = Connections(max_connections(), REQUEST_DEADLINE, clock)
         self.endpoint = Endpoint("off")
 
     def start(self, addr: str) -> Endpoint:
@@ -483,14 +572,46 @@ class MetricsServer:
         from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
 
         host, port = split_addr(addr)
+        conns = self.connections
         try:
             family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
 
             class Server(ThreadingWSGIServer):
                 address_family = family
+                request_queue_size = 128  # a burst waits in the kernel's backlog, not in our descriptors
+
+                def get_request(self) -> Any:
+                    try:
+                        return super().get_request()
+                    except OSError as exc:
+                        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+                            time.sleep(ACCEPT_PAUSE)  # out of descriptors: rest, do not spin on the listener
+                        raise
+
+                def process_request(self, request: Any, client_address: Any) -> None:
+                    if not conns.admit(request):
+                        _refuse(request)
+                        self.shutdown_request(request)
+                        return
+                    super().process_request(request, client_address)
+
+                def shutdown_request(self, request: Any) -> None:
+                    conns.closed(request)
+                    super().shutdown_request(request)
+
+                def service_actions(self) -> None:  # serve_forever calls it at least every poll_interval
+                    conns.expire()
+
+                def handle_error(self, request: Any, client_address: Any) -> None:
+                    pass  # a client that went away or was cut off: its own doing, nothing to log
 
             class Handler(_SilentHandler):
-                timeout = HTTP_TIMEOUT  # applied to each accepted connection (StreamRequestHandler)
+                timeout = REQUEST_DEADLINE  # per recv; Connections bounds the whole connection
+
+                def parse_request(self) -> bool:
+                    ok = super().parse_request()
+                    conns.request_read(self.connection)  # request line and headers are in (no body is read)
+                    return ok
 
             self._httpd = make_server(host, port, self._app, Server, handler_class=Handler)
         except OSError as exc:
@@ -509,25 +630,14 @@ class MetricsServer:
             ok = self._healthy()
             return _reply(start_response, "200 OK" if ok else "503 Service Unavailable", "text/plain",
                           b"ok\n" if ok else b"not training\n")
-        if path in ("/status", "/metrics", "/") and not self._pace.wait_turn():
+        if path in ("/metrics", "/") and not self._pace.wait_turn():
             start_response("429 Too Many Requests", [("Content-Type", "text/plain; charset=utf-8"),
                                                      ("Retry-After", "1")])
             return [f"more than {RENDER_RATE:g} requests per second; scrape less often\n".encode()]
-        if path == "/status":
-            return _reply(start_response, "200 OK", "application/json", self._status_body())
         if path in ("/metrics", "/"):
             return self._metrics_app(environ, start_response)
-        return _reply(start_response, "404 Not Found", "text/plain", b"not found: try /metrics, /healthz, /status\n")
-
-    def _status_body(self) -> bytes:
-        """The /status answer, made at most once per STATUS_TTL seconds: it reads the whole journal and asks
-        the loop over the control socket, and the pace alone would let scrapers make it 50 times a second."""
-        with self._status_lock:
-            now = self._clock()
-            if self._status_cache is None or not 0 <= now - self._status_cache[0] < STATUS_TTL:
-                body = json.dumps(self._status(), default=str, indent=1).encode() + b"\n"
-                self._status_cache = (now, body)
-            return self._status_cache[1]
+        return _reply(start_response, "404 Not Found", "text/plain",
+                      b"not found: try /metrics or /healthz (the run's status: `ckptd status` as its owner)\n")
 
     def close(self) -> None:
         httpd, self._httpd = self._httpd, None
@@ -536,6 +646,16 @@ class MetricsServer:
             httpd.server_close()
         if self._thread is not None:
             self._thread.join(2.0)
+
+
+def _refuse(sock: Any) -> None:
+    """Tell a connection over the limit why, without waiting for it (it may not read)."""
+    try:
+        sock.setblocking(False)
+        sock.send(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+                  b"Connection: close\r\n\r\n")
+    except OSError:
+        pass
 
 
 class Pace:

@@ -12,8 +12,11 @@ does) and on any other machine starts nothing and opens no connection.
 
 Bad answers (refused, timeouts, 401/403/5xx, malformed bodies, a deadline in the past or far in the
 future, an Azure event for another VM) never become a notice: each kind of problem is logged once,
-and polling backs off while the service fails. Only the standard library is used (``http.client``:
-no proxy from the environment is ever applied to a link-local address).
+and polling backs off while the service fails. Whatever the service does, one request lasts at most its
+timeout as a whole (connect, send and every read share one deadline: a server dripping bytes cannot
+stretch it), and requests of one poller thread start at least ``poll`` seconds apart (a GCP server
+answering ``wait_for_change`` at once cannot make it spin). Only the standard library is used
+(``http.client``: no proxy from the environment is ever applied to a link-local address).
 """
 
 from __future__ import annotations
@@ -21,10 +24,13 @@ from __future__ import annotations
 import calendar
 import email.utils
 import http.client
+import io
 import ipaddress
 import json
+import math
 import os
 import queue
+import socket
 import threading
 import time
 import urllib.parse
@@ -40,7 +46,7 @@ AZURE_ASSET_TAG = "7783-7084-3265-9085-8269-3286-77"
 BASES = {"aws": "http://169.254.169.254", "gcp": "http://metadata.google.internal",
          "azure": "http://169.254.169.254"}
 
-REQUEST_TIMEOUT = 2.0  # seconds for one request (the GCP long poll adds its wait)
+REQUEST_TIMEOUT = 2.0  # seconds for one whole request, connect to last byte (the GCP long poll adds its wait)
 GCP_WAIT = 60  # seconds a GCP wait_for_change request waits for a change
 GCP_MAINTENANCE_LEAD = 60.0  # seconds from a TERMINATE_ON_HOST_MAINTENANCE event to the deadline
 BACKOFF_CAP = 30.0  # seconds: the longest pause between polls while the service fails
@@ -248,7 +254,7 @@ class Poller:
                  timeout: float | None = None) -> tuple[int, http.client.HTTPMessage, bytes]:
         """One HTTP request; transport failures become a :class:`Problem` named for their kind."""
         timeout = REQUEST_TIMEOUT if timeout is None else timeout
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        conn = DeadlineConnection(self.host, self.port, time.monotonic() + timeout)
         try:
             conn.request(method, self.prefix + path, body=body, headers=headers)
             resp = conn.getresponse()
@@ -375,12 +381,20 @@ class GcpPoller(Poller):
     def _watch(self, key: str, handle: Callable[[str], None]) -> None:
         etag: str | None = None
         failures = 0
+        started = -math.inf
         while not self._stop.is_set():
+            # At least `poll` between the starts of two requests, whatever the server does: one that answers
+            # wait_for_change at once would otherwise be asked again at once, thousands of times a second.
+            left = started + self.cfg.poll - time.monotonic()
+            if left > 0:
+                self._sleep(left)
+                continue
             path = f"/computeMetadata/v1/instance/{key}"
             timeout = REQUEST_TIMEOUT
             if etag:
                 path += f"?wait_for_change=true&timeout_sec={GCP_WAIT}&last_etag={urllib.parse.quote(etag)}"
                 timeout += GCP_WAIT
+            started = time.monotonic()
             try:
                 status, headers, body = self._request("GET", path, self.HEADERS, timeout=timeout)
                 if status != 200:
@@ -395,7 +409,9 @@ class GcpPoller(Poller):
                 if not new_etag:
                     self._problem(Problem("no-etag", f"instance/{key} came without an ETag; polling every "
                                           f"{self.cfg.poll:g} s instead of waiting for changes", failing=False))
-                    self._sleep(self.cfg.poll)
+                elif etag and new_etag == etag and time.monotonic() - started < GCP_WAIT / 2:
+                    self._problem(Problem("no-wait", f"instance/{key} answered wait_for_change at once without a "
+                                          f"change; polling every {self.cfg.poll:g} s at most", failing=False))
                 etag = new_etag
             except Problem as problem:
                 self._problem(problem)
@@ -536,6 +552,60 @@ class AzurePoller(Poller):
 
 
 POLLERS: dict[str, type[Poller]] = {"aws": AwsPoller, "gcp": GcpPoller, "azure": AzurePoller}
+
+
+# --- one request, one deadline -------------------------------------------------------------------------------
+
+
+class DeadlineConnection(http.client.HTTPConnection):
+    """``http.client`` with one deadline (monotonic) for the whole request: connect, send and each read
+    get only the time left, so a server that sends a byte now and then cannot hold the poller past it
+    (a socket timeout alone bounds each ``recv``, not their sum)."""
+
+    def __init__(self, host: str, port: int, deadline: float) -> None:
+        super().__init__(host, port, timeout=_left(deadline))
+        self.deadline = deadline
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.host, self.port), _left(self.deadline))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = _DeadlineSocket(sock, self.deadline)  # type: ignore[assignment]
+
+
+class _DeadlineSocket:
+    """What ``http.client`` uses of a socket (sendall, makefile, close), each call given the time left."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock, self._deadline = sock, deadline
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.settimeout(_left(self._deadline))
+        self._sock.sendall(data)  # Python >= 3.5: the timeout bounds the whole sendall
+
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        return io.BufferedReader(_DeadlineReader(self._sock, self._deadline))
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class _DeadlineReader(io.RawIOBase):
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self._sock, self._deadline = sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        self._sock.settimeout(_left(self._deadline))
+        return self._sock.recv_into(b)
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the request's deadline passed")
+    return left
 
 
 # --- parsing ------------------------------------------------------------------------------------------------

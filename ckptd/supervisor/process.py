@@ -184,7 +184,11 @@ class Processes:
             killed += 1
         except (ProcessLookupError, PermissionError):
             pass
-        for name in os.listdir("/proc"):
+        try:
+            names = os.listdir("/proc")
+        except OSError:  # out of descriptors (EMFILE): the group is killed; never raise into the exit path
+            names = []
+        for name in names:
             if not name.isdigit() or int(name) in (self.pid, self._guard_pid):
                 continue
             fields = _stat_fields(name)
