@@ -168,6 +168,7 @@ def test_run_state_and_health(state, stopping, code, shown, healthy):
     assert sum(value(reg, "ckptd_state", state=s) for s in metricsmod.STATES) == 1
 
 
+from fixtures.slow_clients import Drippers  # noqa: E402
 from fixtures.sup_helpers import http_get, wait_for  # noqa: E402
 
 get = http_get
@@ -246,51 +247,6 @@ def test_a_scrape_storm_is_paced_and_refused_with_429_while_healthz_stays_free(m
 
 
 # --- bounds against slow clients (docs/metrics.md, "Bounds") ------------------------------------------------
-
-
-class Drippers:
-    """``n`` real TCP clients that each send one byte of a never-ending request per ``drip()`` (a slowloris);
-    a connection the server closed is opened again at the next drip, as an attacker would."""
-
-    def __init__(self, addr: str, n: int) -> None:
-        self.addr = metricsmod.split_addr(addr)
-        self.socks: list[socket.socket | None] = [None] * n
-        self.cut = 0  # connections the server closed while their request was still being sent
-        self.opened = 0
-
-    def drip(self) -> None:
-        for i, s in enumerate(self.socks):
-            if s is None:
-                try:
-                    s = socket.create_connection(self.addr, timeout=0.2)
-                    s.setblocking(False)
-                    s.send(b"GET /metrics HTTP/1.1\r\nX-Slow: ")
-                    self.socks[i], self.opened = s, self.opened + 1
-                except OSError:
-                    if s is not None:
-                        s.close()
-                continue
-            try:
-                if s.recv(4096) == b"":
-                    raise ConnectionResetError  # the server closed it
-            except BlockingIOError:
-                pass
-            except OSError:
-                s.close()
-                self.socks[i], self.cut = None, self.cut + 1
-                continue
-            try:
-                s.send(b"a")
-            except BlockingIOError:
-                pass
-            except OSError:
-                s.close()
-                self.socks[i], self.cut = None, self.cut + 1
-
-    def close(self) -> None:
-        for s in self.socks:
-            if s is not None:
-                s.close()
 
 
 def test_a_client_dripping_its_request_is_cut_off_at_the_deadline_of_the_whole_request(monkeypatch):

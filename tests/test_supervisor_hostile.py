@@ -16,6 +16,7 @@ import pytest
 
 from ckptd import exitcodes
 from ckptd.supervisor.journal import Journal
+from fixtures.slow_clients import Background, Drippers
 from fixtures.sup_helpers import FAST, FIXTURES, TRAINER, Run, ckptd, journal, wait_for
 
 
@@ -200,3 +201,103 @@ def test_on_a_full_disk_the_supervisor_backs_off_gives_up_and_says_why(tmp_path)
     assert len(delays) == 2 and delays[1] > delays[0] * 0.99, delays  # backed off, not a loop
     assert "cannot write the journal" in err  # it kept supervising with its own writes failing
     assert 'File "' not in "\n".join(line for line in err.splitlines() if "ckptd/supervisor" in line)
+
+
+def test_slow_metrics_clients_at_a_low_fd_limit_neither_wedge_the_stop_nor_fake_checkpoint_events(tmp_path):
+    """RLIMIT_NOFILE=256 for `ckptd run`, 400 slow clients on its metrics port (each sends a byte now and then
+    and reconnects when cut off), then SIGTERM: the emergency checkpoint commits and the run ends 85 while
+    the flood goes on; the supervisor's threads stay bounded; the journal gains no checkpoint_removed or
+    checkpoint_invalid (the supervisor's own lack of descriptors is not the checkpoints' fault)."""
+    limit = 256
+    root = str(tmp_path / "ck")
+    run = Run(tmp_path, root, [*FAST, "--metrics-addr", "127.0.0.1:0", "--every-steps", "20", TRAINER,
+                               "--steps", "10000000", "--step-time", "0.01"],
+              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
+    addr = run.wait_event("start", timeout=30)["metrics"]["addr"]
+    run.wait_event("checkpoint", timeout=30)
+    proc = psutil.Process(run.pid)
+    threads_before = proc.num_threads()
+    flood = Background(Drippers(addr, 400))
+    try:
+        peak = {"threads": 0}
+
+        def flooded():
+            peak["threads"] = max(peak["threads"], proc.num_threads() - threads_before)
+            return flood.drippers.opened >= 800  # every client connected, and reconnected after a cut
+
+        wait_for(flooded, 120, "400 slow clients to connect twice over")
+        n = len(run.events("checkpoint"))
+        run.wait_event("checkpoint", count=n + 1, timeout=30)  # training checkpoints on under the flood
+        run.signal(signal.SIGTERM)
+        assert run.wait(60) == exitcodes.PREEMPTED, run.stderr()[-3000:]
+    finally:
+        flood.stop()
+    events = journal(root)
+    assert not [e for e in events if e["event"] in ("checkpoint_removed", "checkpoint_invalid")], events
+    assert [e for e in events if e["event"] == "checkpoint"][-1]["kind"] == "emergency"
+    assert "unexpected error" not in run.stderr(), run.stderr()[-3000:]
+    assert peak["threads"] <= 2 * (limit // 16) + 1, peak  # bounded: max_connections() handlers, twice at most
+
+
+def test_out_of_descriptors_when_the_trainer_exits_the_stop_still_ends_and_nothing_is_reported_gone(tmp_path):
+    """RLIMIT_NOFILE=64 for `ckptd run`, and idle control connections (opened again as fast as they are
+    dropped) keep every descriptor taken while SIGTERM stops the run: the child-exit path (directory rescan,
+    the leftover kill's /proc scan) runs out of descriptors, yet the run ends 85 and the journal gains no
+    checkpoint_removed or checkpoint_invalid."""
+    run, root = _start(tmp_path, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+    socks: list[socket.socket] = []
+
+    def exhaust() -> None:
+        for s in list(socks):
+            try:
+                if s.recv(1) == b"":
+                    raise ConnectionResetError
+            except BlockingIOError:
+                continue
+            except OSError:
+                pass
+            s.close()
+            socks.remove(s)
+        while len(socks) < 120:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            if s.connect_ex(_socket(root)) != 0:
+                s.close()
+                return
+            socks.append(s)
+
+    try:
+        wait_for(lambda: exhaust() or "cannot accept control connections" in run.stderr(), 30,
+                 "the supervisor to run out of descriptors")
+        run.signal(signal.SIGTERM)
+        wait_for(lambda: exhaust() or run.proc.poll() is not None, 60, "`ckptd run` to end")
+        assert run.proc.returncode == exitcodes.PREEMPTED, run.stderr()[-3000:]
+    finally:
+        for s in socks:
+            s.close()
+    events = journal(root)
+    assert not [e for e in events if e["event"] in ("checkpoint_removed", "checkpoint_invalid")], events
+    assert [e for e in events if e["event"] == "checkpoint"][-1]["kind"] == "emergency"
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="strace is needed for fault injection (apt-get install strace)")
+def test_emfile_in_the_child_exit_path_neither_wedges_the_stop_nor_reports_a_checkpoint_gone(tmp_path):
+    """Every open of /proc (the leftover kill's scan) and of a committed checkpoint's manifest fails with a
+    real EMFILE (strace injects it), as it does for a supervisor out of descriptors: the stop still ends 85,
+    and that checkpoint is not reported removed or invalid."""
+    root = str(tmp_path / "ck")
+    manifest = os.path.join(root, "step-000000000020", "manifest.json")
+    os.makedirs(os.path.dirname(manifest))  # -P needs the path's directory to exist; the save makes it again
+    os.rmdir(os.path.dirname(manifest))
+    strace = ["strace", "-f", "--seccomp-bpf", "-qqq", "-o", "/dev/null", "-P", "/proc", "-P", manifest,
+              "-e", "trace=openat,open", "-e", "inject=openat,open:error=EMFILE:when=1+"]
+    run = Run(tmp_path, root, [*FAST, "--metrics-addr", "off", "--every-steps", "20", TRAINER, "--steps", "10000000",
+                               "--step-time", "0.01"], prefix=strace)
+    run.wait_event("checkpoint", timeout=60, name="step-000000000020")
+    run.wait_event("checkpoint", timeout=60, name="step-000000000040")
+    os.kill(run.events("start")[0]["pid"], signal.SIGTERM)  # the supervisor, not strace
+    assert run.wait(60) == exitcodes.PREEMPTED, run.stderr()[-3000:]
+    events = journal(root)
+    assert not [e for e in events if e["event"] in ("checkpoint_removed", "checkpoint_invalid")], events
+    assert [e for e in events if e["event"] == "checkpoint"][-1]["kind"] == "emergency"
+    assert [e for e in events if e["event"] == "end"][-1]["exit_code"] == exitcodes.PREEMPTED

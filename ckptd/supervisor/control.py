@@ -127,7 +127,9 @@ class ControlServer:
         for peer in list(self.peers.values()):
             self._drop(peer, notify=False)
         if self._listener is not None:
-            self._sel.unregister(self._listener)
+            if self._paused_until is None:  # a paused listener (accept failed: EMFILE) is not registered
+                self._sel.unregister(self._listener)
+            self._paused_until = None
             self._listener.close()
             self._listener = None
             try:

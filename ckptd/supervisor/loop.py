@@ -414,20 +414,21 @@ class Supervisor:
         # A trainer's last words (its emergency checkpoint's `saved`) can still sit unread in the socket when
         # its exit is seen; read them, and look at the directory (the watcher may lag), before the outcome is
         # judged and before a restart picks its resume step. Bounded: a flood must not stall the exit.
-        # Every step is guarded and runs with the spare descriptor free: out of descriptors (EMFILE) or
-        # memory, the exit is still judged and the run goes on or ends; it never stays half-handled.
+        # Every step is guarded, and what needs descriptors runs with the spare one free (after the socket
+        # reads, so an accept cannot take it): out of descriptors (EMFILE) or memory, the exit is still
+        # judged and the run goes on or ends; it never stays half-handled.
+        for _ in range(64):
+            if not self._guarded("control I/O", self._poll_io, 0):
+                break
         with self.spare.released():
-            for _ in range(64):
-                if not self._guarded("control I/O", self._poll_io, 0):
-                    break
             self._guarded("rescan", self._rescan)
             if life.stacks_due is not None:
                 self._guarded("stacks", self._collect_stacks, life)
             self.life = None
             leftovers = self._guarded("leftover kill", self.procs.kill_all, life.child) or 0
-            self.procs.forget(life.child)
-            self._guarded("child stderr", self._child_stderr, life, True)
-            self._guarded("reap", self._reap)
+        self.procs.forget(life.child)
+        self._guarded("child stderr", self._child_stderr, life, True)
+        self._guarded("reap", self._reap)
         outcome = classify(status, stop_requested=self.stop is not None, hang=life.hang, we_killed=life.we_killed,
                            oom_kills=oom_kill_count() - life.oom_before,
                            system_oom_kills=system_oom_kill_count() - life.system_oom_before,
