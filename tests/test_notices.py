@@ -243,6 +243,46 @@ def test_gcp_long_polls_with_etag_and_the_deadline_is_the_notice_plus_the_config
     assert not gce.violations
 
 
+def test_gcp_a_server_answering_wait_for_change_at_once_is_asked_at_most_once_per_poll_interval(fake):
+    """The server ignores wait_for_change and answers at once, unchanged: each watcher still starts its
+    requests at least `poll` apart (a machine under load only makes fewer), and says so once."""
+    gce = fake("gcp")
+    gce.set(mode="eager")
+    poll = 0.2
+    p, posted = poller("gcp", gce.url, poll=poll)
+    t0 = time.monotonic()
+    p.start()
+    try:
+        wait_for(lambda: gce.count("/instance/") >= 12, 30, "a dozen requests")
+    finally:
+        p.close(timeout=3)
+    elapsed = time.monotonic() - t0
+    n = gce.count("/instance/")
+    assert n <= 2 * (elapsed / poll + 1), f"{n} requests in {elapsed:.2f} s from 2 watchers polling every {poll} s"
+    said = [line for line in posted.logs() if "answered wait_for_change at once" in line]
+    assert len(said) == 1, posted.logs()  # logged once
+    assert not posted.notices()
+
+
+def test_one_request_is_bounded_as_a_whole_however_slowly_the_server_drips_its_answer(fake, monkeypatch):
+    """A byte every 0.25 s keeps every single read well inside the timeout; the request still ends at its
+    deadline (REQUEST_TIMEOUT from its start), long before the answer would be complete."""
+    monkeypatch.setattr(notices, "REQUEST_TIMEOUT", 1.0)
+    imds = fake("aws")
+    imds.set(mode="drip")
+    p, posted = poller("aws", imds.url)
+    p.start()
+    try:
+        wait_for(posted.logs, 30, "the poller to give up on the dripping answer")
+        wait_for(imds.drip_done.is_set, 30, "the poller to hang up")
+    finally:
+        p.close(timeout=0.5)
+        imds.release()
+    assert "no answer" in posted.logs()[0] and "not a preemption notice" in posted.logs()[0], posted.logs()
+    assert imds.drip_sent < imds.drip_total, (imds.drip_sent, imds.drip_total)  # cut off, not read to the end
+    assert not posted.notices()
+
+
 # --- Azure --------------------------------------------------------------------------------------------------
 
 
