@@ -323,7 +323,7 @@ OPTIONS: tuple[Option, ...] = (
            "SECONDS", flag="--notice-gcp-deadline"),
     Option("notices.azure_events", _list(_choice(*AZURE_EVENT_TYPES)), "Azure scheduled event type acted on "
            "(repeatable; default Preempt and Terminate)", "TYPE", append=True, flag="--notice-azure-event"),
-    Option("metrics.addr", _metrics_addr, "serve Prometheus metrics, /healthz and /status on HOST:PORT (default "
+    Option("metrics.addr", _metrics_addr, "serve Prometheus metrics and /healthz on HOST:PORT (default "
            "127.0.0.1:9477; host defaults to 127.0.0.1; port 0 picks a free one) or 'off'", "HOST:PORT",
            flag="--metrics-addr"),
     Option("metrics.sd_file", _string, "write this run's target in Prometheus file_sd format to PATH (a file, or "
