@@ -865,6 +865,8 @@ def verify(path: str, progress: Any = None) -> CheckpointInfo:
         try:
             size, digest = hash_file(fpath, progress)
         except OSError as exc:
+            if exc.errno in RESOURCE_ERRNOS:
+                raise
             info.valid, info.reason = False, f"{fname} unreadable: {exc.strerror}"
             return info
         if size != rec["bytes"]:
@@ -878,6 +880,8 @@ def verify(path: str, progress: Any = None) -> CheckpointInfo:
     except CorruptCheckpointError as exc:
         info.valid, info.reason = False, exc.reason
     except OSError as exc:
+        if exc.errno in RESOURCE_ERRNOS:
+            raise
         info.valid, info.reason = False, f"unreadable: {exc.strerror or exc}"
     return info
 

@@ -417,3 +417,38 @@ def test_prefetch_starts_the_disk_on_the_start_of_the_data_and_stops_when_asked(
         prefetch.join()
     finally:
         os.close(fd)
+
+
+_OUT_OF_FDS = r"""
+import os, sys
+from ckptd import store
+root, ckpt, spare = sys.argv[1], sys.argv[2], int(sys.argv[3])
+held = []
+try:
+    while True:
+        held.append(os.open(os.devnull, os.O_RDONLY))
+except OSError:
+    pass
+for _ in range(spare):
+    os.close(held.pop())
+call = (lambda: [(i.valid, i.reason) for i in store.list_checkpoints(root)]) if spare else (lambda: store.verify(ckpt))
+try:
+    print("RESULT", call())
+except OSError as exc:
+    print("RAISED", exc.errno)
+"""
+
+
+@pytest.mark.parametrize("spare", [1, 0], ids=["list_checkpoints", "verify"])
+def test_out_of_file_descriptors_never_makes_a_checkpoint_invalid(make_checkpoints, spare):
+    """A real RLIMIT_NOFILE, every descriptor taken (one left for the listing itself): the reader's own
+    EMFILE is raised, never reported as "manifest.json unreadable" of a healthy checkpoint."""
+    import resource
+    import subprocess
+
+    root = make_checkpoints([1])
+    ckpt = os.path.join(root, store.checkpoint_name(1))
+    r = subprocess.run([sys.executable, "-c", _OUT_OF_FDS, root, ckpt, str(spare)], capture_output=True, text=True,
+                       timeout=60, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+    assert r.stdout.strip() == f"RAISED {errno.EMFILE}", r.stdout + r.stderr
+    assert store.verify(ckpt).valid  # and it is healthy
