@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(exc: CkptdError) -> int:
-    print(f"ckptd: error: {exc}", file=sys.stderr)
+    from .supervisor.log import escape  # a path or value in the message may hold a newline or a terminal escape
+
+    print(f"ckptd: error: {escape(exc)}", file=sys.stderr)
     return exc.exit_code
 
 

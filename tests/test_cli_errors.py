@@ -18,7 +18,7 @@ import threading
 import pytest
 
 from ckptd import exitcodes, store
-from conftest import ROOT, resign, small_model, train_steps, wait_for
+from conftest import ROOT, ckptd_cli, resign, small_model, train_steps, wait_for
 
 S = store.checkpoint_name  # S(300) == "step-000000000300"
 
@@ -405,3 +405,11 @@ def test_every_store_command_on_a_full_directory(make_checkpoints, tmp_path):
     _ok(res, "prune")  # deleting needs no space: prune is how a full disk gets room again
     assert f"deleted {S(1)}" in res["prune"]["stdout"] and f"deleted {S(2)}" in res["prune"]["stdout"]
     assert res["listing"] == [".pins", S(3)]  # and no temp file of the failed export is left
+
+
+def test_an_error_naming_a_path_with_a_newline_and_terminal_escapes_is_one_escaped_line(tmp_path):
+    forged = "\n2026-01-01T00:00:00.000 ckptd[1] info: checkpoint committed: step-999 (FORGED)\x1b[2J\r"
+    r = ckptd_cli("ls", "--dir", str(tmp_path / f"ck{forged}"))
+    assert r.returncode == exitcodes.NOT_FOUND, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("ckptd: error: "), repr(r.stderr)
+    assert "\x1b" not in r.stderr and "\r" not in r.stderr and "ck\\n2026-01-01T00:00:00.000" in r.stderr
