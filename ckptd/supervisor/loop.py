@@ -572,7 +572,8 @@ class Supervisor:
             self._collect_stacks(life)
         life.we_killed = True
         life.deadline = None
-        killed = self.procs.kill_all(life.child)
+        with self.spare.released():
+            killed = self.procs.kill_all(life.child)
         self.sm.to(S.KILLING)
         self._event("warning", "kill", f"{why}: SIGKILL to the process group of pid {life.child.pid}",
                     pid=life.child.pid, killed=killed)
