@@ -27,7 +27,8 @@ Supervisor -> trainer
 
 Client -> supervisor (``ckptd save|stop|status``) and replies
     save       {wait}     -> accepted {request_id}; with wait, then saved/save_failed
-    stop       {wait}     -> accepted {request_id}; with wait, then stopped {exit_code}
+    stop       {wait}     -> accepted {request_id}; with wait, then stopped {exit_code, linger}
+                          (``linger``: seconds `ckptd run` still serves its final metrics before it exits)
     status     {}         -> status {...}
 
 Nothing here imports torch: the supervisor uses this module too.

@@ -95,6 +95,26 @@ def test_goodput_counts_the_current_life_as_kept_until_it_loses_steps():
     assert value(reg, "ckptd_lost_steps_total") == 8
 
 
+def test_goodput_stops_moving_when_training_ends_so_the_linger_serves_the_final_figure():
+    """After the run ends, `ckptd run` may serve its final state for `metrics.linger` seconds: the ratio (served,
+    in `status`, carried in state.json) is the run's at its end, not one that falls while nothing trains."""
+    clock, reg, m = fresh(latest=lambda: 10)
+    m.on_event("spawn", {})
+    clock.advance(1)
+    m.trainer_connected()
+    for step in range(1, 11):
+        clock.advance(1)
+        m.step(step)
+    m.on_event("exit", {"reason": "finished", "step": 10})
+    m.training_ended()
+    final = value(reg, "ckptd_goodput_ratio")
+    assert final == pytest.approx(10 / 11)
+    clock.advance(30)  # the linger
+    assert value(reg, "ckptd_goodput_ratio") == final
+    assert m.status()["goodput_ratio"] == round(final, 4)
+    assert m.goodput.carry(clock.monotonic()) == {"wall_seconds": 11.0, "productive_seconds": 10.0}
+
+
 def test_a_restore_older_than_the_newest_checkpoint_counts_the_steps_between_as_lost():
     """Life 1: ready at t=0, steps 1..100 every 0.1 s, checkpoints at 50 and 100, killed right after step
     100: 0 steps lost by the newest checkpoint. But checkpoint 100 does not verify and life 2 restores 50:

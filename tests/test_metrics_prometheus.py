@@ -5,7 +5,9 @@ expression of the Grafana dashboard returning data from that run."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ import pytest
 
 from ckptd import exitcodes
 from fixtures.prom import PROMETHEUS, PROMTOOL
+from fixtures.sup_helpers import wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "deploy", "grafana"))
@@ -98,3 +101,73 @@ def test_metrics_arrive_and_move_across_a_checkpoint_a_crash_and_restart_and_a_p
         assert not empty, empty
     finally:
         sc.close()
+
+
+def _sample(body: bytes, line_start: str) -> float | None:
+    for line in body.decode().splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_a_run_that_ends_stays_discovered_through_its_linger_and_prometheus_scrapes_how_it_ended(tmp_path):
+    """The documented many-runs setup: file_sd and `--metrics-linger`. One run stopped by `ckptd stop --wait`,
+    one that gives up: each keeps its file_sd entry while it lingers, so Prometheus scrapes its final state
+    (`stopped`, `gave_up`: what the shipped alerts look for), its goodput does not move during the linger, both
+    sides say why `ckptd run` lives on, and the entry goes with the endpoint when a SIGTERM ends the wait."""
+    from fixtures.prom import Prometheus
+    from fixtures.sup_helpers import FAST, PLAIN, TRAINER, Run, ckptd, http_get
+
+    linger = 120  # ended by SIGTERM below: never waited out
+    sd_dir = tmp_path / "sd"
+    sd_dir.mkdir()
+    prom = Prometheus(str(tmp_path), str(sd_dir))
+    runs: list[Run] = []
+    try:
+        common = ["--metrics-addr", "127.0.0.1:0", "--metrics-sd-file", f"{sd_dir}/", "--metrics-linger", str(linger),
+                  "--notices", "off"]
+        stopped = Run(tmp_path, str(tmp_path / "a"), [*FAST, *common, "--every-steps", "50", TRAINER,
+                                                       "--steps", "100000000", "--send-metrics"], name="stopped")
+        runs.append(stopped)
+        inst = stopped.wait_event("start")["metrics"]["addr"]
+
+        def scraped(expr: str, want: float, timeout: float = 60) -> None:
+            def ok():
+                v = prom.value(expr)
+                return v == want
+            try:
+                wait_for(ok, timeout, expr, interval=0.25)
+            except AssertionError:
+                raise AssertionError(f"Prometheus never answered {expr} == {want} (last {prom.query(expr)}); "
+                                     f"targets {prom.api('targets')['activeTargets']}") from None
+
+        scraped(f'ckptd_state{{instance="{inst}",state="running"}}', 1)
+        scraped(f'ckptd_steps_total{{instance="{inst}"}} > bool 0', 1)
+        r = ckptd("stop", "--dir", stopped.root, "--wait", timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert f"serves its final metrics for {linger} s more (--metrics-linger)" in r.stdout, r.stdout
+        assert stopped.proc.poll() is None  # lingering
+        assert len(os.listdir(sd_dir)) == 1, "the file_sd entry went before the linger ended"
+        before = _sample(http_get(f"http://{inst}/metrics")[1], "ckptd_goodput_ratio")
+        scraped(f'ckptd_state{{instance="{inst}",state="stopped"}}', 1)
+        assert prom.value(f'ckptd_child_up{{instance="{inst}"}}') == 0
+        assert _sample(http_get(f"http://{inst}/metrics")[1], "ckptd_goodput_ratio") == before > 0
+        st = json.loads(ckptd("status", "--dir", stopped.root, "--json").stdout)
+        assert st["metrics"]["goodput_ratio"] == round(before, 4)
+        assert f"for {linger} s more (--metrics-linger), then exiting with 85" in stopped.stderr()
+
+        gave_up = Run(tmp_path, str(tmp_path / "b"), [*FAST, *common, PLAIN, "--crash"], name="gave_up")
+        runs.append(gave_up)
+        inst2 = gave_up.wait_event("start")["metrics"]["addr"]
+        gave_up.wait_event("give_up")
+        scraped(f'ckptd_state{{instance="{inst2}",state="gave_up"}}', 1)
+        assert gave_up.proc.poll() is None and len(os.listdir(sd_dir)) == 2
+
+        stopped.signal(signal.SIGTERM)  # ends the linger
+        gave_up.signal(signal.SIGTERM)
+        assert stopped.wait(30) == exitcodes.PREEMPTED and gave_up.wait(30) == exitcodes.GAVE_UP
+        assert os.listdir(sd_dir) == []
+    finally:
+        for run in runs:
+            run.kill()
+        prom.stop()

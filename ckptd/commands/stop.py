@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
                 if kind == protocol.STOPPED:
                     code = msg.get("exit_code")
                     print(f"run stopped: `ckptd run` exit code {code} "
-                          f"({exitcodes.DESCRIPTIONS.get(code, 'see ckptd status')})")
+                          f"({exitcodes.DESCRIPTIONS.get(code, 'see ckptd status')})" + _linger_note(msg))
                     if code in (exitcodes.OK, exitcodes.PREEMPTED):
                         return 0
                     return exitcodes.STOPPED_NO_CHECKPOINT if code == exitcodes.STOPPED_NO_CHECKPOINT \
@@ -41,3 +41,13 @@ def run(args: argparse.Namespace) -> int:
         except TimeoutError:
             raise CkptdError(f"the run did not stop within {args.timeout:g} s") from None
     raise CkptdError("the supervisor closed the connection before the run stopped")
+
+
+def _linger_note(msg: dict) -> str:
+    """`ckptd run` serves its final metrics for ``--metrics-linger`` seconds before it exits: say so, or a
+    user waiting for the process sees it live on with no reason given."""
+    linger = msg.get("linger")
+    if not isinstance(linger, (int, float)) or isinstance(linger, bool) or not linger > 0:
+        return ""
+    return (f"; `ckptd run` serves its final metrics for {linger:g} s more (--metrics-linger), then exits "
+            "(SIGTERM to it ends the wait)")

@@ -581,6 +581,7 @@ class Supervisor:
     def _end(self, state: ChildState, code: int, why: str) -> None:
         self.exit_code = code
         self.sm.to(state)
+        self._metric("training_ended")
         if self.stop is not None:
             self._guarded("after the stop", self._after_stop, code)
         self._event("info" if code in (0, exitcodes.PREEMPTED) else "warning", "end",
@@ -1111,18 +1112,31 @@ class Supervisor:
                 return
             self._sd_file = endpoint.sd_file = path
 
+    def _linger_seconds(self) -> float:
+        """How long the final state will still be served after the run ended (0: not at all)."""
+        server = self.metrics_server
+        return self.cfg.metrics.linger if server is not None and server.endpoint.state == "serving" else 0.0
+
     def _stop_metrics(self) -> None:
-        """After the run: serve the final state for ``metrics.linger`` seconds (a signal ends that), then close."""
+        """After the run: serve the final state for ``metrics.linger`` seconds (a signal ends that), then close.
+
+        The file_sd entry stays until then: Prometheus keeps scraping the target, so it sees how the run ended
+        (``stopped``, ``gave_up``: the alerts of docs/metrics.md need that scrape)."""
         server = self.metrics_server
         if server is None:
             return
+        self._publish_metrics()
+        linger = self._linger_seconds()
+        if linger > 0:
+            self.log("info", "metrics", f"serving the final metrics on http://{server.endpoint.addr}/metrics for "
+                     f"{linger:g} s more (--metrics-linger), then exiting with {self.exit_code}; SIGTERM or "
+                     "Ctrl-C ends the wait")
+        end = self.clock.monotonic() + linger
+        while self.clock.monotonic() < end and not self._signalled_during_linger():
+            self._poll_io(min(1.0, max(0.0, end - self.clock.monotonic())))
         if self._sd_file is not None:
             with contextlib.suppress(OSError):
                 metricsmod.remove_sd_file(self._sd_file)
-        self._publish_metrics()
-        end = self.clock.monotonic() + self.cfg.metrics.linger
-        while self.clock.monotonic() < end and not self._signalled_during_linger():
-            self._poll_io(min(1.0, max(0.0, end - self.clock.monotonic())))
         server.close()
 
     def _signalled_during_linger(self) -> bool:
@@ -1144,8 +1158,9 @@ class Supervisor:
         self.watcher.stop()
         if self.control is not None:
             if self.stop is not None:
+                linger = self._linger_seconds()
                 for peer in self.stop.waiters:
-                    self.control.send(peer, protocol.STOPPED, exit_code=self.exit_code)
+                    self.control.send(peer, protocol.STOPPED, exit_code=self.exit_code, linger=linger)
             for waiters in self.saves.values():
                 for peer in waiters:
                     self.control.send(peer, protocol.SAVE_FAILED, error="the run ended before the checkpoint")
@@ -1153,6 +1168,7 @@ class Supervisor:
             self.control.close()
         if self.exit_code is None:
             self.exit_code = exitcodes.FAILURE
+        self._metric("training_ended")
         self.service.exited(self.exit_code, exitcodes.DESCRIPTIONS.get(self.exit_code, "the child's exit code"))
         self.notifier.close()
         self._save_state()

@@ -88,6 +88,7 @@ class Goodput:
         self._productive = _non_negative(carried.get("productive_seconds"))
         self._life: dict[str, Any] | None = None
         self._ended: tuple[dict[str, Any], int] | None = None  # the life that ended last, and its lost steps
+        self._frozen: float | None = None  # when training ended: the wall time stops there (the linger is no run)
 
     def resume(self, carried: Any) -> None:
         """Add the figures of earlier ``ckptd run`` invocations of this run (state.json's ``goodput``)."""
@@ -136,9 +137,18 @@ class Goodput:
                 self._productive += _life_productive(life, lost + steps) - _life_productive(life, lost)
                 self._ended = (life, lost + steps)
 
+    def freeze(self, now: float) -> None:
+        """Training ended (finished, stopped, gave up): the figures stay as they are now, so the final state
+        served during ``metrics.linger`` and written to state.json is the run's, not a ratio that keeps falling."""
+        with self._lock:
+            if self._frozen is None:
+                self._frozen = now
+
     def totals(self, now: float) -> tuple[float, float]:
         """``(productive_seconds, wall_seconds)`` so far, the current life counted as kept."""
         with self._lock:
+            if self._frozen is not None:
+                now = min(now, self._frozen)
             current = _life_productive(self._life, 0) if self._life is not None else 0.0
             return self._productive + current, self._carried_wall + max(0.0, now - self._started)
 
@@ -337,6 +347,10 @@ class RunMetrics:
 
     def signal_notice(self, source: str) -> None:
         self.notices.labels(source).inc()
+
+    def training_ended(self) -> None:
+        """The run reached its end (finished, stopped or gave up): goodput stops moving."""
+        self.goodput.freeze(self.clock.monotonic())
 
     # --- journal events ---------------------------------------------------------------------------
 
