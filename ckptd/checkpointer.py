@@ -692,12 +692,18 @@ class Checkpointer:
             return
         pins = {self.resumed_from} if self.resumed_from else set()
         try:
-            deleted = retention.apply(self.dir, self.policy, pins)
+            deleted = retention.apply(self.dir, self.policy, pins, before_delete=self._tell_pruning)
         except (OSError, CkptdError) as exc:
             log.warning("ckptd: retention skipped: %s", exc)
             return
         if deleted:
             log.info("ckptd: retention removed %s", ", ".join(deleted))
+
+    def _tell_pruning(self, names: list[str]) -> None:
+        """Before retention deletes: the supervisor then records these deletions as expected, not as someone
+        else's."""
+        if self.channel is not None:
+            self.channel.send(protocol.PRUNING, names=names)
 
     def _report_failures(self) -> None:
         with self._lock:

@@ -16,6 +16,7 @@ Trainer -> supervisor
     saved      {step, path, kind, request_id, bytes, seconds, paused_seconds, stall_seconds}
                                               a checkpoint was committed (``seconds``: snapshot + persist)
     save_failed{step, kind, request_id, error, errno}
+    pruning    {names}                        the trainer's own retention is about to delete these checkpoints
     stopping   {step, exit_code, reason}      the trainer is about to exit after a stop request; ``reason``
                                               (exit 86) says why no emergency checkpoint was written
 
@@ -50,6 +51,7 @@ HEARTBEAT = "heartbeat"
 SAVED = "saved"
 SAVE_FAILED = "save_failed"
 STOPPING = "stopping"
+PRUNING = "pruning"
 SAVE = "save"
 STOP = "stop"
 STATUS = "status"

@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from . import store
@@ -105,12 +105,18 @@ def _finite(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def apply(root: str, policy: Policy, pinned: Iterable[str] = (), dry_run: bool = False) -> list[str]:
-    """Delete what :func:`plan` does not keep; returns the deleted (or, dry run, deletable) names."""
+def apply(root: str, policy: Policy, pinned: Iterable[str] = (), dry_run: bool = False,
+          before_delete: Callable[[list[str]], None] | None = None) -> list[str]:
+    """Delete what :func:`plan` does not keep; returns the deleted (or, dry run, deletable) names.
+
+    ``before_delete`` gets the names about to go (the trainer tells the supervisor, which then knows the
+    deletions it will see are expected)."""
     pins = set(pinned) | store.pinned(root)
     _, doomed = plan(store.list_checkpoints(root), policy, pins)
     if dry_run:
         return [i.name for i in doomed]
+    if doomed and before_delete is not None:
+        before_delete([i.name for i in doomed])
     return [i.name for i in doomed if store.delete(root, i.name)]
 
 

@@ -50,6 +50,7 @@ IDLE_WAKE = 60.0  # the loop sleeps at most this long when nothing is due
 STACK_WAIT = 1.0  # seconds between asking hung trainers for their stacks and reading them
 STDERR_TAIL = 20  # lines of the child's stderr kept to show when the run gives up
 STARTUP_WINDOW = 30.0  # a script that never connects and dies within this counts as failing to start
+MAX_PRUNING = 1024  # names the trainers' retention announced and the directory still shows (bounded)
 
 
 @dataclass
@@ -133,6 +134,7 @@ class Supervisor:
         self._fs_due: float | None = None
         self._journaled: set[str] = set()  # checkpoint names already in the journal
         self._retired: set[str] = set()  # names our retention deleted
+        self._pruning: dict[str, None] = {}  # names a trainer's retention announced it deletes (insertion order)
         self._resumed_from: str | None = None  # pinned: retention never deletes the checkpoint a run resumed from
         self._wake_w = -1
         self._trainer_seen = False  # some life of this run connected: restarts resume from checkpoints
@@ -362,10 +364,7 @@ class Supervisor:
         self.sm.to(S.RUNNING)
         if self._resume is not None:
             self._event("info", "restart", f"restart #{self.restarts} (pid {child.pid}) after {self._resume['reason']}; "
-                        f"resuming from step {self._resume['resume_step']}, {self._resume['lost_steps']} steps lost"
-                        if self._resume["resume_step"] is not None else
-                        f"restart #{self.restarts} (pid {child.pid}) after {self._resume['reason']}; no checkpoint yet",
-                        restart_count=self.restarts, pid=child.pid, **self._resume)
+                        + _resume_text(self._resume), restart_count=self.restarts, pid=child.pid, **self._resume)
             self._expected_resume, self._resume = self._resume["resume_step"], None
         else:
             self._event("info", "spawn", f"started pid {child.pid}", pid=child.pid, restart_count=self.restarts)
@@ -681,6 +680,11 @@ class Supervisor:
         if not trainers:
             why = {S.STOPPING: "the trainer is stopping", S.KILLING: "the trainer is being killed",
                    S.BACKOFF: "the trainer is between restarts"}.get(self.sm.state)
+            if why is None and self.sm.state is S.RUNNING and self.life is not None and self._trainer_seen:
+                # A trainer of this run spoke before: this life's will connect once its script creates the
+                # Checkpointer (after a restart, imports and data loading take a while).
+                why = ("the trainer is exiting (it disconnected)" if self.life.connected else
+                       f"the trainer is starting (pid {self.life.child.pid} has not connected yet)")
             self.log("info" if why else "warning", "save_skipped", f"checkpoint request from {source} skipped: "
                      + (why or "no trainer is connected (the script does not use ckptd.Checkpointer, or has not "
                                 "created one yet)"))
@@ -884,6 +888,16 @@ class Supervisor:
             self._save_state()
         self._answer_waiters(msg, protocol.SAVED)
 
+    def _msg_trainer_pruning(self, peer: Peer, msg: dict[str, Any]) -> None:
+        names = msg.get("names")
+        if not isinstance(names, list):
+            return
+        for name in names[:MAX_PRUNING]:
+            if isinstance(name, str) and 0 < len(name) <= 255:
+                self._pruning[name] = None
+        while len(self._pruning) > MAX_PRUNING:  # a name announced but never deleted must not grow it for ever
+            del self._pruning[next(iter(self._pruning))]
+
     def _msg_trainer_save_failed(self, peer: Peer, msg: dict[str, Any]) -> None:
         self._event("error", "save_failed", f"checkpoint failed in the trainer: {msg.get('error')}",
                     step=msg.get("step"), kind=msg.get("kind"), error=msg.get("error"), errno=msg.get("errno"))
@@ -976,12 +990,16 @@ class Supervisor:
                 self._event("info", "checkpoint", f"checkpoint appeared: {info.name} (step {info.step}, {info.kind})",
                             name=info.name, step=info.step, kind=info.kind, path=info.path, bytes=info.bytes)
         for name in changes.removed:
-            by = "retention" if name in self._retired else "someone else"
+            # Expected deletions (ours, said once by _apply_retention; the trainer's, announced in `pruning`)
+            # are journaled without a log line; only an unexpected one is worth the user's attention.
+            by = "retention" if name in self._retired else "trainer retention" if name in self._pruning \
+                else "someone else"
             self._retired.discard(name)
+            self._pruning.pop(name, None)
             self._journaled.discard(name)
             self._event("info", "checkpoint_removed", f"checkpoint {name} removed ("
-                        + ("retention" if by == "retention" else "not by the supervisor: the trainer's own "
-                           "retention, `ckptd prune` or a person") + ")", name=name, by=by)
+                        + (by if by != "someone else" else "not by the supervisor nor by the trainer's retention: "
+                           "`ckptd prune` or a person") + ")", name=name, by=by, quiet=by != "someone else")
         for info in changes.invalid:
             self._event("warning", "checkpoint_invalid", f"checkpoint {info.name} is invalid: {info.reason}",
                         name=info.name, reason=info.reason)
@@ -1058,9 +1076,12 @@ class Supervisor:
                 self.log("warning", "state", f"cannot write {STATE_NAME} ({exc.strerror or exc}); "
                          f"`ckptd status` of a stopped run may be stale ({n} failed writes)")
 
-    def _event(self, level: str, event: str, msg: str, *, lines: list[str] | None = None, **fields: Any) -> None:
-        """Log, journal and count one event; ``lines``: a multi-line block for the text log only."""
-        self.log(level, event, msg, lines=lines or (), **fields)
+    def _event(self, level: str, event: str, msg: str, *, lines: list[str] | None = None, quiet: bool = False,
+               **fields: Any) -> None:
+        """Log (unless ``quiet``: routine, the journal is enough), journal and count one event; ``lines``: a
+        multi-line block for the text log only."""
+        if not quiet:
+            self.log(level, event, msg, lines=lines or (), **fields)
         if self.journal is not None:
             self.journal.append(event, run_id=self.run_id, **fields)
         self._metric("on_event", event, fields)
@@ -1205,6 +1226,16 @@ def _slurm_env() -> dict[str, Any]:
 
 def _ckpt_record(name: str, step: Any, kind: Any, created: float) -> dict[str, Any]:
     return {"name": name, "step": step, "kind": kind, "time": created}
+
+
+def _resume_text(resume: dict[str, Any]) -> str:
+    """Where a restart resumes, and what it costs when that is known."""
+    step, lost = resume["resume_step"], resume["lost_steps"]
+    if step is None:
+        return "no checkpoint yet"
+    if lost is None:  # the life ended before its trainer reported any step (even its restore)
+        return f"resuming from step {step} (the trainer reported no step before it exited)"
+    return f"resuming from step {step}, {lost} steps lost"
 
 
 def _fmt(value: Any) -> str:

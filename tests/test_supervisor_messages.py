@@ -1,0 +1,84 @@
+"""What `ckptd run` says in routine situations: expected deletions, a restart whose trainer is still starting,
+a restart after a life that reported no step. Real `ckptd run` processes with the fixture trainers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+
+import pytest
+
+from ckptd import exitcodes, store
+from fixtures.sup_helpers import FAST, PLAIN, TOY, TRAINER, Run, wait_for
+
+
+@pytest.fixture
+def root(tmp_path):
+    return str(tmp_path / "ck")
+
+
+def _lines_naming(stderr: str, name: str) -> list[str]:
+    """The supervisor's log lines about ``name`` other than its commit/appearance."""
+    return [x for x in stderr.splitlines() if name in x and "ckptd[" in x
+            and "checkpoint committed" not in x and "checkpoint appeared" not in x]
+
+
+def test_supervisor_retention_says_each_deletion_once(tmp_path, root):
+    # The torch-free trainer has no retention of its own: every deletion is the supervisor's.
+    run = Run(tmp_path, root, [*FAST, "--every-steps", "10", "--keep-last", "2", TRAINER, "--steps", "100000"])
+    removed = [run.wait_event("checkpoint_removed", count=i, by="retention") for i in (1, 2, 3)]
+    run.signal(signal.SIGTERM)
+    assert run.wait(20) == exitcodes.PREEMPTED
+    err = run.stderr()
+    for e in removed:
+        assert len(_lines_naming(err, e["name"])) == 1, (e["name"], _lines_naming(err, e["name"]))
+
+
+def test_the_trainers_own_retention_is_expected_and_journaled_without_a_log_line(tmp_path, root):
+    # examples/train_toy.py keeps its newest 3 (Checkpointer(keep_last=3)); the supervisor has no rule.
+    run = Run(tmp_path, root, [*FAST, "--metrics-addr", "off", TOY, "--steps", "120", "--every-steps", "10",
+                               "--step-delay", "0.04"])
+    assert run.wait(120) == 0, run.stderr()
+    removed = run.events("checkpoint_removed")
+    assert removed and {e["by"] for e in removed} == {"trainer retention"}, removed
+    err = run.stderr()
+    assert "not by the supervisor" not in err, err
+    for e in removed:
+        assert _lines_naming(err, e["name"]) == [], _lines_naming(err, e["name"])
+
+
+def test_a_schedule_during_a_restart_says_the_trainer_is_starting(tmp_path, root):
+    gate = tmp_path / "gate"
+    run = Run(tmp_path, root, [*FAST, "--every", "1", "--every-steps", "10", TRAINER, "--steps", "100000",
+                               "--crash-at", "30", "--connect-gate", str(gate)])
+    run.wait_event("restart")
+
+    def skipped_after_restart():
+        err = run.stderr()
+        after = err[err.index("restart #1"):] if "restart #1" in err else ""
+        return [x for x in after.splitlines() if "checkpoint request from schedule" in x]
+
+    [line, *_] = wait_for(skipped_after_restart, 30, "a scheduled checkpoint while the restarted trainer starts")
+    assert " info: " in line and "skipped: the trainer is starting" in line, line
+    gate.touch()
+    run.wait_event("resumed")
+    run.signal(signal.SIGTERM)
+    assert run.wait(20) == exitcodes.PREEMPTED
+    err = run.stderr()
+    assert "no trainer is connected" not in err, err
+
+
+def test_a_restart_after_a_life_that_reported_no_step_says_where_it_resumes_without_none(tmp_path, root):
+    with store.PendingCheckpoint(root, 40) as pc:  # a checkpoint from an earlier run
+        pc.write_file("state.json", [json.dumps({"step": 40}).encode()])
+        pc.commit(kind="periodic")
+    marker = tmp_path / "crashed"
+    run = Run(tmp_path, root, [*FAST, "--metrics-addr", "off", PLAIN, "--crash-first", str(marker)])
+    restart = run.wait_event("restart")
+    assert restart["resume_step"] == 40 and restart["lost_steps"] is None
+    line = next(x for x in run.stderr().splitlines() if "restart #1" in x)
+    assert "None" not in line and re.search(r"resuming from step 40 \(the trainer reported no step", line), line
+    run.signal(signal.SIGTERM)
+    assert run.wait(20) == exitcodes.STOPPED_NO_CHECKPOINT
