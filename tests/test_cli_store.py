@@ -31,7 +31,26 @@ def test_ls_text_shows_a_row_per_checkpoint_and_invalid_ones(make_checkpoints):
     assert r.returncode == 0
     lines = r.stdout.strip().splitlines()
     assert lines[0].split()[:3] == ["NAME", "STEP", "KIND"] and len(lines) == 3
-    assert lines[2].startswith("step-000000000002") and "NO" in lines[2] and "state.json is missing" in lines[2]
+    assert lines[2].startswith("step-000000000002") and "BAD" in lines[2] and "state.json is missing" in lines[2]
+
+
+def test_ls_names_its_column_for_the_manifest_check_so_damaged_data_is_not_shown_as_valid(make_checkpoints):
+    """A flipped byte in the tensor data: the manifest check passes (`ls` reads no data), `verify` says INVALID.
+    `ls` must not call that checkpoint valid: its column says what it checked."""
+    root = make_checkpoints([1])
+    ckpt = os.path.join(root, "step-000000000001")
+    with open(os.path.join(ckpt, "tensors.safetensors"), "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    assert "INVALID" in ckptd_cli("verify", ckpt).stdout
+    lines = ckptd_cli("ls", root).stdout.splitlines()
+    header = lines[0].split()
+    assert "VALID" not in header and header[5] == "MANIFEST", lines
+    at = lines[0].index("MANIFEST")
+    assert lines[1][at:].split()[0] == "ok", lines
+    assert "manifest-level check" in ckptd_cli("ls", "--help").stdout
 
 
 def test_verify_single_checkpoint_and_json(make_checkpoints):
@@ -48,6 +67,18 @@ def test_inspect_shows_tensors_state_and_manifest(make_checkpoints):
     assert "progress/step = 3" in r.stdout and '"format": "ckptd/1"' in r.stdout
     j = json.loads(ckptd_cli("inspect", os.path.join(root, "step-000000000003"), "--json").stdout)
     assert j["tensors"]["model/0.weight"] == {"dtype": "F32", "shape": [16, 8]} and j["manifest"]["step"] == 3
+
+
+def test_inspect_json_gives_the_state_as_json_values(make_checkpoints):
+    root = make_checkpoints([3])
+    j = json.loads(ckptd_cli("inspect", os.path.join(root, "step-000000000003"), "--json").stdout)
+    state = j["state"]
+    assert isinstance(state, dict), state
+    assert state["progress/step"] == 3 and state["progress/epoch"] is None and state["metrics/loss"] == 0.25
+    [group] = state["optimizer/param_groups"]
+    assert group["lr"] == 0.01 and group["params"] == [0, 1, 2, 3] and group["betas"] == {"__tuple": [0.9, 0.999]}
+    assert not any(isinstance(v, str) and " = " in v for v in state.values()), state
+    assert "model/0.weight" not in state  # tensors are listed under "tensors"
 
 
 def test_prune_dry_run_then_real(make_checkpoints):

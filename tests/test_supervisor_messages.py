@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import time
 
 import pytest
 
@@ -82,3 +83,30 @@ def test_a_restart_after_a_life_that_reported_no_step_says_where_it_resumes_with
     assert "None" not in line and re.search(r"resuming from step 40 \(the trainer reported no step", line), line
     run.signal(signal.SIGTERM)
     assert run.wait(20) == exitcodes.STOPPED_NO_CHECKPOINT
+
+
+def test_status_recent_lines_of_a_preemption_all_say_something(tmp_path, root):
+    """`ckptd status` lists the last journal events; a cloud notice (and a backoff, a reload...) has none of the
+    fields a line used to show, which printed a bare `notice`."""
+    from ckptd.supervisor import notices
+    from fixtures.fake_metadata import FakeMetadata, iso
+    from fixtures.sup_helpers import ckptd
+
+    imds = FakeMetadata("aws")
+    try:
+        run = Run(tmp_path, root, [*FAST, "--metrics-addr", "off", "--notices", "aws", "--notice-endpoint", imds.url,
+                                   "--notice-poll", "0.1", "--every-steps", "50", TRAINER, "--steps", "100000"],
+                  env={notices.LOOPBACK_ONLY_ENV: "1"})
+        run.wait_event("checkpoint")
+        imds.set(instance_action={"action": "terminate", "time": iso(time.time() + 20)})
+        assert run.wait(30) == exitcodes.PREEMPTED
+    finally:
+        imds.close()
+    r = ckptd("status", "--dir", root)
+    assert r.returncode == 0, r.stderr
+    recent = r.stdout.split("recent:\n", 1)[1].splitlines()
+    assert any(" notice " in x for x in recent), r.stdout
+    for line in recent:
+        assert "=" in line, line  # `TIME  EVENT  key=value ...`, never a bare event name
+    [notice] = [x for x in recent if " notice " in x]
+    assert "source=aws" in notice and "action=stop" in notice, notice

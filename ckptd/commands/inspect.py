@@ -148,6 +148,34 @@ def state_outline(tree: Any, prefix: str = "", out: list[str] | None = None, dep
     return out
 
 
+_TENSOR_TAGS = ("__t", "__np")
+
+
+def _holds_tensor(tree: Any) -> bool:
+    if isinstance(tree, dict):
+        return (len(tree) == 1 and next(iter(tree)) in _TENSOR_TAGS) or any(_holds_tensor(v) for v in tree.values())
+    return isinstance(tree, list) and any(_holds_tensor(v) for v in tree)
+
+
+def state_values(tree: Any, prefix: str = "", out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``--json``: the non-tensor state as ``{path: value}``, each value the JSON of state.json (whole: no
+    outline cut); tensors are under ``tensors``. Other tagged values keep their tag (``{"__tuple": [...]}``,
+    ``{"__float": "nan"}``: docs/format.md)."""
+    out = {} if out is None else out
+    if isinstance(tree, dict) and len(tree) == 1 and next(iter(tree)).startswith("__"):
+        if next(iter(tree)) not in _TENSOR_TAGS:
+            out[prefix] = tree
+    elif isinstance(tree, dict) and tree:
+        for k, v in tree.items():
+            state_values(v, f"{prefix}/{k}" if prefix else k, out)
+    elif isinstance(tree, list) and _holds_tensor(tree):
+        for i, v in enumerate(tree):
+            state_values(v, f"{prefix}/{i}", out)
+    else:
+        out[prefix] = tree
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     path, verified = resolve_checkpoint(args.ckpt, args.dir_option)
     info = verified or store.inspect_checkpoint(path)
@@ -162,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         out = {"manifest": info.manifest, "tensors": {k: {"dtype": v["dtype"], "shape": v["shape"]}
                                                       for k, v in tensors.items()},
-               "state": state_outline(tree)}
+               "state": state_values(tree)}
         if sharded:
             out["sharded_tensors"] = shards
         print_json(out)

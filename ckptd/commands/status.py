@@ -18,6 +18,10 @@ from ..supervisor.rundir import node_run_dir, pick_node, supervisor_pid
 from . import add_node_argument, human_time, print_json
 
 RECENT = 8  # journal events shown
+# The fields a `recent` line shows first, in this order; an event with none of them shows its other plain fields.
+SHOWN = ("pid", "step", "source", "kind", "action", "reason", "code", "signal", "name", "by", "resume_step",
+         "lost_steps", "delay", "committed", "margin_seconds", "exit_code")
+HIDDEN = ("time", "event", "run_id")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -97,10 +101,16 @@ def run(args: argparse.Namespace) -> int:
     if data["recent_events"]:
         print("recent:")
         for e in data["recent_events"]:
-            extra = " ".join(f"{k}={e[k]}" for k in ("pid", "step", "reason", "code", "signal", "name",
-                                                        "resume_step", "lost_steps", "exit_code") if e.get(k) is not None)
-            print(f"  {human_time(e.get('time', 0))}  {e.get('event'):<16} {extra}")
+            print(f"  {human_time(e.get('time', 0))}  {e.get('event'):<16} {_event_fields(e)}")
     return 0
+
+
+def _event_fields(e: dict[str, Any]) -> str:
+    """``key=value`` of a journal event for its `recent` line: never empty when the event has fields."""
+    shown = [k for k in SHOWN if e.get(k) is not None]
+    if not shown:
+        shown = [k for k, v in e.items() if k not in HIDDEN and isinstance(v, (str, int, float)) and v != ""][:6]
+    return " ".join(f"{k}={str(e[k])[:80]}" for k in shown)
 
 
 def _notice_line(n: dict[str, Any]) -> str:
