@@ -945,7 +945,10 @@ def _announce(line: str) -> None:
     if log.hasHandlers():
         log.info("%s", line)
     else:
-        print(line, file=sys.stderr, flush=True)
+        # One write with its newline: the ranks of a job share one stderr, and print() writes the text and the
+        # newline apart, so two ranks' lines ran together.
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
 
 def _check_state(state: Any, info: store.CheckpointInfo) -> None:

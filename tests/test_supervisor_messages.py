@@ -110,3 +110,56 @@ def test_status_recent_lines_of_a_preemption_all_say_something(tmp_path, root):
         assert "=" in line, line  # `TIME  EVENT  key=value ...`, never a bare event name
     [notice] = [x for x in recent if " notice " in x]
     assert "source=aws" in notice and "action=stop" in notice, notice
+
+
+def test_a_hang_dumps_the_stacks_of_every_rank_not_only_the_silent_one(tmp_path, root):
+    """Rank 1 SIGSTOPped: it cannot dump its own stacks; the stacks of its peer (in a real job, blocked in the
+    collective waiting for it) are what show where the job stands."""
+    from fixtures.sup_helpers import LAUNCHER, ckptd
+
+    run = Run(tmp_path, root, [*FAST, "--grace", "60", "--hang-timeout", "2", "--hang-grace", "3", "--metrics-addr",
+                               "off", LAUNCHER, "2", "--steps", "100000"])
+
+    def trainers():
+        r = ckptd("status", "--dir", root, "--json")
+        st = json.loads(r.stdout) if r.returncode == 0 else {}
+        return st.get("trainers") if len(st.get("trainers") or []) == 2 else None
+
+    ranks = {t["rank"]: t["pid"] for t in wait_for(trainers, 30, "both ranks to connect")}
+    os.kill(ranks[1], signal.SIGSTOP)
+    hang = run.wait_event("hang", timeout=30)
+    assert hang["pids"] == [ranks[1]]
+    stacks = {e["pid"]: e for e in [run.wait_event("hang_stacks", timeout=15, count=2), *run.events("hang_stacks")]}
+    assert set(stacks) == {ranks[0], ranks[1]}, stacks
+    assert "stopped" in stacks[ranks[1]]["stacks"] and stacks[ranks[1]]["silent"] is True
+    assert "sup_trainer.py" in stacks[ranks[0]]["stacks"] and stacks[ranks[0]]["silent"] is False
+    run.wait_event("restart", timeout=30)
+    run.signal(signal.SIGTERM)
+    assert run.wait(30) in (exitcodes.PREEMPTED, exitcodes.STOPPED_NO_CHECKPOINT)
+
+
+def test_the_restore_line_is_one_write_so_ranks_sharing_stderr_cannot_glue_their_lines(tmp_path):
+    """strace shows the write(2) calls: `ckptd: resumed from ...` and its newline must be one."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("strace"):
+        pytest.skip("needs strace")
+    script = tmp_path / "restore.py"
+    script.write_text(
+        "import sys, torch, ckptd\n"
+        "m = torch.nn.Linear(2, 2)\n"
+        "ck = ckptd.Checkpointer(model=m, dir=sys.argv[1], handle_signals=False, save_on_close=False)\n"
+        "if ck.restore() == 0:\n"
+        "    ck.step(1); ck.save(block=True)\n"
+        "ck.close()\n")
+    ck = str(tmp_path / "ck")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")}
+    subprocess.run([sys.executable, str(script), ck], check=True, env=env, capture_output=True, timeout=120)
+    trace = tmp_path / "trace.txt"
+    r = subprocess.run(["strace", "-f", "-qq", "-e", "trace=write", "-s", "4096", "-o", str(trace), sys.executable,
+                        str(script), ck], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ckptd: resumed from step 1" in r.stderr, r.stderr
+    writes = [x for x in trace.read_text().splitlines() if "write(2," in x and "resumed from step 1" in x]
+    assert len(writes) == 1 and re.search(r'resumed from step 1: [^"]*\\n"', writes[0]), writes

@@ -86,6 +86,7 @@ class Life:
     deadline: float | None = None  # STOPPING: when to SIGKILL
     stacks_due: float | None = None  # hang: when to read the stack dumps we asked for
     hung: list[Peer] = field(default_factory=list)  # the silent trainers of a hang
+    dumped: list[Peer] = field(default_factory=list)  # every trainer of a hang: their stacks are read
     stderr_tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=STDERR_TAIL))
     stderr_partial: bytes = b""
     stderr_fd: int | None = None
@@ -522,7 +523,10 @@ class Supervisor:
         trainers = self.control.trainers()  # type: ignore[union-attr]
         silent = now - min(p.last_seen for p in trainers)
         life.hung = [p for p in trainers if now - p.last_seen >= self.cfg.hang_timeout] or trainers
-        asked = [p for p in life.hung if p.stack_signal and self._stack_path(p)
+        # Every rank's stacks, not only the silent one's: its peers blocked in a collective show where the job
+        # stands, and a rank that cannot dump (SIGSTOPped, stuck in the kernel) leaves only theirs.
+        life.dumped = list(trainers)
+        asked = [p for p in life.dumped if p.stack_signal and self._stack_path(p)
                  and self.procs.signal_pid(p.pid or 0, p.stack_signal)]
         self._event("warning", "hang", f"no heartbeat for {silent:.1f} s (hang_timeout {self.cfg.hang_timeout:g} s) "
                     f"from pid {', '.join(str(p.pid) for p in life.hung)}; "
@@ -545,7 +549,7 @@ class Supervisor:
     def _collect_stacks(self, life: Life) -> None:
         """Read the stack dumps of a hang into the log and the journal."""
         life.stacks_due = None
-        for peer in life.hung:
+        for peer in life.dumped or life.hung:
             path = self._stack_path(peer)
             text = ""
             if path:
@@ -563,8 +567,10 @@ class Supervisor:
                         "no stack dump: the process did not run its handler (stuck in the kernel, state "
                         f"{state or 'gone'})" if peer.stack_signal else
                         "no stack dump: the trainer did not arm one")
-            self._event("warning", "hang_stacks", f"stacks of hung pid {peer.pid} (rank {_fmt(peer.rank)}):",
-                        lines=text.splitlines(), pid=peer.pid, rank=peer.rank, stacks=text)
+            silent = peer in life.hung
+            self._event("warning", "hang_stacks", f"stacks of {'hung' if silent else 'waiting'} pid {peer.pid} "
+                        f"(rank {_fmt(peer.rank)}{'' if silent else ', not silent'}):", lines=text.splitlines(),
+                        pid=peer.pid, rank=peer.rank, silent=silent, stacks=text)
 
     def _kill(self, life: Life, why: str) -> None:
         if life.stacks_due is not None:
@@ -957,7 +963,7 @@ class Supervisor:
         if peer.role == "trainer":
             self.log("info", "trainer", f"trainer pid {peer.pid} disconnected")
             path = self._stack_path(peer)
-            if path and not (self.life and peer in self.life.hung):
+            if path and not (self.life and peer in self.life.dumped):
                 with contextlib.suppress(OSError):
                     os.unlink(path)
         for waiters in self.saves.values():
