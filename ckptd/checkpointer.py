@@ -763,10 +763,14 @@ class Checkpointer:
             self.channel.send(protocol.STOPPING, step=step, exit_code=code, reason=why_not)
         dist, self._dist = self._dist, None
         self._shutdown()  # restores the signal handlers: before_exit() then ignores SIGTERM
+        exit_code = code
         if dist is not None:
-            dist.before_exit()
+            from .distributed import clean_stop_exit_code
+
+            exit_code = clean_stop_exit_code(code)  # 0 under `ckptd run` + torchrun: torchrun ends quietly
+            dist.before_exit(stop_launcher=exit_code != 0)
             dist.close()
-        raise SystemExit(code)
+        raise SystemExit(exit_code)
 
     def emergency_save_estimate(self) -> float | None:
         """Seconds an emergency checkpoint is expected to need: the longest of this run's last

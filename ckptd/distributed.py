@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from . import env, store
+from . import env, exitcodes, store
 from .errors import CkptdError, CorruptCheckpointError
 from .state import Encoder
 from .state import dumps as state_dumps
@@ -382,12 +382,14 @@ class Coordinator:
 
     # ------------------------------------------------------------------ stopping
 
-    def before_exit(self) -> None:
+    def before_exit(self, stop_launcher: bool = True) -> None:
         """After the emergency checkpoint (or the decision not to write one), before exiting 85/86.
 
         Every rank ignores SIGTERM from here (the launcher may now signal the ranks still exiting), then
         local rank 0 of each node tells a torchrun agent to shut down, so that ``--max-restarts`` does not
         start the ranks again after a stop; a barrier on each side keeps any rank from exiting before that.
+        ``stop_launcher=False``: the ranks exit 0 (:func:`clean_stop_exit_code`), which ends the agent without
+        a restart, so it is not signalled (a signalled agent prints a traceback and exits 1).
         """
         try:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -395,7 +397,7 @@ class Coordinator:
             pass
         try:
             dist.barrier(group=self.group)
-            if self.local_rank == 0:
+            if self.local_rank == 0 and stop_launcher:
                 agent = torchrun_agent()
                 if agent is not None:
                     log.info("ckptd: asking the torchrun agent (pid %d) to shut down: a stopped job is not restarted",
@@ -408,6 +410,19 @@ class Coordinator:
     def close(self) -> None:
         if self.rank_snapshot is not None:
             self.rank_snapshot.close()
+
+
+def clean_stop_exit_code(code: int) -> int:
+    """The exit code of a rank after a stop whose outcome is ``code``.
+
+    Under ``ckptd run`` (``CKPTD_CONTROL`` set: the supervisor judges the stop by its emergency checkpoint and
+    exits 85 itself) and a torchrun agent, a stop with its emergency checkpoint committed exits 0: torchrun
+    then ends as succeeded, starts no rank again and prints nothing, where a rank's 85 (a failure to it) or a
+    signal to the agent made it print a traceback and exit 1. Without a supervisor the ranks exit ``code``.
+    """
+    if code == exitcodes.PREEMPTED and os.environ.get(env.CONTROL) and torchrun_agent() is not None:
+        return 0
+    return code
 
 
 def torchrun_agent() -> int | None:

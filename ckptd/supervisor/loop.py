@@ -33,7 +33,7 @@ from .control import ControlServer, Peer
 from .journal import JOURNAL_NAME, STATE_NAME, Journal, read_json, write_json_atomic
 from .log import EventLog, redact_argv
 from .notify import CHILD_UNSET, Notifier
-from .policy import ExitStatus, Reason, RestartPolicy, classify
+from .policy import ExitStatus, Outcome, Reason, RestartPolicy, classify
 from .process import Child, Processes, oom_kill_count, process_state, run_command, system_oom_kill_count
 from .reserve import SpareFd
 from .rundir import JobLock, choose_socket_path, node_identity, node_run_dir
@@ -82,6 +82,7 @@ class Life:
     stepped: bool = False  # a trainer reported a completed step (heartbeat, saved) in this life
     connected: bool = False  # a trainer of this life spoke the control protocol
     hang: bool = False  # we are killing it because it stopped sending heartbeats
+    stopped_with_checkpoint: bool = False  # a trainer said `stopping` with exit code 85 (its checkpoint committed)
     we_killed: bool = False  # we sent SIGKILL (so a SIGKILL death is not an OOM)
     deadline: float | None = None  # STOPPING: when to SIGKILL
     stacks_due: float | None = None  # hang: when to read the stack dumps we asked for
@@ -433,6 +434,11 @@ class Supervisor:
                            oom_kills=oom_kill_count() - life.oom_before,
                            system_oom_kills=system_oom_kill_count() - life.system_oom_before,
                            no_restart=frozenset(self.cfg.no_restart_exit_codes))
+        if status.code == 0 and self.stop is not None and life.stopped_with_checkpoint:
+            # torchrun under `ckptd run`: the ranks exit 0 after the emergency checkpoint (distributed.py,
+            # clean_stop_exit_code) so that torchrun ends quietly; this is the stop, not the end of training.
+            outcome = Outcome(Reason.PREEMPTED, f"{status.describe()}: its ranks stopped after the emergency "
+                                                "checkpoint")
         for request_id in list(self.saves):  # nobody is left to answer them
             for waiter in self.saves.pop(request_id):
                 self._reply_and_close(waiter, protocol.SAVE_FAILED, request_id=request_id,
@@ -449,7 +455,7 @@ class Supervisor:
             self._end(S.EXITED, exitcodes.OK, "training finished")
         elif self.stop is not None:
             # Judged by the checkpoint, not only by the exit code: torchrun exits 1 when its ranks exit 85.
-            confirmed = status.code == exitcodes.PREEMPTED or self.stop.confirmed
+            confirmed = outcome.reason is Reason.PREEMPTED or self.stop.confirmed
             self._end(S.EXITED, exitcodes.PREEMPTED if confirmed else exitcodes.STOPPED_NO_CHECKPOINT,
                       "stopped with an emergency checkpoint" if confirmed else self._why_no_checkpoint(life, status))
         elif outcome.reason is Reason.PREEMPTED:
@@ -926,8 +932,11 @@ class Supervisor:
 
     def _msg_trainer_stopping(self, peer: Peer, msg: dict[str, Any]) -> None:
         self._saw_step(msg.get("step"))
-        self.log("info", "stopping", f"trainer pid {peer.pid} is exiting with {msg.get('exit_code')} "
-                 f"at step {_fmt(msg.get('step'))}")
+        if msg.get("exit_code") == exitcodes.PREEMPTED and self.life is not None:
+            self.life.stopped_with_checkpoint = True
+        code = msg.get("exit_code")
+        self.log("info", "stopping", f"trainer pid {peer.pid} stops at step {_fmt(msg.get('step'))}: "
+                 + ("emergency checkpoint committed" if code == exitcodes.PREEMPTED else f"outcome {_fmt(code)}"))
         if self.stop is None and self.sm.state is S.RUNNING:
             self._join_stop(peer, msg)
         reason = msg.get("reason")
