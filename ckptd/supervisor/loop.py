@@ -454,7 +454,8 @@ class Supervisor:
         if outcome.reason is Reason.FINISHED:
             self._end(S.EXITED, exitcodes.OK, "training finished")
         elif self.stop is not None:
-            # Judged by the checkpoint, not only by the exit code: torchrun exits 1 when its ranks exit 85.
+            # Judged by the checkpoint, not only by the exit code: torchrun exits 1 when its ranks exit 85 or 86
+            # (outside `ckptd run`, or a rank whose stop went wrong).
             confirmed = outcome.reason is Reason.PREEMPTED or self.stop.confirmed
             self._end(S.EXITED, exitcodes.PREEMPTED if confirmed else exitcodes.STOPPED_NO_CHECKPOINT,
                       "stopped with an emergency checkpoint" if confirmed else self._why_no_checkpoint(life, status))
@@ -932,9 +933,9 @@ class Supervisor:
 
     def _msg_trainer_stopping(self, peer: Peer, msg: dict[str, Any]) -> None:
         self._saw_step(msg.get("step"))
-        if msg.get("exit_code") == exitcodes.PREEMPTED and self.life is not None:
+        code = msg.get("exit_code")  # the stop's outcome (a rank of torchrun under us exits 0 for 85)
+        if code == exitcodes.PREEMPTED and self.life is not None:
             self.life.stopped_with_checkpoint = True
-        code = msg.get("exit_code")
         self.log("info", "stopping", f"trainer pid {peer.pid} stops at step {_fmt(msg.get('step'))}: "
                  + ("emergency checkpoint committed" if code == exitcodes.PREEMPTED else f"outcome {_fmt(code)}"))
         if self.stop is None and self.sm.state is S.RUNNING:
