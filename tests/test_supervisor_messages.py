@@ -163,3 +163,21 @@ def test_the_restore_line_is_one_write_so_ranks_sharing_stderr_cannot_glue_their
     assert r.returncode == 0 and "ckptd: resumed from step 1" in r.stderr, r.stderr
     writes = [x for x in trace.read_text().splitlines() if "write(2," in x and "resumed from step 1" in x]
     assert len(writes) == 1 and re.search(r'resumed from step 1: [^"]*\\n"', writes[0]), writes
+
+
+def test_ranks_that_exit_0_after_their_emergency_checkpoint_are_a_clean_stop_not_a_finished_run(tmp_path, root):
+    """What torchrun's ranks do under `ckptd run` (distributed.clean_stop_exit_code): report `stopping` with 85,
+    then exit 0 so torchrun ends quietly. The supervisor exits 85 and says so without a warning."""
+    from fixtures.sup_helpers import LAUNCHER, ckptd
+
+    run = Run(tmp_path, root, [*FAST, "--metrics-addr", "off", "--every-steps", "20", LAUNCHER, "2",
+                               "--steps", "100000", "--stop-exit-code", "0"])
+    run.wait_event("checkpoint")
+    r = ckptd("stop", "--dir", root, "--wait", timeout=60)
+    assert r.returncode == 0 and "exit code 85" in r.stdout, r.stdout + r.stderr
+    assert run.wait(30) == exitcodes.PREEMPTED
+    [exit_] = run.events("exit")
+    assert exit_["code"] == 0 and exit_["reason"] == "preempted", exit_
+    err = run.stderr()
+    assert not [x for x in err.splitlines() if "ckptd[" in x and (" warning: " in x or " error: " in x)], err
+    assert "its ranks stopped after the emergency checkpoint" in err and "training finished" not in err, err
