@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from .. import env as envvars
-from .. import exitcodes, protocol
+from .. import exitcodes, origin, protocol
 from ..errors import CkptdError
 from . import config as configmod
 from . import metrics as metricsmod
 from . import notices as noticesmod
+from . import resume
 from .clock import Clock
 from .config import Config
 from .control import ControlServer, Peer
@@ -93,9 +94,13 @@ class Life:
 class Supervisor:
     def __init__(self, cfg: Config, argv: list[str], *, config_file: str | None = None,
                  overrides: dict[str, Any] | None = None, clock: Clock | None = None,
-                 log: EventLog | None = None) -> None:
+                 log: EventLog | None = None, command: list[str] | None = None, fresh: bool = False,
+                 resume_from: str | None = None) -> None:
         self.cfg = configmod.absolute(cfg)
         self.argv = argv
+        self.command = list(command) if command is not None else list(argv)  # as the user typed it (origin.py)
+        self.fresh, self.resume_from = fresh, resume_from
+        self.start_plan: resume.Plan | None = None
         self.config_file = config_file
         self.overrides = overrides or {}
         self.clock = clock or Clock()
@@ -154,10 +159,34 @@ class Supervisor:
         lock = JobLock(self.root, self.node)
         lock.acquire()
         try:
+            if self._plan_start() is resume.Action.FINISHED:
+                return exitcodes.OK
             with self._signals_captured():
                 return self._run_locked()
         finally:
             lock.release()
+
+    def _origin_config(self) -> dict[str, Any]:
+        return {k: v for k, v in self.cfg.as_dict().items() if k != "dir"}
+
+    def _plan_start(self) -> resume.Action:
+        """Resume, start anew (moving old checkpoints aside for --fresh), or nothing: resume.plan decides,
+        one line says it. Runs under the job lock, before anything starts."""
+        from .. import store
+
+        self.view.refresh()
+        now = origin.current(self.command, self._origin_config(), 1, self.resume_from)
+        self.start_plan = plan = resume.plan(
+            self.root, self.view.latest(), now, fresh=self.fresh, resume_from=self.resume_from,
+            multi_node=self.node.job_id is not None, writer_busy=store.live_writer(self.root) if self.fresh else "")
+        if plan.action is resume.Action.FRESH:
+            dest, moved = store.move_aside(self.root, "run")
+            if self.resume_from and os.path.dirname(self.resume_from) == self.root:
+                self.resume_from = os.path.join(dest, os.path.basename(self.resume_from))  # moved with the rest
+            plan.line += f" to {dest} ({len(moved)} entries)"
+            self.view.refresh()
+        self.log("info", "plan", plan.line, action=plan.action.value, differences=plan.differences)
+        return plan.action
 
     def post(self, event: tuple) -> None:
         """Threads call this; it only queues and wakes the loop."""
@@ -190,8 +219,8 @@ class Supervisor:
         self.procs.setup()
         previous = read_json(os.path.join(self.run_dir, STATE_NAME)) or {}
         # A run that did not finish (preempted, gave up, supervisor killed) keeps its id when resumed.
-        self.run_id = previous.get("run_id") if previous.get("exit_code") != 0 and previous.get("run_id") \
-            else uuid.uuid4().hex[:12]
+        self.run_id = previous.get("run_id") if previous.get("exit_code") != 0 and previous.get("run_id") and \
+            (self.start_plan is None or self.start_plan.action is not resume.Action.FRESH) else uuid.uuid4().hex[:12]
         if self.run_id == previous.get("run_id"):  # goodput counts the whole run, across `ckptd run`s
             self.metrics.goodput.resume((previous.get("metrics") or {}).get("goodput"))
         self.journal = Journal(os.path.join(self.run_dir, JOURNAL_NAME), self.clock.time, on_error=self.log)
@@ -338,6 +367,9 @@ class Supervisor:
             envvars.STOP_DEADLINE: "",
             envvars.EXIT_ON_STOP: str(exitcodes.PREEMPTED),
             envvars.METRICS: "1" if self.cfg.metrics.addr else "0",
+            envvars.ORIGIN: origin.for_env(self.command, self._origin_config(), self.resume_from),
+            envvars.RESUME_FROM: self.resume_from or "",
+            envvars.RETENTION: "1" if self.cfg.retention_enabled else "",
         })
         if self.cfg.every_steps:
             env[envvars.EVERY_STEPS] = str(self.cfg.every_steps)
