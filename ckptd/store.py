@@ -1299,13 +1299,25 @@ def delete(root: str, name: str) -> bool:
 
 
 def pin(root: str, name: str) -> None:
+    """Create ``root/.pins/NAME`` (durably); never through a symlink (the supervisor may run as root over a
+    directory other accounts can write)."""
     check_name(name)
-    os.makedirs(os.path.join(root, PINS_DIR), mode=DIR_MODE, exist_ok=True)
-    with open(os.path.join(root, PINS_DIR, name), "w"):
-        pass
-    # Durable before we say so: a pin lost to a power loss lets retention delete what it protected.
-    fsync_dir(os.path.join(root, PINS_DIR))
-    fsync_dir(root)
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            os.mkdir(PINS_DIR, DIR_MODE, dir_fd=root_fd)
+        except FileExistsError:
+            pass
+        pins_fd = _open_dir_nofollow(PINS_DIR, root_fd)
+        try:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE, dir_fd=pins_fd))
+            # Durable before we say so: a pin lost to a power loss lets retention delete what it protected.
+            os.fsync(pins_fd)
+        finally:
+            os.close(pins_fd)
+        os.fsync(root_fd)
+    finally:
+        os.close(root_fd)
 
 
 def unpin(root: str, name: str) -> None:

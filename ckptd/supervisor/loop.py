@@ -139,6 +139,7 @@ class Supervisor:
         self._journaled: set[str] = set()  # checkpoint names already in the journal
         self._retired: set[str] = set()  # names our retention deleted
         self._resumed_from: str | None = None  # pinned: retention never deletes the checkpoint a run resumed from
+        self._person_saves: set[str] = set()  # ids of saves a person asked for (ckptd save, SIGUSR1): pinned
         self._wake_w = -1
         self._trainer_seen = False  # some life of this run connected: restarts resume from checkpoints
         self._faults: dict[str, int] = {}  # where the loop caught an unexpected error, how often
@@ -324,7 +325,7 @@ class Supervisor:
             self._metric("signal_notice", "signal")
             self._request_stop(name, force=self._second_stop(name))
         elif signum == signal.SIGUSR1:
-            self._request_save(name)
+            self._person_saves.add(self._request_save(name) or "")
         elif signum == signal.SIGHUP:
             self._reload()
 
@@ -905,6 +906,9 @@ class Supervisor:
             self._emergency_committed(step, self.clock.time())
         for request_id in _request_ids(msg):
             self._acknowledge_notices(self._notice_saves.pop(request_id, None))
+        if self._person_saves & set(_request_ids(msg)):
+            self._person_saves.difference_update(_request_ids(msg))
+            self._guarded("pin", self._pin_asked_for, name)
         self.last_checkpoint = _ckpt_record(name, step, kind, self.clock.time())
         if name not in self._journaled:
             self._journaled.add(name)
@@ -914,6 +918,15 @@ class Supervisor:
                         request_id=msg.get("request_id"))
             self._save_state()
         self._answer_waiters(msg, protocol.SAVED)
+
+    def _pin_asked_for(self, name: str) -> None:
+        """A checkpoint a person asked for is kept until a person removes it: pinned (``.pins/``), so neither
+        retention (the trainer's or ours) nor `ckptd prune` deletes it; `ckptd pin --remove` lets it go."""
+        from .. import store
+
+        if store.NAME_RE.match(name) and os.path.isdir(os.path.join(self.root, name)):
+            store.pin(self.root, name)
+            self.log("info", "pinned", f"{name} pinned: asked for by a person, kept until `ckptd pin --remove`")
 
     def _msg_trainer_save_failed(self, peer: Peer, msg: dict[str, Any]) -> None:
         self._event("error", "save_failed", f"checkpoint failed in the trainer: {msg.get('error')}",
@@ -950,6 +963,7 @@ class Supervisor:
     def _msg_client_save(self, peer: Peer, msg: dict[str, Any]) -> None:
         wait = bool(msg.get("wait"))
         request_id = self._request_save("ckptd save", waiter=peer if wait else None)
+        self._person_saves.add(request_id or "")
         if request_id is None:
             self.control.send(peer, protocol.ERROR, error="no trainer is connected: the script does not use "  # type: ignore[union-attr]
                               "ckptd.Checkpointer, or it is between restarts", code=exitcodes.FAILURE)
