@@ -178,3 +178,24 @@ def test_restore_says_in_its_line_that_the_run_finished_and_what_differs(tmp_pat
     assert f"differs from the run that wrote it: command '{script} {root} 10' -> '{script} {root} 20'" in line
     same = train(20)  # the same command again: resumes its own finished end, nothing differs
     assert "(that run had finished" in same and "differs" not in same
+
+
+def test_move_aside_moves_checkpoints_and_pins_and_a_live_writer_is_seen(tmp_path, make_checkpoints):
+    import socket
+
+    root = make_checkpoints([1, 2])
+    store.pin(root, store.checkpoint_name(1))
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        tmp = os.path.join(root, f".tmp-{store.checkpoint_name(3)}-{socket.gethostname()}-{writer.pid}-0123abcd")
+        os.mkdir(tmp)
+        assert f"process {writer.pid} is writing a checkpoint into {root}" in store.live_writer(root)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert store.live_writer(root) == ""  # its writer is gone: a leftover, not a writer
+    os.rmdir(tmp)
+    dest, moved = store.move_aside(root, "run")
+    assert moved == [store.PINS_DIR, store.checkpoint_name(1), store.checkpoint_name(2)]
+    assert store.list_checkpoints(root) == [] and store.pinned(root) == set()
+    assert [i.step for i in store.list_checkpoints(dest)] == [1, 2] and store.pinned(dest) == {store.checkpoint_name(1)}
