@@ -603,7 +603,8 @@ class Checkpointer:
         if not os.path.isdir(path):
             raise NotFoundError(f"ck.report(): no checkpoint of step {step} in {self.dir}; report metrics of a "
                                 "step that was saved (ck.step(n) saved it when due, or call ck.save() first)")
-        store.amend_manifest(path, metrics=values)
+        # On the writer thread: after the library's own retention of the last save, never beside it.
+        self._writer().submit(store.amend_manifest, path, metrics=values).result()
         if self.policy.active:  # keep_best may now keep (or no longer keep) something
             self._writer().submit(self._apply_retention)
 
