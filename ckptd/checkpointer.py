@@ -520,9 +520,15 @@ class Checkpointer:
                 raise CorruptCheckpointError(info.path, info.reason)
             self._load(info)
             return self._after_restore(info)
+        branch = os.environ.get(env.RESUME_FROM) or None
         if self._coordinate() is not None:  # every rank loads the same checkpoint, its own part of it
-            return self._dist.restore(self)
+            step = self._dist.restore(self)
+            if self._committed_step is None and branch is not None:  # nothing of its own: the branch point
+                return self.restore(branch)
+            return step
         if not os.path.isdir(self.dir):
+            if branch is not None:
+                return self.restore(branch)
             _announce(f"ckptd: no checkpoint in {self.dir}: starting at step 0")
             return 0
         if self.writes:
@@ -540,7 +546,6 @@ class Checkpointer:
                 log.info("ckptd: checkpoint %s disappeared while being read (moved by another process)", info.path)
                 continue
             return self._after_restore(info)
-        branch = os.environ.get(env.RESUME_FROM) or None
         if branch is not None:  # `ckptd run --resume-from`: the run has nothing of its own yet
             return self.restore(branch)
         _announce(f"ckptd: no {'valid ' if candidates else ''}checkpoint in {self.dir}: starting at step 0")
