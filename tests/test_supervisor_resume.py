@@ -199,3 +199,20 @@ def test_move_aside_moves_checkpoints_and_pins_and_a_live_writer_is_seen(tmp_pat
     assert moved == [store.PINS_DIR, store.checkpoint_name(1), store.checkpoint_name(2)]
     assert store.list_checkpoints(root) == [] and store.pinned(root) == set()
     assert [i.step for i in store.list_checkpoints(dest)] == [1, 2] and store.pinned(dest) == {store.checkpoint_name(1)}
+
+
+def test_restore_loads_the_branch_point_only_while_the_run_has_no_checkpoint_of_its_own(tmp_path, monkeypatch,
+                                                                                        make_checkpoints):
+    import ckptd
+    from conftest import small_model
+
+    base = make_checkpoints([4], root=tmp_path / "base")
+    monkeypatch.setenv("CKPTD_RESUME_FROM", os.path.join(base, store.checkpoint_name(4)))
+    own = str(tmp_path / "own" / "not-yet")  # does not exist yet
+    model, opt = small_model()
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=own, handle_signals=False)
+    assert ck.restore() == 4
+    ck.step(6)
+    ck.close()
+    model, opt = small_model()
+    assert ckptd.Checkpointer(model=model, optimizer=opt, dir=own, handle_signals=False).restore() == 6
