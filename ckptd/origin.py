@@ -2,7 +2,7 @@
 
 A checkpoint's ``origin`` (manifest field, checked by ``store``) holds:
 
-  * ``command``: the words after ``ckptd run [options]`` (``train.py --steps 300``, or ``torchrun ... train.py``)
+  * ``command``: (secret-looking option values replaced by ``***``, as in the supervisor's log) the words after ``ckptd run [options]`` (``train.py --steps 300``, or ``torchrun ... train.py``)
     when supervised, else the script's ``sys.argv``; the same words either way for ``ckptd run train.py ...``;
   * ``script`` and ``script_sha256``: the first ``*.py`` word of the command that is a file (absolute path)
     and the SHA-256 of its bytes, so an edited script is told apart from the same one;
@@ -20,13 +20,43 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
+from collections.abc import Sequence
 from typing import Any
 
 from . import env
 
+SECRET_NAME = re.compile(r"key|token|secret|passw|credential|auth|cookie", re.IGNORECASE)
+REDACTED = "***"
 SCRIPT_HASH_LIMIT = 64 << 20  # a training script is far smaller; a bigger "script" is not hashed
 FIELDS = ("command", "script", "script_sha256", "config", "world_size", "resume_from")
+
+
+def redact_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` with the value of every option whose name looks like a secret replaced by ``***``:
+    ``--api-key=X``, ``--api-key X``, ``-password X``, ``API_TOKEN=X`` (an environment assignment, as
+    ``env`` takes it)."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append(REDACTED)
+            hide_next = False
+            continue
+        if arg.startswith("-") and arg != "--":
+            name, eq, _ = arg.lstrip("-").partition("=")
+            if SECRET_NAME.search(name):
+                if eq:
+                    arg = arg[: arg.index("=") + 1] + REDACTED
+                else:
+                    hide_next = True
+        else:
+            name, eq, _ = arg.partition("=")
+            if eq and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) and SECRET_NAME.search(name):
+                arg = f"{name}={REDACTED}"
+        out.append(arg)
+    return out
 
 
 def script_of(command: list[str]) -> str | None:
@@ -57,7 +87,7 @@ def current(command: list[str], config: dict[str, Any] | None = None, world_size
             resume_from: str | None = None) -> dict[str, Any]:
     """The origin of a run started now with ``command``."""
     script = script_of(command)
-    return {"command": list(command), "script": script, "script_sha256": script_sha256(script),
+    return {"command": redact_argv(command), "script": script, "script_sha256": script_sha256(script),
             "config": config, "world_size": world_size, "resume_from": resume_from}
 
 

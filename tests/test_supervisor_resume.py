@@ -216,3 +216,9 @@ def test_restore_loads_the_branch_point_only_while_the_run_has_no_checkpoint_of_
     ck.close()
     model, opt = small_model()
     assert ckptd.Checkpointer(model=model, optimizer=opt, dir=own, handle_signals=False).restore() == 6
+
+
+def test_the_recorded_command_hides_secret_looking_option_values_as_the_log_does():
+    recorded = origin.current([TOY, "--api-key", "S3CRET", "--hf-token=T0KEN", "--steps", "3"])
+    assert recorded["command"] == [TOY, "--api-key", "***", "--hf-token=***", "--steps", "3"]
+    assert "S3CRET" not in json.dumps(recorded) and "T0KEN" not in json.dumps(recorded)
