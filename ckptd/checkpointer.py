@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from . import __version__, env, exitcodes, protocol, retention, store
+from . import __version__, env, exitcodes, origin, protocol, retention, store
 from .channel import TrainerChannel, connect_from_env
-from .errors import CkptdError, CorruptCheckpointError
+from .errors import CkptdError, CorruptCheckpointError, NotFoundError
 from .state import (DTYPES, TORCH_DTYPES, Encoder, StateDecodeError, capture_rng, check_rng, decode,
                     restore_rng)
 from .state import dumps as state_dumps
@@ -303,7 +303,11 @@ class Checkpointer:
         self.pace = float(pace)
         self.on_error = on_error
         self.rank = int(os.environ.get("RANK", "0") or 0)
-        self.writes = int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1 or self.rank == 0
+        world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        self.writes = world_size <= 1 or self.rank == 0
+        self.origin = origin.from_env(sys.argv, max(world_size, 1))  # recorded in every manifest
+        _check_extra(self.extra)  # a value that cannot be saved fails here, not at the first save
+        self._growth_warned = False
         self.epoch: int | None = None
         self.metrics: dict[str, Any] = {}
         self.resumed_from: str | None = None
@@ -485,7 +489,7 @@ class Checkpointer:
         result._future = executor.submit(self._persist, result, header, data, state_json, dict(self.metrics), self.epoch)
         result._future.add_done_callback(lambda _: _in_flight_hurry.discard(result._hurry))
         self._inflight = result
-        if self.policy.active and self.writes:  # after the commit, outside the save's wait()
+        if self.writes and (self.policy.active or not self._growth_warned):  # after the commit, outside wait()
             executor.submit(self._apply_retention)
         if block:
             self.wait()
@@ -516,9 +520,15 @@ class Checkpointer:
                 raise CorruptCheckpointError(info.path, info.reason)
             self._load(info)
             return self._after_restore(info)
+        branch = os.environ.get(env.RESUME_FROM) or None
         if self._coordinate() is not None:  # every rank loads the same checkpoint, its own part of it
-            return self._dist.restore(self)
+            step = self._dist.restore(self)
+            if self._committed_step is None and branch is not None:  # nothing of its own: the branch point
+                return self.restore(branch)
+            return step
         if not os.path.isdir(self.dir):
+            if branch is not None:
+                return self.restore(branch)
             _announce(f"ckptd: no checkpoint in {self.dir}: starting at step 0")
             return 0
         if self.writes:
@@ -536,6 +546,8 @@ class Checkpointer:
                 log.info("ckptd: checkpoint %s disappeared while being read (moved by another process)", info.path)
                 continue
             return self._after_restore(info)
+        if branch is not None:  # `ckptd run --resume-from`: the run has nothing of its own yet
+            return self.restore(branch)
         _announce(f"ckptd: no {'valid ' if candidates else ''}checkpoint in {self.dir}: starting at step 0")
         return 0
 
@@ -556,8 +568,50 @@ class Checkpointer:
             if self.save_on_close and self._step is not None and self._step != self._committed_step:
                 self.save(kind="final", block=True)
             self._report_failures()
+            self._mark_finished()
         finally:
             self._shutdown()
+
+    def _mark_finished(self) -> None:
+        """close() after the last step: the newest checkpoint, when it holds that step, says the run finished
+        (``ckptd run`` then does not start the same command again; restore() says so)."""
+        if not self.writes or self._step is None or self._step != self._committed_step:
+            return
+        path = os.path.join(self.dir, store.checkpoint_name(self._step))
+        try:
+            info = store.inspect_checkpoint(path)
+            if info.valid and not info.finished:
+                store.amend_manifest(path, finished=True)
+        except (CkptdError, OSError) as exc:
+            log.warning("ckptd: could not mark %s as the end of the run: %s", path, exc)
+
+    def report(self, step: int, **metrics: Any) -> None:
+        """Attach metrics known only after step ``step`` was saved (e.g. ``val_loss``) to its checkpoint.
+
+        Waits for the save in flight, then rewrites the checkpoint's manifest with the metrics added
+        (durably: temp, fsync, rename; checksummed by the manifest's digest). Retention's ``keep_best``,
+        ``ckptd ls`` and ``ckptd inspect`` read them from there. Raises NotFoundError when there is no
+        checkpoint of ``step``; does nothing on a rank that does not write checkpoints.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise CkptdError(f"ck.report() takes the step of a saved checkpoint (int >= 0), got {step!r}")
+        values = _jsonable_metrics(metrics)
+        if len(values) != len(metrics):
+            bad = ", ".join(sorted(set(map(str, metrics)) - set(values)))
+            raise CkptdError(f"ck.report(): {bad} is not a number, string, boolean or None (a one-element "
+                             "tensor is fine)")
+        self.wait()
+        self._report_failures()
+        if not self.writes:
+            return
+        path = os.path.join(self.dir, store.checkpoint_name(step))
+        if not os.path.isdir(path):
+            raise NotFoundError(f"ck.report(): no checkpoint of step {step} in {self.dir}; report metrics of a "
+                                "step that was saved (ck.step(n) saved it when due, or call ck.save() first)")
+        # On the writer thread: after the library's own retention of the last save, never beside it.
+        self._writer().submit(store.amend_manifest, path, metrics=values).result()
+        if self.policy.active:  # keep_best may now keep (or no longer keep) something
+            self._writer().submit(self._apply_retention)
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -619,7 +673,7 @@ class Checkpointer:
         try:
             fields = {"kind": result.kind, "metrics": _jsonable_metrics(metrics), "extra": {
                 "epoch": epoch, "versions": {"ckptd": __version__, "torch": torch.__version__},
-                "run_id": os.environ.get(env.RUN_ID, "")}}
+                "run_id": os.environ.get(env.RUN_ID, ""), "origin": self.origin}}
             if self._dist is not None:  # every rank writes its files; rank 0 commits them all at once
                 fields["extra"]["world_size"] = self._dist.world
                 result.path = self._dist.persist(self, result, header, fields)
@@ -687,8 +741,18 @@ class Checkpointer:
                               seconds=result.stall_seconds + result.persist_seconds,
                               paused_seconds=result.paused_seconds, stall_seconds=result.stall_seconds)
 
+    def _keep_emergency(self, info: store.CheckpointInfo) -> None:
+        """The emergency checkpoint a run resumed from is pinned: no retention rule deletes it, only a person
+        (``ckptd pin --remove``), so the point where the run was interrupted stays inspectable."""
+        try:
+            if info.name not in store.pinned(self.dir):
+                store.pin(self.dir, info.name)
+        except OSError as exc:
+            log.warning("ckptd: could not pin %s (the emergency checkpoint this run resumed from): %s", info.name, exc)
+
     def _apply_retention(self) -> None:
         if not self.policy.active:
+            self._warn_growth()
             return
         pins = {self.resumed_from} if self.resumed_from else set()
         try:
@@ -704,6 +768,18 @@ class Checkpointer:
         else's."""
         if self.channel is not None:
             self.channel.send(protocol.PRUNING, names=names)
+
+    def _warn_growth(self) -> None:
+        """No retention rule here nor in the supervisor: say once that the directory keeps growing."""
+        if self._growth_warned or os.environ.get(env.RETENTION) == "1":
+            return
+        try:
+            said = retention.growth_warning(store.list_checkpoints(self.dir), self.policy)
+        except (OSError, CkptdError):
+            return
+        if said:
+            self._growth_warned = True
+            log.warning("ckptd: %s", said)
 
     def _report_failures(self) -> None:
         with self._lock:
@@ -933,7 +1009,9 @@ class Checkpointer:
         self._last_save_time = time.monotonic()
         if os.path.dirname(os.path.abspath(info.path)) == self.dir:
             self.resumed_from = info.name
-        _announce(f"ckptd: resumed from step {step}: {info.path}")
+            if info.kind == "emergency" and self.writes:
+                self._keep_emergency(info)
+        _announce(f"ckptd: resumed from step {step}: {info.path}" + _resume_notes(info, self.origin))
         if self._prewarm is None and self.async_save and self.writes:
             self._start_prewarm(tensors)  # the state's size is known now; the first save will not page-fault
         if self.channel is not None:
@@ -1308,6 +1386,45 @@ def _read_rank_part(info: store.CheckpointInfo, rank: int) -> dict[str, Any] | N
         raise CorruptCheckpointError(info.path, f"{jname}: {exc}") from None
 
 
+def _state_without_tensors(info: store.CheckpointInfo, tree: dict[str, Any]) -> dict[str, Any]:
+    """The state with every tensor a meta tensor (dtype, shape), from the tensor file's header only."""
+    tpath = os.path.join(info.path, store.TENSORS)
+    fd = os.open(tpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
+            _, body = store.read_header_bytes(f, tpath, size)
+    finally:
+        os.close(fd)
+    _, entries = store.parse_safetensors_header(body, info.path, size - 8 - len(body))
+    metas = {e.key: torch.empty(e.shape, dtype=TORCH_DTYPES[e.dtype], device="meta") for e in entries}
+
+    def lookup(key: str) -> torch.Tensor:
+        if key not in metas:
+            raise StateDecodeError(f"tensor {key} is not in {store.TENSORS}")
+        return metas[key]
+
+    try:
+        return decode(_numpy_as_tensors(tree), lookup)
+    except StateDecodeError as exc:
+        raise CorruptCheckpointError(info.path, f"{store.STATE}: {exc}") from None
+
+
+def _numpy_as_tensors(tree: Any) -> Any:
+    """The state tree with NumPy arrays and scalars tagged as tensors (a meta tensor has no NumPy form)."""
+    if isinstance(tree, list):
+        return [_numpy_as_tensors(v) for v in tree]
+    if not isinstance(tree, dict):
+        return tree
+    if len(tree) == 1:
+        (tag, val), = tree.items()
+        if tag == "__np":
+            return {"__t": val}
+        if tag == "__npscalar" and isinstance(val, list) and len(val) == 2:
+            return {"__t": val[1]}
+    return {k: _numpy_as_tensors(v) for k, v in tree.items()}
+
+
 def _jsonable_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in metrics.items():
@@ -1320,15 +1437,65 @@ def _jsonable_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_state(path: str | os.PathLike[str]) -> dict[str, Any]:
+def _check_extra(extra: Mapping[str, Any]) -> None:
+    """Refuse at construction what a save would refuse: a plain ``extra`` value that cannot be stored (an
+    object with ``state_dict()``/``load_state_dict()`` is asked for its state at each save instead)."""
+    for name, obj in extra.items():
+        if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+            Encoder().encode(obj, f"extra/{name}/value")  # UnsupportedStateError: the message a save would give
+
+
+def _resume_notes(info: store.CheckpointInfo, now: dict[str, Any]) -> str:
+    """What restore()'s line adds: that the run had finished there, and what differs from the run that
+    wrote the checkpoint (command, script, ckptd config, world size)."""
+    notes = ""
+    if info.finished:
+        notes += " (that run had finished: its script called close() after its last step)"
+    diff = origin.differences(info.origin, now)
+    if diff:
+        notes += "; differs from the run that wrote it: " + "; ".join(diff)
+    return notes
+
+
+def resolve(path: str | os.PathLike[str]) -> str:
+    """A checkpoint path as the CLI names one: a checkpoint directory, ``DIR/latest`` (the newest checkpoint
+    of DIR that verifies, checksums included) or ``DIR/N`` (the checkpoint of step N in DIR)."""
+    path = os.fspath(path)
+    parent, leaf = os.path.split(os.path.normpath(path))
+    if os.path.isdir(path) and (os.path.lexists(os.path.join(path, store.MANIFEST)) or store.NAME_RE.match(leaf)):
+        return path
+    if leaf == "latest" and os.path.isdir(parent or "."):
+        info = store.latest_valid(parent or ".")
+        if info is None:
+            raise NotFoundError(f"no valid checkpoint in {parent or '.'}; `ckptd verify {parent or '.'}` says why "
+                                "each one is invalid")
+        return info.path
+    if leaf.isascii() and leaf.isdigit() and os.path.isdir(parent or "."):
+        named = os.path.join(parent or ".", store.checkpoint_name(int(leaf)))
+        if not os.path.isdir(named):
+            raise NotFoundError(f"no checkpoint of step {int(leaf)} in {parent or '.'}; `ckptd ls {parent or '.'}` "
+                                "lists them")
+        return named
+    if not os.path.lexists(path):
+        raise NotFoundError(f"{path} does not exist; name a checkpoint (DIR/step-N), DIR/latest or DIR/N")
+    return path
+
+
+def load_state(path: str | os.PathLike[str], *, tensors: bool = True) -> dict[str, Any]:
     """Load a checkpoint's whole state as a dict of plain objects and tensors (verifies checksums).
 
-    For evaluation scripts and tools: ``ckptd.load_state(p)["model"]`` is a state_dict.
+    For evaluation scripts and tools: ``ckptd.load_state(p)["model"]`` is a state_dict. ``path`` is a
+    checkpoint, ``DIR/latest`` or ``DIR/N`` (as the CLI takes them). ``tensors=False``: only the
+    manifest, ``state.json`` (checksummed) and the tensor file's header are read; every tensor is a
+    'meta'`` tensor of its dtype and shape (NumPy arrays and scalars too): no tensor data is read nor
+    checksummed - cheap, e.g. to rebuild a model from arguments saved in ``extra`` or ``ck.user``.
     """
-    info = store.inspect_checkpoint(os.fspath(path))
+    info = store.inspect_checkpoint(resolve(path))
     if not info.valid:
         raise CorruptCheckpointError(info.path, info.reason)
     tree = _read_state_json(info)
+    if not tensors:
+        return _state_without_tensors(info, tree)
     staged = _read_tensors(info, {})  # fresh tensors, checksums verified
     try:
         state = decode(tree, staged.result.__getitem__)

@@ -18,8 +18,12 @@ CONTROL = "CKPTD_CONTROL"  # path of the supervisor's unix control socket
 STOP_DEADLINE = "CKPTD_STOP_DEADLINE"  # unix time by which a pending stop must be done ("" if none)
 EXIT_ON_STOP = "CKPTD_EXIT_CODE_PREEMPTED"  # exit code the trainer uses after an emergency save
 METRICS = "CKPTD_METRICS"  # "0": the supervisor serves no metrics, the trainer sends no metric figures
+ORIGIN = "CKPTD_ORIGIN"  # JSON: the command, config and branch point of the run (origin.py), kept in manifests
+RESUME_FROM = "CKPTD_RESUME_FROM"  # `ckptd run --resume-from`: restore() loads it when DIR holds no checkpoint
+RETENTION = "CKPTD_RETENTION"  # "1": the supervisor applies a retention rule (no warning about a growing DIR)
 
-ALL = (DIR, EVERY_STEPS, EVERY_SECONDS, KEEP_LAST, RUN_ID, RESTART_COUNT, CONTROL, STOP_DEADLINE, METRICS)
+ALL = (DIR, EVERY_STEPS, EVERY_SECONDS, KEEP_LAST, RUN_ID, RESTART_COUNT, CONTROL, STOP_DEADLINE, METRICS, ORIGIN,
+       RESUME_FROM, RETENTION)
 
 
 def get_int(name: str) -> int | None:

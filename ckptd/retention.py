@@ -101,6 +101,21 @@ def plan(infos: Iterable[CheckpointInfo], policy: Policy, pinned: Iterable[str] 
     return keep, [i for i in valid if i.name not in keep]
 
 
+GROWTH_WARN = 20  # checkpoints in a directory with no retention rule before the one warning
+
+
+def growth_warning(infos: Iterable[CheckpointInfo], policy: Policy, limit: int = GROWTH_WARN) -> str:
+    """The warning for a directory that only grows ("" when a rule bounds it or it holds fewer than ``limit``)."""
+    valid = [i for i in infos if i.valid]
+    if policy.active or len(valid) < limit:
+        return ""
+    root = os.path.dirname(valid[-1].path)
+    size = sum(i.bytes for i in valid)
+    return (f"{root} holds {len(valid)} checkpoints ({size / 2**30:.2f} GiB) and no retention rule deletes any; "
+            "set keep_last= (and keep_best=, keep_every=) on the Checkpointer or --keep-last on `ckptd run`, "
+            "or `ckptd prune` it")
+
+
 def _finite(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 

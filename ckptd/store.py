@@ -48,6 +48,7 @@ from typing import Any, BinaryIO
 
 import xxhash
 
+from . import origin
 from .errors import CkptdError, CorruptCheckpointError, NotFoundError, StorageError
 
 log = logging.getLogger("ckptd")
@@ -397,6 +398,57 @@ class PendingCheckpoint:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+def amend_manifest(path: str, *, metrics: dict[str, Any] | None = None, finished: bool | None = None) -> CheckpointInfo:
+    """Add ``metrics`` to a committed checkpoint's manifest (new keys win) and/or mark it ``finished``.
+
+    The checkpoint's data files are never touched: a new manifest (new digest) is written to a temporary
+    file in the root, fsynced, renamed over the old one, and the checkpoint's directory fsynced. A reader
+    sees the old manifest or the new one, both valid. Raises CorruptCheckpointError when the checkpoint does
+    not pass the manifest-level check, StorageError when a write fails (the old manifest then stays).
+    """
+    info = inspect_checkpoint(path)
+    if not info.valid:
+        raise CorruptCheckpointError(path, info.reason)
+    m = {k: v for k, v in info.manifest.items() if k != "digest"}
+    if metrics:
+        m["metrics"] = {**(m.get("metrics") or {}), **metrics}
+    if finished is not None:
+        m["finished"] = finished
+    problem = _manifest_problem(m)
+    if problem:
+        raise CkptdError(f"cannot record that in {path}: the manifest {problem}")
+    m["digest"] = _digest(m)
+    data = json.dumps(m, indent=1, sort_keys=True, allow_nan=False).encode()
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise CkptdError(f"cannot record that in {path}: the manifest would exceed {MAX_MANIFEST_BYTES} bytes")
+    root = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(root, f"{TMP_PREFIX}{info.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    except OSError as exc:
+        raise _storage(tmp, "create", exc) from exc
+    try:
+        try:
+            _write_all(fd, memoryview(data), tmp)
+            _fsync(fd, tmp)
+        finally:
+            _close(fd, tmp)
+        try:
+            os.rename(tmp, os.path.join(path, MANIFEST))
+        except OSError as exc:
+            raise _storage(os.path.join(path, MANIFEST), "rename", exc) from exc
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    try:
+        fsync_dir(path)
+        fsync_dir(root)
+    except OSError as exc:
+        raise _storage(path, "fsync", exc) from exc
+    return inspect_checkpoint(path)
+
+
 def _fsync(fd: int, path: str) -> None:
     try:
         os.fsync(fd)
@@ -450,6 +502,16 @@ class CheckpointInfo:
     def epoch(self) -> int | None:
         return self.manifest.get("epoch")
 
+    @property
+    def origin(self) -> dict[str, Any] | None:
+        """What started the run that wrote it (origin.py); None in checkpoints of older versions."""
+        return self.manifest.get("origin")
+
+    @property
+    def finished(self) -> bool:
+        """The last checkpoint of a run whose script called ``close()`` after its last step."""
+        return self.manifest.get("finished") is True
+
     def as_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -462,6 +524,8 @@ class CheckpointInfo:
             "reason": self.reason,
             "metrics": self.metrics,
             "epoch": self.epoch,
+            "finished": self.finished,
+            "origin": self.origin,
         }
 
 
@@ -578,6 +642,12 @@ def _manifest_problem(m: dict[str, Any]) -> str:
         return "versions is not an object of strings"
     if not isinstance(m.get("run_id", ""), str):
         return "run_id is not a string"
+    if "origin" in m:
+        why = origin.problem(m["origin"])
+        if why:
+            return f"origin {why}"
+    if not isinstance(m.get("finished", False), bool):
+        return "finished is not true or false"
     return ""
 
 
@@ -1095,6 +1165,55 @@ def remove_stale_temps(root: str) -> list[str]:
     return removed
 
 
+PREVIOUS_DIR = ".previous"  # `ckptd run --fresh` moves an old run's checkpoints here, never deletes them
+
+
+def live_writer(root: str) -> str:
+    """Why ``root`` is being written by a process of its own (a live writer's temporary directory), or ""."""
+    host = socket.gethostname()
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return ""
+    for e in entries:
+        m = _TMP_RE.match(e.name)
+        if not m:
+            continue
+        try:
+            if m.group(1) == host:
+                if int(m.group(2)) != os.getpid() and _pid_alive(int(m.group(2))):
+                    return f"process {m.group(2)} is writing a checkpoint into {root} ({e.name})"
+            elif time.time() - e.stat(follow_symlinks=False).st_mtime < 3600:
+                return f"a process on host {m.group(1)} is writing a checkpoint into {root} ({e.name})"
+        except FileNotFoundError:
+            continue
+    return ""
+
+
+def move_aside(root: str, label: str) -> tuple[str, list[str]]:
+    """Move every checkpoint of ``root`` (valid or not) and its pins into ``root/.previous/LABEL-TIME/``.
+
+    Renames only (nothing is copied or deleted); each rename is made durable by fsyncing both directories.
+    Returns (the new directory, the moved names). A symlink is moved as a link, never followed.
+    """
+    check_name(label)
+    prev = os.path.join(root, PREVIOUS_DIR)
+    dest = os.path.join(prev, f"{label}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:4]}")
+    names = sorted(e.name for e in os.scandir(root) if NAME_RE.match(e.name) or e.name == PINS_DIR)
+    try:
+        os.makedirs(prev, mode=DIR_MODE, exist_ok=True)
+        os.mkdir(dest, DIR_MODE)
+        fsync_dir(prev)
+        fsync_dir(root)
+        for name in names:
+            os.rename(os.path.join(root, name), os.path.join(dest, name))
+        fsync_dir(dest)
+        fsync_dir(root)
+    except OSError as exc:
+        raise _storage(dest, "move aside", exc) from exc
+    return dest, names
+
+
 def _open_dir_nofollow(name: str, dir_fd: int) -> int:
     return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
 
@@ -1180,13 +1299,25 @@ def delete(root: str, name: str) -> bool:
 
 
 def pin(root: str, name: str) -> None:
+    """Create ``root/.pins/NAME`` (durably); never through a symlink (the supervisor may run as root over a
+    directory other accounts can write)."""
     check_name(name)
-    os.makedirs(os.path.join(root, PINS_DIR), mode=DIR_MODE, exist_ok=True)
-    with open(os.path.join(root, PINS_DIR, name), "w"):
-        pass
-    # Durable before we say so: a pin lost to a power loss lets retention delete what it protected.
-    fsync_dir(os.path.join(root, PINS_DIR))
-    fsync_dir(root)
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            os.mkdir(PINS_DIR, DIR_MODE, dir_fd=root_fd)
+        except FileExistsError:
+            pass
+        pins_fd = _open_dir_nofollow(PINS_DIR, root_fd)
+        try:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE, dir_fd=pins_fd))
+            # Durable before we say so: a pin lost to a power loss lets retention delete what it protected.
+            os.fsync(pins_fd)
+        finally:
+            os.close(pins_fd)
+        os.fsync(root_fd)
+    finally:
+        os.close(root_fd)
 
 
 def unpin(root: str, name: str) -> None:

@@ -210,3 +210,68 @@ def test_kubernetes_job_gives_ckptd_time_to_checkpoint_and_runs_it_as_pid_1():
     rules = docs["Job"]["spec"]["podFailurePolicy"]["rules"]
     assert {"action": "FailJob", "values": [2, 78]} == {"action": rules[0]["action"],
                                                         "values": rules[0]["onExitCodes"]["values"]}
+
+
+# --------------------------------------------------------------------------- the install step
+
+PIP_INSTALL = re.compile(r"^\s*/opt/ckptd/bin/pip install --quiet (\S+)\s*(?:#.*)?$", re.M)
+
+
+def install_steps() -> dict[str, list[str]]:
+    """What each cloud recipe's install step passes to pip, by recipe."""
+    scripts = {"aws-spot": shell_scripts()["aws-spot runcmd[0]"], "azure-spot": shell_scripts()["azure-spot runcmd[0]"],
+               "gcp-spot": read("gcp-spot", "startup.sh").replace("$MNT", "/mnt/ckptd")}
+    return {recipe: [w.strip('"') for w in PIP_INSTALL.findall(text)] for recipe, text in scripts.items()}
+
+
+def project_version() -> str:
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        return re.search(r'^version = "([^"]+)"', f.read(), re.M).group(1)
+
+
+@pytest.fixture(scope="module")
+def built_wheel(tmp_path_factory) -> str:
+    """The wheel built from this checkout, as `python -m build` would name it (pip wheel: no network needed)."""
+    out = tmp_path_factory.mktemp("dist")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                        "--wheel-dir", str(out), ROOT], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (wheel,) = out.glob("ckptd-*.whl")
+    return str(wheel)
+
+
+def test_no_documented_install_asks_the_package_index_for_ckptd():
+    """`pip install ckptd` fails: ckptd is not on the package index. Every doc installs what exists."""
+    bare = re.compile(r"pip install (--quiet )?['\"]?ckptd['\"]?(\s|$|`)")
+    docs = [os.path.join(ROOT, "README.md")] + [os.path.join(d, f) for d, _, fs in os.walk(DEPLOY) for f in fs]
+    for path in docs:
+        with open(path, errors="replace") as f:
+            text = f.read()
+        assert not bare.search(text), f"{os.path.relpath(path, ROOT)} installs ckptd from the package index"
+
+
+@pytest.mark.parametrize("recipe", ["aws-spot", "gcp-spot", "azure-spot"])
+def test_a_cloud_recipes_install_step_installs_the_wheel_built_from_this_repository(recipe, built_wheel, tmp_path):
+    steps = install_steps()[recipe]
+    assert steps[0].startswith("torch=="), steps  # torch first: the build for the machine's GPUs
+    (target,) = steps[1:]
+    assert os.path.basename(target) == os.path.basename(built_wheel) == f"ckptd-{project_version()}-py3-none-any.whl"
+    # The step as the recipe runs it, on a fresh venv, with the wheel where the recipe expects it (under a
+    # temporary root; --no-deps: the dependencies come from the package index, not from this repository).
+    share = tmp_path / target.lstrip("/")
+    share.parent.mkdir(parents=True)
+    shutil.copy(built_wheel, share)
+    venv = tmp_path / "opt-ckptd"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--quiet",
+                        "--no-deps", str(share)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    probe = ("import ckptd, importlib.metadata as m, importlib.resources as r; print(ckptd.__file__); "
+             "print(m.version('ckptd')); print(m.metadata('ckptd')['License-Expression']); "
+             "print((r.files('ckptd') / 'units' / 'ckptd@.service').is_file())")
+    out = subprocess.run([str(venv / "bin" / "python"), "-I", "-c", probe], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    where, version, license_, unit = out.stdout.split()
+    assert where.startswith(str(venv)) and version == project_version() and license_ == "Apache-2.0"
+    assert unit == "True" and os.access(venv / "bin" / "ckptd", os.X_OK)  # the console script and the unit file

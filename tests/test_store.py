@@ -232,8 +232,10 @@ def test_restore_refuses_a_different_model_with_a_clear_error(make_checkpoints):
 
 def test_unsupported_state_names_the_path(tmp_path):
     model, opt = small_model()
-    ck = ckptd.Checkpointer(model=model, dir=str(tmp_path), extra={"cfg": {"fn": object()}}, handle_signals=False,
-                            save_on_close=False)
+    with pytest.raises(ckptd.UnsupportedStateError, match="extra/cfg/value/fn"):  # at construction already
+        ckptd.Checkpointer(model=model, dir=str(tmp_path), extra={"cfg": {"fn": object()}}, handle_signals=False)
+    ck = ckptd.Checkpointer(model=model, dir=str(tmp_path), handle_signals=False, save_on_close=False)
+    ck.extra["cfg"] = {"fn": object()}  # put there later: the save refuses it, with the same message
     ck.step(1)
     with pytest.raises(ckptd.UnsupportedStateError, match="extra/cfg/value/fn"):
         ck.save(block=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
 from .. import store
@@ -20,6 +21,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_dir_argument(p, positional=False)
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="output file, e.g. model.safetensors")
     p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    p.add_argument("--state", action="append", default=[], metavar="PATH",
+                   help="also carry this JSON value of the saved state in the file's metadata, under the key PATH "
+                   "(e.g. extra/model_args, user/config; repeatable); read it back with json.loads("
+                   "safetensors.safe_open(FILE, 'pt').metadata()[PATH])")
     p.add_argument("--json", action="store_true", help="print one JSON object: output, checkpoint, step, tensors, bytes")
     p.set_defaults(func=run)
 
@@ -37,8 +42,9 @@ def run(args: argparse.Namespace) -> int:
             info = store.verify(path, progress=prog)
     if not info.valid:
         raise CorruptCheckpointError(path, info.reason)
+    carried = state_metadata(path, args.state)
     if info.manifest.get("sharded"):
-        return _export_sharded(args, path, info, out)
+        return _export_sharded(args, path, info, out, carried)
     header = read_tensor_header(path)  # every entry has a dtype and a shape
     tpath = os.path.join(path, store.TENSORS)
     with open(tpath, "rb") as f:
@@ -48,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         if not model:
             raise CkptdError(f"{path} holds no model weights (it was saved without model=)")
         entries = [(k, v["dtype"], v["shape"], v["data_offsets"][1] - v["data_offsets"][0]) for k, v in model]
-        head = store.safetensors_header_bytes(entries, {"format": "pt", "ckptd_step": str(info.step)})
+        head = store.safetensors_header_bytes(entries, {"format": "pt", "ckptd_step": str(info.step), **carried})
         total = sum(e[3] for e in entries)
         tmp = f"{out}.tmp-{os.getpid()}"
         try:
@@ -83,7 +89,45 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_sharded(args: argparse.Namespace, path: str, info: store.CheckpointInfo, out: str) -> int:
+STATE_TAGS = ("__t", "__np", "__npscalar", "__tuple", "__dict", "__float", "__dtype", "__device", "__bytes")
+
+
+def state_metadata(path: str, wanted: list[str]) -> dict[str, str]:
+    """``{PATH: JSON text}`` of each wanted value of a (verified) checkpoint's state.json; a value must be
+    plain JSON (no tensors, tuples, bytes...). ``extra/NAME`` finds a plain value saved in ``extra``."""
+    if not wanted:
+        return {}
+    raw = store.read_small(os.path.join(path, store.STATE), store.MAX_STATE_BYTES)
+    tree = store.load_json(raw, path, store.STATE, store.MAX_STATE_DEPTH, store.MAX_STATE_VALUES)
+    out = {}
+    for want in wanted:
+        node = tree
+        for part in [p for p in want.split("/") if p]:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            else:
+                keys = ", ".join(sorted(node)[:20]) if isinstance(node, dict) else "none"
+                raise CkptdError(f"--state {want}: the saved state has no {part!r} there (keys: {keys}); "
+                                 "e.g. extra/NAME or user/KEY")
+        if isinstance(node, dict) and set(node) == {"value"} and want.startswith("extra/"):
+            node = node["value"]  # how a plain value in extra= is saved
+        if _tagged(node):
+            raise CkptdError(f"--state {want} is not plain JSON (it holds tensors, tuples, bytes or other encoded "
+                             "values); carry the JSON values only, e.g. a dict of numbers and strings")
+        out[want] = json.dumps(node, sort_keys=True)
+    return out
+
+
+def _tagged(node: object) -> bool:
+    if isinstance(node, list):
+        return any(_tagged(v) for v in node)
+    if isinstance(node, dict):
+        return (len(node) == 1 and next(iter(node)) in STATE_TAGS) or any(_tagged(v) for v in node.values())
+    return False
+
+
+def _export_sharded(args: argparse.Namespace, path: str, info: store.CheckpointInfo, out: str,
+                    carried: dict[str, str]) -> int:
     """Consolidate a sharded (FSDP) checkpoint's model weights: every chunk of every rank's shard file
     placed into the full tensor (raw bytes; no torch needed), then one safetensors file, atomically."""
     import numpy as np
@@ -107,7 +151,7 @@ def _export_sharded(args: argparse.Namespace, path: str, info: store.CheckpointI
         raise CkptdError(f"{path} holds no model weights (it was saved without model=)")
     names = sorted(fulls)
     entries = [(n, metas[n]["dtype"], metas[n]["size"], fulls[n].nbytes) for n in names]
-    head = store.safetensors_header_bytes(entries, {"format": "pt", "ckptd_step": str(info.step)})
+    head = store.safetensors_header_bytes(entries, {"format": "pt", "ckptd_step": str(info.step), **carried})
     tmp = f"{out}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as dst:

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     for i in infos:
         valid = "ok" if i.valid else "BAD"
         extra = format_metrics(i.metrics) if i.valid else i.reason
-        pin = " [pinned]" if i.name in pins else ""
+        pin = (" [pinned]" if i.name in pins else "") + (" [finished]" if i.finished else "")
         print(f"{i.name:<{width}}  {i.step:>10}  {i.kind:<9}  {human_time(i.created):<19}  {human_bytes(i.bytes):>10}  "
               f"{valid:<8}  {extra}{pin}")
     return 0

@@ -7,9 +7,10 @@ import os
 import shutil
 import sys
 
-from ..errors import NotFoundError
+from .. import store
+from ..errors import CorruptCheckpointError, NotFoundError
 from ..supervisor import config as configmod
-from . import UsageError
+from . import UsageError, resolve_checkpoint
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "4 script or command not found, 2 bad command line (a bad option value included).",
     )
     configmod.add_arguments(p)
+    p.add_argument("--fresh", action="store_true",
+                   help="start a new run: the checkpoints in the directory are moved to DIR/.previous/ (never "
+                   "deleted); refused when that is ambiguous (an unfinished run of this same command, a multi-node "
+                   "job, another writer in the directory)")
+    p.add_argument("--resume-from", metavar="CKPT", default=None,
+                   help="start from another run's checkpoint (a branch): a checkpoint path, OTHERDIR/latest or "
+                   "OTHERDIR/N; once this run has checkpoints of its own, restarts resume those")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="SCRIPT.py [ARGS...] | -- CMD [ARGS...]",
                    help="the training script and its arguments, or -- and a command")
     p.set_defaults(func=run)
@@ -57,6 +65,19 @@ def run(args: argparse.Namespace) -> int:
     overrides = configmod.cli_overrides(args)
     cfg = configmod.resolve(args.config, overrides)  # config errors first: nothing has started
     argv = command_argv(list(args.command))
+    words = list(args.command[1:] if args.command[:1] == ["--"] else args.command)
+    resume_from = branch_point(args.resume_from) if args.resume_from else None
     from ..supervisor.loop import Supervisor
 
-    return Supervisor(cfg, argv, config_file=args.config, overrides=overrides).run()
+    return Supervisor(cfg, argv, config_file=args.config, overrides=overrides, command=words, fresh=args.fresh,
+                      resume_from=resume_from).run()
+
+
+def branch_point(target: str) -> str:
+    """``--resume-from CKPT``: the checkpoint's absolute path, after the manifest-level check (restore() then
+    verifies every byte)."""
+    path, info = resolve_checkpoint(target, None)
+    info = info or store.inspect_checkpoint(path)
+    if not info.valid:
+        raise CorruptCheckpointError(path, info.reason)
+    return os.path.abspath(path)

@@ -20,13 +20,12 @@ import sys
 import time
 from typing import Any, Sequence, TextIO
 
+from ..origin import REDACTED, SECRET_NAME, redact_argv  # noqa: F401  (one rule for logs and manifests)
+
 # C0 and C1 controls, DEL, and the Unicode line and paragraph separators some viewers break lines at.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 CONTINUATION = "    | "  # prefix of the lines of a multi-line block (tracebacks, stacks, stderr tails)
-
-SECRET_NAME = re.compile(r"key|token|secret|passw|credential|auth|cookie", re.IGNORECASE)
-REDACTED = "***"
 
 
 def escape(text: Any) -> str:
@@ -38,32 +37,6 @@ def escape(text: Any) -> str:
 def _escape_char(m: re.Match) -> str:
     c = m.group()
     return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
-
-
-def redact_argv(argv: Sequence[str]) -> list[str]:
-    """``argv`` with the value of every option whose name looks like a secret replaced by ``***``:
-    ``--api-key=X``, ``--api-key X``, ``-password X``, ``API_TOKEN=X`` (an environment assignment, as
-    ``env`` takes it)."""
-    out: list[str] = []
-    hide_next = False
-    for arg in argv:
-        if hide_next:
-            out.append(REDACTED)
-            hide_next = False
-            continue
-        if arg.startswith("-") and arg != "--":
-            name, eq, _ = arg.lstrip("-").partition("=")
-            if SECRET_NAME.search(name):
-                if eq:
-                    arg = arg[: arg.index("=") + 1] + REDACTED
-                else:
-                    hide_next = True
-        else:
-            name, eq, _ = arg.partition("=")
-            if eq and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) and SECRET_NAME.search(name):
-                arg = f"{name}={REDACTED}"
-        out.append(arg)
-    return out
 
 
 class EventLog:

@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from .. import env as envvars
-from .. import exitcodes, protocol
+from .. import exitcodes, origin, protocol
 from ..errors import CkptdError
 from . import config as configmod
 from . import metrics as metricsmod
 from . import notices as noticesmod
+from . import resume
 from .clock import Clock
 from .config import Config
 from .control import ControlServer, Peer
@@ -96,9 +97,13 @@ class Life:
 class Supervisor:
     def __init__(self, cfg: Config, argv: list[str], *, config_file: str | None = None,
                  overrides: dict[str, Any] | None = None, clock: Clock | None = None,
-                 log: EventLog | None = None) -> None:
+                 log: EventLog | None = None, command: list[str] | None = None, fresh: bool = False,
+                 resume_from: str | None = None) -> None:
         self.cfg = configmod.absolute(cfg)
         self.argv = argv
+        self.command = list(command) if command is not None else list(argv)  # as the user typed it (origin.py)
+        self.fresh, self.resume_from = fresh, resume_from
+        self.start_plan: resume.Plan | None = None
         self.config_file = config_file
         self.overrides = overrides or {}
         self.clock = clock or Clock()
@@ -138,6 +143,7 @@ class Supervisor:
         self._retired: set[str] = set()  # names our retention deleted
         self._pruning: dict[str, None] = {}  # names a trainer's retention announced it deletes (insertion order)
         self._resumed_from: str | None = None  # pinned: retention never deletes the checkpoint a run resumed from
+        self._person_saves: set[str] = set()  # ids of saves a person asked for (ckptd save, SIGUSR1): pinned
         self._wake_w = -1
         self._trainer_seen = False  # some life of this run connected: restarts resume from checkpoints
         self._faults: dict[str, int] = {}  # where the loop caught an unexpected error, how often
@@ -158,10 +164,34 @@ class Supervisor:
         lock = JobLock(self.root, self.node)
         lock.acquire()
         try:
+            if self._plan_start() is resume.Action.FINISHED:
+                return exitcodes.OK
             with self._signals_captured():
                 return self._run_locked()
         finally:
             lock.release()
+
+    def _origin_config(self) -> dict[str, Any]:
+        return {k: v for k, v in self.cfg.as_dict().items() if k != "dir"}
+
+    def _plan_start(self) -> resume.Action:
+        """Resume, start anew (moving old checkpoints aside for --fresh), or nothing: resume.plan decides,
+        one line says it. Runs under the job lock, before anything starts."""
+        from .. import store
+
+        self.view.refresh()
+        now = origin.current(self.command, self._origin_config(), 1, self.resume_from)
+        self.start_plan = plan = resume.plan(
+            self.root, self.view.latest(), now, fresh=self.fresh, resume_from=self.resume_from,
+            multi_node=self.node.job_id is not None, writer_busy=store.live_writer(self.root) if self.fresh else "")
+        if plan.action is resume.Action.FRESH:
+            dest, moved = store.move_aside(self.root, "run")
+            if self.resume_from and os.path.dirname(self.resume_from) == self.root:
+                self.resume_from = os.path.join(dest, os.path.basename(self.resume_from))  # moved with the rest
+            plan.line += f" to {dest} ({len(moved)} entries)"
+            self.view.refresh()
+        self.log("info", "plan", plan.line, action=plan.action.value, differences=plan.differences)
+        return plan.action
 
     def post(self, event: tuple) -> None:
         """Threads call this; it only queues and wakes the loop."""
@@ -194,8 +224,8 @@ class Supervisor:
         self.procs.setup()
         previous = read_json(os.path.join(self.run_dir, STATE_NAME)) or {}
         # A run that did not finish (preempted, gave up, supervisor killed) keeps its id when resumed.
-        self.run_id = previous.get("run_id") if previous.get("exit_code") != 0 and previous.get("run_id") \
-            else uuid.uuid4().hex[:12]
+        self.run_id = previous.get("run_id") if previous.get("exit_code") != 0 and previous.get("run_id") and \
+            (self.start_plan is None or self.start_plan.action is not resume.Action.FRESH) else uuid.uuid4().hex[:12]
         if self.run_id == previous.get("run_id"):  # goodput counts the whole run, across `ckptd run`s
             self.metrics.goodput.resume((previous.get("metrics") or {}).get("goodput"))
         self.journal = Journal(os.path.join(self.run_dir, JOURNAL_NAME), self.clock.time, on_error=self.log)
@@ -299,7 +329,7 @@ class Supervisor:
             self._metric("signal_notice", "signal")
             self._request_stop(name, force=self._second_stop(name))
         elif signum == signal.SIGUSR1:
-            self._request_save(name)
+            self._person_saves.add(self._request_save(name) or "")
         elif signum == signal.SIGHUP:
             self._reload()
 
@@ -342,6 +372,9 @@ class Supervisor:
             envvars.STOP_DEADLINE: "",
             envvars.EXIT_ON_STOP: str(exitcodes.PREEMPTED),
             envvars.METRICS: "1" if self.cfg.metrics.addr else "0",
+            envvars.ORIGIN: origin.for_env(self.command, self._origin_config(), self.resume_from),
+            envvars.RESUME_FROM: self.resume_from or "",
+            envvars.RETENTION: "1" if self.cfg.retention_enabled else "",
         })
         if self.cfg.every_steps:
             env[envvars.EVERY_STEPS] = str(self.cfg.every_steps)
@@ -891,6 +924,9 @@ class Supervisor:
             self._emergency_committed(step, self.clock.time())
         for request_id in _request_ids(msg):
             self._acknowledge_notices(self._notice_saves.pop(request_id, None))
+        if self._person_saves & set(_request_ids(msg)):
+            self._person_saves.difference_update(_request_ids(msg))
+            self._guarded("pin", self._pin_asked_for, name)
         self.last_checkpoint = _ckpt_record(name, step, kind, self.clock.time())
         if name not in self._journaled:
             self._journaled.add(name)
@@ -910,6 +946,15 @@ class Supervisor:
                 self._pruning[name] = None
         while len(self._pruning) > MAX_PRUNING:  # a name announced but never deleted must not grow it for ever
             del self._pruning[next(iter(self._pruning))]
+
+    def _pin_asked_for(self, name: str) -> None:
+        """A checkpoint a person asked for is kept until a person removes it: pinned (``.pins/``), so neither
+        retention (the trainer's or ours) nor `ckptd prune` deletes it; `ckptd pin --remove` lets it go."""
+        from .. import store
+
+        if store.NAME_RE.match(name) and os.path.isdir(os.path.join(self.root, name)):
+            store.pin(self.root, name)
+            self.log("info", "pinned", f"{name} pinned: asked for by a person, kept until `ckptd pin --remove`")
 
     def _msg_trainer_save_failed(self, peer: Peer, msg: dict[str, Any]) -> None:
         self._event("error", "save_failed", f"checkpoint failed in the trainer: {msg.get('error')}",
@@ -949,6 +994,7 @@ class Supervisor:
     def _msg_client_save(self, peer: Peer, msg: dict[str, Any]) -> None:
         wait = bool(msg.get("wait"))
         request_id = self._request_save("ckptd save", waiter=peer if wait else None)
+        self._person_saves.add(request_id or "")
         if request_id is None:
             self.control.send(peer, protocol.ERROR, error="no trainer is connected: the script does not use "  # type: ignore[union-attr]
                               "ckptd.Checkpointer, or it is between restarts", code=exitcodes.FAILURE)

@@ -24,7 +24,9 @@ install -d -o ckptd -g ckptd -m 0750 "$MNT/$JOB"
 if [ ! -x /opt/ckptd/bin/ckptd ]; then
     python3 -m venv /opt/ckptd
     /opt/ckptd/bin/pip install --quiet torch==2.13.0      # the torch build for your GPUs
-    /opt/ckptd/bin/pip install --quiet ckptd
+    # ckptd is not on PyPI: build its wheel from the repository once (`python -m build`, see the README's
+    # Install) and copy it onto the Filestore share: $MNT/wheels/ckptd-0.1.0-py3-none-any.whl
+    /opt/ckptd/bin/pip install --quiet "$MNT/wheels/ckptd-0.1.0-py3-none-any.whl"
 fi
 
 mkdir -p /opt/ckptd-job
