@@ -80,3 +80,46 @@ def test_save_wait_and_stop_wait_with_the_toy_trainer(tmp_path):
     assert stopped.returncode == 0 and "exit code 85" in stopped.stdout, stopped.stderr
     assert run.wait(20) == exitcodes.PREEMPTED
     assert run.events("checkpoint")[-1]["kind"] == "emergency"
+
+
+def test_a_trainer_sigkill_under_bash_tee_leaves_the_users_tee_alone_and_ends_identical(tmp_path, reference):
+    """`ckptd run ... > >(tee log)`: bash forks `tee`, then execs ckptd in the same process, so `tee` is the
+    supervisor's child without being part of the run. The restart after a SIGKILL of the trainer must neither
+    kill it (the next life would die of a broken pipe at its first print) nor wait for it."""
+    import shlex
+    import subprocess
+    import sys
+
+    import psutil
+
+    from fixtures.sup_helpers import journal, running
+
+    root, log, err = str(tmp_path / "ck"), str(tmp_path / "log"), str(tmp_path / "err")
+    line = (f"{shlex.quote(sys.executable)} -m ckptd run --dir {shlex.quote(root)} {' '.join(FAST)} "
+            f"{shlex.quote(TOY)} --steps {STEPS} --every-steps 25 --step-delay 0.03 > >(tee {shlex.quote(log)})")
+    with open(err, "w") as err_file:
+        proc = subprocess.Popen(["bash", "-c", line], stdout=subprocess.DEVNULL, stderr=err_file,
+                                start_new_session=True)
+    try:
+        spawn = wait_for(lambda: journal(root, "spawn"), 60, "the trainer to start")[0]
+        tee = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "tee"]
+        assert len(tee) == 1 and tee[0].ppid() == journal(root, "start")[0]["pid"], "no tee child of ckptd to watch"
+        tee = tee[0]
+        wait_for(lambda: journal(root, "checkpoint"), 60, "the first checkpoint")
+        os.kill(spawn["pid"], signal.SIGKILL)
+        wait_for(lambda: journal(root, "resumed"), 60, "the restarted trainer to resume")
+        assert running(tee.pid), "the user's tee was killed"
+        assert proc.wait(120) == 0, open(err).read()
+        stderr = open(err).read()
+        assert "leftover" not in stderr, stderr
+        [restart] = journal(root, "restart")
+        assert restart["reason"] == "signal" and journal(root, "resumed")[-1]["step"] == restart["resume_step"]
+        # tee ends when ckptd's end closes its input: the log holds both lives, then the finished run.
+        wait_for(lambda: not running(tee.pid), 30, "tee to finish its log")
+        text = open(log).read()
+        assert "start_step=0" in text and f"start_step={restart['resume_step']}" in text, text
+        assert digest(text) == reference
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
