@@ -12,7 +12,7 @@ import signal
 import time
 
 from ckptd import exitcodes
-from fixtures.sup_helpers import FAST, TRAINER, Run, ckptd, wait_for
+from fixtures.sup_helpers import FAST, TRAINER, Run, ckptd, freeze, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "examples", "train_toy.py")
@@ -134,11 +134,17 @@ def test_two_save_waits_merged_into_one_checkpoint_are_both_answered(tmp_path):
     import sys
 
     root = str(tmp_path / "ck")
-    # One step every 1.5 s: both requests reach the trainer within one step and become one save.
-    run = Run(tmp_path, root, [*FAST, TOY, "--steps", "1000000", "--step-delay", "1.5", "--every-steps", "1000000"])
-    wait_for(lambda: _trainer_pid(root), 60, "the trainer to connect")
+    run = Run(tmp_path, root, [*FAST, TOY, "--steps", "1000000", "--step-delay", "0.05", "--every-steps", "1000000"])
+    pid = wait_for(lambda: _trainer_pid(root), 60, "the trainer to connect")
+    # Both requests reach the trainer before its next step whatever the two clients' start-up takes: it is
+    # stopped until the supervisor has sent both, and takes what arrived together in one step.
+    assert freeze(pid)
     cmd = [sys.executable, "-m", "ckptd", "save", "--wait", "--dir", root, "--timeout", "60"]
     clients = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        wait_for(lambda: run.stderr().count("checkpoint requested by") == 2, 60, "both requests sent to the trainer")
+    finally:
+        os.kill(pid, signal.SIGCONT)
     outs = [c.communicate(timeout=90) for c in clients]
     assert [c.returncode for c in clients] == [0, 0], outs
     merged = [e for e in run.events("checkpoint") if "," in str(e.get("request_id") or "")]
