@@ -132,10 +132,14 @@ class TrainerChannel:
     def _drop(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass
+            # shutdown() first: while the reader thread sits in recv() the kernel keeps the socket open past
+            # close(), so the supervisor would see no end and go on watching a closed trainer for hangs
+            # (a slow interpreter exit after ck.close() was then killed as a hang and restarted).
+            for end in (lambda: sock.shutdown(socket.SHUT_RDWR), sock.close):
+                try:
+                    end()
+                except OSError:
+                    pass
 
     def close(self) -> None:
         self._drop()

@@ -101,6 +101,21 @@ def test_a_hung_trainer_dumps_every_threads_python_stack_into_the_log_and_journa
     assert not [n for n in os.listdir(os.path.join(root, ".ckptd")) if n.startswith("stacks-")]
 
 
+def test_a_trainer_that_closed_is_not_watched_for_hangs_while_its_process_exits(tmp_path):
+    """ck.close() ends the conversation: an interpreter exit that then takes longer than --hang-timeout (torch's
+    teardown on a busy machine) is not a hang, and the finished run is not restarted."""
+    root = str(tmp_path / "ck")
+    script = tmp_path / "slow_exit.py"
+    # torch.distributed.checkpoint is imported first: the library imports it after connecting, which on a busy
+    # machine can take longer than the hang timeout by itself (choose it longer than a restore, the docs say)
+    script.write_text("import time, torch.distributed.checkpoint, ckptd\nck = ckptd.Checkpointer()\nck.restore()\n"
+                      "ck.step(1)\nck.close()\nprint('closed', flush=True)\ntime.sleep(8)\n")
+    run = Run(tmp_path, root, [*FAST, "--metrics-addr", "off", "--hang-timeout", "3", "--hang-grace", "1", str(script)])
+    assert run.wait(120) == 0, run.stderr()
+    assert not run.events("hang") and not run.events("restart"), run.events()
+    assert run.stdout().count("closed") == 1
+
+
 def test_a_script_failing_before_its_first_step_gives_up_after_3_tries_and_shows_its_stderr(tmp_path):
     root = str(tmp_path / "ck")
     script = tmp_path / "broken.py"
