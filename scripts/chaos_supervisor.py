@@ -42,6 +42,10 @@ TOY = os.path.join(REPO, "examples", "train_toy.py")
 WRAP = os.path.join(HERE, "chaos_toy.py")
 EVENTS = ["sigterm", "sigkill", "kill_supervisor", "sigstop", "notice", "save", "stop"]
 EVERY = 25
+# Longer than a restart's restore on a busy machine (the docs' rule for --hang-timeout): the library imports
+# torch.distributed after it connects, which alone took over 3 s under load, and every such life was
+# killed as a hang before its first step (three in a row: the run gave up).
+HANG_TIMEOUT = 10
 
 
 def _toy_args(steps: int, delay: float) -> list[str]:
@@ -130,7 +134,7 @@ class Chaos:
         err = open(os.path.join(self.work, f"run-{len(self.runs)}.err"), "w")
         cmd = [sys.executable, "-m", "ckptd", "run", "--dir", self.root, "--keep-last", "3",
                "--grace", "20", "--force-grace", "1", "--backoff-base", "0.05", "--backoff-max", "0.2",
-               "--max-restarts", "1000", "--same-step-crashes", "1000", "--hang-timeout", "3", "--hang-grace", "1",
+               "--max-restarts", "1000", "--same-step-crashes", "1000", "--hang-timeout", str(HANG_TIMEOUT), "--hang-grace", "1",
                "--notices", "aws", "--notice-endpoint", self.fake.url, "--notice-poll", "0.1",
                "--metrics-addr", "127.0.0.1:0", WRAP, self.steplog, *_toy_args(self.steps, self.delay)]
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=self.env, cwd=REPO)
@@ -192,7 +196,7 @@ class Chaos:
         if event in ("sigterm", "notice", "stop", "kill_supervisor"):
             self.start()  # as systemd (or the replacement VM) would
         elif event in ("sigkill", "sigstop"):
-            _wait(lambda: self.trainer() not in (None, pid), 60, f"a new trainer after {event}")
+            _wait(lambda: self.trainer() not in (None, pid), 120, f"a new trainer after {event}")
 
     def close(self) -> None:
         for p in self.runs:
