@@ -42,9 +42,9 @@ TOY = os.path.join(REPO, "examples", "train_toy.py")
 WRAP = os.path.join(HERE, "chaos_toy.py")
 EVENTS = ["sigterm", "sigkill", "kill_supervisor", "sigstop", "notice", "save", "stop"]
 EVERY = 25
-# Longer than a restart's restore on a busy machine (the docs' rule for --hang-timeout): the library imports
-# torch.distributed after it connects, which alone took over 3 s under load, and every such life was
-# killed as a hang before its first step (three in a row: the run gave up).
+# Longer than a life's start on a busy machine (the docs' rule for --hang-timeout): the hang watch starts at
+# the trainer's hello, and the library then still imports torch.distributed and restores before the first
+# heartbeat. A life killed as hung before its first step counts as a start failure; three in a row give up.
 HANG_TIMEOUT = 10
 
 
