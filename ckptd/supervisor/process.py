@@ -124,8 +124,13 @@ def _stat_fields(pid: str) -> list[bytes] | None:
 
 
 def _processes() -> Iterator[tuple[int, list[bytes]]]:
-    """(pid, stat fields) of every process that is there while /proc is read."""
-    for name in os.listdir("/proc"):
+    """(pid, stat fields) of every process that is there while /proc is read; none when /proc cannot be
+    listed (out of descriptors, EMFILE): callers are on the child-exit path and must never raise there."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        names = []
+    for name in names:
         if name.isdigit():
             fields = _stat_fields(name)
             if fields is not None:
