@@ -72,9 +72,12 @@ def test_a_long_quiet_run_keeps_its_channel_and_every_feature_works_then_a_hang_
     assert hang["pids"] == [pid]
     stacks = run.wait_event("hang_stacks", timeout=10)
     assert "stopped" in stacks["stacks"], stacks  # SIGSTOP: no handler can run, and we say why
-    restart = run.wait_event("restart", timeout=20)
-    assert restart["reason"] == "hang" and restart["time"] - hang["time"] < 20  # well inside the 60 s grace
-    assert [e for e in run.events("kill") if e["pid"] == pid]  # a stopped process is SIGKILLed after the hang grace
+    restart = run.wait_event("restart", timeout=60)
+    assert restart["reason"] == "hang"
+    # a stopped process is SIGKILLed after the 2 s hang grace: by the supervisor's record, after it and long
+    # before the 60 s preemption grace would have run out, however busy the machine
+    kill = [e for e in run.events("kill") if e["pid"] == pid]
+    assert kill and 2.0 - 0.01 <= kill[0]["time"] - hang["time"] < 60, (kill, hang)
     resumed = run.wait_event("resumed", timeout=60)
     assert resumed["step"] == max(e["step"] for e in run.events("checkpoint"))
     # 7. The new life's channel works too: status ends the run's story, then a clean stop.
