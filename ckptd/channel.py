@@ -112,29 +112,34 @@ class TrainerChannel:
             except (ValueError, RecursionError) as exc:
                 log.warning("ckptd: bad control message (%s); closing the channel", exc)
                 break
-            for msg in messages:
-                self._record(msg)
+            with self._lock:  # what arrived together is taken together: two requests, one save
+                for msg in messages:
+                    self._record(msg)
         self._drop()
 
     def _record(self, msg: dict[str, Any]) -> None:
+        """Note one request (called with ``_lock`` held)."""
         kind = msg.get("type")
-        with self._lock:
-            if kind == protocol.SAVE:
-                self._pending.save_ids.append(str(msg.get("request_id", "")))
-                self._pending.save_waited = self._pending.save_waited or bool(msg.get("wait"))
-            elif kind == protocol.STOP:
-                self._pending.stop_id = str(msg.get("request_id", ""))
-                deadline = msg.get("deadline")
-                self._pending.stop_deadline = float(deadline) if deadline is not None else None
-                self._pending.stop_reason = str(msg.get("reason", ""))
+        if kind == protocol.SAVE:
+            self._pending.save_ids.append(str(msg.get("request_id", "")))
+            self._pending.save_waited = self._pending.save_waited or bool(msg.get("wait"))
+        elif kind == protocol.STOP:
+            self._pending.stop_id = str(msg.get("request_id", ""))
+            deadline = msg.get("deadline")
+            self._pending.stop_deadline = float(deadline) if deadline is not None else None
+            self._pending.stop_reason = str(msg.get("reason", ""))
 
     def _drop(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
-            try:
-                sock.close()
-            except OSError:
-                pass
+            # shutdown() first: while the reader thread sits in recv() the kernel keeps the socket open past
+            # close(), so the supervisor would see no end and go on watching a closed trainer for hangs
+            # (a slow interpreter exit after ck.close() was then killed as a hang and restarted).
+            for end in (lambda: sock.shutdown(socket.SHUT_RDWR), sock.close):
+                try:
+                    end()
+                except OSError:
+                    pass
 
     def close(self) -> None:
         self._drop()

@@ -124,6 +124,7 @@ class FakeSupervisor:
         self.srv.listen(4)
         self.messages: list[dict] = []
         self.conn: socket.socket | None = None
+        self.ended = False  # the trainer's end of the connection closed (EOF)
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -131,6 +132,7 @@ class FakeSupervisor:
         dec = protocol.LineDecoder()
         while data := self.conn.recv(65536):
             self.messages.extend(dec.feed(data))
+        self.ended = True
 
     def send(self, **msg) -> None:
         self.conn.sendall(protocol.encode(msg))
@@ -165,6 +167,19 @@ def test_control_channel_save_and_stop_requests(tmp_path, monkeypatch):
     infos = store.list_checkpoints(str(tmp_path / "ck"))
     assert [(i.step, i.kind) for i in infos] == [(2, "manual"), (3, "emergency")]
     assert [m["kind"] for m in sup.got("saved")] == ["manual", "emergency"]
+
+
+def test_close_ends_the_connection_at_once_while_the_process_lives_on(tmp_path, monkeypatch):
+    # The channel's reader thread sits in recv(): a plain close() of the socket sent no end while it did, so
+    # the supervisor went on watching a trainer that had closed (and killed its slow exit as a hang).
+    sock = str(tmp_path / "c.sock")
+    sup = FakeSupervisor(sock)
+    monkeypatch.setenv(env.CONTROL, sock)
+    ck = ckptd.Checkpointer(dir=str(tmp_path / "ck"), handle_signals=False, save_on_close=False)
+    wait_for(lambda: sup.got("hello"), what="hello")
+    ck.step(1)
+    ck.close()
+    wait_for(lambda: sup.ended, timeout=10, what="the supervisor's end to see the connection closed")
 
 
 def test_a_save_request_somebody_waits_for_is_not_paced_one_nobody_waits_for_is(tmp_path, monkeypatch):

@@ -95,7 +95,7 @@ def test_a_run_that_gave_up_is_served_for_the_linger_time_with_healthz_503_and_a
     assert sample(body, 'ckptd_state{state="gave_up"}') == 1 and sample(body, "ckptd_child_up") == 0
     t0 = time.monotonic()
     run.signal(signal.SIGTERM)
-    assert run.wait(10) == exitcodes.GAVE_UP and time.monotonic() - t0 < 5
+    assert run.wait(30) == exitcodes.GAVE_UP and time.monotonic() - t0 < 30  # not the 60 s linger
 
 
 def test_metrics_off_serves_nothing_and_tells_the_trainer(tmp_path):

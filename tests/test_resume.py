@@ -57,7 +57,9 @@ def test_sigterm_to_plain_script_writes_emergency_checkpoint_and_resume_is_exact
     script = os.path.join(ROOT, "examples", "train_toy.py")
     ref = subprocess.run([sys.executable, script, "--steps", "120", "--dir", str(tmp_path / "ref"), "--every-steps", "1000"],
                          capture_output=True, text=True, check=True).stdout
-    env = dict(os.environ, TOY_STEP_DELAY="0.01")
+    # Slow steps: the SIGTERM must land before step 120 however long this test takes to send it after the
+    # first line (it ends the run at the next step, so the delay costs one step)
+    env = dict(os.environ, TOY_STEP_DELAY="0.25")
     p = subprocess.Popen([sys.executable, script, "--steps", "120", "--dir", d, "--every-steps", "1000"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert p.stdout.readline() == "start_step=0\n"  # the Checkpointer is up: training has begun

@@ -12,7 +12,7 @@ import signal
 import time
 
 from ckptd import exitcodes
-from fixtures.sup_helpers import FAST, TRAINER, Run, ckptd, wait_for
+from fixtures.sup_helpers import FAST, TRAINER, Run, ckptd, freeze, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "examples", "train_toy.py")
@@ -41,11 +41,12 @@ def test_a_long_quiet_run_keeps_its_channel_and_every_feature_works_then_a_hang_
     wait_for(lambda: _trainer_pid(root), 60, "the trainer to connect")
     connected = time.monotonic()
     # 1. Scheduled saves every IDLE seconds: between two of them the supervisor says nothing to the trainer
-    #    for IDLE seconds, which used to drop the channel after 2 s.
-    run.wait_event("checkpoint", timeout=IDLE + 60)
+    #    for IDLE seconds, which used to drop the channel after 2 s. The schedule counts from the supervisor's
+    #    start, not from when this test saw the trainer connect: two firings (two requests) are IDLE apart.
+    first = run.wait_event("checkpoint", timeout=IDLE + 60)
     sched = run.wait_event("checkpoint", count=2, timeout=IDLE + 30)
-    assert time.monotonic() - connected >= IDLE
-    assert sched["kind"] == "manual" and sched["request_id"], sched
+    assert first["kind"] == sched["kind"] == "manual", (first, sched)  # no periodic saves: both from the schedule
+    assert first["request_id"] and sched["request_id"] and first["request_id"] != sched["request_id"], (first, sched)
     assert "disconnected" not in run.stderr(), run.stderr()
     # 2. ckptd save --wait, answered with the committed checkpoint.
     r = ckptd("save", "--wait", "--dir", root, timeout=60)
@@ -71,9 +72,12 @@ def test_a_long_quiet_run_keeps_its_channel_and_every_feature_works_then_a_hang_
     assert hang["pids"] == [pid]
     stacks = run.wait_event("hang_stacks", timeout=10)
     assert "stopped" in stacks["stacks"], stacks  # SIGSTOP: no handler can run, and we say why
-    restart = run.wait_event("restart", timeout=20)
-    assert restart["reason"] == "hang" and restart["time"] - hang["time"] < 20  # well inside the 60 s grace
-    assert [e for e in run.events("kill") if e["pid"] == pid]  # a stopped process is SIGKILLed after the hang grace
+    restart = run.wait_event("restart", timeout=60)
+    assert restart["reason"] == "hang"
+    # a stopped process is SIGKILLed after the 2 s hang grace: by the supervisor's record, after it and long
+    # before the 60 s preemption grace would have run out, however busy the machine
+    kill = [e for e in run.events("kill") if e["pid"] == pid]
+    assert kill and 2.0 - 0.01 <= kill[0]["time"] - hang["time"] < 60, (kill, hang)
     resumed = run.wait_event("resumed", timeout=60)
     assert resumed["step"] == max(e["step"] for e in run.events("checkpoint"))
     # 7. The new life's channel works too: status ends the run's story, then a clean stop.
@@ -98,6 +102,21 @@ def test_a_hung_trainer_dumps_every_threads_python_stack_into_the_log_and_journa
     assert run.wait(60) == 0, run.stderr()
     # the dump file is removed once read
     assert not [n for n in os.listdir(os.path.join(root, ".ckptd")) if n.startswith("stacks-")]
+
+
+def test_a_trainer_that_closed_is_not_watched_for_hangs_while_its_process_exits(tmp_path):
+    """ck.close() ends the conversation: an interpreter exit that then takes longer than --hang-timeout (torch's
+    teardown on a busy machine) is not a hang, and the finished run is not restarted."""
+    root = str(tmp_path / "ck")
+    script = tmp_path / "slow_exit.py"
+    # torch.distributed.checkpoint is imported first: the library imports it after connecting, which on a busy
+    # machine can take longer than the hang timeout by itself (choose it longer than a restore, the docs say)
+    script.write_text("import time, torch.distributed.checkpoint, ckptd\nck = ckptd.Checkpointer()\nck.restore()\n"
+                      "ck.step(1)\nck.close()\nprint('closed', flush=True)\ntime.sleep(8)\n")
+    run = Run(tmp_path, root, [*FAST, "--metrics-addr", "off", "--hang-timeout", "3", "--hang-grace", "1", str(script)])
+    assert run.wait(120) == 0, run.stderr()
+    assert not run.events("hang") and not run.events("restart"), run.events()
+    assert run.stdout().count("closed") == 1
 
 
 def test_a_script_failing_before_its_first_step_gives_up_after_3_tries_and_shows_its_stderr(tmp_path):
@@ -134,11 +153,17 @@ def test_two_save_waits_merged_into_one_checkpoint_are_both_answered(tmp_path):
     import sys
 
     root = str(tmp_path / "ck")
-    # One step every 1.5 s: both requests reach the trainer within one step and become one save.
-    run = Run(tmp_path, root, [*FAST, TOY, "--steps", "1000000", "--step-delay", "1.5", "--every-steps", "1000000"])
-    wait_for(lambda: _trainer_pid(root), 60, "the trainer to connect")
+    run = Run(tmp_path, root, [*FAST, TOY, "--steps", "1000000", "--step-delay", "0.05", "--every-steps", "1000000"])
+    pid = wait_for(lambda: _trainer_pid(root), 60, "the trainer to connect")
+    # Both requests reach the trainer before its next step whatever the two clients' start-up takes: it is
+    # stopped until the supervisor has sent both, and takes what arrived together in one step.
+    assert freeze(pid)
     cmd = [sys.executable, "-m", "ckptd", "save", "--wait", "--dir", root, "--timeout", "60"]
     clients = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        wait_for(lambda: run.stderr().count("checkpoint requested by") == 2, 60, "both requests sent to the trainer")
+    finally:
+        os.kill(pid, signal.SIGCONT)
     outs = [c.communicate(timeout=90) for c in clients]
     assert [c.returncode for c in clients] == [0, 0], outs
     merged = [e for e in run.events("checkpoint") if "," in str(e.get("request_id") or "")]

@@ -6,6 +6,11 @@ Hygiene, and why each piece is there:
   supervisor, and the whole run can be killed as one group.
 - The supervisor is a child subreaper: orphaned descendants (DataLoader workers of a dead trainer)
   are re-parented to it, reaped by :meth:`Processes.reap`, and killed when the run's child ends.
+- Only what the supervisor started is signalled or waited for. Children it already had when it started are
+  not part of the run: ``cmd > >(tee log)`` in bash forks ``tee`` and then execs ``ckptd run`` in the same
+  process, so ``tee`` is the supervisor's child. Such a child is never killed and never reaped (its pid,
+  unreaped, can then never name another process); an orphan in the supervisor's own session, or in the
+  session of such a child, is reaped but never killed: the trainer's descendants are never in either.
 - The child gets ``PR_SET_PDEATHSIG(SIGKILL)`` from a tiny exec wrapper (no ``preexec_fn``: the
   supervisor has threads), so a SIGKILLed supervisor takes the trainer's main process with it.
 - PDEATHSIG covers the direct child only. A guard process (its own session, holding the read end of a
@@ -19,6 +24,7 @@ import ctypes
 import os
 import signal
 import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from .policy import ExitStatus
@@ -117,6 +123,20 @@ def _stat_fields(pid: str) -> list[bytes] | None:
     return stat[stat.rfind(b")") + 2:].split()
 
 
+def _processes() -> Iterator[tuple[int, list[bytes]]]:
+    """(pid, stat fields) of every process that is there while /proc is read; none when /proc cannot be
+    listed (out of descriptors, EMFILE): callers are on the child-exit path and must never raise there."""
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        names = []
+    for name in names:
+        if name.isdigit():
+            fields = _stat_fields(name)
+            if fields is not None:
+                yield int(name), fields
+
+
 class Processes:
     """Spawns the child, signals it, kills what is left of it, and reaps every descendant."""
 
@@ -124,9 +144,15 @@ class Processes:
         self.pid = os.getpid()
         self._guard_pid: int | None = None
         self._guard_w: int | None = None
+        self._foreign: frozenset[int] = frozenset()  # children we had before setup(): not part of the run
+        self._not_ours: frozenset[int] = frozenset()  # our own session and theirs: no trainer process is there
 
     def setup(self) -> None:
-        """Become a subreaper and start the guard. Call once, from the main thread."""
+        """Note the children we already have (not ours), become a subreaper, start the guard. Call once,
+        from the main thread, before :meth:`spawn`."""
+        foreign = {pid: fields for pid, fields in _processes() if int(fields[1]) == self.pid}
+        self._foreign = frozenset(foreign)
+        self._not_ours = frozenset({os.getsid(0), *(int(f[3]) for f in foreign.values())})
         _prctl(PR_SET_CHILD_SUBREAPER, 1)
         r, w = os.pipe()
         try:
@@ -177,48 +203,67 @@ class Processes:
             return False
 
     def kill_all(self, child: Child) -> int:
-        """SIGKILL the child's group, its session, and orphans re-parented to us. Returns how many."""
-        killed = 0
+        """SIGKILL the child's group, its session, and orphans of the run re-parented to us.
+
+        Returns how many live processes were signalled (0 when the main process was the whole run).
+        """
+        targets = [pid for pid, fields in _processes()
+                   if pid not in (self.pid, self._guard_pid) and fields[0] != b"Z"
+                   and (int(fields[3]) == child.pid or (int(fields[1]) == self.pid and self._ours(pid, fields)))]
         try:
-            os.killpg(child.pid, signal.SIGKILL)
-            killed += 1
+            os.killpg(child.pid, signal.SIGKILL)  # also what forked since the scan
         except (ProcessLookupError, PermissionError):
             pass
-        try:
-            names = os.listdir("/proc")
-        except OSError:  # out of descriptors (EMFILE): the group is killed; never raise into the exit path
-            names = []
-        for name in names:
-            if not name.isdigit() or int(name) in (self.pid, self._guard_pid):
-                continue
-            fields = _stat_fields(name)
-            if fields is None or fields[0] == b"Z":
-                continue
-            if int(fields[3]) == child.pid or int(fields[1]) == self.pid:
-                try:
-                    os.kill(int(name), signal.SIGKILL)
-                    killed += 1
-                except (ProcessLookupError, PermissionError):
-                    pass
+        killed = 0
+        for pid in targets:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except (ProcessLookupError, PermissionError):
+                pass
         return killed
+
+    def _ours(self, pid: int, fields: list[bytes]) -> bool:
+        """A child of ours that we started or that the run left behind (an orphan re-parented to us)."""
+        return pid not in self._foreign and pid != self._guard_pid and int(fields[3]) not in self._not_ours
 
     def forget(self, child: Child) -> None:
         """The child's session is gone; the guard need not watch it any more."""
         self._tell_guard(f"-{child.pid}")
 
     def reap(self) -> list[ExitStatus]:
-        """Collect every exited descendant (never blocks)."""
+        """Collect every exited descendant, never a child we had before :meth:`setup` (never blocks)."""
         out = []
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 break
-            if pid == 0:
+            if info is None:
                 break
-            if pid == self._guard_pid:
+            if info.si_pid in self._foreign:
+                # waitid(P_ALL) shows this one again and again: collect the others by pid
+                out += self._reap_each(pid for pid, f in _processes()
+                                       if f[0] == b"Z" and int(f[1]) == self.pid and pid not in self._foreign)
+                break
+            got = self._reap_each([info.si_pid])
+            if not got:
+                break  # collected elsewhere meanwhile; never spin on it
+            out += got
+        return out
+
+    def _reap_each(self, pids: Iterable[int]) -> list[ExitStatus]:
+        out = []
+        for pid in pids:
+            try:
+                got, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                continue
+            if got == 0:
+                continue
+            if got == self._guard_pid:
                 self._guard_pid = None
-            out.append(ExitStatus.from_wait(pid, status))
+            out.append(ExitStatus.from_wait(got, status))
         return out
 
     def shutdown(self) -> None:
