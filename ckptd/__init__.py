@@ -31,10 +31,12 @@ from .errors import (  # noqa: E402
 
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpointer import Checkpointer, SaveResult
+    from .data import DataLoader
     from .store import CheckpointInfo
 
 __all__ = [
     "Checkpointer",
+    "DataLoader",
     "SaveResult",
     "CheckpointInfo",
     "list_checkpoints",
@@ -52,6 +54,7 @@ __all__ = [
 _LAZY = {
     "Checkpointer": "ckptd.checkpointer",
     "SaveResult": "ckptd.checkpointer",
+    "DataLoader": "ckptd.data",
     "load_state": "ckptd.checkpointer",
     "CheckpointInfo": "ckptd.store",
     "list_checkpoints": "ckptd.store",

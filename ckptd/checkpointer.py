@@ -27,7 +27,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +37,7 @@ import torch
 from . import __version__, env, exitcodes, origin, protocol, retention, store
 from .channel import TrainerChannel, connect_from_env
 from .errors import CkptdError, CorruptCheckpointError, NotFoundError
+from .data import DataLoader as ResumableLoader
 from .state import (DTYPES, TORCH_DTYPES, Encoder, StateDecodeError, capture_rng, check_rng, decode,
                     restore_rng)
 from .state import dumps as state_dumps
@@ -64,6 +65,8 @@ class SaveResult:
     error: BaseException | None = None
     request_ids: list[str] = field(default_factory=list)
     _future: Future | None = field(default=None, repr=False)
+    _digest: str | None = field(default=None, repr=False)  # the small state's digest (close() compares it)
+    _replaced: bool = field(default=False, repr=False)  # it replaced the checkpoint of its step (close())
     _hurry: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def done(self) -> bool:
@@ -91,6 +94,11 @@ _in_flight_hurry: set[threading.Event] = set()  # hurry events of the persists q
 EMERGENCY_HISTORY = 3
 EMERGENCY_FACTOR = 1.5
 EMERGENCY_MARGIN = 1.0
+
+# A stop that has waited this long for a safe point (ck.step(), ck.poll(), the end of an epoch of
+# ck.epochs()) is reported once, with the script's line it waits in: a loop there needs ck.poll().
+STOP_WAIT_WARN_SECONDS = 3.0
+STOP_WATCH_INTERVAL = 0.25
 
 def _hurry_at_exit() -> None:
     """The script has ended and the interpreter waits for the writer: no more pauses."""
@@ -330,6 +338,18 @@ class Checkpointer:
         self._dist_checked = False
         self._send_metrics = os.environ.get(env.METRICS, "1") != "0"  # the supervisor serves metrics
         self._restore_started = 0.0
+        self._epoch_done = False  # the end-of-epoch work of ``epoch`` has run (Checkpointer.epochs)
+        self._in_epochs = False
+        self._resumed_epoch: tuple[int, bool] | None = None  # (epoch, done) from restore(), for epochs()
+        self._deferred = False  # a periodic save due at an epoch's last step, taken at that epoch's end
+        self._boundary: tuple[dict[str, Any], dict[str, Any]] | None = None  # (RNG, loaders) at the last safe point
+        self._jump_base: int | None = None  # the restored step, until the first step() after it
+        self._committed_digest: str | None = None  # small state (JSON + RNG) of the newest checkpoint
+        self._stop_seen: float | None = None  # when the stop watcher first saw a stop pending
+        self._stop_warned = False
+        self._loop_thread: int | None = None
+        self._from_poll = False  # the emergency save in progress was asked for in poll()
+        self._watch: threading.Event | None = None
         self.channel: TrainerChannel | None = connect_from_env(
             os.environ.get(env.CONTROL), rank=self.rank, restart_count=env.get_int(env.RESTART_COUNT) or 0)
         if handle_signals:
@@ -341,14 +361,19 @@ class Checkpointer:
     def current_step(self) -> int | None:
         return self._step
 
-    def step(self, step: int, metrics: Mapping[str, Any] | None = None, epoch: int | None = None) -> SaveResult | None:
+    def step(self, step: int | None = None, metrics: Mapping[str, Any] | None = None,
+             epoch: int | None = None) -> SaveResult | None:
         """Safe point after ``step`` completed steps: heartbeat, honour requests, save when due.
 
+        ``step`` defaults to the last step + 1 (the restored step + 1 after ``restore()``, 1 in a new run).
         After a stop request (``ckptd stop``, SIGTERM, a preemption notice) this writes an
         emergency checkpoint and raises ``SystemExit(85)`` so the script stops.
         """
+        if step is None:
+            step = (self._step or 0) + 1
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise CkptdError(f"ck.step() takes the number of completed steps (int >= 0), got {step!r}")
+        self._check_jump(step)
         self._step = step
         if metrics is not None:
             self.metrics = dict(metrics)
@@ -357,6 +382,7 @@ class Checkpointer:
         self._report_failures()
         now = time.monotonic()
         self._heartbeat(step, now)
+        self._safe_point()
         if self._prewarm is None and self.async_save and self.writes and (
                 self.every_steps or self.every_seconds or self.channel is not None or self.save_on_close):
             self._start_prewarm()
@@ -370,8 +396,102 @@ class Checkpointer:
             # `ckptd save --wait`: a person or script waits for it, so no pacing
             return self.save(kind="manual", request_ids=requests.save_ids, hurry=requests.save_waited)
         if self._due(step, now):
+            if self._epoch_end_pending():
+                self._deferred = True  # saved at this epoch's end, with the end-of-epoch work in it
+                return None
             return self.save(kind="periodic")
         return None
+
+    def epochs(self, start: int, stop: int) -> Iterator[int]:
+        """The epochs ``start .. stop - 1`` (like ``range``), continued where a restored checkpoint left off.
+
+            for epoch in ck.epochs(1, args.epochs + 1):
+                train(...)             # ck.step() after each batch of a ckptd.DataLoader in ``extra``
+                test(...)              # ck.poll() per batch: a stop here resumes with this epoch's test
+                scheduler.step()
+
+        The end of each epoch (when the loop body has run) is a safe point: a stop that came during the
+        end-of-epoch work is handled there, and a periodic save that came due at the epoch's last step is
+        taken there, so the checkpoint holds the work the epoch's end did (evaluation, ``scheduler.step()``).
+        A checkpoint of a step inside the epoch (or of its last step, or from ``poll()`` during the end-of-epoch
+        work) resumes in that epoch: the loader yields the epoch's remaining batches, possibly none, and the
+        end-of-epoch work runs once. Each ``ckptd.DataLoader`` in ``extra`` gets ``set_epoch(epoch)``.
+        """
+        epoch = start
+        if self._resumed_epoch is not None:
+            restored, done = self._resumed_epoch
+            epoch = restored + 1 if done else restored
+        self._resumed_epoch = None
+        self._in_epochs = True
+        try:
+            while epoch < stop:
+                self._begin_epoch(epoch)
+                yield epoch
+                self._end_epoch()
+                epoch += 1
+        finally:
+            self._in_epochs = False
+
+    def _begin_epoch(self, epoch: int) -> None:
+        self.epoch, self._epoch_done = epoch, False
+        for loader in self._loaders():
+            loader.set_epoch(epoch)
+        if self._boundary is not None:
+            self._boundary = (self._boundary[0], self._loader_states())
+
+    def _end_epoch(self) -> None:
+        """The safe point after an epoch's end-of-epoch work."""
+        self._epoch_done = True
+        step = self._step
+        if step is None:
+            return  # nothing trained yet: nothing to save
+        now = time.monotonic()
+        self._heartbeat(step, now)
+        self._safe_point()
+        deferred, self._deferred = self._deferred, False
+        if self._dist is not None:  # every rank deferred the agreed save at the same step: all save it now
+            if deferred and step != self._committed_step:
+                self.wait()
+                self.save(kind="periodic")
+            return
+        requests = self.channel.take() if self.channel is not None else None
+        if self._signal_stop is not None or (requests is not None and requests.stop):
+            self._emergency_stop(requests.stop_reason if requests and requests.stop else "signal",
+                                 requests.stop_deadline if requests and requests.stop else None)
+        if requests is not None and requests.save:
+            self.save(kind="manual", request_ids=requests.save_ids, hurry=requests.save_waited)
+        elif deferred or self._due(step, now):
+            self.save(kind="periodic")
+
+    def _loaders(self) -> list[ResumableLoader]:
+        return [obj for obj in self.extra.values() if isinstance(obj, ResumableLoader)]
+
+    def _loader_states(self) -> dict[str, Any]:
+        return {name: obj.state_dict() for name, obj in self.extra.items() if isinstance(obj, ResumableLoader)}
+
+    def _epoch_end_pending(self) -> bool:
+        """Inside ck.epochs() at the last step of an epoch: its end-of-epoch work is still to come."""
+        return self._in_epochs and any(loader.at_end for loader in self._loaders())
+
+    def _safe_point(self) -> None:
+        """What a step boundary records: the RNG streams and the loaders' positions (a few KB), which a
+        checkpoint written later by poll() stores, so work between safe points (evaluation drawing random
+        numbers, a DataLoader.__iter__ drawing a seed) does not leak into it; and a stop pending since now
+        has not waited for a safe point."""
+        self._boundary = (capture_rng(), self._loader_states())
+        self._loop_thread = threading.get_ident()
+        if self._watch is None and self._dist is None:
+            self._start_stop_watch()
+
+    def _check_jump(self, step: int) -> None:
+        """Say so when the first step after a resume skips steps (e.g. a loader yielding nothing for an epoch)."""
+        base, self._jump_base = self._jump_base, None
+        if base is None or step <= base + 1:
+            return
+        msg = (f"the first step after resuming from step {base} is step {step}: steps {base + 1}..{step - 1} did "
+               "not run (a data loader that yields nothing after the resume, or a step counter not derived from "
+               "the restored step); the run continues")
+        self._warn("step_jump", msg, step=step, restored_step=base)
 
     def poll(self) -> None:
         """A safe point between steps, for long stretches without ``step()`` (validation, data setup).
@@ -393,8 +513,10 @@ class Checkpointer:
             return  # several ranks: a stop is agreed and written at the next step(), never alone
         if step is not None and (self._signal_stop is not None or (stop is not None and stop.stop)):
             requests = self.channel.take() if self.channel is not None else None
+            # The state as it is, but the RNG streams and loader positions of the last safe point: code
+            # since then (evaluation) may have drawn from them and will run again after the resume.
             self._emergency_stop(requests.stop_reason if requests and requests.stop else "signal",
-                                 requests.stop_deadline if requests and requests.stop else None)
+                                 requests.stop_deadline if requests and requests.stop else None, from_poll=True)
 
     def _heartbeat(self, step: int, now: float) -> None:
         if self.channel is not None and now - self._last_heartbeat >= 1.0:
@@ -435,11 +557,14 @@ class Checkpointer:
             if decision.busy:
                 self.stats["coalesced"] += 1
                 return None
+            if self._epoch_end_pending():  # the same on every rank: DistributedSampler gives equal lengths
+                self._deferred = True
+                return None
             return self.save(kind="periodic")
         return None
 
     def save(self, step: int | None = None, kind: str = "manual", *, block: bool | None = None,
-             hurry: bool = False, request_ids: list[str] | None = None) -> SaveResult:
+             hurry: bool = False, request_ids: list[str] | None = None, replace: bool = False) -> SaveResult:
         """Checkpoint now. Returns once the state is snapshotted (async) or durable (sync/``block``).
 
         ``hurry=True``: persist in the background without pacing (see ``pace``).
@@ -463,7 +588,9 @@ class Checkpointer:
             result.skipped = "a save is already in flight"
             return result
         self.wait()
-        if step == self._committed_step and os.path.isdir(os.path.join(self.dir, store.checkpoint_name(step))):
+        replace = replace and self._dist is None and step == self._committed_step
+        if not replace and step == self._committed_step and \
+                os.path.isdir(os.path.join(self.dir, store.checkpoint_name(step))):
             self.stats["skipped"] += 1
             result.skipped = f"step {step} is already checkpointed"
             result.path = os.path.join(self.dir, store.checkpoint_name(step))
@@ -477,16 +604,18 @@ class Checkpointer:
             result.bytes = sum(len(h) + (len(d) if d is not None else 0) for _, h, d in header)
         else:
             encoder = Encoder()
-            tree = encoder.encode(self._capture_tree(step), "")
+            tree = encoder.encode(self._capture_tree(step, at_boundary=self._from_poll), "")
             header, data = self._snapshot.take(encoder.tensors)
             state_json = state_dumps(tree)  # refuses what restore would refuse (store's bounds on state.json)
             result.bytes = len(header) + len(data) + len(state_json)
+            result._digest = _small_digest(state_json, encoder.tensors)
         result.stall_seconds = time.perf_counter() - t0
         self.stats["last_stall_seconds"] = result.stall_seconds
         self._last_save_time = time.monotonic()
         executor = self._writer()
         _in_flight_hurry.add(result._hurry)
-        result._future = executor.submit(self._persist, result, header, data, state_json, dict(self.metrics), self.epoch)
+        result._future = executor.submit(self._persist, result, header, data, state_json, dict(self.metrics),
+                                         self.epoch, replace)
         result._future.add_done_callback(lambda _: _in_flight_hurry.discard(result._hurry))
         self._inflight = result
         if self.writes and (self.policy.active or not self._growth_warned):  # after the commit, outside wait()
@@ -560,17 +689,32 @@ class Checkpointer:
                         info.name, reason, self.rank)
 
     def close(self) -> None:
-        """Finish the save in flight and write the final checkpoint (``save_on_close``)."""
+        """Finish the save in flight and, with ``save_on_close``, save the state as it is now when it is not
+        the newest checkpoint's: a step not saved yet, or work done after the last saved step (the end of an
+        epoch: evaluation, ``scheduler.step()``), found by comparing the small state (counters, scheduler,
+        optimizer hyperparameters, ``extra``, ``user``, RNG streams) with the checkpoint's."""
         if self._closed:
             return
         try:
             self.wait()
-            if self.save_on_close and self._step is not None and self._step != self._committed_step:
-                self.save(kind="final", block=True)
+            if self.save_on_close and self._step is not None and self._changed_since_commit():
+                self.save(kind="final", block=True, replace=True)
             self._report_failures()
             self._mark_finished()
         finally:
             self._shutdown()
+
+    def _changed_since_commit(self) -> bool:
+        if self._step != self._committed_step:
+            return True
+        if self._dist is not None or self._committed_digest is None:
+            return False  # several ranks: each has its own small state; the step decides
+        enc = Encoder()
+        try:
+            tree = enc.encode(self._capture_tree(self._step), "")
+            return _small_digest(state_dumps(tree), enc.tensors) != self._committed_digest
+        except CkptdError:
+            return False  # a state save() would refuse: nothing to compare
 
     def _mark_finished(self) -> None:
         """close() after the last step: the newest checkpoint, when it holds that step, says the run finished
@@ -646,14 +790,21 @@ class Checkpointer:
         pinned = any(t.is_cuda for t in tensors.values())
         self._prewarm = self._writer().submit(self._snapshot.prewarm, nbytes, pinned)
 
-    def _capture_tree(self, step: int) -> dict[str, Any]:
+    def _capture_tree(self, step: int, at_boundary: bool = False) -> dict[str, Any]:
+        """The state to save; ``at_boundary``: the RNG streams and loader positions of the last safe point."""
+        boundary = self._boundary if at_boundary else None
         extra: dict[str, Any] = {}
         for name, obj in self.extra.items():
-            if hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
+            if boundary is not None and name in boundary[1]:
+                extra[name] = {"stateful": boundary[1][name]}
+            elif hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict"):
                 extra[name] = {"stateful": obj.state_dict()}
             else:
                 extra[name] = {"value": obj}
-        tree: dict[str, Any] = {"progress": {"step": step, "epoch": self.epoch}, "rng": capture_rng(),
+        progress: dict[str, Any] = {"step": step, "epoch": self.epoch}
+        if self._epoch_done:
+            progress["epoch_done"] = True
+        tree: dict[str, Any] = {"progress": progress, "rng": boundary[0] if boundary is not None else capture_rng(),
                                 "extra": extra, "user": self.user, "metrics": self.metrics}
         for name in ("model", "optimizer", "scheduler", "scaler"):
             obj = getattr(self, name)
@@ -668,7 +819,7 @@ class Checkpointer:
         return self._executor
 
     def _persist(self, result: SaveResult, header: bytes, data: memoryview, state_json: bytes,
-                 metrics: dict[str, Any], epoch: int | None) -> None:
+                 metrics: dict[str, Any], epoch: int | None, replace: bool = False) -> None:
         t0 = time.perf_counter()
         try:
             fields = {"kind": result.kind, "metrics": _jsonable_metrics(metrics), "extra": {
@@ -678,7 +829,8 @@ class Checkpointer:
                 fields["extra"]["world_size"] = self._dist.world
                 result.path = self._dist.persist(self, result, header, fields)
             else:
-                result.path = self._write_local(result, header, data, state_json, fields)
+                result.path = self._write_local(result, header, data, state_json, fields, replace)
+                result._replaced = replace and result.path is not None
             if result.path is None:  # this step is already checkpointed
                 result.path = os.path.join(self.dir, store.checkpoint_name(result.step))
                 self._committed_step = result.step
@@ -701,23 +853,26 @@ class Checkpointer:
         recent.append(round(result.stall_seconds + result.persist_seconds - result.paused_seconds, 6))
         del recent[:-EMERGENCY_HISTORY]
         self._committed_step = result.step
+        self._committed_digest = result._digest
         self._notify_saved(result)
 
     def _write_local(self, result: SaveResult, header: bytes, data: memoryview, state_json: bytes,
-                     fields: dict[str, Any]) -> str | None:
-        """One process writes the whole checkpoint; None when a valid one of this step exists."""
+                     fields: dict[str, Any], replace: bool = False) -> str | None:
+        """One process writes the whole checkpoint; None when a valid one of this step exists (unless
+        ``replace``: the state at close() that work after the step's save changed)."""
         name = store.checkpoint_name(result.step)
         existing = os.path.join(self.dir, name)
         if os.path.lexists(existing):
             info = store.inspect_checkpoint(existing)
-            if info.valid:
+            if info.valid and not replace:
                 result.skipped = f"step {result.step} is already checkpointed"
                 return None
-            store.quarantine(self.dir, name, info.reason)
+            if not info.valid:
+                store.quarantine(self.dir, name, info.reason)
         with store.PendingCheckpoint(self.dir, result.step) as pending:
             pending.write_aligned(store.TENSORS, header, data, self._pacer(result))
             pending.write_file(store.STATE, (state_json,))
-            return pending.commit(**fields)
+            return pending.commit(**fields, replace=replace)
 
     def _pacer(self, result: SaveResult) -> store.Pace | None:
         """Pause ``pace`` x each write request's time, until somebody waits for the save."""
@@ -739,7 +894,8 @@ class Checkpointer:
                               request_id=",".join(result.request_ids), request_ids=result.request_ids,
                               bytes=result.bytes,
                               seconds=result.stall_seconds + result.persist_seconds,
-                              paused_seconds=result.paused_seconds, stall_seconds=result.stall_seconds)
+                              paused_seconds=result.paused_seconds, stall_seconds=result.stall_seconds,
+                              **({"replaced": True} if result._replaced else {}))
 
     def _keep_emergency(self, info: store.CheckpointInfo) -> None:
         """The emergency checkpoint a run resumed from is pinned: no retention rule deletes it, only a person
@@ -807,15 +963,18 @@ class Checkpointer:
             return
         self._signal_stop = signum  # only record; the next step() does the work
 
-    def _emergency_stop(self, reason: str, deadline: float | None = None) -> None:
+    def _emergency_stop(self, reason: str, deadline: float | None = None, from_poll: bool = False) -> None:
         """Write the emergency checkpoint of the current step and exit 85, or exit 86 saying why not.
 
         ``deadline`` (unix time, from the supervisor's ``stop``: a cloud notice or the grace period):
         a save that cannot finish by then is not started (:meth:`_too_late`); the last committed
-        checkpoint stays the one to resume from.
+        checkpoint stays the one to resume from. ``from_poll``: the checkpoint holds the RNG streams and
+        loader positions of the last safe point (:meth:`_safe_point`).
         """
         step = self._step
+        self._stop_reached()
         log.warning("ckptd: stop requested (%s); writing an emergency checkpoint of step %s", reason, step)
+        self._from_poll = from_poll
         code = exitcodes.PREEMPTED
         why_not: str | None = None
         try:
@@ -848,6 +1007,50 @@ class Checkpointer:
             dist.close()
         raise SystemExit(exit_code)
 
+    def _start_stop_watch(self) -> None:
+        self._watch = threading.Event()
+        threading.Thread(target=self._stop_watch, args=(self._watch,), name="ckptd-stop-watch", daemon=True).start()
+
+    def _stop_watch(self, closed: threading.Event) -> None:
+        """Reports, once, a stop that waits for a safe point: the loop is in code that calls neither
+        ck.step() nor ck.poll() (an evaluation loop, a long data setup). Reads flags only."""
+        while not closed.wait(STOP_WATCH_INTERVAL):
+            if self._dist is not None:
+                return  # several ranks: a stop waits for the next agreement step, by design
+            stop = self.channel.peek_stop() if self.channel is not None else None
+            if self._signal_stop is None and not (stop is not None and stop.stop):
+                continue
+            now = time.monotonic()
+            if self._stop_seen is None:
+                self._stop_seen = now
+            waited = now - self._stop_seen
+            if self._stop_warned or waited < STOP_WAIT_WARN_SECONDS:
+                continue
+            self._stop_warned = True
+            where = _script_location(sys._current_frames().get(self._loop_thread or 0))
+            msg = (f"a stop has waited {waited:.1f} s for a safe point: the script is in {where}, which calls neither "
+                   "ck.step() nor ck.poll(); call ck.poll() in that loop (e.g. once per evaluation batch) so a stop "
+                   "is handled there (it saves the last step's state and RNG streams)")
+            self._warn("stop_wait", msg, step=self._step, seconds=round(waited, 3), where=where)
+
+    def _stop_reached(self) -> None:
+        """A stop reached a safe point: say how long it waited, when the watch reported it; the watch says
+        nothing more (the emergency save that follows may take seconds: that is not a wait for a safe point)."""
+        seen, warned = self._stop_seen, self._stop_warned
+        self._stop_warned = True
+        if seen is None or not warned:
+            return
+        waited = time.monotonic() - seen
+        self._warn("stop_wait", f"the stop reached a safe point after waiting {waited:.1f} s", step=self._step,
+                   seconds=round(waited, 3), reached=True)
+
+    def _warn(self, event: str, msg: str, **fields: Any) -> None:
+        """A warning for the run: the supervisor logs and journals it (protocol.WARNING); without one, the log."""
+        if self.channel is None:
+            log.warning("ckptd: %s", msg)
+        elif self._dist is None or self._dist.local_rank == 0:  # one word per node
+            self.channel.send(protocol.WARNING, event=event, message=msg, **fields)
+
     def emergency_save_estimate(self) -> float | None:
         """Seconds an emergency checkpoint is expected to need: the longest of this run's last
         ``EMERGENCY_HISTORY`` durable saves (snapshot + unpaced persist) x ``EMERGENCY_FACTOR`` +
@@ -874,6 +1077,8 @@ class Checkpointer:
 
     def _shutdown(self) -> None:
         self._closed = True
+        if self._watch is not None:
+            self._watch.set()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -1000,13 +1205,22 @@ class Checkpointer:
         restore_rng(state.get("rng") or {})
         progress = state["progress"]
         self.epoch = progress.get("epoch")
+        self._epoch_done = progress.get("epoch_done") is True
+        self._resumed_epoch = (self.epoch, self._epoch_done) if self.epoch is not None else None
         self._restored_step = progress["step"]
 
     def _after_restore(self, info: store.CheckpointInfo) -> int:
         step = self._restored_step
         tensors, self._restored_tensors = self._restored_tensors, {}
         self._step = self._committed_step = step
+        self._jump_base = step
         self._last_save_time = time.monotonic()
+        self._safe_point()  # the restored streams are the boundary until the first step()
+        enc = Encoder()
+        try:  # the state now is the checkpoint's: close() saves only if it changes
+            self._committed_digest = _small_digest(state_dumps(enc.encode(self._capture_tree(step), "")), enc.tensors)
+        except CkptdError:
+            self._committed_digest = None
         if os.path.dirname(os.path.abspath(info.path)) == self.dir:
             self.resumed_from = info.name
             if info.kind == "emergency" and self.writes:
@@ -1018,6 +1232,33 @@ class Checkpointer:
             self.channel.send(protocol.RESTORED, step=step, path=info.path,
                               seconds=round(time.perf_counter() - self._restore_started, 6))
         return step
+
+
+def _small_digest(state_json: bytes, tensors: Mapping[str, torch.Tensor]) -> str:
+    """A digest of a state's small part: state.json (counters, scheduler, optimizer hyperparameters, extra,
+    user, Python RNG) and the RNG tensors (torch, NumPy, CUDA; a few KB)."""
+    h = store.new_hasher()
+    h.update(state_json)
+    for key in sorted(k for k in tensors if k.startswith("rng/")):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, threading) if m.__file__)
+
+
+def _script_location(frame: Any) -> str:
+    """``file:line in function`` of the innermost frame of the script (not torch, ckptd or the stdlib), and
+    of the script's frame that called it."""
+    own = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    found: list[str] = []
+    while frame is not None and len(found) < 2:
+        fname = frame.f_code.co_filename
+        if not fname.startswith((own, *_LIBRARY_DIRS)) and not fname.startswith("<"):
+            found.append(f"{fname}:{frame.f_lineno} in {frame.f_code.co_name}()")
+        frame = frame.f_back
+    return ", called from ".join(found) or "code outside the script"
 
 
 def _announce(line: str) -> None:

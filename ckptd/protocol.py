@@ -13,12 +13,17 @@ Trainer -> supervisor
     heartbeat  {step, time, metrics}          from every ``Checkpointer.step()`` (rate-limited to 1/s);
                                               ``metrics``: the numbers last given to ``step()`` (absent
                                               when ``CKPTD_METRICS=0``)
-    saved      {step, path, kind, request_id, bytes, seconds, paused_seconds, stall_seconds}
-                                              a checkpoint was committed (``seconds``: snapshot + persist)
+    saved      {step, path, kind, request_id, bytes, seconds, paused_seconds, stall_seconds, replaced}
+                                              a checkpoint was committed (``seconds``: snapshot + persist;
+                                              ``replaced``: it replaced the checkpoint of its step, close())
     save_failed{step, kind, request_id, error, errno}
     pruning    {names}                        the trainer's own retention is about to delete these checkpoints
     stopping   {step, exit_code, reason}      the trainer is about to exit after a stop request; ``reason``
                                               (exit 86) says why no emergency checkpoint was written
+    warning    {event, message, step, ...}    something the run should know: ``step_jump`` (the first step
+                                              after a resume skipped steps; ``restored_step``), ``stop_wait``
+                                              (a stop waits for a safe point; ``seconds``, ``where``, and
+                                              ``reached`` once it got there)
 
 Supervisor -> trainer
     save       {request_id, kind, wait}       checkpoint at the next safe point, keep training; with
@@ -52,6 +57,8 @@ SAVED = "saved"
 SAVE_FAILED = "save_failed"
 STOPPING = "stopping"
 PRUNING = "pruning"
+WARNING = "warning"
+TRAINER_WARNINGS = ("step_jump", "stop_wait")
 SAVE = "save"
 STOP = "stop"
 STATUS = "status"

@@ -222,12 +222,51 @@ def byte_view(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- RNG
 
 
+class _NumpyState:
+    """NumPy's global RNG state, fetched again only when its Mersenne Twister words changed.
+
+    ``np.random.get_state()`` costs ~40 us (it rebuilds the 624-word key), too much for every step; reading
+    the generator's raw state (key and position, 2.5 KB) through its ctypes address and comparing costs
+    ~1 us. The legacy Gaussian cache (``has_gauss``, ``gauss``) is not among those words: an empty cache
+    fills only with a draw, which moves the position (or, after 624 words, rewrites the key), but a full
+    one empties without a word drawn, so the state is fetched whenever the last one had it full. ``set_state``
+    of the same words with another cache is missed, except by ckptd's own restore (:func:`restore_rng`
+    forgets the cached state). Falls back to ``get_state()`` each time where the generator is not the
+    MT19937 this relies on."""
+
+    RAW_BYTES = 624 * 4 + 4  # uint32 key[624]; int pos
+
+    def __init__(self) -> None:
+        self._raw: bytes | None = None
+        self._state: Any = None
+
+    def get(self) -> Any:
+        import ctypes
+
+        try:
+            bg = np.random.mtrand._rand._bit_generator
+            if type(bg).__name__ != "MT19937":
+                return np.random.get_state()
+            raw = ctypes.string_at(bg.ctypes.state_address, self.RAW_BYTES)
+        except (AttributeError, TypeError, ValueError):
+            return np.random.get_state()
+        if raw != self._raw or self._state is None or self._state[3]:
+            self._state, self._raw = np.random.get_state(), raw
+        return self._state
+
+    def forget(self) -> None:
+        self._raw = self._state = None
+
+
+_numpy_state = _NumpyState()
+
+
 def capture_rng() -> dict[str, Any]:
     import random
 
     rng: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state.get(),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -266,6 +305,7 @@ def restore_rng(rng: dict[str, Any]) -> None:
         random.setstate((v[0], tuple(v[1]), v[2]))
     if "numpy" in rng:
         np.random.set_state(tuple(rng["numpy"]))
+        _numpy_state.forget()
     if "torch" in rng:
         torch.set_rng_state(rng["torch"].clone())
     if "cuda" in rng and torch.cuda.is_available():

@@ -349,8 +349,15 @@ class PendingCheckpoint:
         self.files[name] = rec
         return rec
 
-    def commit(self, *, kind: str, metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> str:
-        """Write the manifest and publish the checkpoint under its final name. Returns its path."""
+    def commit(self, *, kind: str, metrics: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+               replace: bool = False) -> str:
+        """Write the manifest and publish the checkpoint under its final name. Returns its path.
+
+        ``replace``: a checkpoint of this step that exists is swapped out in one atomic rename
+        (``renameat2(RENAME_EXCHANGE)``) and removed once the swap is durable (the state at ``close()``,
+        when work after the step's save changed it); where the file system cannot swap, a CkptdError
+        says so and the existing checkpoint stays.
+        """
         if kind not in KINDS:
             raise CkptdError(f"unknown checkpoint kind {kind!r}; use one of {', '.join(KINDS)}")
         manifest: dict[str, Any] = {
@@ -373,6 +380,8 @@ class PendingCheckpoint:
         except OSError as exc:
             raise _storage(self.tmp, "fsync", exc) from exc
         if os.path.lexists(final):
+            if replace and not os.path.islink(final):
+                return self._exchange(final)
             # Never overwrite a checkpoint: a valid one of this step already exists.
             raise CkptdError(f"checkpoint {final} already exists; not overwriting it")
         try:
@@ -396,6 +405,43 @@ class PendingCheckpoint:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def _exchange(self, final: str) -> str:
+        """Swap the complete temporary directory with the checkpoint of the same step, atomically; the old
+        one, now under the temporary name, is removed after the swap is durable (if the writer dies first,
+        remove_stale_temps removes it: its name is a dead writer's temp)."""
+        try:
+            rename_exchange(self.tmp, final)
+        except OSError as exc:
+            if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise CkptdError(f"checkpoint {final} already exists and this file system cannot replace it "
+                                 f"atomically ({exc.strerror}); it is kept") from None
+            raise _storage(final, "rename", exc) from exc
+        try:
+            fsync_dir(self.root)
+        except OSError as exc:
+            try:  # durability unknown: put the old checkpoint back under its name
+                rename_exchange(self.tmp, final)
+            except OSError:
+                pass
+            raise _storage(self.root, "fsync", exc) from exc
+        self.committed_path = final
+        _remove_tree(self.root, os.path.basename(self.tmp))
+        return final
+
+
+RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def rename_exchange(a: str, b: str) -> None:
+    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE); OSError(ENOSYS) where unavailable."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available", a)
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), a)
 
 
 def amend_manifest(path: str, *, metrics: dict[str, Any] | None = None, finished: bool | None = None) -> CheckpointInfo:

@@ -15,7 +15,7 @@ import torch
 import ckptd
 from ckptd import env, exitcodes, protocol, store
 
-from conftest import small_model, wait_for
+from conftest import small_model, train_steps, wait_for
 
 
 def big_model() -> torch.nn.Module:
@@ -224,8 +224,9 @@ def test_scheduler_scaler_rng_and_epoch_round_trip(tmp_path):
         sched.step()
     scaler.scale(torch.ones(1))  # initialise the scale tensor
     scaler.update(512.0)
+    # save_on_close=False: close() would save the RNG streams the draws below advanced (the state at close)
     ck = ckptd.Checkpointer(model=model, optimizer=opt, scheduler=sched, scaler=scaler, dir=str(tmp_path),
-                            handle_signals=False)
+                            handle_signals=False, save_on_close=False)
     random.seed(7), np.random.seed(7), torch.manual_seed(7)
     ck.step(5, epoch=2)
     ck.save(block=True)
@@ -320,3 +321,60 @@ def test_snapshot_copies_every_kind_of_tensor_exactly(tmp_path):
     assert set(saved) == set(expected)
     for k, v in expected.items():
         assert saved[k].dtype == v.dtype and torch.equal(saved[k], v), k
+
+
+def test_close_saves_the_state_changed_after_the_last_saved_step_and_nothing_when_it_did_not(tmp_path):
+    model, opt = small_model()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.7)
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, scheduler=sched, dir=str(tmp_path), handle_signals=False)
+    train_steps(model, opt, 2)
+    ck.step(2)
+    ck.save(block=True, kind="periodic")
+    sched.step()  # the end of an epoch, after its last step was saved
+    ck.close()
+    (info,) = ckptd.list_checkpoints(str(tmp_path))
+    assert info.step == 2 and info.kind == "final"  # replaced in one rename: still one checkpoint of step 2
+    assert ckptd.load_state(info.path)["scheduler"]["last_epoch"] == 1
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".")]  # the replaced one is gone
+
+    ck2 = ckptd.Checkpointer(model=model, optimizer=opt, scheduler=sched, dir=str(tmp_path), handle_signals=False)
+    assert ck2.restore() == 2
+    before = os.stat(info.path).st_ino
+    ck2.close()  # nothing changed since the restore: nothing written
+    assert os.stat(info.path).st_ino == before and ckptd.list_checkpoints(str(tmp_path))[0].kind == "final"
+
+
+def test_the_first_step_after_a_resume_that_skips_steps_is_reported(tmp_path, caplog):
+    model, opt = small_model()
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=str(tmp_path), handle_signals=False)
+    ck.step(4)
+    ck.close()
+    ck2 = ckptd.Checkpointer(model=model, optimizer=opt, dir=str(tmp_path), handle_signals=False)
+    assert ck2.restore() == 4
+    with caplog.at_level("WARNING", logger="ckptd"):
+        ck2.step(9)
+        ck2.step(11)  # only the first step after the resume is compared
+    jumps = [r.getMessage() for r in caplog.records if "did not run" in r.getMessage()]
+    assert len(jumps) == 1 and "resuming from step 4 is step 9: steps 5..8" in jumps[0], jumps
+    ck2.close()
+
+
+def test_the_recorded_numpy_state_follows_every_change_of_numpy_s_global_rng():
+    import numpy as np
+
+    from ckptd.state import capture_rng
+
+    def same(a, b):
+        return a[0] == b[0] and (a[1] == b[1]).all() and a[2:] == b[2:]
+
+    for change in (np.random.rand, lambda: np.random.seed(5), np.random.standard_normal, lambda: None,
+                   np.random.standard_normal, lambda: np.random.set_state(np.random.get_state())):
+        change()
+        assert same(capture_rng()["numpy"], np.random.get_state())
+    from ckptd.state import restore_rng
+
+    capture_rng()
+    words = list(np.random.get_state())
+    words[3], words[4] = 1, 0.5  # the same words, another Gaussian cache: only a restore can do that unnoticed
+    restore_rng({"numpy": words})
+    assert same(capture_rng()["numpy"], np.random.get_state())

@@ -39,3 +39,51 @@ def test_sigterm_during_validation_without_a_supervisor_exits_85_with_the_emerge
     assert proc.wait(30) == exitcodes.PREEMPTED
     latest = store.latest_valid(root)
     assert latest is not None and latest.step == 5 and latest.kind == "emergency"
+
+
+def _nanogpt_style(root: str, stop_in_eval: tuple[int, int] | None = None) -> dict:
+    """nanoGPT's loop shape: evaluation at the top of every 3rd iteration draws its batches from the global
+    RNG streams (torch, NumPy, Python) and calls ck.poll(); training steps use dropout and random data."""
+    import random
+
+    import numpy as np
+    import torch
+
+    import ckptd
+
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root)
+    step = ck.restore()
+    while step < 7:
+        if step % 3 == 0 and step:
+            with torch.no_grad():
+                for b in range(4):
+                    model(torch.randn(8, 4) + float(np.random.rand()) + random.random())
+                    if stop_in_eval == (step, b):
+                        os.kill(os.getpid(), signal.SIGTERM)  # the handler records it; poll() takes it
+                    ck.poll()
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        ck.step(step)
+    ck.close()
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_a_stop_during_an_evaluation_that_draws_from_the_global_rng_resumes_bit_exact(tmp_path):
+    import pytest
+    import torch
+
+    want = _nanogpt_style(str(tmp_path / "ref"))
+    root = str(tmp_path / "ck")
+    with pytest.raises(SystemExit) as stopped:
+        _nanogpt_style(root, stop_in_eval=(3, 2))
+    assert stopped.value.code == exitcodes.PREEMPTED
+    latest = store.latest_valid(root)
+    assert latest.step == 3 and latest.kind == "emergency"
+    got = _nanogpt_style(root)  # evaluation of step 3 runs again from the RNG streams of step 3's end
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -928,7 +928,7 @@ class Supervisor:
             self._person_saves.difference_update(_request_ids(msg))
             self._guarded("pin", self._pin_asked_for, name)
         self.last_checkpoint = _ckpt_record(name, step, kind, self.clock.time())
-        if name not in self._journaled:
+        if name not in self._journaled or msg.get("replaced") is True:  # replaced: the state at close()
             self._journaled.add(name)
             self._event("info", "checkpoint", f"checkpoint committed: {name} (step {_fmt(step)}, {kind})",
                         name=name, step=step, kind=kind, path=path, bytes=msg.get("bytes"),
@@ -975,6 +975,26 @@ class Supervisor:
             peer.waiting = False
             self.control.send(peer, type_, **fields)
             self.control.close_after_flush(peer)
+
+    def _msg_trainer_warning(self, peer: Peer, msg: dict[str, Any]) -> None:
+        """A trainer's report (protocol.TRAINER_WARNINGS): logged (escaped by the log) and journaled, every field
+        bounded."""
+        event = msg.get("event")
+        if event not in protocol.TRAINER_WARNINGS:
+            return
+        fields: dict[str, Any] = {"pid": peer.pid}
+        for key in ("step", "restored_step"):
+            if metricsmod.is_step(msg.get(key)):
+                fields[key] = msg[key]
+        seconds = msg.get("seconds")
+        if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and 0 <= seconds < 1e9:
+            fields["seconds"] = float(seconds)
+        if msg.get("reached") is True:
+            fields["reached"] = True
+        if isinstance(msg.get("where"), str):
+            fields["where"] = msg["where"][:500]
+        text = (msg["message"] if isinstance(msg.get("message"), str) else event)[:1000]  # the log escapes it
+        self._event("warning", event, f"trainer pid {peer.pid}: {text}", **fields)
 
     def _msg_trainer_stopping(self, peer: Peer, msg: dict[str, Any]) -> None:
         self._saw_step(msg.get("step"))
