@@ -1040,6 +1040,70 @@ def read_dcp_json(path: str) -> Any:
     return load_json(raw, path, DCP_JSON, 8, MAX_DCP_JSON_BYTES)
 
 
+def _dims_ok(v: Any, n: int | None = None) -> bool:
+    return (isinstance(v, list) and len(v) <= MAX_DIMS and (n is None or len(v) == n)
+            and all(_is_int(d) and d >= 0 for d in v))
+
+
+def _volume(dims: list[int]) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+def dcp_problem(doc: Any, files: dict[str, Any]) -> str:
+    """Why a sharded checkpoint's ``dcp.json`` does not describe exactly the bytes of its shard files (``""``
+    when it does). ``files``: the manifest's file list (name -> {"bytes": N, ...}).
+
+    Every size is checked against bytes that exist before anything is allocated from it (export, restore):
+    each tensor's chunks lie inside its shape and add up to all of it; each chunk has exactly one storage entry,
+    whose length is the chunk's bytes; and the entries of each shard file tile it, without holes or overlaps.
+    So a tensor can never claim more memory than the shard files hold (a 116-byte map claiming 2**40 elements
+    with no storage is refused here)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), dict) or not isinstance(doc.get("storage"), list):
+        return "has no tensors/storage"
+    chunks: dict[tuple[str, int], int] = {}  # (fqn, chunk index) -> bytes the chunk needs
+    for fqn, m in doc["tensors"].items():
+        if not (isinstance(m, dict) and m.get("dtype") in DTYPE_SIZES and _dims_ok(m.get("size"))
+                and isinstance(m.get("chunks"), list)):
+            return f"tensor {fqn[:80]!r} lacks a valid dtype, size or chunks"
+        size, covered = m["size"], 0
+        for i, c in enumerate(m["chunks"]):
+            if not (isinstance(c, list) and len(c) == 2 and _dims_ok(c[0], len(size)) and _dims_ok(c[1], len(size))
+                    and all(o + n <= d for o, n, d in zip(c[0], c[1], size))):
+                return f"tensor {fqn[:80]!r} has a chunk outside its shape {size}"
+            chunks[(fqn, i)] = _volume(c[1]) * DTYPE_SIZES[m["dtype"]]
+            covered += _volume(c[1])
+        if covered != _volume(size):
+            return (f"tensor {fqn[:80]!r} of shape {size} is not covered by its chunks ({covered} of "
+                    f"{_volume(size)} elements stored)")
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for entry in doc["storage"]:
+        ok = isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], list) and len(entry[0]) == 3
+        index, fname, offset, length = entry if ok else (None, None, None, None)
+        key = (index[0], index[2]) if ok and isinstance(index[0], str) and _is_int(index[2]) else None
+        if key is None or key not in chunks or not isinstance(fname, str) or fname not in files \
+                or not SHARD_FILE_RE.match(fname) or not _dims_ok([offset, length]) or chunks[key] != length:
+            return f"storage entry {str(entry)[:80]} is not one chunk of a listed tensor in a listed shard file"
+        del chunks[key]  # each chunk stored once
+        spans.setdefault(fname, []).append((offset, length))
+    if chunks:
+        fqn, i = next(iter(chunks))
+        return f"chunk {i} of tensor {fqn[:80]!r} has no storage"
+    for fname, rec in files.items():
+        if not SHARD_FILE_RE.match(fname):
+            continue
+        pos = 0
+        for offset, length in sorted(spans.get(fname, [])):
+            if offset != pos:
+                return f"the chunks of {fname} leave holes or overlap (at offset {offset})"
+            pos += length
+        if pos != rec["bytes"]:
+            return f"the chunks of {fname} hold {pos} bytes, the file {rec['bytes']}"
+    return ""
+
+
 def hash_file(path: str, progress: Any = None) -> tuple[int, str]:
     h = new_hasher()
     size = 0
@@ -1106,6 +1170,10 @@ def check_metadata(path: str, manifest: dict[str, Any]) -> None:
         problem = json_bounds_problem(raw, MAX_STATE_DEPTH, MAX_STATE_VALUES)
         if problem:
             raise CorruptCheckpointError(path, f"{STATE} {problem}")
+    if DCP_JSON in files:
+        problem = dcp_problem(read_dcp_json(path), files)
+        if problem:
+            raise CorruptCheckpointError(path, f"{DCP_JSON} does not describe the shard files: {problem}")
 
 
 def _open_nofollow(path: str, flags: int) -> int:

@@ -132,7 +132,10 @@ def _export_sharded(args: argparse.Namespace, path: str, info: store.CheckpointI
     placed into the full tensor (raw bytes; no torch needed), then one safetensors file, atomically."""
     import numpy as np
 
-    doc = store.load_json(store.read_small(os.path.join(path, "dcp.json"), 256 << 20), path, "dcp.json", 8, 256 << 20)
+    doc = store.read_dcp_json(path)
+    problem = store.dcp_problem(doc, info.manifest["files"])  # every size against the bytes that exist, first
+    if problem:
+        raise CorruptCheckpointError(path, f"{store.DCP_JSON} does not describe the shard files: {problem}")
     try:
         metas = {k[len("model\x1f"):]: v for k, v in doc["tensors"].items() if k.startswith("model\x1f")}
         fulls = {name: np.zeros(tuple(m["size"]), dtype=f"V{store.DTYPE_SIZES[m['dtype']]}") for name, m in metas.items()}
