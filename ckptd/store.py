@@ -232,15 +232,17 @@ def open_at(path: str, flags: int, mode: int = 0o600, *, check: DirCheck | None 
         os.close(dir_fd)
 
 
-def replace_file_at(dir_fd: int, name: str, data: bytes, mode: int, path: str) -> None:
-    """Durably create or replace ``name`` under ``dir_fd`` with ``data`` and exactly ``mode``: a temporary of
-    an unpredictable name (O_EXCL|O_NOFOLLOW), fsync, rename over ``name`` (a link there is replaced, never
-    followed), fsync the directory. On any error the temporary is removed and the error raised."""
+@contextlib.contextmanager
+def replacing_at(dir_fd: int, name: str, mode: int, path: str) -> Iterator[int]:
+    """Durably create or replace ``name`` under ``dir_fd`` with what the block writes to the yielded descriptor,
+    with exactly ``mode``: a temporary of an unpredictable name (O_EXCL|O_NOFOLLOW), fsync, rename over ``name``
+    (a link there is replaced, never followed), fsync the directory. If the block or any step fails, the
+    temporary is removed, ``name`` is untouched, and the error is raised."""
     tmp = f".{name}.tmp-{uuid.uuid4().hex}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     try:
         try:
-            _write_all(fd, memoryview(data), path)
+            yield fd
             os.fchmod(fd, mode)
             _fsync(fd, path)
         finally:
@@ -253,15 +255,30 @@ def replace_file_at(dir_fd: int, name: str, data: bytes, mode: int, path: str) -
     os.fsync(dir_fd)
 
 
-def replace_file(path: str, data: bytes, mode: int = FILE_MODE, *, check: DirCheck | None = None,
-                 follow_dir: bool = False) -> None:
-    """:func:`replace_file_at` by path: the directory is opened without following its last component (unless
+@contextlib.contextmanager
+def replacing(path: str, mode: int = FILE_MODE, *, check: DirCheck | None = None,
+              follow_dir: bool = False) -> Iterator[int]:
+    """:func:`replacing_at` by path: the directory is opened without following its last component (unless
     ``follow_dir``: a directory the user named, checked by ``check`` on the descriptor)."""
     dir_fd = open_dir(os.path.dirname(path) or ".", follow=follow_dir, check=check)
     try:
-        replace_file_at(dir_fd, os.path.basename(path), data, mode, path)
+        with replacing_at(dir_fd, os.path.basename(path), mode, path) as fd:
+            yield fd
     finally:
         os.close(dir_fd)
+
+
+def replace_file_at(dir_fd: int, name: str, data: bytes, mode: int, path: str) -> None:
+    """:func:`replacing_at` with ``data`` as the whole content."""
+    with replacing_at(dir_fd, name, mode, path) as fd:
+        _write_all(fd, memoryview(data), path)
+
+
+def replace_file(path: str, data: bytes, mode: int = FILE_MODE, *, check: DirCheck | None = None,
+                 follow_dir: bool = False) -> None:
+    """:func:`replacing` with ``data`` as the whole content."""
+    with replacing(path, mode, check=check, follow_dir=follow_dir) as fd:
+        _write_all(fd, memoryview(data), path)
 
 
 def unlink_at(path: str, *, check: DirCheck | None = None) -> bool:

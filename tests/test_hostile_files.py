@@ -70,7 +70,7 @@ def test_file_sd_in_a_directory_another_account_owns_is_refused_and_follows_no_p
     with pytest.raises(PermissionError) as e:
         metricsmod.write_sd_file(target, "127.0.0.1:9477", {})
     assert "writable by another account" in str(e.value) and "chmod go-w" in str(e.value)
-    assert open(victim).read() == "root's secret\n"
+    assert open(victim, "rb").read() == b"root's secret\n"
     assert not os.path.exists(target)
 
 
@@ -84,7 +84,7 @@ def test_file_sd_in_a_sticky_shared_directory_uses_an_unpredictable_temp_and_nev
     for pid in range(os.getpid() - 5, os.getpid() + 5):
         as_nobody("ln", "-s", victim, f"{target}.tmp.{pid}")
     metricsmod.write_sd_file(target, "127.0.0.1:9477", {"job": "x"})
-    assert open(victim).read() == "root's secret\n"
+    assert open(victim, "rb").read() == b"root's secret\n"
     st = os.lstat(target)
     assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o644
     assert '"127.0.0.1:9477"' in open(target).read()
@@ -191,3 +191,21 @@ def test_helpers_write_durably_and_leave_no_temporary_on_error(tmp_path):
     with pytest.raises(OSError, match="symlink"):
         store.replace_file(str(d / "link" / "b"), b"x")
     assert sorted(os.listdir(d)) == ["a.json", "link"] and not os.path.exists(tmp_path / "elsewhere")
+
+
+@needs_root
+def test_export_into_a_shared_directory_never_writes_through_a_planted_link(make_checkpoints, shared):
+    from ckptd import cli
+
+    root = make_checkpoints([1])
+    victim = victim_file(shared)
+    out_dir = os.path.join(shared, "exports")
+    os.mkdir(out_dir)
+    os.chmod(out_dir, 0o1777)
+    out = os.path.join(out_dir, "model.safetensors")
+    as_nobody("ln", "-s", victim, f"{out}.tmp-{os.getpid()}")  # the temporary name export used to use
+    assert cli.main(["export", os.path.join(root, store.checkpoint_name(1)), "-o", out]) == 0
+    assert open(victim, "rb").read() == b"root's secret\n"  # was: the model's weights
+    st = os.lstat(out)
+    assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and open(out, "rb").read(8)
+    assert sorted(os.listdir(out_dir)) == ["model.safetensors", f"model.safetensors.tmp-{os.getpid()}"]

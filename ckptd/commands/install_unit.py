@@ -272,9 +272,13 @@ def apply(plan: Plan) -> None:
     for directory, owner in plan.makedirs:
         if not os.path.isdir(directory) and plan.manager != "image":
             os.makedirs(directory, mode=0o750)
-            if owner:
+            if owner:  # through a descriptor of the directory just made: never a link swapped in since
                 entry = pwd.getpwnam(owner)
-                os.chown(directory, entry.pw_uid, entry.pw_gid)
+                fd = store.open_dir(directory)
+                try:
+                    os.fchown(fd, entry.pw_uid, entry.pw_gid)
+                finally:
+                    os.close(fd)
     for cmd in plan.commands:
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:

@@ -155,11 +155,12 @@ def _user(uid: int) -> str:
         return ""
 
 
-def _open_lock(path: str, flags: int) -> int:
+def _open_lock(path: str, flags: int, check: store.DirCheck | None = None) -> int:
     """The lock file as a regular file, never through a link and never blocking (a FIFO planted there would
-    hang an open without O_NONBLOCK); ConfigError naming it otherwise."""
+    hang an open without O_NONBLOCK); ConfigError naming it otherwise. ``check``: what its directory must be
+    (the supervisor's own locks: store.private_dir, on the descriptor the file is opened relative to)."""
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+        fd = store.open_at(path, flags | os.O_NONBLOCK, 0o600, check=check)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ConfigError(f"{path} is a symlink, not a lock file; remove it") from None
@@ -180,7 +181,7 @@ class RunLock:
 
     def try_acquire(self) -> tuple[int | None, str] | None:
         """Take the lock (None), or return the owner (pid, host) that holds it."""
-        fd = _open_lock(self.path, os.O_RDWR | os.O_CREAT)
+        fd = _open_lock(self.path, os.O_RDWR | os.O_CREAT, store.private_dir)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -211,7 +212,7 @@ class JobLock:
     def acquire(self) -> None:
         base = protocol.run_dir(self.root)
         run_dir = ensure_run_dir(self.root, self.node.rank)
-        gate = _open_lock(os.path.join(base, JOB_GATE), os.O_RDWR | os.O_CREAT)
+        gate = _open_lock(os.path.join(base, JOB_GATE), os.O_RDWR | os.O_CREAT, store.private_dir)
         try:
             fcntl.flock(gate, fcntl.LOCK_EX)  # other starters hold it for milliseconds
             record = read_json(os.path.join(base, JOB_RECORD)) or {}
