@@ -179,3 +179,26 @@ def test_config_check_refuses_control_characters_in_paths_and_names_naming_the_k
     r = ckptd("config", "check", write(tmp_path, text))
     assert r.returncode == exitcodes.CONFIG, r.stdout + r.stderr  # was: "OK"
     assert f"key '{key}'" in r.stderr and "control character" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_a_sighup_with_an_alias_bomb_keeps_the_config_and_the_supervisor_answers(tmp_path):
+    import signal
+
+    from fixtures.sup_helpers import FAST, Run, wait_for
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("grace: 5\n")
+    root = str(tmp_path / "ck")
+    run = Run(tmp_path, root, [*FAST, "--metrics-addr", "off", "--notices", "off", "--config", str(cfg), PLAIN],
+              preexec_fn=_limit_memory)
+    run.wait_event("spawn")
+    cfg.write_text(BOMB)
+    run.signal(signal.SIGHUP)
+    # was: the loop blocked for ~20 s building the expanded value at 1.8 GB, then a MemoryError traceback
+    line = wait_for(lambda: next((x for x in run.stderr().splitlines() if "SIGHUP: keeping the current config" in x),
+                                 None), 30, "the reload's refusal")
+    assert "aliases are expanded" in line and len(line) < 700, line
+    r = ckptd("status", "--dir", root, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "running", r.stdout + r.stderr
+    run.signal(signal.SIGTERM)
+    run.wait(20)
