@@ -188,6 +188,7 @@ def test_install_unit_checks_the_config_first_and_writes_nothing_when_it_is_bad(
     (["job", TRAINER], "--config FILE is required"),
     (["job", "--config", "{cfg}"], "no script given"),
     (["job", "--config", "{cfg}", TRAINER, "--name", "two words"], "splits the command at spaces"),
+    (["job", "--config", "{cfg}", TRAINER, "--name", "a\x1b[2Jb"], "control character"),
     (["job", "--config", "{cfg}", "--run-as", "root", TRAINER], "an account of its own"),
     (["job", "--config", "{abs}", TRAINER], "give --run-as USER"),
     (["job", "--config", "{cfg}", "{tmp_script}"], "does not see (PrivateTmp=yes)"),

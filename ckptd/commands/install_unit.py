@@ -132,7 +132,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
     else:
         command = [os.path.abspath(words[0]), *words[1:]]
     for word in command:
-        if not word or configmod.control_character(word) or any(c.isspace() or c in "'\"\\" for c in word):
+        problem = configmod.control_character(word)  # the command goes into JOB.env, one line per variable
+        if problem:
+            raise UsageError(f"argument {configmod.show(word)} {problem}")
+        if not word or any(c.isspace() or c in "'\"\\" for c in word):
             raise UsageError(f"argument {word!r}: systemd splits the command at spaces, and quotes or backslashes "
                              "do not survive; put the command in a small wrapper script and install that")
     manager = "user" if args.user else "image" if args.root else "system"
