@@ -188,7 +188,7 @@ def unshared_dir(st: os.stat_result, path: str) -> None:
         raise PermissionError(errno.EPERM, f"{path} is writable by another account (owner uid {st.st_uid}, mode "
                               f"{stat.S_IMODE(st.st_mode):o}), which could replace what ckptd writes there; use a "
                               f"directory owned by uid {os.geteuid()} or root that only its owner can write "
-                              f"(chown; chmod go-w), readable by the reader")
+                              f"(chown; chmod go-w) and give its reader, e.g. Prometheus, read access only")
 
 
 def open_dir(path: str, *, follow: bool = False, check: DirCheck | None = None) -> int:

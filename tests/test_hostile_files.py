@@ -69,7 +69,7 @@ def test_file_sd_in_a_directory_another_account_owns_is_refused_and_follows_no_p
         as_nobody("ln", "-s", victim, f"{target}.tmp.{pid}")
     with pytest.raises(PermissionError) as e:
         metricsmod.write_sd_file(target, "127.0.0.1:9477", {})
-    assert "writable by another account" in str(e.value) and "chmod go-w" in str(e.value)
+    assert "writable by another account" in str(e.value) and "chmod go-w" in str(e.value), str(e.value)
     assert open(victim, "rb").read() == b"root's secret\n"
     assert not os.path.exists(target)
 

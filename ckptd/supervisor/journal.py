@@ -14,6 +14,7 @@ import stat
 from typing import Any, Callable, Iterator
 
 from .. import store
+from ..errors import CkptdError
 
 JOURNAL_NAME = "journal.jsonl"
 STATE_NAME = "state.json"
@@ -115,7 +116,7 @@ def write_json_atomic(path: str, data: Any) -> None:
 def read_json(path: str) -> dict[str, Any] | None:
     try:
         data = json.loads(store.read_small(path, MAX_STATE_BYTES))
-    except (OSError, ValueError, RecursionError, store.CkptdError):  # missing, unreadable, damaged, not a
+    except (OSError, ValueError, RecursionError, CkptdError):  # missing, unreadable, damaged, not a
         # regular file (a link or a FIFO: refused, never waited on): no previous state
         return None
     return data if isinstance(data, dict) else None
