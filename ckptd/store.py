@@ -237,14 +237,14 @@ def replacing_at(dir_fd: int, name: str, mode: int, path: str) -> Iterator[int]:
     """Durably create or replace ``name`` under ``dir_fd`` with what the block writes to the yielded descriptor,
     with exactly ``mode``: a temporary of an unpredictable name (O_EXCL|O_NOFOLLOW), fsync, rename over ``name``
     (a link there is replaced, never followed), fsync the directory. If the block or any step fails, the
-    temporary is removed, ``name`` is untouched, and the error is raised."""
+    temporary is removed, ``name`` is untouched, and the error (an OSError) is raised."""
     tmp = f".{name}.tmp-{uuid.uuid4().hex}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
     try:
         try:
             yield fd
             os.fchmod(fd, mode)
-            _fsync(fd, path)
+            os.fsync(fd)  # never retried; an OSError (not StorageError) for callers that tolerate their own
         finally:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -271,14 +271,24 @@ def replacing(path: str, mode: int = FILE_MODE, *, check: DirCheck | None = None
 def replace_file_at(dir_fd: int, name: str, data: bytes, mode: int, path: str) -> None:
     """:func:`replacing_at` with ``data`` as the whole content."""
     with replacing_at(dir_fd, name, mode, path) as fd:
-        _write_all(fd, memoryview(data), path)
+        write_fully(fd, data)
 
 
 def replace_file(path: str, data: bytes, mode: int = FILE_MODE, *, check: DirCheck | None = None,
                  follow_dir: bool = False) -> None:
     """:func:`replacing` with ``data`` as the whole content."""
     with replacing(path, mode, check=check, follow_dir=follow_dir) as fd:
-        _write_all(fd, memoryview(data), path)
+        write_fully(fd, data)
+
+
+def write_fully(fd: int, data: bytes | memoryview) -> None:
+    """All of ``data`` to ``fd`` (OSError on failure; a write of 0 bytes is ENOSPC)."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.write(fd, view)
+        if n == 0:
+            raise OSError(errno.ENOSPC, "write returned 0 bytes")
+        view = view[n:]
 
 
 def unlink_at(path: str, *, check: DirCheck | None = None) -> bool:

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             # never through a link: the output directory may be one other accounts write (store.replacing)
             with store.replacing(out, store.FILE_MODE, follow_dir=True) as dst, Progress("export", total) as prog:
-                _write(dst, head)
+                store.write_fully(dst, head)
                 for _, v in model:
                     a, b = v["data_offsets"]
                     f.seek(data_start + a)
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
                         if not chunk:
                             raise CorruptCheckpointError(path, f"{store.TENSORS} ends early (it changed after it "
                                                          "was verified)")
-                        _write(dst, chunk)
+                        store.write_fully(dst, chunk)
                         left -= len(chunk)
                         prog(len(chunk))
         except OSError as exc:
@@ -149,9 +149,9 @@ def _export_sharded(args: argparse.Namespace, path: str, info: store.CheckpointI
     head = store.safetensors_header_bytes(entries, {"format": "pt", "ckptd_step": str(info.step), **carried})
     try:
         with store.replacing(out, store.FILE_MODE, follow_dir=True) as dst:
-            _write(dst, head)
+            store.write_fully(dst, head)
             for n in names:
-                _write(dst, fulls[n].tobytes())
+                store.write_fully(dst, fulls[n].tobytes())
     except OSError as exc:
         raise storage_error(exc, "export to", out) from exc
     total = sum(e[3] for e in entries)
@@ -163,8 +163,3 @@ def _export_sharded(args: argparse.Namespace, path: str, info: store.CheckpointI
               f"shards) to {out}")
     return 0
 
-
-def _write(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while len(view):
-        view = view[os.write(fd, view):]
