@@ -209,3 +209,25 @@ def test_export_into_a_shared_directory_never_writes_through_a_planted_link(make
     st = os.lstat(out)
     assert stat.S_ISREG(st.st_mode) and st.st_uid == 0 and open(out, "rb").read(8)
     assert sorted(os.listdir(out_dir)) == ["model.safetensors", f"model.safetensors.tmp-{os.getpid()}"]
+
+
+@needs_root
+def test_a_running_supervisor_writes_nothing_through_a_run_directory_swapped_after_its_start(tmp_path, shared):
+    import signal
+
+    from fixtures.sup_helpers import FAST, PLAIN, Run
+
+    root = nobody_dir(shared, "ck")  # the job's account owns the root; ckptd runs as root
+    target = os.path.join(shared, "etc")
+    os.mkdir(target, 0o755)
+    run = Run(tmp_path, root, [*FAST, "--metrics-addr", "off", "--notices", "off", PLAIN])
+    run.wait_event("spawn")
+    run_dir = os.path.join(root, ".ckptd")
+    as_nobody("mv", run_dir, os.path.join(root, "moved"))
+    as_nobody("ln", "-s", target, run_dir)
+    run.signal(signal.SIGTERM)  # the stop rewrites state.json (and removes the socket) at the end
+    run.wait(30)
+    err = run.stderr()
+    assert "cannot write state.json" in err and "is a symlink" in err, err  # said, and supervision went on
+    assert os.listdir(target) == []  # was: state.json (root's file, in a directory of the other account's choice)
+    assert "Traceback" not in err, err
