@@ -594,8 +594,12 @@ def amend_manifest(path: str, *, metrics: dict[str, Any] | None = None, finished
             _fsync(fd, tmp)
         finally:
             _close(fd, tmp)
-        try:
-            os.rename(tmp, os.path.join(path, MANIFEST))
+        try:  # into the checkpoint's directory by a descriptor opened without following a link
+            ckpt_fd = open_dir(path)
+            try:
+                os.rename(tmp, MANIFEST, dst_dir_fd=ckpt_fd)
+            finally:
+                os.close(ckpt_fd)
         except OSError as exc:
             raise _storage(os.path.join(path, MANIFEST), "rename", exc) from exc
     except BaseException:
@@ -1432,15 +1436,25 @@ def move_aside(root: str, label: str) -> tuple[str, list[str]]:
     prev = os.path.join(root, PREVIOUS_DIR)
     dest = os.path.join(prev, f"{label}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:4]}")
     names = sorted(e.name for e in os.scandir(root) if NAME_RE.match(e.name) or e.name == PINS_DIR)
-    try:
-        os.makedirs(prev, mode=DIR_MODE, exist_ok=True)
-        os.mkdir(dest, DIR_MODE)
-        fsync_dir(prev)
-        fsync_dir(root)
-        for name in names:
-            os.rename(os.path.join(root, name), os.path.join(dest, name))
-        fsync_dir(dest)
-        fsync_dir(root)
+    try:  # relative to descriptors opened without following a link (a linked .previous is refused)
+        root_fd = open_dir(root, follow=True)
+        try:
+            prev_fd = subdir_at(root_fd, PREVIOUS_DIR, prev)
+            try:
+                dest_fd = subdir_at(prev_fd, os.path.basename(dest), dest)
+                try:
+                    os.fsync(prev_fd)
+                    os.fsync(root_fd)
+                    for name in names:
+                        os.rename(name, name, src_dir_fd=root_fd, dst_dir_fd=dest_fd)
+                    os.fsync(dest_fd)
+                    os.fsync(root_fd)
+                finally:
+                    os.close(dest_fd)
+            finally:
+                os.close(prev_fd)
+        finally:
+            os.close(root_fd)
     except OSError as exc:
         raise _storage(dest, "move aside", exc) from exc
     return dest, names

@@ -17,7 +17,7 @@ import tempfile
 import pytest
 
 from ckptd import exitcodes, store
-from ckptd.errors import ConfigError
+from ckptd.errors import ConfigError, StorageError
 from ckptd.supervisor import metrics as metricsmod
 from ckptd.supervisor import rundir
 from ckptd.supervisor.journal import Journal, write_json_atomic
@@ -231,3 +231,16 @@ def test_a_running_supervisor_writes_nothing_through_a_run_directory_swapped_aft
     assert "cannot write state.json" in err and "is a symlink" in err, err  # said, and supervision went on
     assert os.listdir(target) == []  # was: state.json (root's file, in a directory of the other account's choice)
     assert "Traceback" not in err, err
+
+
+@needs_root
+def test_moving_checkpoints_aside_never_goes_through_a_planted_previous_link(make_checkpoints, shared):
+    root = nobody_dir(shared, "ck")
+    make_checkpoints([1], root=root)
+    elsewhere = os.path.join(shared, "root-only")
+    os.mkdir(elsewhere, 0o700)
+    as_nobody("ln", "-s", elsewhere, os.path.join(root, store.PREVIOUS_DIR))
+    with pytest.raises(StorageError, match="not a plain directory"):
+        store.move_aside(root, "run")
+    assert os.listdir(elsewhere) == []  # nothing moved into the other account's choice of directory
+    assert os.path.isdir(os.path.join(root, store.checkpoint_name(1)))

@@ -31,6 +31,7 @@ the client sends), and so the number of threads.
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import re
