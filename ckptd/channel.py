@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import protocol
+from . import protocol, store
 
 log = logging.getLogger("ckptd")
 
@@ -158,7 +158,8 @@ def _arm_stack_dump(socket_path: str) -> str | None:
         if signal.getsignal(STACK_SIGNAL) not in (signal.SIG_DFL, None):
             return None  # the script uses this signal itself
         path = os.path.join(os.path.dirname(socket_path), f"stacks-{os.getpid()}.txt")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        # relative to the run's private directory, checked on its descriptor (store.open_at): never a link
+        fd = store.open_at(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600, check=store.private_dir)
         f = os.fdopen(fd, "w")
         faulthandler.register(STACK_SIGNAL, file=f, all_threads=True, chain=False)
         _STACK_FILES.append(f)  # faulthandler keeps only the fd: the file object must stay open

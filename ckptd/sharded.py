@@ -184,9 +184,9 @@ class Writer(StorageWriter):
 class Reader(StorageReader):
     """Reads raw shard bytes of a committed checkpoint whose files were verified (see :func:`verify_share`)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, files: dict[str, Any]) -> None:
         super().__init__()
-        self.path = path
+        self.path, self.files = path, files
         self.storage: dict[MetadataIndex, tuple[str, int, int]] = {}
         self.md: Metadata | None = None
 
@@ -195,6 +195,9 @@ class Reader(StorageReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         doc = store.read_dcp_json(self.path)
+        problem = store.dcp_problem(doc, self.files)  # before any size in it is believed
+        if problem:
+            raise CorruptCheckpointError(self.path, f"{store.DCP_JSON} does not describe the shard files: {problem}")
         try:
             tensors = {fqn: _tensor_md(v) for fqn, v in doc["tensors"].items()}
             storage = {_index(i): (str(f), int(o), int(n)) for i, f, o, n in doc["storage"]}
@@ -300,8 +303,8 @@ def load(info: store.CheckpointInfo, model: Any, optimizer: Any, rest: dict[str,
 
     live, _ = split(model, optimizer)
     cpu = host_copies(live)  # read into copies: the live state changes only once all is read
-    dcp.load(cpu, storage_reader=Reader(info.path), planner=DefaultLoadPlanner(flatten_state_dict=False),
-             process_group=group)
+    dcp.load(cpu, storage_reader=Reader(info.path, info.manifest["files"]),
+             planner=DefaultLoadPlanner(flatten_state_dict=False), process_group=group)
     tree = join(rest, cpu)
     if optimizer is not None:
         set_state_dict(model, optimizer, model_state_dict=tree["model"], optim_state_dict=tree["optimizer"])

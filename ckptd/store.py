@@ -159,6 +159,151 @@ def fsync_parent_once(root: str) -> None:
     _PARENT_SYNCED.add(root)
 
 
+# ----------------------------------------------------------------------------- writes that never follow a link
+#
+# ckptd often runs as root over directories other accounts can write: a checkpoint root on a shared file
+# system (and its .pins/, .quarantine/), a Prometheus file_sd directory, a run directory whose parent
+# another account owns. Every file ckptd creates or replaces there goes through these helpers: the
+# directory is opened once (its last component never followed, unless it is the root the user named) and
+# checked on that descriptor; everything after is relative to it (openat, renameat, unlinkat); a
+# temporary file gets an unpredictable name and is created with O_EXCL|O_NOFOLLOW. A link planted under
+# any name, or a directory swapped for a link after the check, can never redirect a write.
+
+DirCheck = Callable[[os.stat_result, str], None]
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def private_dir(st: os.stat_result, path: str) -> None:
+    """A :data:`DirCheck`: the directory is ours alone (owned by this uid, not writable by group or others)."""
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise PermissionError(errno.EPERM, f"{path} is not a private directory of uid {os.geteuid()} (owner uid "
+                              f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}); ckptd writes nothing into it")
+
+
+def unshared_dir(st: os.stat_result, path: str) -> None:
+    """A :data:`DirCheck`: no other account can write the directory: owned by this uid or root, and writable
+    by group or others only when sticky (like /tmp, where nobody can rename or remove another's files)."""
+    trusted = (os.geteuid(), 0)
+    if st.st_uid not in trusted or (st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX):
+        raise PermissionError(errno.EPERM, f"{path} is writable by another account (owner uid {st.st_uid}, mode "
+                              f"{stat.S_IMODE(st.st_mode):o}), which could replace what ckptd writes there; use a "
+                              f"directory owned by uid {os.geteuid()} or root that only its owner can write "
+                              f"(chown; chmod go-w) and give its reader, e.g. Prometheus, read access only")
+
+
+def open_dir(path: str, *, follow: bool = False, check: DirCheck | None = None) -> int:
+    """A descriptor of the directory ``path``; its last component is not followed unless ``follow`` (the root
+    a user named may be a link; an entry under it may not). ``check`` runs on the descriptor's stat."""
+    try:
+        fd = os.open(path, _DIR_FLAGS | (0 if follow else os.O_NOFOLLOW))
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(path):
+            raise OSError(exc.errno, f"{path} is a symlink; ckptd never writes through a link") from None
+        raise
+    try:
+        if check is not None:
+            check(os.fstat(fd), path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def subdir_at(dir_fd: int, name: str, path: str, mode: int = DIR_MODE) -> int:
+    """A descriptor of the real directory ``name`` under ``dir_fd`` (created if missing); never a link."""
+    try:
+        os.mkdir(name, mode, dir_fd=dir_fd)
+    except FileExistsError:
+        pass
+    try:
+        return os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise OSError(exc.errno, f"{path} is not a plain directory (a symlink or a file); remove it") from None
+        raise
+
+
+def open_at(path: str, flags: int, mode: int = 0o600, *, check: DirCheck | None = None) -> int:
+    """``os.open(path, flags | O_NOFOLLOW)`` relative to its directory, opened without following and checked."""
+    dir_fd = open_dir(os.path.dirname(path) or ".", check=check)
+    try:
+        return os.open(os.path.basename(path), flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def replacing_at(dir_fd: int, name: str, mode: int, path: str) -> Iterator[int]:
+    """Durably create or replace ``name`` under ``dir_fd`` with what the block writes to the yielded descriptor,
+    with exactly ``mode``: a temporary of an unpredictable name (O_EXCL|O_NOFOLLOW), fsync, rename over ``name``
+    (a link there is replaced, never followed), fsync the directory. If the block or any step fails, the
+    temporary is removed, ``name`` is untouched, and the error (an OSError) is raised."""
+    tmp = f".{name}.tmp-{uuid.uuid4().hex}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    try:
+        try:
+            yield fd
+            os.fchmod(fd, mode)
+            os.fsync(fd)  # never retried; an OSError (not StorageError) for callers that tolerate their own
+        finally:
+            os.close(fd)
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    os.fsync(dir_fd)
+
+
+@contextlib.contextmanager
+def replacing(path: str, mode: int = FILE_MODE, *, check: DirCheck | None = None,
+              follow_dir: bool = False) -> Iterator[int]:
+    """:func:`replacing_at` by path: the directory is opened without following its last component (unless
+    ``follow_dir``: a directory the user named, checked by ``check`` on the descriptor)."""
+    dir_fd = open_dir(os.path.dirname(path) or ".", follow=follow_dir, check=check)
+    try:
+        with replacing_at(dir_fd, os.path.basename(path), mode, path) as fd:
+            yield fd
+    finally:
+        os.close(dir_fd)
+
+
+def replace_file_at(dir_fd: int, name: str, data: bytes, mode: int, path: str) -> None:
+    """:func:`replacing_at` with ``data`` as the whole content."""
+    with replacing_at(dir_fd, name, mode, path) as fd:
+        write_fully(fd, data)
+
+
+def replace_file(path: str, data: bytes, mode: int = FILE_MODE, *, check: DirCheck | None = None,
+                 follow_dir: bool = False) -> None:
+    """:func:`replacing` with ``data`` as the whole content."""
+    with replacing(path, mode, check=check, follow_dir=follow_dir) as fd:
+        write_fully(fd, data)
+
+
+def write_fully(fd: int, data: bytes | memoryview) -> None:
+    """All of ``data`` to ``fd`` (OSError on failure; a write of 0 bytes is ENOSPC)."""
+    view = memoryview(data).cast("B")
+    while len(view):
+        n = os.write(fd, view)
+        if n == 0:
+            raise OSError(errno.ENOSPC, "write returned 0 bytes")
+        view = view[n:]
+
+
+def unlink_at(path: str, *, check: DirCheck | None = None) -> bool:
+    """Remove the entry ``path`` (a link itself, never its target) relative to its checked directory; False
+    when it was not there."""
+    dir_fd = open_dir(os.path.dirname(path) or ".", check=check)
+    try:
+        os.unlink(os.path.basename(path), dir_fd=dir_fd)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(dir_fd)
+
+
 def _storage(path: str, op: str, exc: OSError) -> StorageError:
     return StorageError(path, op, exc)
 
@@ -267,6 +412,23 @@ class PendingCheckpoint:
         if self.committed_path is None and not getattr(self, "_joined", False):
             self.abort()
 
+    def _create(self, name: str, extra_flags: int) -> int:
+        """Create ``name`` in the temporary directory, relative to a descriptor of it opened without following
+        a link: the directory may sit in a root another account can write, which could swap it for a link."""
+        dir_fd = os.open(self.tmp, _DIR_FLAGS | os.O_NOFOLLOW)
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | extra_flags,
+                           FILE_MODE, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _unlink(self, name: str) -> None:
+        dir_fd = os.open(self.tmp, _DIR_FLAGS | os.O_NOFOLLOW)
+        try:
+            os.unlink(name, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+
     def write_file(self, name: str, chunks: Iterable[bytes | bytearray | memoryview],
                    pace: Pace | None = None) -> FileRecord:
         """Write ``chunks`` to ``name``, hashing while writing; fsync and close it.
@@ -278,7 +440,7 @@ class PendingCheckpoint:
         h = new_hasher()
         size = 0
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+            fd = self._create(name, 0)
         except OSError as exc:
             raise _storage(path, "open", exc) from exc
         try:
@@ -310,9 +472,8 @@ class PendingCheckpoint:
         if not direct or len(header) % ALIGN or not is_aligned(data):
             return self.write_file(name, (header, data), pace)
         path = os.path.join(self.tmp, name)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(path, flags | direct, FILE_MODE)
+            fd = self._create(name, direct)
         except OSError as exc:
             if exc.errno == errno.EINVAL:  # filesystem without O_DIRECT
                 return self.write_file(name, (header, data), pace)
@@ -329,7 +490,7 @@ class PendingCheckpoint:
                     raise
                 os.close(fd)
                 fd = -1
-                os.unlink(path)
+                self._unlink(name)
                 return self.write_file(name, (header, data), pace)
             body = len(data) - len(data) % ALIGN
             for off in range(0, body, DIRECT_CHUNK):
@@ -479,8 +640,12 @@ def amend_manifest(path: str, *, metrics: dict[str, Any] | None = None, finished
             _fsync(fd, tmp)
         finally:
             _close(fd, tmp)
-        try:
-            os.rename(tmp, os.path.join(path, MANIFEST))
+        try:  # into the checkpoint's directory by a descriptor opened without following a link
+            ckpt_fd = open_dir(path)
+            try:
+                os.rename(tmp, MANIFEST, dst_dir_fd=ckpt_fd)
+            finally:
+                os.close(ckpt_fd)
         except OSError as exc:
             raise _storage(os.path.join(path, MANIFEST), "rename", exc) from exc
     except BaseException:
@@ -577,7 +742,10 @@ class CheckpointInfo:
 
 def read_range(path: str, offset: int, length: int) -> bytes:
     """``length`` bytes of a regular file (no symlinks) at ``offset``; CorruptCheckpointError when it ends early."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CorruptCheckpointError(path, "is not a regular file")
     try:
         if length < 0 or offset < 0 or offset + length > os.fstat(fd).st_size:
             raise CorruptCheckpointError(path, f"no {length} bytes at offset {offset} (truncated or altered)")
@@ -587,8 +755,8 @@ def read_range(path: str, offset: int, length: int) -> bytes:
 
 
 def read_small(path: str, limit: int) -> bytes:
-    """Read a small regular file (no symlinks) of at most ``limit`` bytes."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    """Read a small regular file (no symlinks; a FIFO is refused, not waited on) of at most ``limit`` bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -949,6 +1117,70 @@ def read_dcp_json(path: str) -> Any:
     return load_json(raw, path, DCP_JSON, 8, MAX_DCP_JSON_BYTES)
 
 
+def _dims_ok(v: Any, n: int | None = None) -> bool:
+    return (isinstance(v, list) and len(v) <= MAX_DIMS and (n is None or len(v) == n)
+            and all(_is_int(d) and d >= 0 for d in v))
+
+
+def _volume(dims: list[int]) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+def dcp_problem(doc: Any, files: dict[str, Any]) -> str:
+    """Why a sharded checkpoint's ``dcp.json`` does not describe exactly the bytes of its shard files (``""``
+    when it does). ``files``: the manifest's file list (name -> {"bytes": N, ...}).
+
+    Every size is checked against bytes that exist before anything is allocated from it (export, restore):
+    each tensor's chunks lie inside its shape and add up to all of it; each chunk has exactly one storage entry,
+    whose length is the chunk's bytes; and the entries of each shard file tile it, without holes or overlaps.
+    So a tensor can never claim more memory than the shard files hold (a 116-byte map claiming 2**40 elements
+    with no storage is refused here)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), dict) or not isinstance(doc.get("storage"), list):
+        return "has no tensors/storage"
+    chunks: dict[tuple[str, int], int] = {}  # (fqn, chunk index) -> bytes the chunk needs
+    for fqn, m in doc["tensors"].items():
+        if not (isinstance(m, dict) and m.get("dtype") in DTYPE_SIZES and _dims_ok(m.get("size"))
+                and isinstance(m.get("chunks"), list)):
+            return f"tensor {fqn[:80]!r} lacks a valid dtype, size or chunks"
+        size, covered = m["size"], 0
+        for i, c in enumerate(m["chunks"]):
+            if not (isinstance(c, list) and len(c) == 2 and _dims_ok(c[0], len(size)) and _dims_ok(c[1], len(size))
+                    and all(o + n <= d for o, n, d in zip(c[0], c[1], size))):
+                return f"tensor {fqn[:80]!r} has a chunk outside its shape {size}"
+            chunks[(fqn, i)] = _volume(c[1]) * DTYPE_SIZES[m["dtype"]]
+            covered += _volume(c[1])
+        if covered != _volume(size):
+            return (f"tensor {fqn[:80]!r} of shape {size} is not covered by its chunks ({covered} of "
+                    f"{_volume(size)} elements stored)")
+    spans: dict[str, list[tuple[int, int]]] = {}
+    for entry in doc["storage"]:
+        ok = isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], list) and len(entry[0]) == 3
+        index, fname, offset, length = entry if ok else (None, None, None, None)
+        key = (index[0], index[2]) if ok and isinstance(index[0], str) and _is_int(index[2]) else None
+        if key is None or key not in chunks or not isinstance(fname, str) or fname not in files \
+                or not SHARD_FILE_RE.match(fname) or not _dims_ok([offset, length]) or chunks[key] != length:
+            return f"storage entry {str(entry)[:80]} is not one chunk of a listed tensor in a listed shard file"
+        del chunks[key]  # each chunk stored once
+        spans.setdefault(fname, []).append((offset, length))
+    if chunks:
+        fqn, i = next(iter(chunks))
+        return f"chunk {i} of tensor {fqn[:80]!r} has no storage"
+    for fname, rec in files.items():
+        if not SHARD_FILE_RE.match(fname):
+            continue
+        pos = 0
+        for offset, length in sorted(spans.get(fname, [])):
+            if offset != pos:
+                return f"the chunks of {fname} leave holes or overlap (at offset {offset})"
+            pos += length
+        if pos != rec["bytes"]:
+            return f"the chunks of {fname} hold {pos} bytes, the file {rec['bytes']}"
+    return ""
+
+
 def hash_file(path: str, progress: Any = None) -> tuple[int, str]:
     h = new_hasher()
     size = 0
@@ -1015,6 +1247,10 @@ def check_metadata(path: str, manifest: dict[str, Any]) -> None:
         problem = json_bounds_problem(raw, MAX_STATE_DEPTH, MAX_STATE_VALUES)
         if problem:
             raise CorruptCheckpointError(path, f"{STATE} {problem}")
+    if DCP_JSON in files:
+        problem = dcp_problem(read_dcp_json(path), files)
+        if problem:
+            raise CorruptCheckpointError(path, f"{DCP_JSON} does not describe the shard files: {problem}")
 
 
 def _open_nofollow(path: str, flags: int) -> int:
@@ -1246,15 +1482,25 @@ def move_aside(root: str, label: str) -> tuple[str, list[str]]:
     prev = os.path.join(root, PREVIOUS_DIR)
     dest = os.path.join(prev, f"{label}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:4]}")
     names = sorted(e.name for e in os.scandir(root) if NAME_RE.match(e.name) or e.name == PINS_DIR)
-    try:
-        os.makedirs(prev, mode=DIR_MODE, exist_ok=True)
-        os.mkdir(dest, DIR_MODE)
-        fsync_dir(prev)
-        fsync_dir(root)
-        for name in names:
-            os.rename(os.path.join(root, name), os.path.join(dest, name))
-        fsync_dir(dest)
-        fsync_dir(root)
+    try:  # relative to descriptors opened without following a link (a linked .previous is refused)
+        root_fd = open_dir(root, follow=True)
+        try:
+            prev_fd = subdir_at(root_fd, PREVIOUS_DIR, prev)
+            try:
+                dest_fd = subdir_at(prev_fd, os.path.basename(dest), dest)
+                try:
+                    os.fsync(prev_fd)
+                    os.fsync(root_fd)
+                    for name in names:
+                        os.rename(name, name, src_dir_fd=root_fd, dst_dir_fd=dest_fd)
+                    os.fsync(dest_fd)
+                    os.fsync(root_fd)
+                finally:
+                    os.close(dest_fd)
+            finally:
+                os.close(prev_fd)
+        finally:
+            os.close(root_fd)
     except OSError as exc:
         raise _storage(dest, "move aside", exc) from exc
     return dest, names
@@ -1270,7 +1516,9 @@ def quarantine(root: str, name: str, reason: str) -> str | None:
     Never follows a symlink: the entry is renamed as it is (a link moves as a link), and the note
     ``QUARANTINE.json`` is created relative to directory fds opened with O_NOFOLLOW, inside the
     moved directory, or next to it (``NAME-TIME.QUARANTINE.json``) when the entry is not a real
-    directory. Returns None when the checkpoint is already gone (another process moved it first).
+    directory. Returns None when the checkpoint is already gone (another process moved it first), or when
+    ``.quarantine`` is not a plain directory (a file or a link: said once per root; the checkpoint is left in
+    place, where every reader already skips it).
     """
     check_name(name)
     dest_name = f"{name}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -1283,8 +1531,14 @@ def quarantine(root: str, name: str, reason: str) -> str | None:
         try:
             q_fd = _open_dir_nofollow(QUARANTINE_DIR, root_fd)
         except OSError as exc:
-            raise CkptdError(f"{os.path.join(root, QUARANTINE_DIR)} is not a plain directory ({exc.strerror}); "
-                             "remove it so invalid checkpoints can be moved aside") from None
+            # The checkpoint stays where it is (it is still invalid, and every reader skips it): a restore goes
+            # on to the next older one rather than failing for want of a place to move it.
+            _warn_once(("quarantine", os.path.abspath(root)),
+                       "ckptd: %s is not a plain directory (%s): invalid checkpoints are skipped but not moved "
+                       "aside; remove it (ckptd recreates it)", os.path.join(root, QUARANTINE_DIR),
+                       "a symlink" if exc.errno == errno.ELOOP else exc.strerror)
+            log.warning("ckptd: checkpoint %s is invalid (%s); left in place", name, reason)
+            return None
         try:
             try:
                 os.rename(name, dest_name, src_dir_fd=root_fd, dst_dir_fd=q_fd)
@@ -1301,6 +1555,15 @@ def quarantine(root: str, name: str, reason: str) -> str | None:
     dest = os.path.join(root, QUARANTINE_DIR, dest_name)
     log.warning("ckptd: checkpoint %s is invalid (%s); moved to %s", name, reason, dest)
     return dest
+
+
+_WARNED: set[Any] = set()
+
+
+def _warn_once(key: Any, msg: str, *args: Any) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(msg, *args)
 
 
 def _write_note(q_fd: int, dest_name: str, note: dict[str, Any]) -> None:
@@ -1346,17 +1609,21 @@ def delete(root: str, name: str) -> bool:
 
 def pin(root: str, name: str) -> None:
     """Create ``root/.pins/NAME`` (durably); never through a symlink (the supervisor may run as root over a
-    directory other accounts can write)."""
+    directory other accounts can write): a ``.pins`` or a pin that is a link is refused (OSError naming it)."""
     check_name(name)
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    root_fd = open_dir(root, follow=True)
     try:
+        pins_fd = subdir_at(root_fd, PINS_DIR, os.path.join(root, PINS_DIR))
         try:
-            os.mkdir(PINS_DIR, DIR_MODE, dir_fd=root_fd)
-        except FileExistsError:
-            pass
-        pins_fd = _open_dir_nofollow(PINS_DIR, root_fd)
-        try:
-            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE, dir_fd=pins_fd))
+            try:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, FILE_MODE,
+                             dir_fd=pins_fd)
+            except OSError as exc:
+                if exc.errno == errno.ELOOP:
+                    raise OSError(exc.errno, f"{os.path.join(root, PINS_DIR, name)} is a symlink, not a pin; "
+                                  "remove it and pin again") from None
+                raise
+            os.close(fd)
             # Durable before we say so: a pin lost to a power loss lets retention delete what it protected.
             os.fsync(pins_fd)
         finally:
@@ -1367,10 +1634,11 @@ def pin(root: str, name: str) -> None:
 
 
 def unpin(root: str, name: str) -> None:
+    check_name(name)
     try:
-        os.unlink(os.path.join(root, PINS_DIR, check_name(name)))
+        unlink_at(os.path.join(root, PINS_DIR, name))
     except FileNotFoundError:
-        pass
+        pass  # no .pins/ at all
 
 
 def pinned(root: str) -> set[str]:

@@ -339,16 +339,28 @@ def test_quarantine_of_a_symlinked_step_directory_writes_nothing_outside_the_roo
     assert f"{link[0]}.QUARANTINE.json" in names
 
 
-def test_symlinked_quarantine_directory_is_refused(make_checkpoints, tmp_path):
-    root = make_checkpoints([10, 20])
-    _flip_data_byte(os.path.join(root, NEWEST))
+@pytest.mark.parametrize("kind", ["symlink", "file"])
+def test_a_quarantine_that_is_not_a_directory_still_falls_back_to_the_older_checkpoint_and_says_why_once(
+        make_checkpoints, tmp_path, caplog, kind):
+    root = make_checkpoints([10, 20, 30])
+    _flip_data_byte(os.path.join(root, NEWEST))  # step 20
+    _flip_data_byte(os.path.join(root, store.checkpoint_name(30)))
     outside = tmp_path / "outside"
     outside.mkdir()
-    os.symlink(outside, os.path.join(root, ".quarantine"))
-    ck, _ = _checkpointer(root)
-    with pytest.raises(CkptdError, match="not a plain directory"):
-        ck.restore()
-    assert os.listdir(outside) == [] and os.path.isdir(os.path.join(root, NEWEST))
+    quarantine = os.path.join(root, ".quarantine")
+    if kind == "symlink":
+        os.symlink(outside, quarantine)
+    else:
+        with open(quarantine, "w") as f:
+            f.write("not a directory")
+    ck, model = _checkpointer(root)
+    with caplog.at_level("WARNING", logger="ckptd"):
+        assert ck.restore() == 10  # was: CkptdError, and `ckptd run` restarted the trainer into it again
+    assert torch.equal(model[0].weight, ckptd.load_state(os.path.join(root, OLDER))["model"]["0.weight"])
+    assert os.listdir(outside) == []  # nothing moved through the link
+    assert os.path.isdir(os.path.join(root, NEWEST))  # left in place (invalid, skipped by every reader)
+    why = [r.getMessage() for r in caplog.records if "is not a plain directory" in r.getMessage()]
+    assert len(why) == 1 and "remove it" in why[0], why
 
 
 def test_prune_and_temp_cleanup_remove_links_never_their_targets(make_checkpoints, tmp_path):

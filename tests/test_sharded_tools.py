@@ -116,3 +116,41 @@ def test_commands_understand_sharded_checkpoints_inspect_lists_every_logical_ten
     r = ckptd("inspect", crafted)
     assert r.returncode == exitcodes.INVALID and "dcp.json" in r.stderr and len(r.stderr.splitlines()) == 1, \
         r.stdout + r.stderr
+
+
+def _limit_memory():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+def test_a_crafted_tensor_map_claiming_more_than_the_shard_files_hold_is_refused_before_any_allocation(tmp_path):
+    root = str(tmp_path / "ck")
+    sharded_job(root, 1)
+    real = os.path.join(root, store.checkpoint_name(1))
+    doc = json.load(open(os.path.join(real, "dcp.json")))
+    cases = {
+        # the 116-byte map: one tensor of 2**40 elements and no storage at all (re-signed, so checksums match)
+        "no storage": {"tensors": {"model\x1fw": {"dtype": "F32", "size": [1 << 40], "chunks": []}}, "storage": []},
+        # a real map whose first model tensor claims a 2**40 x 8 shape (its chunks no longer cover it)
+        "grown": {**doc, "tensors": {**doc["tensors"], "model\x1f0.weight": {
+            **doc["tensors"]["model\x1f0.weight"], "size": [1 << 40, 8]}}},
+        # a chunk stored twice: the entries overlap in the shard file
+        "overlap": {**doc, "storage": doc["storage"] + [doc["storage"][0]]},
+    }
+    assert len(json.dumps(cases["no storage"], separators=(",", ":"))) <= 116
+    for name, crafted_doc in cases.items():
+        crafted = str(tmp_path / name.replace(" ", "-") / store.checkpoint_name(1))
+        shutil.copytree(real, crafted)
+        resign(crafted, {"dcp.json": json.dumps(crafted_doc).encode()})
+        r = ckptd("verify", crafted)  # was: ok
+        assert r.returncode == exitcodes.INVALID and "dcp.json does not describe the shard files" in r.stdout, \
+            (name, r.stdout + r.stderr)
+        out = str(tmp_path / f"{name}.safetensors")
+        r = subprocess.run([sys.executable, "-m", "ckptd", "export", crafted, "-o", out], capture_output=True,
+                           text=True, timeout=120, preexec_fn=_limit_memory)
+        # was: 1.6 GB of RSS and of zeros written (N = 4e8), or a numpy traceback (N = 2**40)
+        assert r.returncode == exitcodes.INVALID, (name, r.stdout + r.stderr[-2000:])
+        assert len(r.stderr.splitlines()) == 1 and "dcp.json does not describe the shard files" in r.stderr, \
+            (name, r.stderr)
+        assert not os.path.exists(out)

@@ -129,3 +129,76 @@ def test_run_with_a_missing_script_or_command_fails_before_starting(tmp_path):
     r = ckptd("run", "--dir", str(tmp_path / "ck"), "--", "no-such-command-xyz")
     assert r.returncode == exitcodes.NOT_FOUND
     assert not os.path.exists(tmp_path / "ck")
+
+
+# A 456-byte YAML alias bomb (nine anchors, each a list of nine aliases of the previous: 9**9 strings once
+# expanded). A real config is a few dozen YAML values.
+BOMB = "grace: [&a0 [" + ", ".join(['"lol"'] * 9) + "], " + ", ".join(
+    f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)) + "]\n"
+
+
+def _limit_memory():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # the old code reached 1.8 GB, then MemoryError
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_with_one_line_and_no_value_expanded(tmp_path):
+    import subprocess
+    import sys
+
+    path = write(tmp_path, BOMB)
+    assert len(BOMB) < 1000
+    r = subprocess.run([sys.executable, "-m", "ckptd", "config", "check", path], capture_output=True, text=True,
+                       timeout=120, preexec_fn=_limit_memory)
+    assert r.returncode == exitcodes.CONFIG, r.stderr[-2000:]  # was: MemoryError traceback, exit 1
+    assert r.stderr.count("\n") == 1 and len(r.stderr) < 600, r.stderr[:2000]
+    assert "more than 10000 values once its aliases are expanded" in r.stderr
+    # the supervisor's SIGHUP reload runs the same resolve(): the same refusal, no expansion
+    with pytest.raises(ConfigError, match="aliases"):
+        resolve(path, {})
+
+
+def test_aliases_within_bounds_still_work_and_a_bad_value_is_shown_truncated(tmp_path):
+    cfg = resolve(write(tmp_path, "notices:\n  azure_events: &ev [Preempt]\nkeep_best: [&k loss:2:min]\n"), {})
+    assert cfg.notices.azure_events == ("Preempt",) and cfg.keep_best == (("loss", 2, "min"),)
+    with pytest.raises(ConfigError) as e:
+        resolve(write(tmp_path, "grace: [" + ", ".join(["1"] * 5000) + "]\n"), {})
+    assert len(str(e.value)) < 300 and "expected seconds as a number" in str(e.value)
+    with pytest.raises(ConfigError, match="nested more than 32 levels"):
+        resolve(write(tmp_path, "grace: " + "[" * 40 + "]" * 40 + "\n"), {})
+
+
+@pytest.mark.parametrize("key, text", [
+    ("dir", 'dir: "/srv/ck\\n[Service]\\nExecStartPre=+/bin/sh -c \\"id > /root/pwned\\"\\nUser=root"\n'),
+    ("dir", 'dir: "/srv/ck\\u001b[31mred"\n'),
+    ("metrics.sd_file", 'metrics:\n  sd_file: "/etc/prometheus/sd\\r.json"\n'),
+    ("job_id", 'job_id: "a\\nb"\n'),
+])
+def test_config_check_refuses_control_characters_in_paths_and_names_naming_the_key(tmp_path, key, text):
+    r = ckptd("config", "check", write(tmp_path, text))
+    assert r.returncode == exitcodes.CONFIG, r.stdout + r.stderr  # was: "OK"
+    assert f"key '{key}'" in r.stderr and "control character" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_a_sighup_with_an_alias_bomb_keeps_the_config_and_the_supervisor_answers(tmp_path):
+    import signal
+
+    from fixtures.sup_helpers import FAST, Run, wait_for
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("grace: 5\n")
+    root = str(tmp_path / "ck")
+    run = Run(tmp_path, root, [*FAST, "--metrics-addr", "off", "--notices", "off", "--config", str(cfg), PLAIN],
+              preexec_fn=_limit_memory)
+    run.wait_event("spawn")
+    cfg.write_text(BOMB)
+    run.signal(signal.SIGHUP)
+    # was: the loop blocked for ~20 s building the expanded value at 1.8 GB, then a MemoryError traceback
+    line = wait_for(lambda: next((x for x in run.stderr().splitlines() if "SIGHUP: keeping the current config" in x),
+                                 None), 30, "the reload's refusal")
+    assert "aliases are expanded" in line and len(line) < 700, line
+    r = ckptd("status", "--dir", root, "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["state"] == "running", r.stdout + r.stderr
+    run.signal(signal.SIGTERM)
+    run.wait(20)

@@ -14,9 +14,11 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from ckptd import exitcodes
 from ckptd.commands import install_unit
+from ckptd.errors import ConfigError
 from ckptd.supervisor.config import Config
 from fixtures.sup_helpers import TRAINER
 from fixtures.systemd_user import under_tmp_reason
@@ -186,6 +188,7 @@ def test_install_unit_checks_the_config_first_and_writes_nothing_when_it_is_bad(
     (["job", TRAINER], "--config FILE is required"),
     (["job", "--config", "{cfg}"], "no script given"),
     (["job", "--config", "{cfg}", TRAINER, "--name", "two words"], "splits the command at spaces"),
+    (["job", "--config", "{cfg}", TRAINER, "--name", "a\x1b[2Jb"], "control character"),
     (["job", "--config", "{cfg}", "--run-as", "root", TRAINER], "an account of its own"),
     (["job", "--config", "{abs}", TRAINER], "give --run-as USER"),
     (["job", "--config", "{cfg}", "{tmp_script}"], "does not see (PrivateTmp=yes)"),
@@ -200,3 +203,66 @@ def test_install_unit_refuses_what_the_service_could_not_run(tmp_path, config, w
     assert r.returncode == exitcodes.USAGE, r.stdout + r.stderr
     assert message in r.stderr
     assert not (tmp_path / "image").exists()
+
+
+INJECTION = 'dir: "/srv/ck\\n[Service]\\nExecStartPre=+/bin/sh -c \\"id > /root/pwned\\"\\nUser=root"\n'
+
+
+def _run_as_account() -> str:
+    """An existing account that is not root or nobody (install-unit refuses those for --run-as)."""
+    import pwd
+
+    for entry in pwd.getpwall():
+        if entry.pw_uid not in (0, 65534) and entry.pw_name.isidentifier():
+            return entry.pw_name
+    pytest.skip("no account other than root and nobody to run the unit as")
+
+
+def test_a_config_value_with_a_newline_never_becomes_unit_directives(tmp_path):
+    bad = tmp_path / "j.yaml"
+    bad.write_text(INJECTION)
+    image = tmp_path / "image"
+    r = cli("install-unit", "job", "--root", str(image), "--run-as", _run_as_account(), "--config", str(bad),
+            TRAINER)
+    assert r.returncode == exitcodes.CONFIG, r.stdout + r.stderr  # was: 0, and a drop-in with User=root
+    assert "j.yaml:1: key 'dir'" in r.stderr and "control character" in r.stderr
+    assert r.stderr.count("\n") == 1  # the value is shown escaped, on the one line
+    assert not image.exists()
+
+
+def test_unit_word_quotes_and_escapes_by_systemds_rules_and_refuses_control_characters():
+    word = install_unit.unit_word
+    assert word("dir", "/srv/ck") == "/srv/ck"
+    assert word("dir", "/srv/my ck") == '"/srv/my ck"'
+    assert word("dir", '/srv/a"b\\c') == '"/srv/a\\"b\\\\c"'
+    assert word("dir", "/srv/100%n") == "/srv/100%%n"
+    assert word("exe", "/opt/$HOME/ckptd", exec_line=True) == "/opt/$$HOME/ckptd"
+    for bad in ("/srv/ck\n[Service]", "/srv/\rx", "/srv/\x1b[31m", "/srv/\x00", "/srv/\x85"):
+        with pytest.raises(ConfigError, match="control character") as e:
+            word("j.yaml: key 'dir'", bad)
+        assert e.value.exit_code == exitcodes.CONFIG and "j.yaml: key 'dir'" in str(e.value)
+
+
+@outside_tmp
+@needs_analyze
+@pytest.mark.skipif(shutil.which("systemctl") is None, reason="systemctl is not installed (Debian package `systemd`)")
+def test_a_strange_but_legal_dir_reaches_the_drop_in_quoted_and_systemd_reads_it_as_one_path(tmp_path):
+    strange = '/srv/my ckpts/100%n "q" \\ x;y'
+    cfg = tmp_path / "j.yaml"
+    cfg.write_text(yaml.safe_dump({"dir": strange}))
+    image = tmp_path / "image"
+    account = _run_as_account()
+    r = cli("install-unit", "job", "--root", str(image), "--run-as", account, "--config", str(cfg), TRAINER)
+    assert r.returncode == 0, r.stderr
+    unit_dir = image / "etc" / "systemd" / "system"
+    dropin = (unit_dir / "ckptd@job.service.d" / "50-install-unit.conf").read_text()
+    got = keys(dropin)
+    assert set(got) == {"Unit.RequiresMountsFor", "Service.DynamicUser", "Service.User", "Service.ReadWritePaths",
+                        *(["Service.ProtectHome"] if "Service.ProtectHome" in got else [])}, dropin
+    # systemd parses every line: a value it split at a blank, or whose quote or specifier it could not read,
+    # would be a warning on stderr ("Not an absolute path", "Failed to resolve specifiers", "Invalid syntax")
+    r = subprocess.run(["systemd-analyze", "verify", str(unit_dir / "ckptd@job.service")], capture_output=True,
+                       text=True)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert got["Service.User"] == [account]
+    assert got["Service.ReadWritePaths"] == got["Unit.RequiresMountsFor"] == ['"/srv/my ckpts/100%%n \\"q\\" \\\\ x;y"']

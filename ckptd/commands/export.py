@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     path, verified = resolve_checkpoint(args.ckpt, args.dir_option)
     out = os.path.abspath(args.output)
-    if os.path.exists(out) and not args.force:
+    if os.path.lexists(out) and not args.force:
         raise CkptdError(f"{out} exists; pass --force to overwrite it or choose another -o")
     if not os.path.isdir(os.path.dirname(out)):
         raise CkptdError(f"directory of {out} does not exist; create it first")
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         return _export_sharded(args, path, info, out, carried)
     header = read_tensor_header(path)  # every entry has a dtype and a shape
     tpath = os.path.join(path, store.TENSORS)
-    with open(tpath, "rb") as f:
+    with os.fdopen(os.open(tpath, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:
         _, data_start = store.read_safetensors_header(f, tpath, os.fstat(f.fileno()).st_size)
         model = sorted(((k[len("model/"):], v) for k, v in header.items() if k.startswith("model/")),
                        key=lambda kv: kv[1]["data_offsets"][0])
@@ -56,10 +56,10 @@ def run(args: argparse.Namespace) -> int:
         entries = [(k, v["dtype"], v["shape"], v["data_offsets"][1] - v["data_offsets"][0]) for k, v in model]
         head = store.safetensors_header_bytes(entries, {"format": "pt", "ckptd_step": str(info.step), **carried})
         total = sum(e[3] for e in entries)
-        tmp = f"{out}.tmp-{os.getpid()}"
         try:
-            with open(tmp, "wb") as dst, Progress("export", total) as prog:
-                dst.write(head)
+            # never through a link: the output directory may be one other accounts write (store.replacing)
+            with store.replacing(out, store.FILE_MODE, follow_dir=True) as dst, Progress("export", total) as prog:
+                store.write_fully(dst, head)
                 for _, v in model:
                     a, b = v["data_offsets"]
                     f.seek(data_start + a)
@@ -69,18 +69,10 @@ def run(args: argparse.Namespace) -> int:
                         if not chunk:
                             raise CorruptCheckpointError(path, f"{store.TENSORS} ends early (it changed after it "
                                                          "was verified)")
-                        dst.write(chunk)
+                        store.write_fully(dst, chunk)
                         left -= len(chunk)
                         prog(len(chunk))
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, out)
-            store.fsync_dir(os.path.dirname(out))
-        except (OSError, CkptdError) as exc:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            if isinstance(exc, CkptdError):
-                raise
+        except OSError as exc:
             raise storage_error(exc, "export to", out) from exc
     if args.json:
         print_json({"output": out, "checkpoint": path, "step": info.step, "tensors": len(entries), "bytes": total})
@@ -132,7 +124,10 @@ def _export_sharded(args: argparse.Namespace, path: str, info: store.CheckpointI
     placed into the full tensor (raw bytes; no torch needed), then one safetensors file, atomically."""
     import numpy as np
 
-    doc = store.load_json(store.read_small(os.path.join(path, "dcp.json"), 256 << 20), path, "dcp.json", 8, 256 << 20)
+    doc = store.read_dcp_json(path)
+    problem = store.dcp_problem(doc, info.manifest["files"])  # every size against the bytes that exist, first
+    if problem:
+        raise CorruptCheckpointError(path, f"{store.DCP_JSON} does not describe the shard files: {problem}")
     try:
         metas = {k[len("model\x1f"):]: v for k, v in doc["tensors"].items() if k.startswith("model\x1f")}
         fulls = {name: np.zeros(tuple(m["size"]), dtype=f"V{store.DTYPE_SIZES[m['dtype']]}") for name, m in metas.items()}
@@ -152,19 +147,12 @@ def _export_sharded(args: argparse.Namespace, path: str, info: store.CheckpointI
     names = sorted(fulls)
     entries = [(n, metas[n]["dtype"], metas[n]["size"], fulls[n].nbytes) for n in names]
     head = store.safetensors_header_bytes(entries, {"format": "pt", "ckptd_step": str(info.step), **carried})
-    tmp = f"{out}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as dst:
-            dst.write(head)
+        with store.replacing(out, store.FILE_MODE, follow_dir=True) as dst:
+            store.write_fully(dst, head)
             for n in names:
-                dst.write(fulls[n].tobytes())
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, out)
-        store.fsync_dir(os.path.dirname(out))
+                store.write_fully(dst, fulls[n].tobytes())
     except OSError as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         raise storage_error(exc, "export to", out) from exc
     total = sum(e[3] for e in entries)
     if args.json:
@@ -174,3 +162,4 @@ def _export_sharded(args: argparse.Namespace, path: str, info: store.CheckpointI
         print(f"exported {len(entries)} tensors of {path} (consolidated from {info.manifest.get('world_size')} "
               f"shards) to {out}")
     return 0
+

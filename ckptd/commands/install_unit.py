@@ -19,7 +19,8 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 
-from ..errors import CkptdError
+from .. import store
+from ..errors import CkptdError, ConfigError
 from ..supervisor import config as configmod
 from ..supervisor.journal import write_text_atomic
 from . import UsageError, print_json
@@ -28,6 +29,7 @@ from .run import command_argv
 TEMPLATE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "units", "ckptd@.service")
 PLACEHOLDER = "/usr/local/bin/ckptd"  # the template's ExecStart, replaced by this installation's ckptd
 JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}$")
 HIDDEN_HOMES = ("/home", "/root", "/run/user")  # ProtectHome=yes hides them from the service
 
 
@@ -130,6 +132,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
     else:
         command = [os.path.abspath(words[0]), *words[1:]]
     for word in command:
+        problem = configmod.control_character(word)  # the command goes into JOB.env, one line per variable
+        if problem:
+            raise UsageError(f"argument {configmod.show(word)} {problem}")
         if not word or any(c.isspace() or c in "'\"\\" for c in word):
             raise UsageError(f"argument {word!r}: systemd splits the command at spaces, and quotes or backslashes "
                              "do not survive; put the command in a small wrapper script and install that")
@@ -173,22 +178,46 @@ def _dirs(manager: str, root: str | None) -> tuple[str, str]:
     return os.path.join(base, "etc"), os.path.join(base, "etc", "systemd", "system")
 
 
+def unit_word(key: str, value: str, *, exec_line: bool = False) -> str:
+    """``value`` as one word of a unit-file setting, by systemd's own rules (systemd.syntax(7), systemd.unit(5)
+    "Specifiers", systemd.service(5) "Command lines"): ``%`` doubled (specifiers are expanded after the word is
+    unquoted), ``$`` doubled on an Exec line, and the word put in double quotes, each backslash and double quote
+    in it escaped by a backslash, when it holds blanks, quotes, backslashes or ``;``. A newline or any other control character cannot be written into a
+    unit safely (it would end the line and start a directive of its own): refused, naming ``key`` (exit 78)."""
+    problem = configmod.control_character(value)
+    if problem:
+        raise ConfigError(f"{key} {configmod.show(value)} {problem}")
+    word = value.replace("%", "%%")
+    if exec_line:
+        word = word.replace("$", "$$")
+    if not word or any(c.isspace() or c in "\"'\\;" for c in word):
+        word = '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return word
+
+
 def render_unit(manager: str) -> str:
     """The template with ExecStart pointing at this installation; for a user manager, what it forces."""
     with open(TEMPLATE, encoding="utf-8") as f:
         text = f.read()
-    text = text.replace(f"ExecStart={PLACEHOLDER} ", f"ExecStart={ckptd_executable()} ", 1)
+    exe = " ".join(unit_word("ckptd's own path", w, exec_line=True) for w in ckptd_argv())
+    text = text.replace(f"ExecStart={PLACEHOLDER} ", f"ExecStart={exe} ", 1)
     if manager == "user":  # a user manager runs every unit as its own user and has no multi-user.target
         text = text.replace("\nDynamicUser=yes\n", "\n")
         text = text.replace("WantedBy=multi-user.target", "WantedBy=default.target")
     return text
 
 
-def ckptd_executable() -> str:
+def ckptd_argv() -> list[str]:
+    """How the unit runs this ckptd: the script beside this Python, else the one on PATH, else ``python -m``."""
     beside = os.path.join(os.path.dirname(sys.executable), "ckptd")
     if os.access(beside, os.X_OK):
-        return beside
-    return shutil.which("ckptd") or f"{sys.executable} -m ckptd"
+        return [beside]
+    found = shutil.which("ckptd")
+    return [found] if found else [sys.executable, "-m", "ckptd"]
+
+
+def ckptd_executable() -> str:
+    return " ".join(ckptd_argv())
 
 
 def _dropin(plan: Plan, cfg: configmod.Config, command: list[str], args: argparse.Namespace, manager: str,
@@ -198,22 +227,26 @@ def _dropin(plan: Plan, cfg: configmod.Config, command: list[str], args: argpars
         raise UsageError(f"--run-as {args.run_as}: give the job an account of its own (useradd --system ckptd); "
                          "root defeats the sandbox and `nobody` is shared by everything")
     if args.run_as:
+        if not USER_RE.match(args.run_as):
+            raise UsageError(f"--run-as {configmod.show(args.run_as)}: not an account name (letters, digits, "
+                             "'_', '.', '-')")
         try:
             pwd.getpwnam(args.run_as)
         except KeyError:
             raise UsageError(f"--run-as {args.run_as}: no such account; create it (useradd --system "
                              f"{args.run_as}) or leave --run-as out to use a dynamic user") from None
-        service += ["DynamicUser=no", f"User={args.run_as}"]
+        service += ["DynamicUser=no", f"User={unit_word('--run-as', args.run_as)}"]
     if os.path.isabs(cfg.dir):
         if manager != "user" and not args.run_as:
             raise UsageError(f"the config's dir {cfg.dir} is outside the service's state directory; give --run-as "
                              "USER (an account that may write there: a dynamic user's uid is only known at start) "
                              "or use a relative dir (it lands in /var/lib/ckptd/JOB/)")
-        service.append(f"ReadWritePaths={cfg.dir}")
-        unit.append(f"RequiresMountsFor={cfg.dir}")  # a shared file system is mounted first
+        where = f"{args.config}: key 'dir'"
+        service.append(f"ReadWritePaths={unit_word(where, cfg.dir)}")
+        unit.append(f"RequiresMountsFor={unit_word(where, cfg.dir)}")  # a shared file system is mounted first
         plan.makedirs.append((cfg.dir, args.run_as))
     script = command[0] if command[0] != "--" else None
-    used = [os.path.realpath(ckptd_executable().split()[0]), os.path.realpath(sys.executable), *read_paths,
+    used = [os.path.realpath(ckptd_argv()[0]), os.path.realpath(sys.executable), *read_paths,
             *([os.path.realpath(script)] if script else [])]
     in_home = sorted({p for p in used if any(p == h or p.startswith(h + "/") for h in HIDDEN_HOMES)})
     if in_home:
@@ -242,9 +275,13 @@ def apply(plan: Plan) -> None:
     for directory, owner in plan.makedirs:
         if not os.path.isdir(directory) and plan.manager != "image":
             os.makedirs(directory, mode=0o750)
-            if owner:
+            if owner:  # through a descriptor of the directory just made: never a link swapped in since
                 entry = pwd.getpwnam(owner)
-                os.chown(directory, entry.pw_uid, entry.pw_gid)
+                fd = store.open_dir(directory)
+                try:
+                    os.fchown(fd, entry.pw_uid, entry.pw_gid)
+                finally:
+                    os.close(fd)
     for cmd in plan.commands:
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
@@ -253,5 +290,6 @@ def apply(plan: Plan) -> None:
 
 
 def write_file(path: str, content: str, mode: int) -> None:
-    """A unit or config is never seen half-written (temp, fsync, rename, fsync the directory)."""
-    write_text_atomic(path, content, mode)
+    """A unit or config is never seen half-written (temp, fsync, rename, fsync the directory), never written
+    through a link, and never into a directory another account could write (it would rewrite root's units)."""
+    write_text_atomic(path, content, mode, check=store.unshared_dir)

@@ -24,6 +24,8 @@ import argparse
 import dataclasses
 import difflib
 import os
+import re
+import reprlib
 import signal
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -33,6 +35,17 @@ from ..errors import ConfigError
 
 # The shortest interval `every` accepts: a checkpoint is at least a full write and fsync of the state.
 MIN_EVERY_SECONDS = 1.0
+
+# Bounds on a config file (a real one is a few hundred bytes, a few dozen YAML nodes): a YAML alias bomb of
+# 456 bytes expands to 9**9 values; refused by counting nodes with aliases expanded, before constructing.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NODES = 10_000
+MAX_CONFIG_DEPTH = 32
+MAX_SHOWN = 80  # characters of a value shown in an error message
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = MAX_SHOWN
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxdict = 3, 6, 6
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: nothing a path, name or URL needs
 
 # Signals a user may pick as "checkpoint and exit for requeue" (SLURM: --signal=B:USR1@120).
 REQUEUE_SIGNALS = ("USR1", "USR2")
@@ -125,11 +138,11 @@ class Config:
 def _int(minimum: int) -> Callable[[Any], int]:
     def parse(raw: Any) -> int:
         if isinstance(raw, bool) or isinstance(raw, float):
-            raise ValueError(f"expected a whole number >= {minimum}, got {raw!r}")
+            raise ValueError(f"expected a whole number >= {minimum}, got {show(raw)}")
         try:
             value = int(raw)
         except (TypeError, ValueError):
-            raise ValueError(f"expected a whole number >= {minimum}, got {raw!r}") from None
+            raise ValueError(f"expected a whole number >= {minimum}, got {show(raw)}") from None
         if value < minimum:
             raise ValueError(f"must be >= {minimum}, got {value}")
         return value
@@ -140,25 +153,43 @@ def _int(minimum: int) -> Callable[[Any], int]:
 def _seconds(allow_zero: bool = False, minimum: float = 0.0) -> Callable[[Any], float]:
     def parse(raw: Any) -> float:
         if isinstance(raw, bool):
-            raise ValueError(f"expected seconds as a number, got {raw!r}")
+            raise ValueError(f"expected seconds as a number, got {show(raw)}")
         try:
             value = float(raw)
         except (TypeError, ValueError):
-            raise ValueError(f"expected seconds as a number, got {raw!r}") from None
+            raise ValueError(f"expected seconds as a number, got {show(raw)}") from None
         if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"expected a finite number of seconds, got {raw!r}")
+            raise ValueError(f"expected a finite number of seconds, got {show(raw)}")
         if value < 0 or (value == 0 and not allow_zero):
-            raise ValueError(f"must be {'>= 0' if allow_zero else '> 0'} seconds, got {raw!r}")
+            raise ValueError(f"must be {'>= 0' if allow_zero else '> 0'} seconds, got {show(raw)}")
         if minimum and value < minimum:
-            raise ValueError(f"must be >= {minimum:g} s (the shortest interval allowed), got {raw!r}")
+            raise ValueError(f"must be >= {minimum:g} s (the shortest interval allowed), got {show(raw)}")
         return value
 
     return parse
 
 
+def show(value: Any) -> str:
+    """``value`` for an error message, bounded: at most MAX_SHOWN characters of its repr, built without expanding
+    more than that (a 456-byte YAML alias bomb is a list of 9**9 items; its full repr never ends)."""
+    return _SHOW.repr(value)
+
+
+def control_character(text: str) -> str:
+    """Why ``text`` cannot go into a unit file, a log line or a terminal as it is (``""`` when it can)."""
+    m = _CONTROL.search(text)
+    if m is None:
+        return ""
+    return (f"holds a control character ({m.group()!r} at position {m.start()}); a newline would start a new line "
+            "(a new directive in a unit file, a forged line in a log): use a value without one")
+
+
 def _string(raw: Any) -> str:
     if not isinstance(raw, str) or not raw.strip():
-        raise ValueError(f"expected a non-empty string, got {raw!r}")
+        raise ValueError(f"expected a non-empty string, got {show(raw)}")
+    problem = control_character(raw)
+    if problem:
+        raise ValueError(f"{show(raw)} {problem}")
     return raw
 
 
@@ -176,7 +207,7 @@ def _cron(raw: Any) -> str:
 def _choice(*choices: str) -> Callable[[Any], str]:
     def parse(raw: Any) -> str:
         if raw not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}, got {raw!r}")
+            raise ValueError(f"expected one of {', '.join(choices)}, got {show(raw)}")
         return str(raw)
 
     return parse
@@ -185,18 +216,18 @@ def _choice(*choices: str) -> Callable[[Any], str]:
 def _signal_name(raw: Any) -> str:
     name = _string(raw).upper().removeprefix("SIG")
     if name not in REQUEUE_SIGNALS:
-        raise ValueError(f"expected one of {', '.join(REQUEUE_SIGNALS)}, got {raw!r}")
+        raise ValueError(f"expected one of {', '.join(REQUEUE_SIGNALS)}, got {show(raw)}")
     return name
 
 
 def _addr(raw: Any) -> str:
     text = str(raw).strip() if isinstance(raw, (str, int)) and not isinstance(raw, bool) else None
     if not text:
-        raise ValueError(f"expected HOST:PORT or PORT, got {raw!r}")
+        raise ValueError(f"expected HOST:PORT or PORT, got {show(raw)}")
     host, _, port = text.rpartition(":")
     host = host.strip("[]") or "127.0.0.1"
     if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"expected HOST:PORT with a port 0-65535, got {raw!r}")
+        raise ValueError(f"expected HOST:PORT with a port 0-65535, got {show(raw)}")
     return f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
 
 
@@ -209,7 +240,7 @@ def _metrics_addr(raw: Any) -> str | None:
 
 def _bool(raw: Any) -> bool:
     if not isinstance(raw, bool):
-        raise ValueError(f"expected true or false, got {raw!r}")
+        raise ValueError(f"expected true or false, got {show(raw)}")
     return raw
 
 
@@ -219,11 +250,11 @@ def _url(raw: Any) -> str:
     text = _string(raw).strip().rstrip("/")
     parts = urllib.parse.urlsplit(text)
     if parts.scheme != "http" or not parts.hostname:
-        raise ValueError(f"expected a base URL like http://127.0.0.1:8080, got {raw!r}")
+        raise ValueError(f"expected a base URL like http://127.0.0.1:8080, got {show(raw)}")
     try:
         parts.port
     except ValueError:
-        raise ValueError(f"bad port in {raw!r}") from None
+        raise ValueError(f"bad port in {show(raw)}") from None
     return text
 
 
@@ -255,7 +286,7 @@ def _keep_best(raw: Any) -> tuple[str, int, str]:
         metric, k, *rest = raw.split(":")
         mode = rest[0] if rest else "min"
     else:
-        raise ValueError(f"expected METRIC:K[:min|max] (e.g. loss:3:min), got {raw!r}")
+        raise ValueError(f"expected METRIC:K[:min|max] (e.g. loss:3:min), got {show(raw)}")
     return (_string(metric), _int(1)(k), _choice("min", "max")(mode))
 
 
@@ -360,14 +391,24 @@ def load_file(path: str) -> dict[str, tuple[Any, int]]:
 
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            text = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; a config is a YAML file of key: value lines") from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: more than {MAX_CONFIG_BYTES} bytes; a config is a short YAML file of key: value")
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+        problem = _size_problem(root)  # before construction: aliases are expanded only by counting here
+        if problem:
+            raise ConfigError(f"{path}: {problem}; a config is a short mapping of key: value (no deep nesting, "
+                              "no aliases that multiply values)")
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())[:500]}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply; a config is a short mapping of key: value") from None
     if root is None:
         return {}
     if not isinstance(root, yaml.MappingNode) or not isinstance(data, dict):
@@ -394,6 +435,49 @@ def load_file(path: str) -> dict[str, tuple[Any, int]]:
     return {k: v for k, v in out.items() if k not in SECTIONS}
 
 
+def _size_problem(root: Any) -> str:
+    """Why the composed YAML is too big once its aliases are expanded (``""`` if it is not): nodes are counted
+    as construction would multiply them (an alias counts its whole anchored subtree again), each subtree once."""
+    import yaml
+
+    memo: dict[int, tuple[int, int]] = {}  # id(node) -> (nodes with aliases expanded, height)
+
+    def measure(node: Any, depth: int) -> tuple[int, int]:
+        if depth > MAX_CONFIG_DEPTH:
+            raise _TooBig(f"YAML nested more than {MAX_CONFIG_DEPTH} levels deep (or an alias refers to itself)")
+        done = memo.get(id(node))
+        if done is not None:
+            if depth + done[1] > MAX_CONFIG_DEPTH:
+                raise _TooBig(f"YAML nested more than {MAX_CONFIG_DEPTH} levels deep")
+            return done
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        count, height = 1, 0
+        for child in children:
+            c, h = measure(child, depth + 1)
+            count, height = count + c, max(height, h + 1)
+            if count > MAX_CONFIG_NODES:
+                raise _TooBig(f"YAML holds more than {MAX_CONFIG_NODES} values once its aliases are expanded")
+        memo[id(node)] = (count, height)
+        return count, height
+
+    if root is None:
+        return ""
+    try:
+        measure(root, 0)
+    except _TooBig as exc:
+        return str(exc)
+    return ""
+
+
+class _TooBig(Exception):
+    pass
+
+
 def _section_keys(section: str) -> list[str]:
     return [k.split(".", 1)[1] for k in BY_KEY if k.startswith(section + ".")]
 
@@ -406,7 +490,8 @@ def _check_new(path: str, line: int, key: str, seen: dict[str, tuple[Any, int]],
         if hint and top_level and "." in hint[0]:
             section, sub = hint[0].split(".", 1)
             fix = f"did you mean '{sub}' in the '{section}:' section?"
-        raise ConfigError(f"{path}:{line}: unknown key '{key}'; {fix}")
+        shown = key if len(str(key)) <= MAX_SHOWN and not control_character(str(key)) else show(key)
+        raise ConfigError(f"{path}:{line}: unknown key '{shown}'; {fix}")
     if key in seen:
         raise ConfigError(f"{path}:{line}: key '{key}' appears twice (first on line {seen[key][1]})")
 

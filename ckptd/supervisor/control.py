@@ -13,6 +13,7 @@ listener pauses for ACCEPT_PAUSE instead of spinning, and everything already con
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import selectors
@@ -21,7 +22,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .. import protocol
+from .. import protocol, store
 
 HELLO_TIMEOUT = 10.0  # seconds a new connection may take to say who it is
 CLIENT_IDLE = 60.0  # seconds a client may idle while no reply is owed to it
@@ -63,17 +64,15 @@ class ControlServer:
         self.refused = 0  # connections refused or dropped for limits (logged once per burst)
 
     def open(self) -> None:
-        try:
-            os.unlink(self.path)  # stale: we hold the run lock, so no live supervisor owns it
-        except FileNotFoundError:
-            pass
+        # stale: we hold the run lock, so no live supervisor owns it; removed relative to the checked run
+        # directory (never into one swapped for a link or for another account's directory)
+        store.unlink_at(self.path, check=store.private_dir)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
+        old = os.umask(0o177)  # the socket is created 0600: no chmod by path afterwards (it would follow a link)
         try:
             sock.bind(self.path)
         finally:
             os.umask(old)
-        os.chmod(self.path, 0o600)
         sock.listen(64)
         sock.setblocking(False)
         self._listener = sock
@@ -132,10 +131,8 @@ class ControlServer:
             self._paused_until = None
             self._listener.close()
             self._listener = None
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
+            with contextlib.suppress(OSError):
+                store.unlink_at(self.path, check=store.private_dir)
 
     # --- selector callbacks ---------------------------------------------------------------------
 

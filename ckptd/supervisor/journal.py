@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from typing import Any, Callable, Iterator
+
+from .. import store
+from ..errors import CkptdError
 
 JOURNAL_NAME = "journal.jsonl"
 STATE_NAME = "state.json"
 SOCKET_PATH_NAME = "control.path"  # holds the socket path when it is not <run dir>/control.sock
 LOCK_NAME = "lock"
+MAX_STATE_BYTES = 64 << 20  # state.json and job.json are a few KiB
 
 
 class Journal:
@@ -33,7 +38,8 @@ class Journal:
         self.dropped = 0  # events lost to storage errors during the current outage
         self.dropped_total = 0
         self._torn = False
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fd: int | None = store.open_at(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600,
+                                            check=store.private_dir)
 
     def append(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"time": round(self._time(), 3), "event": event, **fields}
@@ -76,10 +82,13 @@ class Journal:
 def read_journal(path: str) -> Iterator[dict[str, Any]]:
     """Yield the journal's events; a torn last line (crash mid-write) is skipped."""
     try:
-        f = open(path, encoding="utf-8", errors="replace")
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO: no wait
+    except OSError:
         return
-    with f:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return
+    with open(fd, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 record = json.loads(line)
@@ -89,33 +98,15 @@ def read_journal(path: str) -> Iterator[dict[str, Any]]:
                 yield record
 
 
-def write_text_atomic(path: str, text: str, mode: int | None = None) -> None:
-    """Temp file beside ``path``, fsync, rename over it, fsync the directory: never seen half-written.
-
-    ``mode``: exact permissions of the result (umask ignored); None keeps open()'s default.
+def write_text_atomic(path: str, text: str, mode: int = 0o600,
+                      check: store.DirCheck | None = store.private_dir) -> None:
+    """Temp file beside ``path``, fsync, rename over it, fsync the directory: never seen half-written, and never
+    written through a link (``store.replace_file``). ``mode``: exact permissions of the result (umask ignored).
+    ``check``: what the directory must be; by default the run directory's rule, ours alone, checked on the
+    descriptor every write goes through, so a run directory swapped for a link or for another account's
+    directory after the start is refused (PermissionError) rather than written into.
     """
-    directory = os.path.dirname(path) or "."
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666 if mode is None else mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    store.replace_file(path, text.encode("utf-8"), mode, check=check)
 
 
 def write_json_atomic(path: str, data: Any) -> None:
@@ -124,8 +115,8 @@ def write_json_atomic(path: str, data: Any) -> None:
 
 def read_json(path: str) -> dict[str, Any] | None:
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError, RecursionError):  # missing, unreadable or damaged: no previous state
+        data = json.loads(store.read_small(path, MAX_STATE_BYTES))
+    except (OSError, ValueError, RecursionError, CkptdError):  # missing, unreadable, damaged, not a
+        # regular file (a link or a FIFO: refused, never waited on): no previous state
         return None
     return data if isinstance(data, dict) else None

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from .. import env as envvars
-from .. import exitcodes, origin, protocol
+from .. import exitcodes, origin, protocol, store
 from ..errors import CkptdError
 from . import config as configmod
 from . import metrics as metricsmod
@@ -600,7 +600,7 @@ class Supervisor:
                 except OSError:
                     pass
                 with contextlib.suppress(OSError):
-                    os.unlink(path)
+                    store.unlink_at(path, check=store.private_dir)
             if not text:
                 state = process_state(peer.pid or 0)
                 text = ("no stack dump: the process is stopped (SIGSTOP or a debugger)" if state in ("T", "t") else
@@ -1041,7 +1041,7 @@ class Supervisor:
             path = self._stack_path(peer)
             if path and not (self.life and peer in self.life.dumped):
                 with contextlib.suppress(OSError):
-                    os.unlink(path)
+                    store.unlink_at(path, check=store.private_dir)
         for waiters in self.saves.values():
             if peer in waiters:
                 waiters.remove(peer)

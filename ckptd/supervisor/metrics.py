@@ -31,6 +31,7 @@ the client sends), and so the number of threads.
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
 import re
@@ -729,10 +730,16 @@ def sd_target(addr: str) -> str:
 
 
 def write_sd_file(path: str, addr: str, labels: dict[str, str]) -> None:
-    """One target in Prometheus' file_sd format, written atomically (temp, fsync, rename, fsync dir)."""
-    from .journal import write_json_atomic
+    """One target in Prometheus' file_sd format, written atomically (temp, fsync, rename, fsync dir).
 
-    write_json_atomic(path, [{"targets": [sd_target(addr)], "labels": labels}])
+    Often as root into a directory Prometheus reads: the directory must be one no other account can write
+    (``store.unshared_dir``: else PermissionError saying so), and the write never follows a link
+    (``store.replace_file``: a temporary of an unpredictable name, O_EXCL|O_NOFOLLOW, renamed over the file).
+    """
+    from .. import store
+
+    data = json.dumps([{"targets": [sd_target(addr)], "labels": labels}], indent=1) + "\n"
+    store.replace_file(path, data.encode(), 0o644, check=store.unshared_dir, follow_dir=True)
 
 
 def remove_sd_file(path: str) -> None:

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Mapping
 
-from .. import exitcodes, protocol
+from .. import exitcodes, protocol, store
 from ..errors import CkptdError, ConfigError, LockedError, NotRunningError
 from .journal import LOCK_NAME, SOCKET_PATH_NAME, read_json, write_json_atomic, write_text_atomic
 
@@ -127,12 +127,49 @@ def ensure_run_dir(root: str, node_rank: int = 0) -> str:
     return path
 
 
-def _check_private_dir(path: str) -> None:
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        raise ConfigError(f"{path} is not a directory owned by uid {os.getuid()}; remove it or pick another --dir")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700)
+def _check_private_dir(path: str, fix: str = "remove it or pick another --dir") -> None:
+    """``path`` is a real directory (not a link) owned by us; made 0700 through the descriptor that was checked."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        kind = "a symlink" if os.path.islink(path) else exc.strerror
+        raise ConfigError(f"{path} is not a directory ({kind}); {fix}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise ConfigError(f"{path} belongs to uid {st.st_uid}{_user(st.st_uid)}, not to uid {os.geteuid()}"
+                              f"{_user(os.geteuid())} who runs ckptd (another account may have created it to "
+                              f"intercept or block this run); {fix}")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return f" ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return ""
+
+
+def _open_lock(path: str, flags: int, check: store.DirCheck | None = None) -> int:
+    """The lock file as a regular file, never through a link and never blocking (a FIFO planted there would
+    hang an open without O_NONBLOCK); ConfigError naming it otherwise. ``check``: what its directory must be
+    (the supervisor's own locks: store.private_dir, on the descriptor the file is opened relative to)."""
+    try:
+        fd = store.open_at(path, flags | os.O_NONBLOCK, 0o600, check=check)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ConfigError(f"{path} is a symlink, not a lock file; remove it") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ConfigError(f"{path} is not a regular file (a FIFO or device?), so no supervisor holds it; remove it")
+    os.set_blocking(fd, True)
+    return fd
 
 
 class RunLock:
@@ -144,14 +181,16 @@ class RunLock:
 
     def try_acquire(self) -> tuple[int | None, str] | None:
         """Take the lock (None), or return the owner (pid, host) that holds it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = _open_lock(self.path, os.O_RDWR | os.O_CREAT, store.private_dir)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise
-            return _read_owner(self.path)
+            try:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                    raise
+                return _read_owner(fd)
+            finally:
+                os.close(fd)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         self._fd = fd
@@ -173,7 +212,7 @@ class JobLock:
     def acquire(self) -> None:
         base = protocol.run_dir(self.root)
         run_dir = ensure_run_dir(self.root, self.node.rank)
-        gate = os.open(os.path.join(base, JOB_GATE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        gate = _open_lock(os.path.join(base, JOB_GATE), os.O_RDWR | os.O_CREAT, store.private_dir)
         try:
             fcntl.flock(gate, fcntl.LOCK_EX)  # other starters hold it for milliseconds
             record = read_json(os.path.join(base, JOB_RECORD)) or {}
@@ -218,10 +257,9 @@ def _on(host: str) -> str:
     return f" on {host}" if host and host != socket.gethostname() else ""
 
 
-def _read_owner(path: str) -> tuple[int | None, str]:
+def _read_owner(fd: int) -> tuple[int | None, str]:
     try:
-        with open(path) as f:
-            words = f.read().split()
+        words = os.pread(fd, 256, 0).decode("utf-8", "replace").split()
     except OSError:
         return None, ""
     pid = int(words[0]) if words and words[0].isdigit() else None
@@ -231,13 +269,13 @@ def _read_owner(path: str) -> tuple[int | None, str]:
 def _lock_owner(path: str) -> tuple[int | None, str] | None:
     """(pid, host) of whoever holds the lock at ``path``, or None when nobody does."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
+        fd = _open_lock(path, os.O_RDONLY)
+    except (OSError, ConfigError):
+        return None  # missing, a link, a FIFO...: not a lock anyone holds
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
-        return _read_owner(path)
+        return _read_owner(fd)
     finally:
         os.close(fd)
     return None
@@ -287,16 +325,22 @@ def choose_socket_path(run_dir: str) -> str:
     record = os.path.join(run_dir, SOCKET_PATH_NAME)
     default = protocol.default_socket_path(run_dir)
     if len(os.fsencode(default)) <= SUN_PATH_MAX:
-        if os.path.exists(record):
-            os.unlink(record)
+        store.unlink_at(record, check=store.private_dir)
         return default
     digest = hashlib.sha256(os.fsencode(os.path.realpath(run_dir))).hexdigest()[:16]
     base = os.environ.get("XDG_RUNTIME_DIR") or ""
     if not base or not os.access(base, os.W_OK):
         base = tempfile.gettempdir()
     private = os.path.join(base, f"ckptd-{os.getuid()}-{digest}")
-    os.makedirs(private, mode=0o700, exist_ok=True)
-    _check_private_dir(private)
+    try:
+        os.mkdir(private, 0o700)
+    except FileExistsError:
+        pass
+    # The name is predictable: in a shared /tmp another account can take it first. Refused (never used),
+    # and the message says how to get past it.
+    _check_private_dir(private, f"remove it (`rm -r {private}`), or set XDG_RUNTIME_DIR to a directory only "
+                                f"uid {os.geteuid()} can write (e.g. /run/user/{os.geteuid()}), or use a shorter "
+                                f"--dir so that the socket fits in {run_dir}")
     path = os.path.join(private, protocol.SOCKET_NAME)
     if len(os.fsencode(path)) > SUN_PATH_MAX:
         raise ConfigError(f"no usable control socket path: {path} is over {SUN_PATH_MAX} bytes; "
@@ -315,7 +359,9 @@ def find_socket_path(root: str, node_rank: int | None = None) -> str:
                               "(wrong --dir" + (" or --node-rank" if which else "") +
                               "? start one with `ckptd run --dir DIR script.py`)")
     try:
-        with open(os.path.join(run_dir, SOCKET_PATH_NAME)) as f:
-            return f.read().strip()
+        return store.read_small(os.path.join(run_dir, SOCKET_PATH_NAME), 4096).decode("utf-8", "replace").strip()
     except FileNotFoundError:
         return protocol.default_socket_path(run_dir)
+    except (OSError, CkptdError) as exc:
+        raise NotRunningError(f"cannot read {os.path.join(run_dir, SOCKET_PATH_NAME)} "
+                              f"({getattr(exc, 'strerror', None) or exc}); remove it and restart `ckptd run`") from None
