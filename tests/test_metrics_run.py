@@ -113,13 +113,17 @@ def test_the_real_library_sends_its_loss_and_save_timings_to_the_supervisor(tmp_
     ckptd_train_metric; its saves' stall and duration and sizes reach the histograms; a resumed run reports
     its restore time."""
     toy = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_toy.py")
-    root = str(tmp_path / "ck")
+    first = str(tmp_path / "ck")
     for life, steps in enumerate((120, 240)):
-        run = Run(tmp_path, root, [*FAST, "--metrics-addr", "127.0.0.1:0", "--metrics-linger", "30", toy,
+        # The second life continues the finished first run with more steps: a branch from its newest checkpoint
+        # (`ckptd run` refuses to extend a finished run in place under another command).
+        root = first if life == 0 else str(tmp_path / "ck-longer")
+        branch = [] if life == 0 else ["--resume-from", os.path.join(first, "latest")]
+        run = Run(tmp_path, root, [*FAST, *branch, "--metrics-addr", "127.0.0.1:0", "--metrics-linger", "30", toy,
                                    "--steps", str(steps), "--every-steps", "50", "--step-delay", "0.01"],
                   name=f"toy{life}")
-        addr = run.wait_event("start", count=life + 1)["metrics"]["addr"]
-        run.wait_event("end", count=life + 1, timeout=60)
+        addr = run.wait_event("start")["metrics"]["addr"]
+        run.wait_event("end", timeout=60)
         body = wait_for(lambda: (lambda r: r[1] if r[0] == 503 else None)(get(f"http://{addr}/healthz")) and
                         get(f"http://{addr}/metrics")[1], 10, "the finished run's metrics")
         assert sample(body, 'ckptd_state{state="finished"}') == 1
