@@ -342,6 +342,9 @@ class Supervisor:
         if self._fs_due is not None and now >= self._fs_due:
             self._fs_due = None
             self.watcher.rescan_started()
+            # A trainer announces its retention's deletions (`pruning`) before it deletes, so the message is in
+            # the socket before the file event that follows it: read what is there, then judge the removals.
+            self._poll_io(0)
             self._rescan()
         life = self.life
         if self.sm.state is S.STOPPING and life and life.deadline is not None and now >= life.deadline:

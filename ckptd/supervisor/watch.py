@@ -84,7 +84,8 @@ class CheckpointView:
             return Changes()  # the directory is briefly unreadable or gone: keep what we knew
         changes = Changes()
         now_valid = {i.name: i for i in infos if i.valid}
-        now_invalid = {i.name: i for i in infos if not i.valid}
+        # A checkpoint deleted while it was listed (retention, a person) reads as unreadable: it is gone, not invalid.
+        now_invalid = {i.name: i for i in infos if not i.valid and os.path.lexists(i.path)}
         changes.added = [i for n, i in now_valid.items() if n not in self.valid]
         changes.removed = [n for n in self.valid if n not in now_valid]
         changes.invalid = [i for n, i in now_invalid.items() if n not in self._invalid]
