@@ -4,13 +4,23 @@
     python scripts/power_loss.py --count 20 --json power.json
 
 A recorder wraps this process's ``os`` mutations and syncs (open with O_CREAT, write, fsync, mkdir,
-rename, unlink, rmdir) for everything under one base directory. It keeps two views of the tree:
+rename and replace, also relative to directory descriptors, unlink, rmdir) and ckptd's
+``store.rename_exchange`` (renameat2 RENAME_EXCHANGE through ctypes, which no ``os`` function sees) for
+everything under one base directory. It keeps two views of the tree:
 
 * the **synced** view, which is all a power loss is guaranteed to leave: a file's bytes as of its last
   ``fsync``, a directory's entries as of its last ``fsync`` (a new file or directory never synced is
   empty; an entry never made durable by an fsync of its directory is gone), and everything that
   existed before recording began;
-* the **current** view, what the running process sees.
+* the **current** view, what the running process sees. A file or directory that is no longer in the
+  tree (unlinked, or renamed over) keeps, as its current contents, what it held when it left: unlinking
+  or replacing a name never changes the bytes of the inode behind it, so a crash state in which the old
+  name survives (its directory's entry not yet durable) finds that inode as it was, never emptied.
+
+Files and directories are told apart by incarnation, not by inode number alone: a file system reuses
+the number of a freed inode for the next one it creates, and a name that a synced listing still holds
+must keep meaning the freed inode (a journaled file system never frees an inode before the removal of
+its last name is durable), never the new file that happens to get its number.
 
 After every recorded call ("a point") it stores both. Then, for every point, it rebuilds crash states
 in fresh directories - the synced view exactly (LevelDB's fault-injection env: drop unsynced data), and
@@ -24,7 +34,9 @@ start must find:
 * the next start removes every temp and trash entry; the synced view restores the right values.
 
 The scenario (``scenario``): saves into a root that does not exist yet, retention deletes (keep_last=2),
-``pin``, ``retention.apply`` as `ckptd prune` runs it, a damaged checkpoint quarantined by ``restore()``.
+``pin``, ``retention.apply`` as `ckptd prune` runs it, a damaged checkpoint quarantined by ``restore()``,
+and ``close()`` after work that followed the last save: it saves that step again, swaps the new checkpoint
+in for the old one (``store.rename_exchange``) and marks it finished (``store.amend_manifest``).
 """
 
 from __future__ import annotations
@@ -41,13 +53,15 @@ from _report import count_seed_main  # noqa: E402  (scripts/ is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-Tree = dict  # {"dirs": {ino: {name: (ino, is_dir)}}, "files": {ino: bytes}, "base": ino}
+Ino = tuple  # (st_ino, incarnation): one inode from its creation to its removal
+Tree = dict  # {"dirs": {Ino: {name: (Ino, is_dir)}}, "files": {Ino: bytes}, "base": Ino}
 
 
 class Recorder:
     """Wraps ``os`` functions while active; see the module docstring."""
 
     WRAPPED = ("open", "write", "fsync", "mkdir", "rename", "replace", "unlink", "rmdir")
+    EXCHANGE = "exchange"  # ckptd.store.rename_exchange: a point between the swap and the fsync of the root
 
     def __init__(self, base: str) -> None:
         self.base = os.path.realpath(base)
@@ -56,32 +70,57 @@ class Recorder:
         self.marks: dict[str, Any] = {}
         self.orig: dict[str, Callable] = {}
         self.busy = threading.local()
+        self.incarnation: dict[int, int] = {}  # st_ino -> its current incarnation
+        self.alive: set[int] = set()  # st_ino of everything in the tree at the last scan (or created since)
+        self.last_dirs: dict[Ino, dict[str, tuple[Ino, bool]]] = {}  # every incarnation's latest listing
+        self.last_files: dict[Ino, bytes] = {}  # every incarnation's latest bytes
         cur = self._scan()
         self.synced_dirs = dict(cur["dirs"])
         self.synced_files = dict(cur["files"])
         self.base_ino = cur["base"]
 
     # --------------------------------------------------------------- views
-    def _scan(self) -> Tree:
-        dirs: dict[int, dict[str, tuple[int, bool]]] = {}
-        files: dict[int, bytes] = {}
-        base_ino = os.lstat(self.base).st_ino
+    def _id(self, st_ino: int) -> Ino:
+        """The incarnation of inode number ``st_ino`` in the tree now: a number not in the tree at the last
+        scan is a new inode (created by a call not recorded, e.g. builtins.open, or reusing a freed number)."""
+        if st_ino not in self.alive:
+            self._new(st_ino)
+        return (st_ino, self.incarnation[st_ino])
 
-        def walk(path: str, ino: int) -> None:
+    def _new(self, st_ino: int) -> None:
+        """A file or directory was just created with number ``st_ino``: a new incarnation, nothing synced."""
+        self.incarnation[st_ino] = self.incarnation.get(st_ino, 0) + 1
+        self.alive.add(st_ino)
+
+    def _scan(self) -> Tree:
+        """The current view; it also lists, as they last were, files and directories no longer in the tree."""
+        dirs: dict[Ino, dict[str, tuple[Ino, bool]]] = {}
+        files: dict[Ino, bytes] = {}
+        seen: set[int] = set()
+
+        def walk(path: str, ino: Ino) -> None:
             listing = {}
             for e in os.scandir(path):
                 st = e.stat(follow_symlinks=False)
                 isdir = e.is_dir(follow_symlinks=False)
-                listing[e.name] = (st.st_ino, isdir)
+                child = self._id(st.st_ino)
+                seen.add(st.st_ino)
+                listing[e.name] = (child, isdir)
                 if isdir:
-                    walk(e.path, st.st_ino)
+                    walk(e.path, child)
                 else:
                     with open(e.path, "rb") as f:
-                        files[st.st_ino] = f.read()
+                        files[child] = f.read()
             dirs[ino] = listing
 
+        base_st = os.lstat(self.base).st_ino
+        base_ino = self._id(base_st)
+        seen.add(base_st)
         walk(self.base, base_ino)
-        return {"dirs": dirs, "files": files, "base": base_ino}
+        self.alive = seen
+        self.last_dirs.update(dirs)
+        self.last_files.update(files)
+        return {"dirs": dict(self.last_dirs), "files": dict(self.last_files), "base": base_ino}
 
     def _inside(self, path: str) -> bool:
         return path == self.base or path.startswith(self.base + os.sep)
@@ -128,7 +167,7 @@ class Recorder:
             existed = os.path.lexists(path)
             fd = fn(*args, **kw)
             if not existed:
-                self._forget(os.fstat(fd).st_ino)
+                self._new(os.fstat(fd).st_ino)
             self._point(f"create {os.path.relpath(path, self.base)}")
             return fd
         if name in ("write", "fsync"):
@@ -139,10 +178,10 @@ class Recorder:
             if name == "fsync":
                 st = os.fstat(args[0])
                 if os.path.isdir(path):
-                    self.synced_dirs[st.st_ino] = self._scan_dir(path)
+                    self.synced_dirs[self._id(st.st_ino)] = self._scan_dir(path)
                 else:
                     with open(path, "rb") as f:
-                        self.synced_files[st.st_ino] = f.read()
+                        self.synced_files[self._id(st.st_ino)] = f.read()
             self._point(f"{name} {os.path.relpath(path, self.base)}")
             return result
         src = self._path(args[0], kw.get("src_dir_fd", kw.get("dir_fd")))
@@ -150,29 +189,33 @@ class Recorder:
             return fn(*args, **kw)
         result = fn(*args, **kw)
         if name == "mkdir":
-            self._forget(os.lstat(src).st_ino)
+            self._new(os.lstat(src).st_ino)
         self._point(f"{name} {os.path.relpath(src, self.base)}")
         return result
 
-    def _scan_dir(self, path: str) -> dict[str, tuple[int, bool]]:
-        return {e.name: (e.stat(follow_symlinks=False).st_ino, e.is_dir(follow_symlinks=False))
+    def _scan_dir(self, path: str) -> dict[str, tuple[Ino, bool]]:
+        return {e.name: (self._id(e.stat(follow_symlinks=False).st_ino), e.is_dir(follow_symlinks=False))
                 for e in os.scandir(path)}
 
-    def _forget(self, ino: int) -> None:
-        """A new file or directory (possibly reusing a deleted inode's number) has synced nothing yet."""
-        self.synced_files.pop(ino, None)
-        self.synced_dirs.pop(ino, None)
-
     def __enter__(self) -> Recorder:
+        from ckptd import store
+
         for name in self.WRAPPED:
             self.orig[name] = getattr(os, name)
             setattr(os, name, (lambda n: lambda *a, **k: self._call(n, *a, **k))(name))
+        self.orig[self.EXCHANGE] = store.rename_exchange
+        store.rename_exchange = lambda *a, **k: self._call(self.EXCHANGE, *a, **k)
         self._point("start")
         return self
 
     def __exit__(self, *exc: object) -> None:
+        from ckptd import store
+
         for name, fn in self.orig.items():
-            setattr(os, name, fn)
+            if name == self.EXCHANGE:
+                store.rename_exchange = fn
+            else:
+                setattr(os, name, fn)
 
 
 # ------------------------------------------------------------------- crash states
@@ -182,14 +225,14 @@ def materialize(dest: str, synced: Tree, current: Tree, rng: random.Random | Non
     """Build a crash state in ``dest``: synced only when ``rng`` is None, else a random mixture."""
     used = {"synced": 0, "current": 0, "torn": 0, "zeros": 0}
 
-    def pick_dir(ino: int) -> dict[str, tuple[int, bool]]:
+    def pick_dir(ino: Ino) -> dict[str, tuple[Ino, bool]]:
         choice = "synced" if rng is None else rng.choice(["synced", "current"])
         used[choice] += 1
         if choice == "current" and ino in current["dirs"]:
             return current["dirs"][ino]
         return synced["dirs"].get(ino, {})
 
-    def pick_file(ino: int) -> bytes:
+    def pick_file(ino: Ino) -> bytes:
         old, new = synced["files"].get(ino, b""), current["files"].get(ino, b"")
         if rng is None or old == new:
             return old
@@ -203,9 +246,9 @@ def materialize(dest: str, synced: Tree, current: Tree, rng: random.Random | Non
             return bytes(len(new))
         return old
 
-    seen: set[int] = set()
+    seen: set[Ino] = set()
 
-    def build(path: str, ino: int) -> None:
+    def build(path: str, ino: Ino) -> None:
         seen.add(ino)
         for name, (child, isdir) in pick_dir(ino).items():
             if child in seen:
@@ -276,6 +319,7 @@ def chaos_kills_model():
 
 def scenario(base: str, rec: Recorder) -> None:
     import chaos_kills
+    import torch
 
     import ckptd
     from ckptd import retention, store
@@ -283,7 +327,7 @@ def scenario(base: str, rec: Recorder) -> None:
     root = os.path.join(base, "ck")  # does not exist yet: the first save creates it
     model = chaos_kills_model()
     ck = ckptd.Checkpointer(model=model, dir=root, keep_last=2, async_save=False, pace=0,
-                            handle_signals=False, save_on_close=False)
+                            handle_signals=False, save_on_close=True)
     for step in (1, 2, 3, 4):
         chaos_kills.fill(model, step)
         ck.step(step)
@@ -313,7 +357,11 @@ def scenario(base: str, rec: Recorder) -> None:
     ck2 = ckptd.Checkpointer(model=chaos_kills_model(), dir=root, handle_signals=False, save_on_close=False)
     assert ck2.restore() == 4
     ck2.close()
+    # Work after the last save (the end of an epoch) moved the RNG: close() saves step 4 again, swaps it
+    # in for the old one (store.rename_exchange), removes the old one and marks the new one finished.
+    torch.rand(1)
     ck.close()
+    assert any(label.startswith(Recorder.EXCHANGE) for label, *_ in rec.points), "close() did not replace step 4"
 
 
 def run(count: int, seed: int = 15, work: str | None = None) -> dict:
