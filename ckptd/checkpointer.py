@@ -323,6 +323,9 @@ class Checkpointer:
                                       "last_stall_seconds": None, "last_persist_seconds": None}
         self._step: int | None = None
         self._committed_step: int | None = None
+        # step() was called in this process: only then may close() save a final state or mark the run finished
+        # (a script that only restores, evaluates and closes must leave the run's checkpoints as they are)
+        self._stepped = False
         self._last_save_time = time.monotonic()
         self._snapshot = _Snapshot()
         self._executor: ThreadPoolExecutor | None = None
@@ -375,6 +378,7 @@ class Checkpointer:
             raise CkptdError(f"ck.step() takes the number of completed steps (int >= 0), got {step!r}")
         self._check_jump(step)
         self._step = step
+        self._stepped = True
         if metrics is not None:
             self.metrics = dict(metrics)
         if epoch is not None:
@@ -697,7 +701,7 @@ class Checkpointer:
             return
         try:
             self.wait()
-            if self.save_on_close and self._step is not None and self._changed_since_commit():
+            if self.save_on_close and self._stepped and self._step is not None and self._changed_since_commit():
                 self.save(kind="final", block=True, replace=True)
             self._report_failures()
             self._mark_finished()
@@ -719,7 +723,7 @@ class Checkpointer:
     def _mark_finished(self) -> None:
         """close() after the last step: the newest checkpoint, when it holds that step, says the run finished
         (``ckptd run`` then does not start the same command again; restore() says so)."""
-        if not self.writes or self._step is None or self._step != self._committed_step:
+        if not self.writes or not self._stepped or self._step is None or self._step != self._committed_step:
             return
         path = os.path.join(self.dir, store.checkpoint_name(self._step))
         try:

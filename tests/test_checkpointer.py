@@ -378,3 +378,26 @@ def test_the_recorded_numpy_state_follows_every_change_of_numpy_s_global_rng():
     words[3], words[4] = 1, 0.5  # the same words, another Gaussian cache: only a restore can do that unnoticed
     restore_rng({"numpy": words})
     assert same(capture_rng()["numpy"], np.random.get_state())
+
+
+def test_a_script_that_only_restores_and_closes_leaves_the_runs_checkpoints_as_they_are(make_checkpoints):
+    # An evaluation script (or a checker) builds a Checkpointer over a live run's directory, restores, draws
+    # from the RNG while it evaluates, and closes: no step was trained here, so close() must neither save a
+    # "final" state over the run's newest checkpoint nor mark the run finished.
+    import ckptd
+    from ckptd import store
+
+    root = make_checkpoints([5, 10])
+    newest = os.path.join(root, "step-000000000010")
+    store.amend_manifest(newest, finished=False)  # a live run: its newest checkpoint is not its end
+    with open(os.path.join(newest, "manifest.json"), "rb") as f:
+        before = f.read()
+    model, opt = small_model()
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root, handle_signals=False)  # save_on_close: default
+    assert ck.restore() == 10
+    torch.rand(8)  # evaluation advances the global RNG
+    ck.close()
+    with open(os.path.join(newest, "manifest.json"), "rb") as f:
+        assert f.read() == before
+    infos = store.list_checkpoints(root)
+    assert [i.step for i in infos] == [5, 10] and not any(i.finished for i in infos)
