@@ -323,7 +323,8 @@ class Checkpointer:
                                       "last_stall_seconds": None, "last_persist_seconds": None}
         self._step: int | None = None
         self._committed_step: int | None = None
-        # step() was called in this process: only then may close() save a final state or mark the run finished
+        # step() or an epoch's end ran in this process: only then may close() save a final state or mark the
+        # run finished
         # (a script that only restores, evaluates and closes must leave the run's checkpoints as they are)
         self._stepped = False
         self._last_save_time = time.monotonic()
@@ -446,6 +447,7 @@ class Checkpointer:
     def _end_epoch(self) -> None:
         """The safe point after an epoch's end-of-epoch work."""
         self._epoch_done = True
+        self._stepped = True  # the end-of-epoch work ran here: training work close() must keep
         step = self._step
         if step is None:
             return  # nothing trained yet: nothing to save
