@@ -14,6 +14,7 @@ after the first 100 cycles under 8 MiB).
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import shutil
 import signal
@@ -36,12 +37,17 @@ def _restarts(root: str) -> int:
         return 0
 
 
-def _fds(pid: int) -> set[tuple[str, str]]:
-    """The supervisor's open fds as (number, what it points to): a pipe or socket has its own inode."""
-    out = set()
+def _fds(pid: int) -> collections.Counter:
+    """The supervisor's open fds by what they point to (a pipe or socket has its own inode), counted.
+
+    Not by number: the supervisor's spare descriptor (/dev/null, supervisor/reserve.py) is closed around each
+    child exit and opened again at the lowest free number, which moves with the child's pipes; it is one
+    descriptor held for good whatever its number.
+    """
+    out: collections.Counter = collections.Counter()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            out.add((fd, os.readlink(f"/proc/{pid}/fd/{fd}")))
+            out[os.readlink(f"/proc/{pid}/fd/{fd}")] += 1
         except OSError:
             pass  # closed while listed
     return out
@@ -79,7 +85,7 @@ def _sample(pid: int, root: str, proc: subprocess.Popen) -> dict:
         time.sleep(0.02)
     with open(f"/proc/{pid}/status") as f:
         rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return {"fds": len(fds & _fds(pid)), "rss_kib": rss, "zombies": len(zombies & _zombies(pid))}
+    return {"fds": sum((fds & _fds(pid)).values()), "rss_kib": rss, "zombies": len(zombies & _zombies(pid))}
 
 
 def run(count: int, work: str | None = None) -> dict:
