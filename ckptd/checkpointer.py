@@ -729,9 +729,9 @@ class Checkpointer:
             return
         path = os.path.join(self.dir, store.checkpoint_name(self._step))
         try:
-            info = store.inspect_checkpoint(path)
-            if info.valid and not info.finished:
-                store.amend_manifest(path, finished=True)
+            store.amend_manifest(path, finished=True)  # no rewrite when it is already marked
+        except CorruptCheckpointError:
+            return  # not a checkpoint to mark: restore() will set it aside
         except (CkptdError, OSError) as exc:
             log.warning("ckptd: could not mark %s as the end of the run: %s", path, exc)
 

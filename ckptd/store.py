@@ -621,6 +621,8 @@ def amend_manifest(path: str, *, metrics: dict[str, Any] | None = None, finished
         m["metrics"] = {**(m.get("metrics") or {}), **metrics}
     if finished is not None:
         m["finished"] = finished
+    if all(info.manifest.get(k) == v for k, v in m.items()):
+        return info  # nothing to record (already finished, the same metrics): no rewrite
     problem = _manifest_problem(m)
     if problem:
         raise CkptdError(f"cannot record that in {path}: the manifest {problem}")
