@@ -434,6 +434,7 @@ class Checkpointer:
                 yield epoch
                 self._end_epoch()
                 epoch += 1
+            self._stepped = True  # the loop ran to its end (even with no epoch left): close() marks the run finished
         finally:
             self._in_epochs = False
 
@@ -990,7 +991,10 @@ class Checkpointer:
             if self._dist is not None:  # all ranks write it, or none does
                 why_not = self._dist.agree_reason(why_not)
             if why_not is None:
-                result = self.save(kind="emergency", block=True)
+                # The step's checkpoint exists but work after it changed the state (an epoch's end: evaluation,
+                # scheduler.step()): the emergency checkpoint replaces it, or that work would be lost.
+                replace = step is not None and step == self._committed_step and self._changed_since_commit()
+                result = self.save(kind="emergency", block=True, replace=replace)
                 if result.error is not None:
                     raise result.error
             else:

@@ -147,6 +147,7 @@ class Supervisor:
         self._wake_w = -1
         self._trainer_seen = False  # some life of this run connected: restarts resume from checkpoints
         self._faults: dict[str, int] = {}  # where the loop caught an unexpected error, how often
+        self._fault_reason: dict[str, str] = {}  # the last cause logged for each
         self.journal: Journal | None = None
         self.control: ControlServer | None = None
         self.notices: noticesmod.Poller | None = None
@@ -1157,7 +1158,9 @@ class Supervisor:
             write_json_atomic(os.path.join(self.run_dir, STATE_NAME), self.status())
         except OSError as exc:  # a full or failing disk must not stop supervision; status still answers live
             n = self._faults["state.json"] = self._faults.get("state.json", 0) + 1
-            if n == 1 or n % 100 == 0:
+            reason = exc.strerror or str(exc)
+            if n == 1 or n % 100 == 0 or reason != self._fault_reason.get("state.json"):  # a new cause is news
+                self._fault_reason["state.json"] = reason
                 self.log("warning", "state", f"cannot write {STATE_NAME} ({exc.strerror or exc}); "
                          f"`ckptd status` of a stopped run may be stale ({n} failed writes)")
 
