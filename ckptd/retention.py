@@ -84,9 +84,7 @@ def plan(infos: Iterable[CheckpointInfo], policy: Policy, pinned: Iterable[str] 
         for i in valid[-policy.keep_last :]:
             mark(i, f"last {policy.keep_last}")
     for best in policy.keep_best:
-        scored = [i for i in valid if _finite(i.metrics.get(best.metric))]
-        scored.sort(key=lambda i: (float(i.metrics[best.metric]) * (1 if best.mode == "min" else -1), -i.step))
-        for i in scored[: best.k]:
+        for i in ranked(valid, best.metric, best.mode)[: best.k]:
             mark(i, f"best {best.k} {best.metric} ({best.mode})")
     if policy.keep_every:
         for i in valid:
@@ -99,6 +97,13 @@ def plan(infos: Iterable[CheckpointInfo], policy: Policy, pinned: Iterable[str] 
         if i.kind == "emergency" and not any(n.step > i.step for n in valid[idx + 1 :]):
             mark(i, "emergency, not superseded")
     return keep, [i for i in valid if i.name not in keep]
+
+
+def ranked(infos: Iterable[CheckpointInfo], metric: str, mode: str = "min") -> list[CheckpointInfo]:
+    """The valid checkpoints with a finite ``metric``, best first (``min``: smallest); a tie goes to the newer."""
+    scored = [i for i in infos if i.valid and _finite(i.metrics.get(metric))]
+    scored.sort(key=lambda i: (float(i.metrics[metric]) * (1 if mode == "min" else -1), -i.step))
+    return scored
 
 
 GROWTH_WARN = 20  # checkpoints in a directory with no retention rule before the one warning

@@ -9,7 +9,7 @@ import os
 from .. import store
 from ..errors import CkptdError, CorruptCheckpointError
 from ..progress import Progress
-from . import add_dir_argument, print_json, resolve_checkpoint, storage_error
+from . import UsageError, add_dir_argument, best, default_dir, existing_dir, print_json, resolve_checkpoint, storage_error
 from .inspect import CKPT_HELP, read_tensor_header
 
 
@@ -17,7 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export model weights to a .safetensors file",
                        description="Verify a checkpoint, then write its model weights (original parameter names) "
                        "to a standalone safetensors file, atomically.")
-    p.add_argument("ckpt", metavar="CKPT", help=CKPT_HELP)
+    p.add_argument("ckpt", metavar="CKPT", nargs="?", default=None,
+                   help=CKPT_HELP + "; with --best: the checkpoint directory (default: --dir, $CKPTD_DIR, "
+                   "./checkpoints)")
+    p.add_argument("--best", metavar="NAME[:min|max]", default=None,
+                   help="export the best checkpoint by this metric, verified (as `ckptd best`)")
     add_dir_argument(p, positional=False)
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="output file, e.g. model.safetensors")
     p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
@@ -30,7 +34,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    path, verified = resolve_checkpoint(args.ckpt, args.dir_option)
+    if args.best is not None:
+        metric, mode = best.parse_metric(args.best)
+        if args.ckpt is not None and args.dir_option is not None:
+            raise UsageError(f"give the directory either as DIR ({args.ckpt}) or as --dir ({args.dir_option}), "
+                             "not both")
+        root = existing_dir(args.ckpt or args.dir_option or default_dir())
+        choice = best.choose(root, metric, mode, quiet=args.json)
+        path, verified = choice.info.path, choice.info
+        if not args.json:
+            print(f"best by {metric} ({mode}): {choice.info.name} ({metric}={choice.value:.6g})")
+    elif args.ckpt is None:
+        raise UsageError("name the checkpoint to export (CKPT), or pass --best METRIC to export the best one")
+    else:
+        path, verified = resolve_checkpoint(args.ckpt, args.dir_option)
     out = os.path.abspath(args.output)
     if os.path.lexists(out) and not args.force:
         raise CkptdError(f"{out} exists; pass --force to overwrite it or choose another -o")

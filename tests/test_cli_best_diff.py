@@ -1,0 +1,136 @@
+"""ckptd best / export --best / diff through the real entry point, on checkpoints made by the real library."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file
+
+import ckptd
+from ckptd import exitcodes, store
+from conftest import ckptd_cli, small_model, train_steps
+
+
+def _flip_a_tensor_byte(ckpt: str) -> None:
+    path = os.path.join(ckpt, store.TENSORS)
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_best_names_the_best_by_min_or_max_a_tie_goes_to_the_newer_and_reported_metrics_count(make_checkpoints):
+    root = make_checkpoints([1, 2, 3, 4], metrics={1: {"val_loss": 0.5, "acc": 0.7}, 2: {"val_loss": 0.3, "acc": 0.9},
+                                                   3: {"val_loss": 0.3, "acc": 0.8}, 4: {"loss": 0.1}})
+    r = ckptd_cli("best", root, "--metric", "val_loss", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert (d["step"], d["value"], d["mode"], d["candidates"]) == (3, 0.3, "min", 3), d  # tie of 2 and 3: newer
+    r = ckptd_cli("best", root, "--metric", "acc:max", "--path")
+    assert r.returncode == 0 and r.stdout == os.path.join(root, store.checkpoint_name(2)) + "\n", (r.stdout, r.stderr)
+    # A metric attached after the save (ck.report) takes part: step 4 gets the lowest val_loss.
+    model, opt = small_model()
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root, handle_signals=False, save_on_close=False)
+    ck.report(4, val_loss=0.1)
+    ck.close()
+    r = ckptd_cli("best", "--dir", root, "--metric", "val_loss:min")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(os.path.join(root, store.checkpoint_name(4)) + "  step 4  val_loss=0.1 "), r.stdout
+
+
+def test_best_skips_a_damaged_best_for_the_next_and_deletes_nothing(make_checkpoints):
+    root = make_checkpoints([1, 2, 3], metrics={1: {"val_loss": 0.5}, 2: {"val_loss": 0.2}, 3: {"val_loss": 0.4}})
+    damaged = os.path.join(root, store.checkpoint_name(2))
+    _flip_a_tensor_byte(damaged)  # the manifest still checks; only the full verification sees it
+    r = ckptd_cli("best", root, "--metric", "val_loss", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["step"] == 3 and [s["name"] for s in d["skipped"]] == [store.checkpoint_name(2)], d
+    assert "fails verification" in r.stderr and store.checkpoint_name(2) in r.stderr
+    assert os.path.isdir(damaged)  # named, never removed by a read-only command
+    r = ckptd_cli("best", root, "--metric", "val_loss", "--no-verify", "--path")  # the manifest-level answer
+    assert r.stdout.strip() == damaged
+
+
+def test_best_without_the_metric_says_which_metrics_exist_and_exits_4(make_checkpoints):
+    root = make_checkpoints([1, 2])
+    r = ckptd_cli("best", root, "--metric", "val_loss")
+    assert r.returncode == exitcodes.NOT_FOUND and r.stdout == ""
+    assert "has the metric 'val_loss'" in r.stderr and "metrics present: loss" in r.stderr and "ck.report" in r.stderr
+    r = ckptd_cli("best", root, "--metric", "val loss:max")
+    assert r.returncode == exitcodes.USAGE and "bad metric" in r.stderr
+
+
+def test_export_best_exports_the_weights_of_the_best_checkpoint(make_checkpoints, tmp_path):
+    root = make_checkpoints([1, 2, 3], metrics={1: {"acc": 0.5}, 2: {"acc": 0.9}, 3: {"acc": 0.6}})
+    out = str(tmp_path / "best.safetensors")
+    r = ckptd_cli("export", root, "--best", "acc:max", "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert "best by acc (max): step-000000000002" in r.stdout
+    want = ckptd.load_state(os.path.join(root, store.checkpoint_name(2)))["model"]
+    got = load_file(out)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    other = ckptd.load_state(os.path.join(root, store.checkpoint_name(3)))["model"]
+    assert any(not torch.equal(got[k], other[k]) for k in other)  # the choice mattered
+    r = ckptd_cli("export", "-o", str(tmp_path / "x.safetensors"))
+    assert r.returncode == exitcodes.USAGE and "--best" in r.stderr
+
+
+def test_diff_shows_steps_metrics_state_and_which_tensors_changed_with_their_largest_difference(tmp_path):
+    root = str(tmp_path / "ck")
+    model, opt = small_model()
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, scheduler=sched, dir=root, handle_signals=False,
+                            save_on_close=False, extra={"frozen": torch.ones(3)})
+    train_steps(model, opt, 1)
+    ck.step(1, metrics={"loss": 1.0})
+    ck.save(block=True)
+    a_model = {k: v.clone() for k, v in model.state_dict().items()}
+    train_steps(model, opt, 1)
+    sched.step()
+    ck.step(2, metrics={"loss": 0.5, "acc": 0.9})
+    ck.save(block=True)
+    ck.close()
+    a, b = (os.path.join(root, store.checkpoint_name(s)) for s in (1, 2))
+    r = ckptd_cli("diff", a, b, "--values", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert {"key": "step", "a": 1, "b": 2, "in": "both"} in d["manifest"]
+    assert {"key": "acc", "a": None, "b": 0.9, "in": "b"} in d["metrics"]
+    assert any(row["key"] == "scheduler/last_epoch" and (row["a"], row["b"]) == (0, 1) for row in d["state"]), d["state"]
+    t = d["tensors"]
+    model_keys = {f"model/{k}" for k in a_model}
+    assert model_keys <= set(t["changed"]) and "extra/frozen" not in t["changed"] and t["same"] >= 1, t
+    b_model = model.state_dict()
+    for k in a_model:
+        want = float((a_model[k].double() - b_model[k].double()).abs().max())
+        assert abs(t["max_abs_diff"][f"model/{k}"] - want) <= 1e-12 * max(1.0, want), (k, want, t["max_abs_diff"])
+    r = ckptd_cli("diff", a, a)
+    assert r.returncode == 0 and "0 changed" in r.stdout and "the same state" in r.stdout, r.stdout
+    r = ckptd_cli("diff", "--dir", root, "1", "2")
+    assert r.returncode == 0 and "changed: model/0.weight" in r.stdout and "step: 1 -> 2" in r.stdout, r.stdout
+
+
+def test_diff_of_another_architecture_lists_reshaped_and_missing_tensors_and_refuses_damaged_bytes(tmp_path):
+    roots = []
+    for width, depth in ((16, 1), (32, 2)):
+        root = str(tmp_path / f"w{width}")
+        torch.manual_seed(0)
+        layers = [torch.nn.Linear(8, width)] + [torch.nn.Linear(width, width) for _ in range(depth - 1)]
+        model = torch.nn.Sequential(*layers)
+        ck = ckptd.Checkpointer(model=model, dir=root, handle_signals=False, save_on_close=False)
+        ck.step(1)
+        ck.save(block=True)
+        ck.close()
+        roots.append(os.path.join(root, store.checkpoint_name(1)))
+    r = ckptd_cli("diff", *roots, "--json")
+    assert r.returncode == 0, r.stderr
+    t = json.loads(r.stdout)["tensors"]
+    assert t["only_b"] == ["model/1.bias", "model/1.weight"] and t["only_a"] == []
+    assert {x["name"] for x in t["reshaped"]} == {"model/0.weight", "model/0.bias"}
+    _flip_a_tensor_byte(roots[1])
+    r = ckptd_cli("diff", *roots)
+    assert r.returncode != 0 and "checksum" in r.stderr.lower() and roots[1] in r.stderr, r.stderr
