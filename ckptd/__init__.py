@@ -32,6 +32,7 @@ from .errors import (  # noqa: E402
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpointer import Checkpointer, SaveResult
     from .data import DataLoader
+    from .annotate import add_metrics
     from .store import CheckpointInfo
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "list_checkpoints",
     "latest_valid",
     "load_state",
+    "add_metrics",
     "CkptdError",
     "ConfigError",
     "CorruptCheckpointError",
@@ -56,6 +58,7 @@ _LAZY = {
     "SaveResult": "ckptd.checkpointer",
     "DataLoader": "ckptd.data",
     "load_state": "ckptd.checkpointer",
+    "add_metrics": "ckptd.annotate",
     "CheckpointInfo": "ckptd.store",
     "list_checkpoints": "ckptd.store",
     "latest_valid": "ckptd.store",

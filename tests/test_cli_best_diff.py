@@ -134,3 +134,60 @@ def test_diff_of_another_architecture_lists_reshaped_and_missing_tensors_and_ref
     _flip_a_tensor_byte(roots[1])
     r = ckptd_cli("diff", *roots)
     assert r.returncode != 0 and "checksum" in r.stderr.lower() and roots[1] in r.stderr, r.stderr
+
+
+def test_the_evaluation_example_records_metrics_that_best_and_keep_best_then_use(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    root = str(tmp_path / "ck")
+    env = {**os.environ, "CKPTD_DIR": root}
+    ex = os.path.join(ROOT, "examples")
+    subprocess.run([sys.executable, os.path.join(ex, "train_toy.py"), "--steps", "200", "--keep-last", "10"],
+                   check=True, env=env, capture_output=True, timeout=300)
+    r = subprocess.run([sys.executable, os.path.join(ex, "evaluate_toy.py"), root], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 4, r.stdout  # steps 50, 100, 150, 200
+    # The recorded values are what the evaluation computes from each checkpoint's weights.
+    sys.path.insert(0, ex)
+    try:
+        from evaluate_toy import build, evaluate, held_out
+    finally:
+        sys.path.remove(ex)
+    x, y = held_out()
+    model = build(1)[0]
+    want = {}
+    for info in ckptd.list_checkpoints(root):
+        model.load_state_dict(ckptd.load_state(info.path)["model"])
+        want[info.step] = evaluate(model, x, y)
+        assert info.metrics["val_loss"] == want[info.step]["val_loss"], (info.step, info.metrics)
+        assert "loss" in info.metrics  # the training's own metric stays
+    again = subprocess.run([sys.executable, os.path.join(ex, "evaluate_toy.py"), root], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout == "", again.stdout  # evaluated ones are not evaluated twice
+    best = min(want, key=lambda s: (want[s]["val_loss"], -s))
+    r = ckptd_cli("best", root, "--metric", "val_loss", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["step"] == best, (r.stdout, r.stderr, want)
+    r = ckptd_cli("prune", root, "--keep-last", "1", "--keep-best", "val_acc:1:max")
+    assert r.returncode == 0, r.stderr
+    best_acc = max(want, key=lambda s: (want[s]["val_acc"], s))
+    assert {i.step for i in ckptd.list_checkpoints(root)} == {200, best_acc}
+
+
+def test_add_metrics_refuses_what_a_manifest_cannot_hold_and_names_a_missing_checkpoint(make_checkpoints):
+    import pytest
+
+    root = make_checkpoints([1])
+    path = os.path.join(root, store.checkpoint_name(1))
+    info = ckptd.add_metrics(path, val_loss=torch.tensor(0.25), note="ok", bad=float("nan"))
+    assert info.metrics["val_loss"] == 0.25 and info.metrics["note"] == "ok" and info.metrics["bad"] is None
+    assert store.verify(path).valid  # a new manifest under a new digest; the data untouched
+    with pytest.raises(ckptd.CkptdError, match="is not a number"):
+        ckptd.add_metrics(path, val_loss=[1, 2])
+    with pytest.raises(ckptd.NotFoundError, match="removed meanwhile"):
+        ckptd.add_metrics(os.path.join(root, store.checkpoint_name(2)), val_loss=1.0)
+    with pytest.raises(ckptd.CkptdError, match="is not a checkpoint"):
+        ckptd.add_metrics(root, val_loss=1.0)
