@@ -19,7 +19,7 @@ import sys
 from . import __version__, exitcodes
 from .errors import CkptdError
 
-COMMANDS = ("run", "ls", "verify", "inspect", "best", "diff", "prune", "export", "pin", "save", "stop", "status", "config", "install_unit")
+COMMANDS = ("run", "ls", "verify", "inspect", "best", "diff", "prune", "export", "pin", "push", "pull", "save", "stop", "status", "config", "install_unit")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -221,3 +221,30 @@ def human_time(t: float) -> str:
 
 def format_metrics(metrics: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(metrics.items()))
+
+
+# ----------------------------------------------------------------------------- the remote tier
+
+
+def add_remote_arguments(p: argparse.ArgumentParser, required: bool) -> None:
+    """``--remote URL`` and how to reach it (push, pull, ls --remote)."""
+    p.add_argument("--remote", metavar="URL", default=(os.environ.get("CKPTD_REMOTE") or None) if required else None,
+                   help="the object-store tier, s3://BUCKET/PREFIX (gs://, az://)"
+                   + ("; default $CKPTD_REMOTE" if required else "; lists that tier instead of DIR"))
+    p.add_argument("--endpoint", metavar="URL", default=None,
+                   help="an S3-compatible server, e.g. http://127.0.0.1:9000 (default $AWS_ENDPOINT_URL); "
+                   "credentials from the usual AWS_* variables or the instance role")
+    p.add_argument("--region", default=None, help="the bucket's region (default $AWS_REGION)")
+    p.add_argument("--virtual-hosted", action="store_true",
+                   help="with --endpoint: bucket.host addressing (default: path-style, what most servers expect)")
+
+
+def remote_from(args: argparse.Namespace) -> Any:
+    """The RemoteTier that ``--remote`` names (UsageError when none is given)."""
+    from ..remote import RemoteSpec, RemoteTier
+
+    if not args.remote:
+        raise UsageError("name the object-store tier: --remote s3://BUCKET/PREFIX (or set $CKPTD_REMOTE)")
+    spec = RemoteSpec.parse(args.remote, args.endpoint, args.region,
+                            path_style=False if args.virtual_hosted else None)
+    return RemoteTier(spec)

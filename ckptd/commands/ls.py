@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from .. import store
-from . import add_dir_argument, existing_dir, format_metrics, human_bytes, human_time, print_json, root_from
+from . import (UsageError, add_dir_argument, add_remote_arguments, existing_dir, format_metrics, human_bytes, human_time, print_json,
+               remote_from, root_from)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,10 +15,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "files listed, present and of their sizes, no data read; `ckptd verify` checks every byte.")
     add_dir_argument(p, positional=True)
     p.add_argument("--json", action="store_true", help="print a JSON list of objects")
-    p.set_defaults(func=run)
+    add_remote_arguments(p, required=False)
+    p.set_defaults(func=run, remote=None)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.remote:
+        if args.dir is not None or args.dir_option is not None:
+            raise UsageError("give either DIR (the local tier) or --remote URL (the object-store tier), not both")
+        return _remote(args)
     root = existing_dir(root_from(args))
     infos = store.list_checkpoints(root)
     pins = store.pinned(root)
@@ -37,4 +43,23 @@ def run(args: argparse.Namespace) -> int:
         pin = (" [pinned]" if i.name in pins else "") + (" [finished]" if i.finished else "")
         print(f"{i.name:<{width}}  {i.step:>10}  {i.kind:<9}  {human_time(i.created):<19}  {human_bytes(i.bytes):>10}  "
               f"{valid:<8}  {extra}{pin}")
+    return 0
+
+
+def _remote(args: argparse.Namespace) -> int:
+    """``ckptd ls --remote URL``: the checkpoints of the object-store tier (those with a manifest)."""
+    tier = remote_from(args)
+    rows = tier.list()
+    if args.json:
+        print_json([dict(r.as_json(), url=f"{tier.spec.url}/{r.key}") for r in rows])
+        return 0
+    if not rows:
+        print(f"no checkpoints on {tier.spec.url}")
+        return 0
+    width = max(len("KEY"), *(len(r.key) for r in rows))
+    print(f"{'KEY':<{width}}  {'STEP':>10}  {'KIND':<9}  {'CREATED':<19}  {'SIZE':>10}  {'MANIFEST':<8}  METRICS")
+    for r in rows:
+        extra = format_metrics(r.metrics) if r.valid else r.reason
+        print(f"{r.key:<{width}}  {r.step:>10}  {r.kind:<9}  {human_time(r.created):<19}  {human_bytes(r.bytes):>10}  "
+              f"{'ok' if r.valid else 'BAD':<8}  {extra}")
     return 0

@@ -1,0 +1,410 @@
+"""The object-store tier: checkpoints copied to S3 (and S3-compatible servers, GCS, Azure Blob) and back.
+
+Layout under ``s3://BUCKET/PREFIX/``: one key prefix per uploaded checkpoint, unique to that upload and never
+written twice::
+
+    step-000000000300.UPLOAD/tensors.safetensors     the checkpoint's files, byte for byte
+    step-000000000300.UPLOAD/state.json
+    step-000000000300.UPLOAD/manifest.json           written last, with a conditional put (If-None-Match: *)
+
+A remote checkpoint exists only once its manifest is there: an upload cut short (the process or the server
+killed, a network partition) leaves objects no reader looks at. The manifest is the local one, byte for byte
+(same digest), so both tiers name the same checkpoint the same way. An upload hashes the bytes it sends and
+writes no manifest unless they match the manifest's xxh3-128 (the request signature carries each request's
+SHA-256, which the server checks: the transport's own integrity check). A download writes into a temporary
+directory, checks every byte against the manifest, and renames it into place (temp, fsync, rename, fsync).
+Deleting removes the manifest first. Nothing here imports torch.
+
+The client is obstore (Rust's object_store): the fastest of the clients measured against a real S3 server
+(benchmarks/bench_s3_clients.py, docs/remote.md), one interface for S3, GCS and Azure, conditional puts, and
+transfers that run outside the GIL. Credentials come from the client's standard sources (``AWS_*`` environment
+variables, instance roles) and are never logged.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import stat
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+import xxhash
+
+from . import store
+from .errors import CkptdError, CorruptCheckpointError, NotFoundError, StorageError
+
+SCHEMES = ("s3", "gs", "az")
+PART = 8 << 20  # bytes per multipart part and per ranged read
+CONCURRENCY = 8  # parts in flight
+WINDOW = CONCURRENCY * 4  # ranged reads requested at once by a download (bounded memory: 256 MiB)
+KEY_RE = re.compile(r"^(step-[0-9]{12,20})\.([0-9a-f]{8,40})$")
+FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,200}$")  # a checkpoint's file names: no path, no dot-first
+
+
+class RemoteError(StorageError):
+    """The object store refused or failed an operation (exit 5); the message names the URL and the cause."""
+
+    def __init__(self, message: str) -> None:
+        CkptdError.__init__(self, message)
+
+
+@dataclass(frozen=True)
+class RemoteSpec:
+    """Where the remote tier is: ``s3://bucket/prefix`` (``gs://``, ``az://``) and how to reach it."""
+
+    url: str
+    endpoint: str | None = None  # S3-compatible servers: http(s)://host:port
+    region: str | None = None
+    path_style: bool = False  # S3 path-style addressing (most self-hosted servers)
+
+    @classmethod
+    def parse(cls, url: str, endpoint: str | None = None, region: str | None = None,
+              path_style: bool | None = None) -> RemoteSpec:
+        u = urlparse(url)
+        if u.scheme not in SCHEMES or not u.netloc or u.query or u.fragment or "\\" in url:
+            raise CkptdError(f"bad remote {url!r}: write s3://BUCKET/PREFIX (or gs://, az://), e.g. "
+                             "s3://my-bucket/runs/llm-7b")
+        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+        if endpoint is not None and urlparse(endpoint).scheme not in ("http", "https"):
+            raise CkptdError(f"bad endpoint {endpoint!r}: write http(s)://HOST[:PORT], e.g. http://127.0.0.1:9000")
+        if path_style is None:
+            path_style = endpoint is not None  # a self-hosted server rarely has per-bucket DNS names
+        return cls(url.rstrip("/"), endpoint, region or os.environ.get("AWS_REGION") or None, path_style)
+
+
+@dataclass
+class RemoteCheckpoint:
+    """One checkpoint on the remote tier (``valid``: its manifest parses, verifies its digest and lists files
+    that are all there at their sizes; no data read)."""
+
+    name: str
+    key: str  # the upload's key prefix, e.g. step-000000000300.1a2b3c4d
+    step: int
+    valid: bool = True
+    reason: str = ""
+    manifest: dict[str, Any] = field(default_factory=dict)
+    raw_manifest: bytes = b""
+    sizes: dict[str, int] = field(default_factory=dict)  # object name -> size, as listed
+
+    @property
+    def created(self) -> float:
+        return float(self.manifest.get("created", 0.0))
+
+    @property
+    def bytes(self) -> int:
+        return sum(r["bytes"] for r in self.manifest.get("files", {}).values()) if self.valid else 0
+
+    @property
+    def kind(self) -> str:
+        return str(self.manifest.get("kind", "?"))
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return dict(self.manifest.get("metrics") or {})
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "key": self.key, "step": self.step, "kind": self.kind, "created": self.created,
+                "bytes": self.bytes, "valid": self.valid, "reason": self.reason, "metrics": self.metrics,
+                "finished": self.manifest.get("finished") is True}
+
+
+def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
+    """A manifest's bytes, checked as a local one is (format, digest, fields, file names)."""
+    if len(raw) > store.MAX_MANIFEST_BYTES:
+        raise CorruptCheckpointError(where, f"{store.MANIFEST} is larger than {store.MAX_MANIFEST_BYTES} bytes")
+    m = store.load_json(raw, where, store.MANIFEST, store.MAX_MANIFEST_DEPTH, store.MAX_MANIFEST_BYTES)
+    if not isinstance(m, dict):
+        raise CorruptCheckpointError(where, f"{store.MANIFEST} is not a JSON object")
+    if m.get("format") != store.FORMAT:
+        raise CorruptCheckpointError(where, f"{store.MANIFEST} has format {m.get('format')!r}; this ckptd reads "
+                                     f"{store.FORMAT}")
+    try:
+        digest_ok = m.get("digest") == store._digest(m)
+    except (TypeError, ValueError):
+        digest_ok = False
+    if not digest_ok:
+        raise CorruptCheckpointError(where, f"{store.MANIFEST} digest mismatch (the manifest was altered or garbled)")
+    problem = store._manifest_problem(m)
+    if problem:
+        raise CorruptCheckpointError(where, f"{store.MANIFEST} {problem}")
+    for name in m["files"]:
+        if not FILE_RE.match(name) or name == store.MANIFEST:
+            raise CorruptCheckpointError(where, f"{store.MANIFEST} lists a file named {name[:80]!r}, not a plain name")
+    return m
+
+
+class RemoteTier:
+    """The object store at ``spec``: list, upload, download and delete checkpoints (see the module docstring)."""
+
+    def __init__(self, spec: RemoteSpec, *, part: int = PART, concurrency: int = CONCURRENCY,
+                 timeout_s: float = 60.0, max_retries: int = 4) -> None:
+        try:
+            import obstore
+            from obstore.store import from_url
+        except ImportError:
+            raise CkptdError("the remote tier needs the obstore package: pip install 'ckptd[remote]'") from None
+        self.spec, self.part, self.concurrency = spec, part, concurrency
+        self._obs = obstore
+        config: dict[str, Any] = {}
+        if spec.url.startswith("s3://"):
+            if spec.endpoint:
+                config["endpoint"] = spec.endpoint
+            if spec.region:
+                config["region"] = spec.region
+            config["virtual_hosted_style_request"] = not spec.path_style
+        client = {"timeout": f"{int(timeout_s)}s", "connect_timeout": "10s",
+                  "allow_http": bool(spec.endpoint and spec.endpoint.startswith("http://"))}
+        retry = {"max_retries": max_retries, "retry_timeout": _td(timeout_s * 2),
+                 "backoff": {"init_backoff": _td(0.1), "max_backoff": _td(5.0), "base": 2.0}}
+        try:
+            self.store = from_url(spec.url, config=config, client_options=client, retry_config=retry)
+        except Exception as exc:  # obstore raises its own types for a bad URL or configuration
+            raise CkptdError(f"cannot use the remote {spec.url}: {_cause(exc)}") from None
+
+    # ------------------------------------------------------------------ reading
+
+    def list(self) -> list[RemoteCheckpoint]:
+        """Every checkpoint on the remote tier that has a manifest, oldest first (by step, then time)."""
+        objects: dict[str, dict[str, int]] = {}
+        try:
+            for batch in self._obs.list(self.store, chunk_size=1000):
+                for meta in batch:
+                    head, _, leaf = meta["path"].partition("/")
+                    if KEY_RE.match(head) and leaf and "/" not in leaf:
+                        objects.setdefault(head, {})[leaf] = int(meta["size"])
+        except Exception as exc:
+            raise self._error("list", self.spec.url, exc) from None
+        out = [self._inspect(key, sizes) for key, sizes in objects.items() if store.MANIFEST in sizes]
+        out.sort(key=lambda c: (c.step, c.created, c.key))
+        return out
+
+    def _inspect(self, key: str, sizes: dict[str, int]) -> RemoteCheckpoint:
+        name = KEY_RE.match(key).group(1)  # type: ignore[union-attr]
+        rc = RemoteCheckpoint(name=name, key=key, step=int(name[5:]), sizes=sizes)
+        where = f"{self.spec.url}/{key}"
+        try:
+            if sizes[store.MANIFEST] > store.MAX_MANIFEST_BYTES:
+                raise CorruptCheckpointError(where, f"{store.MANIFEST} is {sizes[store.MANIFEST]} bytes")
+            raw = self._get_small(f"{key}/{store.MANIFEST}")
+            m = parse_manifest(raw, where)
+            if m["step"] != rc.step:
+                raise CorruptCheckpointError(where, f"the key says step {rc.step}, the manifest says {m['step']}")
+            for fname, rec in m["files"].items():
+                if fname not in sizes:
+                    raise CorruptCheckpointError(where, f"{fname} is missing")
+                if sizes[fname] != rec["bytes"]:
+                    raise CorruptCheckpointError(where, f"{fname} is {sizes[fname]} bytes, manifest says {rec['bytes']}")
+        except CorruptCheckpointError as exc:
+            rc.valid, rc.reason = False, exc.reason
+            return rc
+        rc.manifest, rc.raw_manifest = m, raw
+        return rc
+
+    def latest_valid(self) -> RemoteCheckpoint | None:
+        valid = [c for c in self.list() if c.valid]
+        return valid[-1] if valid else None
+
+    def _get_small(self, path: str) -> bytes:
+        try:
+            return bytes(self._obs.get(self.store, path).bytes())
+        except Exception as exc:
+            raise self._error("read", f"{self.spec.url}/{path}", exc) from None
+
+    # ------------------------------------------------------------------ upload
+
+    def upload(self, local: str, progress: Callable[[int], None] | None = None) -> RemoteCheckpoint:
+        """Copy the committed checkpoint at ``local`` to the remote tier; returns it as listed there.
+
+        Raises CorruptCheckpointError (nothing committed remotely) when the bytes read differ from the
+        manifest's checksums, RemoteError when the store fails."""
+        info = store.inspect_checkpoint(local)
+        if not info.valid:
+            raise CorruptCheckpointError(local, info.reason)
+        raw = store.read_small(os.path.join(local, store.MANIFEST), store.MAX_MANIFEST_BYTES)
+        m = parse_manifest(raw, local)
+        key = f"{info.name}.{uuid.uuid4().hex}"
+        written: list[str] = []
+        try:
+            for fname, rec in sorted(m["files"].items()):
+                path = f"{key}/{fname}"
+                written.append(path)
+                digest = self._put_file(os.path.join(local, fname), path, rec["bytes"], progress)
+                if digest != rec[store.HASH]:
+                    raise CorruptCheckpointError(local, f"{fname} does not match its checksum (xxh3-128 {digest}, "
+                                                 f"manifest {rec[store.HASH]}); nothing was committed remotely")
+            try:  # last, and only if absent: the remote commit
+                self._obs.put(self.store, f"{key}/{store.MANIFEST}", raw, mode="create")
+            except Exception as exc:
+                raise self._error("commit", f"{self.spec.url}/{key}/{store.MANIFEST}", exc) from None
+        except BaseException:
+            self._delete_quietly(written)
+            raise
+        rc = self._inspect(key, {**{f: r["bytes"] for f, r in m["files"].items()}, store.MANIFEST: len(raw)})
+        return rc
+
+    def _put_file(self, local: str, path: str, size: int, progress: Callable[[int], None] | None) -> str:
+        fd = os.open(local, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        h = xxhash.xxh3_128()
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise CorruptCheckpointError(local, "is not a regular file")
+            store.advise_sequential(fd)
+
+            def chunks() -> Iterator[bytes]:
+                left = size
+                while left:
+                    chunk = os.read(fd, min(self.part, left))
+                    if not chunk:
+                        raise CorruptCheckpointError(local, f"ends {left} bytes early (changed during the upload)")
+                    h.update(chunk)
+                    left -= len(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+                    yield chunk
+
+            try:
+                if size <= self.part:
+                    self._obs.put(self.store, path, b"".join(chunks()) if size else b"", use_multipart=False)
+                else:
+                    self._obs.put(self.store, path, chunks(), chunk_size=self.part, max_concurrency=self.concurrency)
+            except CorruptCheckpointError:
+                raise
+            except Exception as exc:
+                inner = exc.__cause__ or exc.__context__
+                if isinstance(inner, CorruptCheckpointError):
+                    raise inner from None
+                raise self._error("upload", f"{self.spec.url}/{path}", exc) from None
+            if os.read(fd, 1):
+                raise CorruptCheckpointError(local, "is longer than its manifest says (changed during the upload)")
+        finally:
+            os.close(fd)
+        return h.hexdigest()
+
+    # ------------------------------------------------------------------ download
+
+    def download(self, rc: RemoteCheckpoint, root: str,
+                 progress: Callable[[int], None] | None = None) -> store.CheckpointInfo:
+        """Copy ``rc`` into the local directory ``root`` (created if needed) and return it as a local checkpoint.
+        A valid local checkpoint of that step is kept as it is. Every byte is checked against the manifest
+        before the checkpoint becomes visible; on any failure nothing is left behind."""
+        if not rc.valid:
+            raise CorruptCheckpointError(f"{self.spec.url}/{rc.key}", rc.reason)
+        os.makedirs(root, store.DIR_MODE, exist_ok=True)
+        final = os.path.join(root, rc.name)
+        if os.path.lexists(final):
+            info = store.inspect_checkpoint(final)
+            if info.valid:
+                return info
+            raise CkptdError(f"{final} exists and is invalid ({info.reason}); move it aside (restore() quarantines "
+                             "it) before downloading that step again")
+        tmp = os.path.join(root, f"{store.TMP_PREFIX}{rc.name}-{socket.gethostname()}-{os.getpid()}-"
+                                 f"{uuid.uuid4().hex[:8]}")
+        try:
+            os.mkdir(tmp, store.DIR_MODE)
+        except OSError as exc:
+            raise StorageError(f"cannot create {tmp}: {exc.strerror}") from None
+        try:
+            dfd = store.open_dir(tmp)
+            try:
+                for fname, rec in sorted(rc.manifest["files"].items()):
+                    digest = self._get_file(rc, fname, rec["bytes"], dfd, progress)
+                    if digest != rec[store.HASH]:
+                        raise CorruptCheckpointError(f"{self.spec.url}/{rc.key}", f"{fname} does not match its "
+                                                     "checksum (changed or damaged on the remote tier)")
+                self._write_at(dfd, store.MANIFEST, [rc.raw_manifest])
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+            os.rename(tmp, final)
+            store.fsync_dir(root)
+        except BaseException:
+            _rmtree(tmp)
+            raise
+        return store.inspect_checkpoint(final)
+
+    def _get_file(self, rc: RemoteCheckpoint, fname: str, size: int, dfd: int,
+                  progress: Callable[[int], None] | None) -> str:
+        path = f"{rc.key}/{fname}"
+        h = xxhash.xxh3_128()
+        fd = os.open(fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, store.FILE_MODE,
+                     dir_fd=dfd)
+        try:
+            starts = list(range(0, size, self.part))
+            for i in range(0, len(starts), WINDOW):
+                batch = starts[i:i + WINDOW]
+                ends = [min(s + self.part, size) for s in batch]
+                try:
+                    bufs = self._obs.get_ranges(self.store, path, starts=batch, ends=ends)
+                except Exception as exc:
+                    raise self._error("download", f"{self.spec.url}/{path}", exc) from None
+                for s, e, buf in zip(batch, ends, bufs):
+                    view = memoryview(buf)
+                    if len(view) != e - s:
+                        raise CorruptCheckpointError(f"{self.spec.url}/{rc.key}", f"{fname} is shorter than listed")
+                    h.update(view)
+                    done = 0
+                    while done < len(view):
+                        done += os.pwrite(fd, view[done:], s + done)
+                    if progress is not None:
+                        progress(len(view))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return h.hexdigest()
+
+    @staticmethod
+    def _write_at(dfd: int, name: str, chunks: list[bytes]) -> None:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, store.FILE_MODE,
+                     dir_fd=dfd)
+        try:
+            for c in chunks:
+                view = memoryview(c)
+                while view:
+                    view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ delete
+
+    def delete(self, rc: RemoteCheckpoint) -> None:
+        """Remove ``rc``: its manifest first (from then on it does not exist for any reader), then its files."""
+        try:
+            self._obs.delete(self.store, f"{rc.key}/{store.MANIFEST}")
+        except Exception as exc:
+            raise self._error("delete", f"{self.spec.url}/{rc.key}/{store.MANIFEST}", exc) from None
+        self._delete_quietly([f"{rc.key}/{n}" for n in rc.sizes if n != store.MANIFEST])
+
+    def _delete_quietly(self, paths: list[str]) -> None:
+        """Best effort: what is left is invisible (no manifest) and removed by ``ckptd prune --remote`` later."""
+        for p in paths:
+            try:
+                self._obs.delete(self.store, p)
+            except Exception:
+                pass
+
+    def _error(self, op: str, where: str, exc: BaseException) -> RemoteError:
+        return RemoteError(f"remote {op} failed for {where}: {_cause(exc)}; check the endpoint, the credentials "
+                           "and that the bucket exists")
+
+
+def _cause(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def _td(seconds: float) -> Any:
+    import datetime
+
+    return datetime.timedelta(seconds=seconds)
+
+
+def _rmtree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
