@@ -27,6 +27,7 @@ import os
 import re
 import socket
 import stat
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -217,11 +218,14 @@ class RemoteTier:
 
     # ------------------------------------------------------------------ upload
 
-    def upload(self, local: str, progress: Callable[[int], None] | None = None) -> RemoteCheckpoint:
+    def upload(self, local: str, progress: Callable[[int], None] | None = None,
+               pause: Callable[[float], None] | None = None) -> RemoteCheckpoint:
         """Copy the committed checkpoint at ``local`` to the remote tier; returns it as listed there.
 
-        Raises CorruptCheckpointError (nothing committed remotely) when the bytes read differ from the
-        manifest's checksums, RemoteError when the store fails."""
+        ``pause(seconds)``, when given, is called after each part is read with the time the part took since
+        the one before (a background uploader paces itself with it). Raises CorruptCheckpointError (nothing
+        committed remotely) when the bytes read differ from the manifest's checksums, RemoteError when the
+        store fails."""
         info = store.inspect_checkpoint(local)
         if not info.valid:
             raise CorruptCheckpointError(local, info.reason)
@@ -233,7 +237,7 @@ class RemoteTier:
             for fname, rec in sorted(m["files"].items()):
                 path = f"{key}/{fname}"
                 written.append(path)
-                digest = self._put_file(os.path.join(local, fname), path, rec["bytes"], progress)
+                digest = self._put_file(os.path.join(local, fname), path, rec["bytes"], progress, pause)
                 if digest != rec[store.HASH]:
                     raise CorruptCheckpointError(local, f"{fname} does not match its checksum (xxh3-128 {digest}, "
                                                  f"manifest {rec[store.HASH]}); nothing was committed remotely")
@@ -247,7 +251,8 @@ class RemoteTier:
         rc = self._inspect(key, {**{f: r["bytes"] for f, r in m["files"].items()}, store.MANIFEST: len(raw)})
         return rc
 
-    def _put_file(self, local: str, path: str, size: int, progress: Callable[[int], None] | None) -> str:
+    def _put_file(self, local: str, path: str, size: int, progress: Callable[[int], None] | None,
+                  pause: Callable[[float], None] | None = None) -> str:
         fd = os.open(local, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         h = xxhash.xxh3_128()
         try:
@@ -257,7 +262,12 @@ class RemoteTier:
 
             def chunks() -> Iterator[bytes]:
                 left = size
+                last = time.monotonic()
                 while left:
+                    if pause is not None:
+                        now = time.monotonic()
+                        pause(now - last)
+                        last = time.monotonic()
                     chunk = os.read(fd, min(self.part, left))
                     if not chunk:
                         raise CorruptCheckpointError(local, f"ends {left} bytes early (changed during the upload)")
@@ -389,8 +399,13 @@ class RemoteTier:
                 pass
 
     def _error(self, op: str, where: str, exc: BaseException) -> RemoteError:
-        return RemoteError(f"remote {op} failed for {where}: {_cause(exc)}; check the endpoint, the credentials "
-                           "and that the bucket exists")
+        cause = _cause(exc)
+        if "169.254.169.254" in cause and not os.environ.get("AWS_ACCESS_KEY_ID"):
+            return RemoteError(f"remote {op} failed for {where}: no credentials (none in the environment, and no "
+                               "instance role answered); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run "
+                               "where an instance role grants access")
+        return RemoteError(f"remote {op} failed for {where}: {cause}; check the endpoint, the credentials and that the "
+                           "bucket exists")
 
 
 def _cause(exc: BaseException) -> str:

@@ -165,3 +165,50 @@ def test_a_gateway_killed_during_an_upload_fails_the_push_leaves_nothing_visible
     r = cli(s3_server, "pull", str(tmp_path / "new"), "--remote", url)
     assert r.returncode == 0, r.stderr
     assert store.verify(os.path.join(tmp_path, "new", store.checkpoint_name(1))).valid
+
+
+def test_the_background_uploader_keeps_the_remote_tier_current_and_catches_up_after_the_server_returns(
+        s3_server, tmp_path, monkeypatch):
+    """Local first, then upload: saves go on while the gateway is down; the uploader reports the failures, backs
+    off, and uploads the newest checkpoint once the gateway is back. Only complete checkpoints ever show."""
+    import torch
+
+    from ckptd.remote import RemoteSpec, RemoteTier
+    from ckptd.uploader import Uploader
+
+    for k, v in s3_server.env.items():  # credentials from the standard environment variables
+        monkeypatch.setenv(k, v)
+    url = f"s3://{s3_server.bucket()}/bg"
+    root = str(tmp_path / "ck")
+    events: list[tuple[str, dict]] = []
+    model = torch.nn.Linear(64, 64)
+    ck = ckptd.Checkpointer(model=model, dir=root, handle_signals=False, save_on_close=False)
+    for step in (1, 2, 3):
+        ck.step(step)
+        ck.save(block=True)
+    tier = RemoteTier(RemoteSpec.parse(url, s3_server.endpoint, "us-east-1"), timeout_s=10, max_retries=1)
+    up = Uploader(tier, root, pace=0.5, on_event=lambda n, f: events.append((n, f)), backoff_base=0.2,
+                  backoff_max=1.0, rescan=0.5).start()
+    try:
+        assert up.wait_uploaded(3, timeout=60), (up.status, str(events)[-3000:])
+        assert [c.step for c in tier.list()] == [3]  # the newest only: 1 and 2 were never worth the bandwidth
+        assert up.status.lag_steps == 0 and up.status.lag_seconds(time.time()) == 0.0
+        s3_server.kill_gateway()
+        try:
+            ck.step(4)
+            ck.save(block=True)  # training does not wait for the remote tier
+            up.notify()
+            wait_for(lambda: up.status.errors_in_a_row >= 2, timeout=120, what="retried failures")
+            assert up.status.remote_step == 3 and up.status.lag_steps == 1
+            assert up.status.lag_seconds(time.time()) > 0
+            assert [n for n, _ in events].count("upload_failed") >= 2 and "upload failed" in up.status.last_error
+        finally:
+            s3_server.start_gateway()
+        assert up.wait_uploaded(4, timeout=120), (up.status, events)
+        assert [c.step for c in tier.list() if c.valid] == [3, 4]
+        assert up.status.errors_in_a_row == 0 and up.status.lag_steps == 0
+        got = tier.download(tier.latest_valid(), str(tmp_path / "elsewhere"))
+        assert store.verify(got.path).valid and got.step == 4
+    finally:
+        up.close()
+        ck.close()

@@ -1,0 +1,192 @@
+"""The background uploader: the local directory's newest checkpoint, copied to the object-store tier.
+
+Local first, then upload: a checkpoint commits locally exactly as without a remote tier; the uploader is told
+(``notify()``) or finds (a rescan at each wake-up) that a newer valid checkpoint exists and uploads it with
+``RemoteTier.upload`` on its own thread. It always takes the newest: when saves come faster than uploads, the
+ones in between are skipped (the newest is what a lost machine resumes from). Uploads are paced (``pace`` x
+the time of each part, as the disk persist is) until ``hurry()`` (a stop that waits for the upload). A failure
+(server down, partition, expired credentials, full bucket) is reported through ``on_event`` and retried with
+exponential backoff, for as long as the uploader runs; training is never blocked. Nothing here imports torch:
+the supervisor and the library can both run one.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import store
+from .errors import CkptdError
+from .remote import RemoteTier
+
+Event = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class UploadStatus:
+    """What the remote tier holds compared with the local one (for the journal, status and /metrics)."""
+
+    remote_step: int | None = None  # newest checkpoint known to be committed remotely
+    remote_created: float | None = None
+    local_step: int | None = None  # newest valid local checkpoint seen
+    local_created: float | None = None
+    uploading: str | None = None  # name of the checkpoint being uploaded
+    uploads: int = 0
+    failures: int = 0  # failed attempts since the uploader started
+    last_error: str = ""
+    last_bytes_per_second: float | None = None
+    errors_in_a_row: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)  # the last uploads (bounded)
+
+    @property
+    def lag_steps(self) -> int:
+        if self.local_step is None:
+            return 0
+        return self.local_step - (self.remote_step if self.remote_step is not None else 0)
+
+    def lag_seconds(self, now: float) -> float:
+        """How old the newest local checkpoint not on the remote tier is (0 when the remote tier is current)."""
+        if self.local_created is None or (self.remote_created is not None and self.remote_created >= self.local_created):
+            return 0.0
+        return max(0.0, now - self.local_created)
+
+
+class Uploader:
+    HISTORY = 20
+
+    def __init__(self, tier: RemoteTier, root: str, *, pace: float = 1.0, on_event: Event | None = None,
+                 backoff_base: float = 1.0, backoff_max: float = 60.0, rescan: float = 30.0) -> None:
+        self.tier, self.root, self.pace = tier, root, pace
+        self.on_event = on_event or (lambda name, fields: None)
+        self.backoff_base, self.backoff_max, self.rescan = backoff_base, backoff_max, rescan
+        self.status = UploadStatus()
+        self._cv = threading.Condition()
+        self._wake = False
+        self._closed = False
+        self._hurry = threading.Event()
+        self._uploaded: set[tuple[int, float]] = set()  # (step, created) of the local checkpoints uploaded
+        self._thread = threading.Thread(target=self._run, name="ckptd-uploader", daemon=True)
+
+    def start(self) -> Uploader:
+        self._thread.start()
+        return self
+
+    def notify(self) -> None:
+        """A checkpoint was committed locally: look for it now."""
+        with self._cv:
+            self._wake = True
+            self._cv.notify_all()
+
+    def hurry(self) -> None:
+        """Stop pacing (the uploads from now on run at full speed): somebody waits for the remote tier."""
+        self._hurry.set()
+        self.notify()
+
+    def wait_uploaded(self, step: int, timeout: float) -> bool:
+        """Wait until a checkpoint of ``step`` or newer is committed remotely (False when ``timeout`` passes)."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self.status.remote_step is None or self.status.remote_step < step:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    return False
+                self._cv.wait(min(left, 1.0))
+        return True
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._hurry.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ------------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        try:
+            newest = self.tier.latest_valid()
+        except CkptdError as exc:
+            newest = None
+            self._failed("list", exc)
+        if newest is not None:
+            self.status.remote_step, self.status.remote_created = newest.step, newest.created
+            self._uploaded.add((newest.step, newest.created))
+        delay = 0.0
+        while True:
+            with self._cv:
+                if not self._wake and not self._closed:
+                    self._cv.wait(delay if delay > 0 else self.rescan)
+                self._wake = False
+                if self._closed:
+                    return
+            candidate = self._newest_local()
+            if candidate is None or (candidate.step, candidate.created) in self._uploaded:
+                delay = 0.0
+                continue
+            if self.status.remote_step is not None and (candidate.step, candidate.created) < \
+                    (self.status.remote_step, self.status.remote_created or 0.0):
+                delay = 0.0
+                continue
+            if self._upload(candidate):
+                delay = 0.0
+                with self._cv:
+                    self._wake = True  # another may have committed meanwhile
+            else:
+                n = self.status.errors_in_a_row
+                delay = min(self.backoff_max, self.backoff_base * 2 ** max(0, n - 1))
+
+    def _newest_local(self) -> store.CheckpointInfo | None:
+        try:
+            valid = [i for i in store.list_checkpoints(self.root) if i.valid]
+        except (CkptdError, OSError) as exc:
+            self._failed("scan", exc)
+            return None
+        if not valid:
+            return None
+        newest = valid[-1]
+        self.status.local_step, self.status.local_created = newest.step, newest.created
+        return newest
+
+    def _upload(self, info: store.CheckpointInfo) -> bool:
+        self.status.uploading = info.name
+        self.on_event("upload_started", {"checkpoint": info.name, "step": info.step, "bytes": info.bytes})
+        t0 = time.monotonic()
+        try:
+            rc = self.tier.upload(info.path, pause=self._pause)
+        except (CkptdError, OSError) as exc:
+            if not os.path.isdir(info.path):  # retention removed it meanwhile: nothing failed, a newer one exists
+                self.status.uploading = None
+                return True
+            self.status.uploading = None
+            self._failed("upload", exc, checkpoint=info.name)
+            return False
+        seconds = max(time.monotonic() - t0, 1e-9)
+        with self._cv:
+            self._uploaded.add((info.step, info.created))
+            self.status.remote_step, self.status.remote_created = rc.step, rc.created
+            self.status.uploading = None
+            self.status.uploads += 1
+            self.status.errors_in_a_row = 0
+            self.status.last_bytes_per_second = rc.bytes / seconds
+            self.status.history = [*self.status.history, {"step": rc.step, "key": rc.key, "bytes": rc.bytes,
+                                                          "seconds": round(seconds, 3)}][-self.HISTORY:]
+            self._cv.notify_all()
+        self.on_event("uploaded", {"checkpoint": info.name, "step": rc.step, "key": rc.key, "bytes": rc.bytes,
+                                   "seconds": round(seconds, 3)})
+        return True
+
+    def _pause(self, part_seconds: float) -> None:
+        if self.pace > 0 and not self._hurry.is_set():
+            self._hurry.wait(self.pace * part_seconds)
+
+    def _failed(self, op: str, exc: BaseException, **fields: Any) -> None:
+        self.status.failures += 1
+        self.status.errors_in_a_row += 1
+        self.status.last_error = str(exc)
+        self.on_event("upload_failed", {"op": op, "error": str(exc), "in_a_row": self.status.errors_in_a_row,
+                                        **fields})
