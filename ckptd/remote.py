@@ -171,18 +171,7 @@ class RemoteTier:
 
     def list(self) -> list[RemoteCheckpoint]:
         """Every checkpoint on the remote tier that has a manifest, oldest first (by step, then time)."""
-        objects: dict[str, dict[str, int]] = {}
-        try:
-            for batch in self._obs.list(self.store, chunk_size=1000):
-                for meta in batch:
-                    head, _, leaf = meta["path"].partition("/")
-                    if KEY_RE.match(head) and leaf and "/" not in leaf:
-                        objects.setdefault(head, {})[leaf] = int(meta["size"])
-        except Exception as exc:
-            raise self._error("list", self.spec.url, exc) from None
-        out = [self._inspect(key, sizes) for key, sizes in objects.items() if store.MANIFEST in sizes]
-        out.sort(key=lambda c: (c.step, c.created, c.key))
-        return out
+        return self._scan(float("inf"), time.time())[0]
 
     def _inspect(self, key: str, sizes: dict[str, int]) -> RemoteCheckpoint:
         name = KEY_RE.match(key).group(1)  # type: ignore[union-attr]
@@ -379,6 +368,50 @@ class RemoteTier:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    # ------------------------------------------------------------------ retention
+
+    def prune(self, policy: Any, *, dry_run: bool = False, stale_after: float = 24 * 3600.0,
+              now: float | None = None) -> tuple[dict[str, list[str]], list[RemoteCheckpoint], list[str]]:
+        """Apply a retention policy (``retention.Policy``) to the remote tier, as ``ckptd prune`` does locally
+        (the newest valid checkpoint always stays; invalid ones are never deleted), and remove what uploads
+        that never committed left behind (key prefixes without a manifest whose newest object is older than
+        ``stale_after`` seconds: an upload in flight is never cut). Returns (kept key: reasons, deleted,
+        removed stale prefixes)."""
+        from . import retention
+
+        listed, stale = self._scan(stale_after, time.time() if now is None else now)
+        by_key = {c.key: c for c in listed}
+        views = [store.CheckpointInfo(name=c.key, path=f"{self.spec.url}/{c.key}", step=c.step, kind=c.kind,
+                                      created=c.created, bytes=c.bytes, metrics=c.metrics, valid=c.valid,
+                                      reason=c.reason, manifest=c.manifest) for c in listed]
+        keep, doomed = retention.plan(views, policy)
+        deleted = [by_key[i.name] for i in doomed]
+        if not dry_run:
+            for rc in deleted:
+                self.delete(rc)
+            for key, names in stale.items():
+                self._delete_quietly([f"{key}/{n}" for n in names])
+        return keep, deleted, sorted(stale)
+
+    def _scan(self, stale_after: float, now: float) -> tuple[list[RemoteCheckpoint], dict[str, list[str]]]:
+        objects: dict[str, dict[str, int]] = {}
+        newest: dict[str, float] = {}
+        try:
+            for batch in self._obs.list(self.store, chunk_size=1000):
+                for meta in batch:
+                    head, _, leaf = meta["path"].partition("/")
+                    if KEY_RE.match(head) and leaf and "/" not in leaf:
+                        objects.setdefault(head, {})[leaf] = int(meta["size"])
+                        t = meta.get("last_modified")
+                        newest[head] = max(newest.get(head, 0.0), t.timestamp() if t is not None else now)
+        except Exception as exc:
+            raise self._error("list", self.spec.url, exc) from None
+        listed = sorted((self._inspect(k, v) for k, v in objects.items() if store.MANIFEST in v),
+                        key=lambda c: (c.step, c.created, c.key))
+        stale = {k: sorted(v) for k, v in objects.items()
+                 if store.MANIFEST not in v and now - newest.get(k, now) > stale_after}
+        return listed, stale
 
     # ------------------------------------------------------------------ delete
 

@@ -212,3 +212,27 @@ def test_the_background_uploader_keeps_the_remote_tier_current_and_catches_up_af
     finally:
         up.close()
         ck.close()
+
+
+def test_prune_remote_applies_the_rules_and_removes_only_stale_uncommitted_uploads(
+        s3_server, make_checkpoints):
+    bucket = s3_server.bucket()
+    url = f"s3://{bucket}/p"
+    root = make_checkpoints([1, 2, 3, 4], metrics={1: {"val": 0.1}, 2: {"val": 0.5}, 3: {"val": 0.4}, 4: {"val": 0.9}})
+    for step in (1, 2, 3, 4):
+        assert cli(s3_server, "push", os.path.join(root, str(step)), "--remote", url).returncode == 0
+    s3 = s3_server.client()
+    s3.put_object(Bucket=bucket, Key="p/step-000000000007.00000000deadbeef/tensors.safetensors", Body=b"partial")
+    r = cli(s3_server, "prune", "--remote", url, "--keep-last", "1", "--keep-best", "val:1", "--dry-run", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert len(plan["deleted"]) == 2 and plan["removed_uncommitted"] == []  # just written: not stale
+    assert len(json.loads(cli(s3_server, "ls", "--remote", url, "--json").stdout)) == 4  # dry run: nothing gone
+    r = cli(s3_server, "prune", "--remote", url, "--keep-last", "1", "--keep-best", "val:1", "--stale-hours",
+            "0.0001", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(cli(s3_server, "ls", "--remote", url, "--json").stdout)
+    assert sorted(row["step"] for row in rows) == [1, 4]  # best val (min) and the newest
+    assert json.loads(r.stdout)["removed_uncommitted"] == ["step-000000000007.00000000deadbeef"]
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert len(keys) == 2 * 3 and not any("step-000000000007" in k for k in keys), keys  # 2 checkpoints x 3 files
