@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from .. import store
 from . import (UsageError, add_dir_argument, add_remote_arguments, existing_dir, format_metrics, human_bytes, human_time, print_json,
@@ -33,17 +34,21 @@ def run(args: argparse.Namespace) -> int:
     if not infos:
         print(f"no checkpoints in {root}")
         return 0
-    width = max(len("NAME"), *(len(i.name) for i in infos))
     # The column is the manifest-level check (files listed, present, of their sizes): it reads no data, so a
     # flipped byte shows `ok` here and fails `ckptd verify`. Named for what it checks (`--help` says it too).
-    print(f"{'NAME':<{width}}  {'STEP':>10}  {'KIND':<9}  {'CREATED':<19}  {'SIZE':>10}  {'MANIFEST':<8}  METRICS")
-    for i in infos:
-        valid = "ok" if i.valid else "BAD"
-        extra = format_metrics(i.metrics) if i.valid else i.reason
-        pin = (" [pinned]" if i.name in pins else "") + (" [finished]" if i.finished else "")
-        print(f"{i.name:<{width}}  {i.step:>10}  {i.kind:<9}  {human_time(i.created):<19}  {human_bytes(i.bytes):>10}  "
-              f"{valid:<8}  {extra}{pin}")
+    _table("NAME", [(i.name, i, (" [pinned]" if i.name in pins else "") + (" [finished]" if i.finished else ""))
+                    for i in infos])
     return 0
+
+
+def _table(head: str, rows: list[tuple[str, Any, str]]) -> None:
+    """One line per checkpoint (local CheckpointInfo or RemoteCheckpoint): ``(name, checkpoint, marks)``."""
+    width = max(len(head), *(len(name) for name, _, _ in rows))
+    print(f"{head:<{width}}  {'STEP':>10}  {'KIND':<9}  {'CREATED':<19}  {'SIZE':>10}  {'MANIFEST':<8}  METRICS")
+    for name, c, marks in rows:
+        extra = format_metrics(c.metrics) if c.valid else c.reason
+        print(f"{name:<{width}}  {c.step:>10}  {c.kind:<9}  {human_time(c.created):<19}  {human_bytes(c.bytes):>10}  "
+              f"{'ok' if c.valid else 'BAD':<8}  {extra}{marks}")
 
 
 def _remote(args: argparse.Namespace) -> int:
@@ -56,10 +61,5 @@ def _remote(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no checkpoints on {tier.spec.url}")
         return 0
-    width = max(len("KEY"), *(len(r.key) for r in rows))
-    print(f"{'KEY':<{width}}  {'STEP':>10}  {'KIND':<9}  {'CREATED':<19}  {'SIZE':>10}  {'MANIFEST':<8}  METRICS")
-    for r in rows:
-        extra = format_metrics(r.metrics) if r.valid else r.reason
-        print(f"{r.key:<{width}}  {r.step:>10}  {r.kind:<9}  {human_time(r.created):<19}  {human_bytes(r.bytes):>10}  "
-              f"{'ok' if r.valid else 'BAD':<8}  {extra}")
+    _table("KEY", [(r.key, r, " [finished]" if r.manifest.get("finished") is True else "") for r in rows])
     return 0
