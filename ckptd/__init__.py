@@ -57,7 +57,7 @@ _LAZY = {
     "Checkpointer": "ckptd.checkpointer",
     "SaveResult": "ckptd.checkpointer",
     "DataLoader": "ckptd.data",
-    "load_state": "ckptd.checkpointer",
+    "load_state": "ckptd.restore",
     "add_metrics": "ckptd.annotate",
     "CheckpointInfo": "ckptd.store",
     "list_checkpoints": "ckptd.store",

@@ -12,7 +12,7 @@ ckptd provides the storage: :class:`Writer` and :class:`Reader` implement DCP's 
   value; DCP's metadata is written as JSON (``dcp.json``), not pickled;
 * each rank writes its shard file (``shard-NNNNN.bin``) into the checkpoint's temporary directory, with
   fsync and an xxh3-128 checksum; the records reach rank 0 through DCP's own gather, and rank 0 commits
-  the one manifest (distributed.Coordinator.persist) only when every rank's files are durable;
+  the one manifest (persist.write) only when every rank's files are durable;
 * the tensors are staged into host copies made once and reused (:func:`host_copies`,
   ``_copy_state_dict``), and the write runs in the background on ckptd's private gloo group.
 

@@ -142,11 +142,11 @@ def test_every_checkpoint_damaged_restores_nothing_and_leaves_the_model_bit_iden
 def test_undo_log_in_step_with_many_small_reads_restores_or_rolls_back_exactly(tmp_path, monkeypatch, damaged):
     # The undo-log copy keeps only LEAD bytes ahead of the reader, and the first request is small:
     # shrunk here so that a small model takes dozens of requests and the copy waits on the reader.
-    from ckptd import checkpointer
+    from ckptd import restore
 
     monkeypatch.setattr(store, "READ_CHUNK", 1024)  # below the 4 KiB tensors: each is backed up in pieces
     monkeypatch.setattr(store, "FIRST_READ", 512)
-    monkeypatch.setattr(checkpointer._Backup, "LEAD", 2048)
+    monkeypatch.setattr(restore._Backup, "LEAD", 2048)
     root = str(tmp_path / "ck")
     model, opt = small_model(seed=1, width=128)  # ~1 k floats per layer: about 30 read requests
     train_steps(model, opt, 2)
@@ -171,7 +171,7 @@ def test_undo_log_in_step_with_many_small_reads_restores_or_rolls_back_exactly(t
 def test_the_undo_plan_backs_up_a_large_tensor_in_read_sized_pieces(monkeypatch):
     # One plan entry per tensor made the first read request wait for the copy of a whole (say 1 GiB)
     # tensor; pieces of at most READ_CHUNK keep the copy in step with the reader.
-    from ckptd.checkpointer import _plan
+    from ckptd.restore import _plan
 
     monkeypatch.setattr(store, "READ_CHUNK", 4096)
     live = {"a": torch.arange(2500, dtype=torch.float32), "b": torch.zeros(3)}
@@ -277,14 +277,14 @@ def test_tensors_that_share_memory_restore_and_roll_back_exactly(tmp_path, damag
 
 
 def test_the_undo_log_is_replayed_backwards_so_a_backup_taken_after_an_aliased_read_is_undone_too():
-    from ckptd.checkpointer import _Staged
+    from ckptd.restore import Staged
 
     live = torch.arange(16, dtype=torch.float32)
     first = live.clone().view(torch.uint8)  # backup of key a, taken before its read
     live.fill_(7.0)  # key a read in place
     second = live.clone().view(torch.uint8)  # backup of key b (same memory), taken after a's read
     undo = [(live.data_ptr(), b.data_ptr(), 64) for b in (first, second)]
-    _Staged({}, {}, [], undo=undo).rollback()
+    Staged({}, {}, [], undo=undo).rollback()
     assert torch.equal(live, torch.arange(16, dtype=torch.float32))
 
 

@@ -1,5 +1,5 @@
-"""The library's side of a deadline (checkpointer.py `_emergency_stop`): never start an emergency checkpoint
-that cannot finish before the stop's deadline; a save in flight hurries and counts."""
+"""The library's side of a deadline (checkpointer.py `_emergency_stop`, stopping.py `SaveTimes`): never start an
+emergency checkpoint that cannot finish before the stop's deadline; a save in flight hurries and counts."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ckptd import exitcodes, store
 
 torch = pytest.importorskip("torch")
 import ckptd  # noqa: E402
-from ckptd import checkpointer as ckmod  # noqa: E402
+from ckptd import stopping  # noqa: E402
 
 
 def make(tmp_path, width: int = 16, **kw):
@@ -28,8 +28,8 @@ def test_the_estimate_is_the_longest_of_the_last_three_saves_times_1_5_plus_1_s(
     for n in range(1, 6):
         ck.step(n)
         ck.save(block=True)
-    recent = ck.stats["recent_save_seconds"]
-    assert len(recent) == ckmod.EMERGENCY_HISTORY == 3 and all(0 < r < 5 for r in recent)
+    recent = ck._save_times.recent
+    assert len(recent) == stopping.EMERGENCY_HISTORY == 3 and all(0 < r < 5 for r in recent)
     assert ck.emergency_save_estimate() == pytest.approx(max(recent) * 1.5 + 1.0)
     ck.close()
 
@@ -38,7 +38,7 @@ def test_a_save_that_does_not_fit_before_the_deadline_is_not_started_and_exits_8
     ck, _ = make(tmp_path)
     ck.step(10)
     ck.save(block=True)
-    ck.stats["recent_save_seconds"] = [2.0]  # the run's saves took 2 s: 2 x 1.5 + 1 = 4 s needed
+    ck._save_times.recent = [2.0]  # the run's saves took 2 s: 2 x 1.5 + 1 = 4 s needed
     ck.step(11)
     with caplog.at_level(logging.ERROR, logger="ckptd"), pytest.raises(SystemExit) as exit_:
         ck._emergency_stop("aws instance-action notice", deadline=time.time() + 3.0)
@@ -53,7 +53,7 @@ def test_a_save_that_fits_is_written_and_exits_85(tmp_path):
     ck, _ = make(tmp_path)
     ck.step(10)
     ck.save(block=True)
-    ck.stats["recent_save_seconds"] = [2.0]
+    ck._save_times.recent = [2.0]
     ck.step(11)
     with pytest.raises(SystemExit) as exit_:
         ck._emergency_stop("gcp preempted notice", deadline=time.time() + 4.5)
@@ -76,7 +76,7 @@ def test_a_periodic_save_in_flight_hurries_and_counts_as_the_emergency_checkpoin
     ck, _ = make(tmp_path, width=4096, pace=100.0)  # 4096 x 4096 float32 = 64 MiB
     ck.step(1)
     ck.save(block=True)  # unpaced: the reference duration
-    unpaced = ck.stats["recent_save_seconds"][0]
+    unpaced = ck._save_times.recent[0]
     ck.step(2)
     inflight = ck.save(kind="periodic")
     assert not inflight.done()
@@ -90,4 +90,4 @@ def test_a_periodic_save_in_flight_hurries_and_counts_as_the_emergency_checkpoin
     assert [(i.step, i.kind) for i in infos] == [(1, "manual"), (2, "periodic")]  # no second write of step 2
     # Paced at 100, the persist would take ~100 x its unpaced time; it took a small multiple of it.
     assert elapsed < 10 * unpaced + 1.0, (elapsed, unpaced)
-    assert len(ck.stats["recent_save_seconds"]) == 2  # the hurried save counts for the next estimate
+    assert len(ck._save_times.recent) == 2  # the hurried save counts for the next estimate
