@@ -30,9 +30,9 @@ from .errors import (  # noqa: E402
 )
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .annotate import add_metrics
     from .checkpointer import Checkpointer, SaveResult
     from .data import DataLoader
-    from .annotate import add_metrics
     from .store import CheckpointInfo
 
 __all__ = [

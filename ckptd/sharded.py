@@ -28,8 +28,13 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties,
-                                                   TensorStorageMetadata)
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, SavePlan, SavePlanner, WriteItemType
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.distributed.tensor import DTensor
@@ -88,7 +93,8 @@ def host_copies(tensors: dict[str, torch.Tensor], pin_memory: bool = False) -> d
     out: dict[str, torch.Tensor] = {}
     for k, t in tensors.items():
         local = t._local_tensor if isinstance(t, DTensor) else t
-        host = torch.empty(tuple(local.size()), dtype=local.dtype, pin_memory=pin_memory and local.numel() > 0)  # as torch: no empty pin
+        pin = pin_memory and local.numel() > 0  # as torch: no empty pinned tensor
+        host = torch.empty(tuple(local.size()), dtype=local.dtype, pin_memory=pin)
         out[k] = DTensor(host, t._spec, requires_grad=False) if isinstance(t, DTensor) else host
     return out
 
@@ -269,7 +275,8 @@ def _tensor_md_json(md: Any) -> dict[str, Any]:
 
 
 def _tensor_md(v: dict[str, Any]) -> TensorStorageMetadata:
-    return TensorStorageMetadata(properties=TensorProperties(dtype=TORCH_DTYPES[v["dtype"]]), size=torch.Size(v["size"]),
+    return TensorStorageMetadata(properties=TensorProperties(dtype=TORCH_DTYPES[v["dtype"]]),
+                                 size=torch.Size(v["size"]),
                                  chunks=[ChunkStorageMetadata(offsets=torch.Size(o), sizes=torch.Size(s))
                                          for o, s in v["chunks"]])
 
