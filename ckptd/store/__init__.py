@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .catalog import (
     RESOURCE_ERRNOS,
@@ -137,6 +137,19 @@ from .writer import (
     unshared_dir,
     write_fully,
 )
+
+if TYPE_CHECKING:  # what type checkers see; at run time these come from __getattr__ below
+    from .reader import (
+        DURING_SWITCH,
+        FIRST_READ,
+        MAX_IOV,
+        PREFETCH_PIECE,
+        READ_CHUNK,
+        READERS,
+        RESTORE_PREFETCH,
+        Prefetch,
+        read_into,
+    )
 
 _digest = manifest_digest  # its name when the store was one module
 
