@@ -206,7 +206,7 @@ _UNSET = object()
 
 class _Package(types.ModuleType):
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _LAZY:
+        if name in _LAZY and name not in self.__dict__:
             __getattr__(name)  # its home is loaded before the name is replaced there
         old = self.__dict__.get(name, _UNSET)
         if old is not _UNSET:
