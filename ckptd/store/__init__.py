@@ -151,7 +151,8 @@ if TYPE_CHECKING:  # what type checkers see; at run time these come from __getat
         read_into,
     )
 
-_digest = manifest_digest  # its name when the store was one module
+_digest = manifest_digest  # their names when the store was one module (ckptd/remote.py uses them)
+_manifest_problem = manifest_problem
 
 # name -> submodule that defines it, loaded on first use
 _LAZY = {name: "reader" for name in (
