@@ -166,7 +166,7 @@ def copy_into_live(loaded: dict[str, Any], model: nn.Module, opt: torch.optim.Op
 
 def buffer_of(t: torch.Tensor) -> memoryview:
     """A writable byte memoryview over a contiguous CPU tensor (no copy)."""
-    return memoryview(t.detach().contiguous().view(-1).view(torch.uint8).numpy())
+    return t.detach().contiguous().view(-1).view(torch.uint8).numpy().data
 
 
 # --------------------------------------------------------------------------- I/O helpers
@@ -308,7 +308,7 @@ def time_steps_while(step: Callable[[], None], in_flight: Callable[[], bool],
 
     Returns (step times, wall time of the loop).
     """
-    out = []
+    out: list[float] = []
     t_start = time.perf_counter()
     while in_flight() and len(out) < max_steps:
         t0 = time.perf_counter()
