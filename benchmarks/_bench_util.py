@@ -13,7 +13,8 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from ckptd import store  # noqa: E402  (after the path above: the benchmarks run from a checkout)
 
 # --------------------------------------------------------------------------- sizes / stats
 
@@ -58,7 +60,7 @@ def summarize(samples: list[float]) -> dict[str, Any]:
 
 
 class Timer:
-    def __enter__(self) -> "Timer":
+    def __enter__(self) -> Timer:
         self.t0 = time.perf_counter()
         return self
 
@@ -164,18 +166,13 @@ def copy_into_live(loaded: dict[str, Any], model: nn.Module, opt: torch.optim.Op
 
 def buffer_of(t: torch.Tensor) -> memoryview:
     """A writable byte memoryview over a contiguous CPU tensor (no copy)."""
-    return memoryview(t.detach().contiguous().view(-1).view(torch.uint8).numpy())
+    return t.detach().contiguous().view(-1).view(torch.uint8).numpy().data
 
 
 # --------------------------------------------------------------------------- I/O helpers
 
 
-def fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+fsync_path = store.fsync_path  # a file or a directory, as the baselines' durable writes need
 
 
 def fsync_tree(root: str) -> None:
@@ -305,12 +302,13 @@ def time_steps(step: Callable[[], None], n: int) -> list[float]:
     return out
 
 
-def time_steps_while(step: Callable[[], None], in_flight: Callable[[], bool], max_steps: int = 100000) -> tuple[list[float], float]:
+def time_steps_while(step: Callable[[], None], in_flight: Callable[[], bool],
+                     max_steps: int = 100000) -> tuple[list[float], float]:
     """Run steps while in_flight(); keep only steps that *started* while in flight.
 
     Returns (step times, wall time of the loop).
     """
-    out = []
+    out: list[float] = []
     t_start = time.perf_counter()
     while in_flight() and len(out) < max_steps:
         t0 = time.perf_counter()
@@ -320,10 +318,8 @@ def time_steps_while(step: Callable[[], None], in_flight: Callable[[], bool], ma
 
 
 def dump_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
+    """Results, replaced atomically and durably (the store's writer; the directory named may be a link)."""
+    store.replace_file(path, json.dumps(obj, indent=1, default=str).encode(), follow_dir=True)
 
 
 def iter_chunks(n: int, chunk: int) -> Iterable[tuple[int, int]]:

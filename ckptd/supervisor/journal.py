@@ -3,7 +3,8 @@
 The journal is append-only JSON lines, flushed and fsynced per event, so it survives a crash or
 restart of the supervisor and feeds ``ckptd status``. Events: start, spawn, resumed, checkpoint,
 checkpoint_removed, checkpoint_invalid, notice, stop_requested, exit, restart, give_up, end.
-The state file is rewritten atomically (temp, fsync, rename, fsync dir) on every state change.
+The state file is rewritten atomically on every state change, through the store's writer (temp, fsync,
+rename, fsync dir).
 """
 
 from __future__ import annotations
@@ -100,11 +101,12 @@ def read_journal(path: str) -> Iterator[dict[str, Any]]:
 
 def write_text_atomic(path: str, text: str, mode: int = 0o600,
                       check: store.DirCheck | None = store.private_dir) -> None:
-    """Temp file beside ``path``, fsync, rename over it, fsync the directory: never seen half-written, and never
-    written through a link (``store.replace_file``). ``mode``: exact permissions of the result (umask ignored).
-    ``check``: what the directory must be; by default the run directory's rule, ours alone, checked on the
-    descriptor every write goes through, so a run directory swapped for a link or for another account's
-    directory after the start is refused (PermissionError) rather than written into.
+    """The store's durable replacement (``store.replace_file``: temp beside ``path``, fsync, rename over it,
+    fsync the directory; never seen half-written, never written through a link) with the run directory's rules.
+    ``mode``: exact permissions of the result (umask ignored). ``check``: what the directory must be; by
+    default the run directory's rule, ours alone, checked on the descriptor every write goes through, so a
+    run directory swapped for a link or for another account's directory after the start is refused
+    (PermissionError) rather than written into.
     """
     store.replace_file(path, text.encode("utf-8"), mode, check=check)
 
