@@ -35,6 +35,7 @@ from .clock import Clock
 from .config import Config
 from .control import ControlServer, Peer
 from .core import Core
+from .endpoint import MetricsPort, new_registry
 from .journal import JOURNAL_NAME, STATE_NAME, Journal, read_json, write_json_atomic
 from .log import EventLog, redact_argv
 from .notify import CHILD_UNSET, Notifier
@@ -92,9 +93,8 @@ class Supervisor:
         self.journal: Journal | None = None
         self.control: ControlServer | None = None
         self.notices: noticesmod.Poller | None = None
-        self.metrics = metricsmod.RunMetrics(self._new_registry(), self.clock, latest_step=self.dir.latest_step)
-        self.metrics_server: metricsmod.MetricsServer | None = None
-        self._sd_file: str | None = None
+        self.metrics = metricsmod.RunMetrics(new_registry(), self.clock, latest_step=self.dir.latest_step)
+        self.port = MetricsPort(self.metrics, self.log)  # /metrics and /healthz (endpoint.py)
 
     @property
     def exit_code(self) -> int | None:
@@ -196,7 +196,7 @@ class Supervisor:
                         pid=os.getpid(), argv=argv, dir=self.root, job_id=self.node.job_id,
                         node_rank=self.node.rank,
                         resume_from=latest.step if latest else None, config=self.cfg.as_dict(),
-                        metrics=self._metrics_endpoint(), **_slurm_env())
+                        metrics=self.port.describe(), **_slurm_env())
             self._decide(act.Start())
             self.service.ready(self._service_view(), self.clock.monotonic(), self.clock.time())
             while not self.core.terminal:
@@ -461,7 +461,7 @@ class Supervisor:
             "uptime": round(self.clock.time() - self.started, 3), "exit_code": self.exit_code,
             "socket": self.control.path if self.control else None, "updated": self.clock.time(),
             "notice": led.notice,
-            "metrics": {**self._metrics_endpoint(), **self.metrics.status()},
+            "metrics": {**self.port.describe(), **self.metrics.status()},
         }
 
     def _service_view(self) -> ServiceView:
@@ -501,12 +501,6 @@ class Supervisor:
 
     # --- metrics (supervisor/metrics.py, docs/metrics.md) -------------------------------------------
 
-    @staticmethod
-    def _new_registry() -> Any:
-        from prometheus_client import CollectorRegistry
-
-        return CollectorRegistry(auto_describe=True)
-
     def _metric(self, method: str, *args: Any) -> None:
         """Feed the run's metrics; a bug there is logged once and never disturbs supervision."""
         self._guarded("metrics", getattr(self.metrics, method), *args)
@@ -516,48 +510,21 @@ class Supervisor:
         self.metrics.publish(state=led.sm.state.value, stopping=led.stop is not None, exit_code=self.exit_code,
                              step=led.step, last_checkpoint=led.last_checkpoint, valid=len(self.view.valid))
 
-    def _metrics_endpoint(self) -> dict[str, Any]:
-        server = self.metrics_server
-        return server.endpoint.as_dict() if server is not None else metricsmod.Endpoint("off").as_dict()
-
     def _start_metrics(self) -> None:
-        """Serve /metrics and /healthz. A busy or bad address never stops training: one warning."""
-        mc = self.cfg.metrics
-        if not mc.addr:
-            return
-        self._publish_metrics()
-        self.metrics_server = metricsmod.MetricsServer(self.metrics.registry, lambda: self.metrics.healthy)
-        endpoint = self.metrics_server.start(mc.addr)
-        if endpoint.state != "serving":
-            self.log("warning", "metrics", f"metrics unavailable: {endpoint.error}; training goes on without "
-                     "them (choose another --metrics-addr, port 0 for any free port, or 'off')")
-            return
-        self.log("info", "metrics", f"serving metrics on http://{endpoint.addr}/metrics (also /healthz)")
-        if mc.sd_file:
-            path = metricsmod.sd_path(mc.sd_file, self.run_id)
-            try:
-                metricsmod.write_sd_file(path, endpoint.addr or "", {})
-            except OSError as exc:
-                self.log("warning", "metrics", f"cannot write the Prometheus file_sd entry {path} "
-                         f"({exc.strerror or exc}); Prometheus will not discover this run through it")
-                return
-            self._sd_file = endpoint.sd_file = path
-
-    def _linger_seconds(self) -> float:
-        """How long the final state will still be served after the run ended (0: not at all)."""
-        server = self.metrics_server
-        return self.cfg.metrics.linger if server is not None and server.endpoint.state == "serving" else 0.0
+        if self.cfg.metrics.addr:
+            self._publish_metrics()
+            self.port.start(self.cfg.metrics, self.run_id)
 
     def _stop_metrics(self) -> None:
         """After the run: serve the final state for ``metrics.linger`` seconds (a signal ends that), then close.
 
         The file_sd entry stays until then: Prometheus keeps scraping the target, so it sees how the run ended
         (``stopped``, ``gave_up``: the alerts of docs/metrics.md need that scrape)."""
-        server = self.metrics_server
+        server = self.port.server
         if server is None:
             return
         self._publish_metrics()
-        linger = self._linger_seconds()
+        linger = self.port.linger_seconds(self.cfg.metrics)
         if linger > 0:
             self.log("info", "metrics", f"serving the final metrics on http://{server.endpoint.addr}/metrics for "
                      f"{linger:g} s more (--metrics-linger), then exiting with {self.exit_code}; SIGTERM or "
@@ -565,10 +532,7 @@ class Supervisor:
         end = self.clock.monotonic() + linger
         while self.clock.monotonic() < end and not self._signalled_during_linger():
             self._poll_io(min(1.0, max(0.0, end - self.clock.monotonic())))
-        if self._sd_file is not None:
-            with contextlib.suppress(OSError):
-                metricsmod.remove_sd_file(self._sd_file)
-        server.close()
+        self.port.close()
 
     def _signalled_during_linger(self) -> bool:
         while True:
@@ -586,7 +550,7 @@ class Supervisor:
             self.notices.close()  # sends the acknowledgements asked for, bounded
         self.watcher.stop()
         if self.control is not None:
-            for action in self.core.finish(self._linger_seconds()):
+            for action in self.core.finish(self.port.linger_seconds(self.cfg.metrics)):
                 self._do(action)
             self.control.flush(self.clock.monotonic() + 2.0)
             self.control.close()
