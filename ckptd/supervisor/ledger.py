@@ -15,11 +15,10 @@ from typing import Any
 
 from .. import protocol
 from . import actions as act
-from . import metrics as metricsmod
 from .config import Config
 from .control import Peer
 from .notices import Notice
-from .policy import RestartPolicy
+from .policy import RestartPolicy, is_step
 from .states import ChildState, StateMachine
 
 S = ChildState
@@ -114,7 +113,7 @@ class Ledger:
         self.send(peer, type_, close=True, **fields)
 
     def saw_step(self, step: Any, completed: bool = False) -> None:
-        if not metricsmod.is_step(step):
+        if not is_step(step):
             return
         self.step = step
         if self.life is not None:

@@ -12,10 +12,10 @@ from typing import Any
 
 from .. import exitcodes, protocol
 from . import actions as act
-from . import metrics as metricsmod
 from . import stopping
 from .control import Peer
 from .ledger import Ledger, ckpt_record, fmt
+from .policy import is_step
 from .states import ChildState
 
 S = ChildState
@@ -69,7 +69,7 @@ def _trainer_restored(led: Ledger, view: act.View, peer: Peer, msg: dict[str, An
         return
     led.restore_reported = True
     expected, led.expected_resume = led.expected_resume, None
-    more = expected - step if metricsmod.is_step(step) and expected is not None and step < expected else 0
+    more = expected - step if is_step(step) and expected is not None and step < expected else 0
     said = f"trainer restored step {fmt(step)} from {msg.get('path')}"
     extra: dict[str, Any] = {}
     if more:  # the newest checkpoint did not verify (quarantined); RunMetrics._on_resumed counts the steps
@@ -132,7 +132,7 @@ def _trainer_warning(led: Ledger, view: act.View, peer: Peer, msg: dict[str, Any
         return
     fields: dict[str, Any] = {"pid": peer.pid}
     for key in ("step", "restored_step"):
-        if metricsmod.is_step(msg.get(key)):
+        if is_step(msg.get(key)):
             fields[key] = msg[key]
     seconds = msg.get("seconds")
     if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and 0 <= seconds < 1e9:

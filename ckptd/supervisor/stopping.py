@@ -18,11 +18,10 @@ from typing import Any
 
 from .. import exitcodes, protocol
 from . import actions as act
-from . import metrics as metricsmod
 from .control import Peer
 from .ledger import Ledger, Life, StopRequest, fmt
 from .notices import Notice
-from .policy import ExitStatus
+from .policy import ExitStatus, is_step
 from .states import ChildState
 
 S = ChildState
@@ -116,7 +115,7 @@ def join_stop(led: Ledger, view: act.View, peer: Peer, msg: dict[str, Any]) -> N
               f"stopped elsewhere; waiting {led.cfg.grace:g} s for it to exit", reason=led.stop.reason,
               via="trainer", grace=led.cfg.grace, step=step, rank=peer.rank)
     # Rescanned.emergency answers whether that step's checkpoint on disk is the emergency one.
-    asked = step if code == exitcodes.PREEMPTED and metricsmod.is_step(step) else None
+    asked = step if code == exitcodes.PREEMPTED and is_step(step) else None
     led.emit(act.Rescan(emergency_step=asked))
     led.save_state()
 
