@@ -26,6 +26,9 @@ Everything a client can make the server hold is bounded (docs/metrics.md, "Bound
 (:func:`max_connections`, well below the fd limit, so the supervisor keeps the descriptors it needs), the
 time of a whole connection (REQUEST_DEADLINE, from accept to the last byte of the answer, however slowly
 the client sends), and so the number of threads.
+
+Over 600 lines on purpose: it is the one module that defines metrics (the definitions, the goodput account
+and the bounded server that serves them); the supervisor's use of the port is endpoint.py.
 """
 
 from __future__ import annotations
