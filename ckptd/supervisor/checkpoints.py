@@ -30,10 +30,17 @@ class Directory:
         self.journaled: set[str] = set()  # checkpoint names already in the journal
         self._retired: set[str] = set()  # names our retention deleted
         self._pruning: dict[str, None] = {}  # names a trainer's retention announced it deletes (insertion order)
+        self._latest_step: int | None = None  # of the newest valid checkpoint, as of the last refresh
+
 
     def start(self) -> None:
         self.view.refresh()
         self.journaled.update(self.view.valid)
+        self._note_latest()
+
+    def _note_latest(self) -> None:
+        latest = self.view.latest()
+        self._latest_step = latest.step if latest is not None else None
 
     def rescan(self, cfg: Config, resumed_from: str | None, emergency_step: int | None = None) -> act.Rescanned:
         changes = self.view.refresh()
@@ -57,6 +64,7 @@ class Directory:
         for info in changes.invalid:
             self._record("warning", "checkpoint_invalid", f"checkpoint {info.name} is invalid: {info.reason}",
                          name=info.name, reason=info.reason)
+        self._note_latest()
         latest = self.view.latest()
         emergency = None
         if emergency_step is not None:
@@ -71,8 +79,8 @@ class Directory:
             emergency=emergency)
 
     def latest_step(self) -> int | None:
-        latest = self.view.latest()
-        return latest.step if latest is not None else None
+        """The newest valid checkpoint's step (every decision's view asks: kept, not searched for)."""
+        return self._latest_step
 
     def committed(self, action: act.Committed) -> bool:
         """A trainer reported a commit; True when it is news for the journal."""
