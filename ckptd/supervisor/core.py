@@ -135,7 +135,7 @@ class Core:
         if outcome.reason is Reason.FINISHED:
             stopping.end(led, S.EXITED, exitcodes.OK, "training finished")
         elif led.stop is not None:
-            stopping.judge_stopped_exit(led, view, life, status, outcome.reason is Reason.PREEMPTED)
+            stopping.judge_stopped_exit(led, life, status, outcome.reason is Reason.PREEMPTED)
         elif outcome.reason is Reason.PREEMPTED:
             stopping.end(led, S.EXITED, exitcodes.PREEMPTED, "the trainer was stopped from outside (SIGTERM) "
                                                              "and committed an emergency checkpoint")

@@ -230,7 +230,7 @@ def after_stop(led: Ledger, code: int) -> None:
         led.emit(act.Requeue())
 
 
-def judge_stopped_exit(led: Ledger, view: act.View, life: Life, status: ExitStatus, preempted: bool) -> None:
+def judge_stopped_exit(led: Ledger, life: Life, status: ExitStatus, preempted: bool) -> None:
     """The child exited during a stop. Judged by the checkpoint, not only by the exit code: torchrun exits 1
     when its ranks exit 85 or 86 (outside `ckptd run`, or a rank whose stop went wrong)."""
     assert led.stop is not None
