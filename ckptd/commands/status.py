@@ -1,6 +1,7 @@
 """ckptd status [--dir DIR] [--json]: state, pids, step, last checkpoint, restarts, uptime.
 
-Asks the running supervisor; when none runs, reads the run directory's state file and journal.
+Asks the running supervisor (its published status and recent events); when none runs, reads the run
+directory's state file and journal. The journal also gives the restart counts across `ckptd run`s.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def collect(root: str, node_rank: int | None = None) -> dict[str, Any]:
     data["restarts_total"] = sum(1 for e in events if e.get("event") == "restart")
     data["restarts_this_run"] = sum(1 for e in events if e.get("event") == "restart" and e["time"] >= since)
     data.setdefault("restarts", data["restarts_this_run"])
-    data["recent_events"] = events[-RECENT:]
+    # A live supervisor serves its recent events (snapshot.StatusBoard: also those its journal could not keep).
+    recent = live.get("recent_events") if live is not None else None
+    data["recent_events"] = (recent if isinstance(recent, list) else events)[-RECENT:]
     data["dir"] = os.path.abspath(root)
     return data
 

@@ -26,6 +26,9 @@ Everything a client can make the server hold is bounded (docs/metrics.md, "Bound
 (:func:`max_connections`, well below the fd limit, so the supervisor keeps the descriptors it needs), the
 time of a whole connection (REQUEST_DEADLINE, from accept to the last byte of the answer, however slowly
 the client sends), and so the number of threads.
+
+Over 600 lines on purpose: it is the one module that defines metrics (the definitions, the goodput account
+and the bounded server that serves them); the supervisor's use of the port is endpoint.py.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from typing import Any, Callable, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, make_wsgi_app
 
 from .. import __version__
+from .policy import is_step
 
 DEFAULT_PORT = 9477  # docs/metrics.md, "Port": not a port of the exporters found on GPU nodes
 DEFAULT_ADDR = f"127.0.0.1:{DEFAULT_PORT}"
@@ -461,11 +465,6 @@ def _ids(msg: dict[str, Any]) -> list[str]:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def is_step(v: Any) -> bool:
-    """A step number: an int >= 0 (not a bool). The supervisor loop checks steps with it too."""
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 # --- the endpoint ---------------------------------------------------------------------------------

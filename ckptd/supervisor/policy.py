@@ -17,8 +17,14 @@ import os
 import random
 import signal
 from dataclasses import dataclass
+from typing import Any, TypeGuard
 
 from .. import exitcodes
+
+
+def is_step(v: Any) -> TypeGuard[int]:
+    """A step number as a trainer reports it: an int >= 0 (not a bool)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 class Reason(enum.Enum):
@@ -41,7 +47,7 @@ class ExitStatus:
     signal: int | None = None
 
     @classmethod
-    def from_wait(cls, pid: int, status: int) -> "ExitStatus":
+    def from_wait(cls, pid: int, status: int) -> ExitStatus:
         if os.WIFSIGNALED(status):
             return cls(pid, signal=os.WTERMSIG(status))
         return cls(pid, code=os.WEXITSTATUS(status))
