@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import stat
 import time
 import uuid
@@ -125,12 +124,12 @@ def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
         raise CorruptCheckpointError(where, f"{store.MANIFEST} has format {m.get('format')!r}; this ckptd reads "
                                      f"{store.FORMAT}")
     try:
-        digest_ok = m.get("digest") == store._digest(m)
+        digest_ok = m.get("digest") == store.manifest_digest(m)
     except (TypeError, ValueError):
         digest_ok = False
     if not digest_ok:
         raise CorruptCheckpointError(where, f"{store.MANIFEST} digest mismatch (the manifest was altered or garbled)")
-    problem = store._manifest_problem(m)
+    problem = store.manifest_problem(m)
     if problem:
         raise CorruptCheckpointError(where, f"{store.MANIFEST} {problem}")
     for name in m["files"]:
@@ -301,8 +300,7 @@ class RemoteTier:
                 return info
             raise CkptdError(f"{final} exists and is invalid ({info.reason}); move it aside (restore() quarantines "
                              "it) before downloading that step again")
-        tmp = os.path.join(root, f"{store.TMP_PREFIX}{rc.name}-{socket.gethostname()}-{os.getpid()}-"
-                                 f"{uuid.uuid4().hex[:8]}")
+        tmp = os.path.join(root, store.temp_name(rc.name))
         try:
             os.mkdir(tmp, store.DIR_MODE)
         except OSError as exc:
