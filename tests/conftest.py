@@ -65,6 +65,52 @@ def resign(ckpt: str, files: dict[str, bytes] | None = None) -> None:
         json.dump(m, f)
 
 
+# ---------------------------------------------------------------------------- kinds of test (CONTRIBUTING.md)
+#
+# unit:   in-process, starts no process (guarded below); the default for a developer: `pytest -m unit`.
+# system: real processes (`ckptd run`, trainers, torchrun, systemd, Prometheus, `ckptd` commands).
+# chaos:  bounded random fault runs (kills at random moments, random events or damage), the short versions
+#         of scripts/*.py; CKPTD_TEST_LONG=1 (scripts/stress.sh) runs them at their long sizes.
+# A module declares its kind with `pytestmark = pytest.mark.kind("unit")`, a test with
+# `@pytest.mark.kind("system")` (the closest wins); unmarked tests are system tests. Each test then carries
+# exactly one of the markers `unit`, `system`, `chaos`, which is what `-m` selects on. `python -m pytest -q
+# -n 2` (CI) runs all three. `slow` marks a long test of any kind: long tests are handed out first, so that
+# the two workers finish together.
+KINDS = ("unit", "system", "chaos")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        stray = [m.name for m in item.iter_markers() if m.name in KINDS]
+        if stray:
+            raise pytest.UsageError(f"{item.nodeid}: mark its kind as pytest.mark.kind({stray[0]!r}), not "
+                                    f"pytest.mark.{stray[0]} (conftest.py)")
+        mark = item.get_closest_marker("kind")
+        kind = mark.args[0] if mark and mark.args else "system"
+        if kind not in KINDS:
+            raise pytest.UsageError(f"{item.nodeid}: kind {kind!r} is none of {', '.join(KINDS)}")
+        item.add_marker(kind)
+    # Stable: the order within each group stays the collection order (module fixtures are shared as before).
+    items.sort(key=lambda it: 0 if it.get_closest_marker("chaos") or it.get_closest_marker("slow") else 1)
+
+
+def _no_child(what: str):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a unit test started a process ({what}): mark the test `system` (CONTRIBUTING.md)")
+    return refuse
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_stay_in_process(request, monkeypatch):
+    """A test marked `unit` that starts a process fails, so the fast set stays fast and in-process."""
+    if request.node.get_closest_marker("unit"):
+        monkeypatch.setattr(subprocess.Popen, "__init__", _no_child("subprocess"))
+        monkeypatch.setattr(os, "fork", _no_child("os.fork"))
+        monkeypatch.setattr(os, "posix_spawn", _no_child("os.posix_spawn"))
+        monkeypatch.setattr(os, "posix_spawnp", _no_child("os.posix_spawnp"))
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_supervisors():
     """Whatever a test asserted, every `ckptd run` it started is gone afterwards."""

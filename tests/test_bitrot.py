@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import bitrot  # noqa: E402
 
 
-@pytest.mark.slow
+@pytest.mark.kind("chaos")
 def test_random_damage_to_any_file_is_detected_before_the_model_is_touched(tmp_path):
     report = bitrot.run(300, seed=15, work=str(tmp_path))
     assert report["failed"] == 0, report["failures"]

@@ -17,6 +17,8 @@ from ckptd import env, exitcodes, protocol, store
 
 from conftest import small_model, train_steps, wait_for
 
+pytestmark = pytest.mark.kind("unit")  # the tests marked kind("system") start processes
+
 
 def big_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(2048, 4096), torch.nn.Linear(4096, 2048))  # 64 MiB
@@ -263,6 +265,7 @@ def test_background_persist_is_paced_until_somebody_waits(tmp_path, monkeypatch)
     ck.close()
 
 
+@pytest.mark.kind("system")
 def test_a_script_that_ends_without_close_finishes_its_save_without_pauses(tmp_path):
     code = f"""
 import atexit, torch, ckptd

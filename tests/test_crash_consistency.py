@@ -7,12 +7,16 @@ import random
 import select
 import signal
 
+import pytest
 import torch
 
 import ckptd
 from ckptd import store
+from fixtures.long_runs import size
 
-ITERATIONS = 200
+# 60 kills in CI (well under a second each), half of them during async saves; 200 under CKPTD_TEST_LONG=1
+# (scripts/stress.sh). scripts/chaos_kills.py's trainer mode kills savers the same way by the thousand.
+ITERATIONS = size(60, 200)
 
 
 def _model() -> torch.nn.Module:
@@ -57,6 +61,7 @@ def _kill_one(root: str, rng: random.Random, async_save: bool) -> None:
     os.close(r)
 
 
+@pytest.mark.kind("chaos")
 def test_sigkill_during_saves_never_yields_a_torn_checkpoint(tmp_path):
     root = str(tmp_path / "ck")
     rng = random.Random(1234)

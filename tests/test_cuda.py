@@ -14,7 +14,7 @@ import torch
 import ckptd
 from ckptd import store
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.kind("unit"), pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def gpu_model(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

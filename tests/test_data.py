@@ -8,6 +8,8 @@ import torch
 import ckptd
 from ckptd.errors import CkptdError
 
+pytestmark = pytest.mark.kind("unit")  # the tests marked kind("system") start processes
+
 N, BATCH = 50, 8  # 7 batches per epoch, the last one short
 
 
@@ -37,6 +39,7 @@ def test_order_after_a_resume_at_every_position_is_the_uninterrupted_order_and_t
             assert _epoch(resumed) == epochs[epoch + 1]  # the next iteration starts the next epoch
 
 
+@pytest.mark.kind("system")
 def test_two_workers_give_the_same_batches_as_none_after_a_mid_epoch_resume():
     ref = ckptd.DataLoader(_dataset(), batch_size=BATCH, shuffle=True, seed=3)
     want = _epoch(ref)

@@ -19,6 +19,8 @@ import yaml
 
 from fixtures.sup_helpers import TRAINER
 
+pytestmark = pytest.mark.kind("unit")  # the tests marked kind("system") start processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(ROOT, "deploy")
 CLOUD_INIT = {"aws-spot": "user-data.yaml", "azure-spot": "cloud-init.yaml"}
@@ -79,6 +81,7 @@ def test_every_recipe_has_a_readme_and_the_main_readme_links_it():
 
 
 @pytest.mark.parametrize("where", sorted(embedded_configs()))
+@pytest.mark.kind("system")
 def test_embedded_ckptd_config_passes_config_check(where, tmp_path):
     path = tmp_path / "ckptd.yaml"
     path.write_text(embedded_configs()[where])
@@ -87,6 +90,7 @@ def test_embedded_ckptd_config_passes_config_check(where, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(shell_scripts()))
+@pytest.mark.kind("system")
 def test_shell_script_passes_bash_n_and_shellcheck(name, tmp_path):
     path = tmp_path / "script.sh"
     path.write_text(shell_scripts()[name])
@@ -99,6 +103,7 @@ def test_shell_script_passes_bash_n_and_shellcheck(name, tmp_path):
 
 
 @pytest.mark.parametrize("recipe", ["aws-spot", "gcp-spot", "azure-spot"])
+@pytest.mark.kind("system")
 def test_unit_a_cloud_recipe_installs_passes_systemd_analyze_verify(recipe, tmp_path):
     from fixtures.systemd_user import under_tmp_reason
 
@@ -251,6 +256,7 @@ def test_no_documented_install_asks_the_package_index_for_ckptd():
 
 
 @pytest.mark.parametrize("recipe", ["aws-spot", "gcp-spot", "azure-spot"])
+@pytest.mark.kind("system")
 def test_a_cloud_recipes_install_step_installs_the_wheel_built_from_this_repository(recipe, built_wheel, tmp_path):
     steps = install_steps()[recipe]
     assert steps[0].startswith("torch=="), steps  # torch first: the build for the machine's GPUs

@@ -47,6 +47,7 @@ def digest(text: str) -> str:
     return next(line.split()[0] for line in text.splitlines() if line.startswith("digest="))
 
 
+@pytest.mark.slow
 def test_ddp_sigterm_stops_every_rank_at_one_step_exits_85_not_restarted_and_resumes_bit_identical(tmp_path):
     # Enough steps that the stop lands long before the end however slowly this test reacts (`status` hears of
     # steps about once a second, and a busy machine delays the SIGTERM); the stop ends the run early anyway.
@@ -119,6 +120,7 @@ def test_agreement_runs_every_step_only_when_fixed_so_and_adaptively_keeps_off_t
         assert out[0]["k"] > 10 and out[0]["agreements"] <= n // 10, out
 
 
+@pytest.mark.slow
 def test_fsdp_sharded_checkpoints_resume_bit_exact_fall_back_on_a_damaged_shard_and_reshard_2_1_2(tmp_path):
     root = str(tmp_path / "ck")
     first = run_workers("fsdp_resume", root)

@@ -22,6 +22,8 @@ import ckptd
 from ckptd import exitcodes, store
 from fixtures.sup_helpers import DIST_OFF, FAST, FIXTURES, TORCHRUN, Run, ckptd as ckptd_cli, journal, wait_for
 
+pytestmark = pytest.mark.slow  # each test runs the MNIST-style script through several lives
+
 SCRIPT = os.path.join(FIXTURES, "mnist_trainer.py")
 
 

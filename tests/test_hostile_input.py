@@ -18,6 +18,8 @@ from ckptd.errors import CkptdError, CorruptCheckpointError
 
 from conftest import ROOT, resign, small_model, train_steps
 
+pytestmark = pytest.mark.kind("unit")  # the tests marked kind("system") start processes
+
 NEWEST, OLDER = "step-000000000020", "step-000000000010"
 
 
@@ -299,6 +301,7 @@ def test_verified_checkpoint_of_another_model_is_left_alone(make_checkpoints):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.kind("system")
 def test_restore_says_one_line_on_stderr_without_logging_configured(make_checkpoints, tmp_path):
     root = make_checkpoints([4])
     code = ("import sys; sys.path.insert(0, 'tests'); import ckptd; from conftest import small_model; "
@@ -406,6 +409,7 @@ def _race(root, tmp_path, envs):
     return [(p.returncode, out.strip(), err) for p, (out, err) in zip(procs, outs)]
 
 
+@pytest.mark.kind("system")
 def test_concurrent_restores_of_a_corrupt_directory_all_fall_back_without_errors(make_checkpoints, tmp_path):
     root = make_checkpoints([10, 20, 30])
     _flip_data_byte(os.path.join(root, NEWEST))
@@ -417,6 +421,7 @@ def test_concurrent_restores_of_a_corrupt_directory_all_fall_back_without_errors
     assert len(os.listdir(os.path.join(root, ".quarantine"))) == 2
 
 
+@pytest.mark.kind("system")
 def test_ranks_that_do_not_write_move_nothing(make_checkpoints, tmp_path):
     root = make_checkpoints([10, 20])
     _flip_data_byte(os.path.join(root, NEWEST))
@@ -527,6 +532,7 @@ def _measure(what: str, path: str) -> dict:
     return json.loads(r.stdout)
 
 
+@pytest.mark.kind("system")
 def test_state_json_of_many_empty_lists_is_refused_quickly_without_memory(make_checkpoints):
     root = make_checkpoints([10])
     ckpt = os.path.join(root, OLDER)
@@ -539,6 +545,7 @@ def test_state_json_of_many_empty_lists_is_refused_quickly_without_memory(make_c
         assert got["rss_mib"] < 100 and got["seconds"] < 10, got
 
 
+@pytest.mark.kind("system")
 def test_header_of_many_empty_tensors_is_refused_quickly_without_memory(make_checkpoints):
     root = make_checkpoints([10])
     ckpt = os.path.join(root, OLDER)

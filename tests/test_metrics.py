@@ -17,6 +17,8 @@ from ckptd.supervisor import metrics as metricsmod
 from ckptd.supervisor.clock import FakeClock
 from ckptd.supervisor.metrics import MetricsServer, RunMetrics
 
+pytestmark = pytest.mark.kind("unit")
+
 
 def fresh(latest=lambda: None, carried=None):
     clock = FakeClock()

@@ -17,6 +17,8 @@ from ckptd.supervisor.config import NoticesConfig, resolve
 from fixtures.fake_metadata import FakeMetadata, free_port, iso
 from fixtures.sup_helpers import ckptd, hold, wait_for
 
+pytestmark = pytest.mark.kind("unit")  # the tests marked kind("system") start processes
+
 
 class Posted:
     """Collects what a poller posts to the loop's queue."""
@@ -338,6 +340,7 @@ def test_azure_bad_not_before_is_no_notice(fake):
 # --- config -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.kind("system")
 def test_notices_and_slurm_sections_in_the_file_flags_win_and_config_show_prints_them(tmp_path):
     path = tmp_path / "ckptd.yaml"
     path.write_text("grace: 10\nnotices:\n  source: aws\n  endpoint: http://127.0.0.1:9/\n  poll: 0.5\n"
@@ -369,6 +372,7 @@ def test_notices_and_slurm_sections_in_the_file_flags_win_and_config_show_prints
     ("slurm:\n  requeue: maybe\n", [".yaml:2:", "slurm.requeue", "true or false"]),
     ("notices:\n  poll: 1\n  poll: 2\n", [".yaml:3:", "'notices.poll' appears twice"]),
 ])
+@pytest.mark.kind("system")
 def test_bad_section_values_name_the_dotted_key_and_line(tmp_path, text, words):
     path = tmp_path / "ckptd.yaml"
     path.write_text(text)
@@ -381,6 +385,7 @@ def test_bad_section_values_name_the_dotted_key_and_line(tmp_path, text, words):
     assert r.returncode == exitcodes.CONFIG and r.stderr.count("\n") == 1
 
 
+@pytest.mark.kind("system")
 def test_a_bad_notice_flag_is_a_usage_error(tmp_path):
     for flags, words in ((["--notices", "ibm"], "option --notices"), (["--notice-poll", "-1"], "--notice-poll"),
                          (["--on-notice", "pray"], "--on-notice"), (["--notice-endpoint", "ftp://x"], "base URL")):

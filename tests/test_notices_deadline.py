@@ -15,6 +15,8 @@ torch = pytest.importorskip("torch")
 import ckptd  # noqa: E402
 from ckptd import stopping  # noqa: E402
 
+pytestmark = pytest.mark.kind("unit")
+
 
 def make(tmp_path, width: int = 16, **kw):
     torch.manual_seed(0)

@@ -19,6 +19,8 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 import power_loss  # noqa: E402
 
+pytestmark = pytest.mark.kind("chaos")
+
 
 def _failures(report: dict, words: str) -> list[str]:
     return [f for f in report["failures"] if words in f]

@@ -12,6 +12,8 @@ import torch
 import train_toy
 from conftest import ROOT
 
+pytestmark = pytest.mark.kind("unit")  # the tests marked kind("system") start processes
+
 TOTAL = 150  # 64 batches per epoch: crosses two epoch boundaries
 
 
@@ -49,6 +51,8 @@ def test_twice_interrupted_with_periodic_saves_is_bit_exact(tmp_path, uninterrup
     _assert_equal_state(model.state_dict(), opt.state_dict(), *uninterrupted)
 
 
+@pytest.mark.slow
+@pytest.mark.kind("system")
 def test_sigterm_to_plain_script_writes_emergency_checkpoint_and_resume_is_exact(tmp_path):
     """Without a supervisor: SIGTERM -> emergency checkpoint at the next step, exit 85, exact resume."""
     import signal

@@ -10,6 +10,8 @@ from ckptd import retention, store
 from ckptd.errors import CkptdError
 from ckptd.store import CheckpointInfo
 
+pytestmark = pytest.mark.kind("unit")
+
 
 def info(step, kind="periodic", valid=True, created=None, **metrics):
     return CheckpointInfo(name=f"step-{step:012d}", path="", step=step, kind=kind, valid=valid,

@@ -20,6 +20,8 @@ from ckptd.errors import CkptdError
 
 from conftest import ckptd_cli, small_model, train_steps
 
+pytestmark = pytest.mark.kind("unit")  # the tests marked kind("system") start processes
+
 
 def test_commit_publishes_complete_checkpoint_with_manifest(make_checkpoints):
     root = make_checkpoints([5])
@@ -166,6 +168,7 @@ CORRUPTIONS = {
 
 
 @pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+@pytest.mark.kind("system")
 def test_corruption_detected_by_verify_and_skipped_by_restore(make_checkpoints, case, caplog):
     corrupt, reason = CORRUPTIONS[case]
     root = make_checkpoints([10, 20])
@@ -442,6 +445,7 @@ except OSError as exc:
 
 
 @pytest.mark.parametrize("spare", [1, 0], ids=["list_checkpoints", "verify"])
+@pytest.mark.kind("system")
 def test_out_of_file_descriptors_never_makes_a_checkpoint_invalid(make_checkpoints, spare):
     """A real RLIMIT_NOFILE, every descriptor taken (one left for the listing itself): the reader's own
     EMFILE is raised, never reported as "manifest.json unreadable" of a healthy checkpoint."""

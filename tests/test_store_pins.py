@@ -8,6 +8,8 @@ import pytest
 
 from ckptd import store
 
+pytestmark = pytest.mark.kind("unit")
+
 
 def test_pin_refuses_a_planted_link_and_leaves_its_target_alone(tmp_path):
     root = tmp_path / "ck"

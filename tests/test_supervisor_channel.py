@@ -11,6 +11,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from ckptd import exitcodes
 from fixtures.sup_helpers import FAST, TRAINER, Run, ckptd, freeze, wait_for
 
@@ -32,6 +34,7 @@ def _trainer_pid(root: str):
     return st["trainers"][0]["pid"] if st.get("trainers") else None
 
 
+@pytest.mark.slow
 def test_a_long_quiet_run_keeps_its_channel_and_every_feature_works_then_a_hang_is_replaced_in_seconds(tmp_path):
     """At least 30 s: scheduled saves, save --wait, SIGUSR1 and status after 12 s of silence, then a hang."""
     root = str(tmp_path / "ck")

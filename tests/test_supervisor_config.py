@@ -13,6 +13,8 @@ from ckptd.errors import ConfigError
 from ckptd.supervisor.config import OPTIONS, SECTIONS, Config, resolve
 from fixtures.sup_helpers import PLAIN, ckptd
 
+pytestmark = pytest.mark.kind("unit")  # the tests marked kind("system") start processes
+
 
 def write(tmp_path, text):
     p = tmp_path / "ckptd.yaml"
@@ -69,6 +71,7 @@ def test_bad_command_line_values_name_the_flag():
         resolve(None, {"backoff_base": "10", "backoff_max": "1"})
 
 
+@pytest.mark.kind("system")
 def test_a_bad_value_on_the_command_line_is_a_usage_error_and_in_the_file_a_config_error(tmp_path):
     """Exit 2 for `--grace -1` (like every other bad argument), 78 for `grace: -1` in the --config file."""
     with pytest.raises(ConfigError) as err:
@@ -98,6 +101,7 @@ def test_metrics_addr_host_defaults_to_localhost_and_off_disables(tmp_path):
     assert resolve(write(tmp_path, "metrics:\n  addr: off\n  linger: 5\n"), {}).metrics.addr is None
 
 
+@pytest.mark.kind("system")
 def test_config_check_and_show(tmp_path):
     good = write(tmp_path, "every: 30\ncron: '*/5 * * * *'\n")
     r = ckptd("config", "check", good)
@@ -113,6 +117,7 @@ def test_config_check_and_show(tmp_path):
     assert r.stderr.count("\n") == 1 and ":2: unknown key 'bogus'" in r.stderr
 
 
+@pytest.mark.kind("system")
 def test_run_with_a_bad_config_prints_one_line_exits_78_and_starts_nothing(tmp_path):
     marker = tmp_path / "started"
     bad = write(tmp_path, "every_steps: 0\n")
@@ -123,6 +128,7 @@ def test_run_with_a_bad_config_prints_one_line_exits_78_and_starts_nothing(tmp_p
     assert not marker.exists() and not root.exists()
 
 
+@pytest.mark.kind("system")
 def test_run_with_a_missing_script_or_command_fails_before_starting(tmp_path):
     r = ckptd("run", "--dir", str(tmp_path / "ck"), str(tmp_path / "nope.py"))
     assert r.returncode == exitcodes.NOT_FOUND and "-- " in r.stderr
@@ -143,6 +149,7 @@ def _limit_memory():
     resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # the old code reached 1.8 GB, then MemoryError
 
 
+@pytest.mark.kind("system")
 def test_a_yaml_alias_bomb_is_refused_at_once_with_one_line_and_no_value_expanded(tmp_path):
     import subprocess
     import sys
@@ -175,12 +182,14 @@ def test_aliases_within_bounds_still_work_and_a_bad_value_is_shown_truncated(tmp
     ("metrics.sd_file", 'metrics:\n  sd_file: "/etc/prometheus/sd\\r.json"\n'),
     ("job_id", 'job_id: "a\\nb"\n'),
 ])
+@pytest.mark.kind("system")
 def test_config_check_refuses_control_characters_in_paths_and_names_naming_the_key(tmp_path, key, text):
     r = ckptd("config", "check", write(tmp_path, text))
     assert r.returncode == exitcodes.CONFIG, r.stdout + r.stderr  # was: "OK"
     assert f"key '{key}'" in r.stderr and "control character" in r.stderr and r.stderr.count("\n") == 1
 
 
+@pytest.mark.kind("system")
 def test_a_sighup_with_an_alias_bomb_keeps_the_config_and_the_supervisor_answers(tmp_path):
     import signal
 

@@ -11,11 +11,15 @@ import os
 import re
 import time
 
+import pytest
+
 from ckptd import exitcodes
 from ckptd.supervisor import notices
 from ckptd.supervisor.log import CONTINUATION, EventLog, escape, redact_argv
 from fixtures.fake_metadata import FakeMetadata, iso
 from fixtures.sup_helpers import FAST, TRAINER, Run, ckptd, http_get
+
+pytestmark = pytest.mark.kind("unit")  # the tests marked kind("system") start processes
 
 FORGED = "\n2026-01-01T00:00:00.000 ckptd[1] info: checkpoint committed: step-999 (FORGED)\x1b[2J\x1b[31m\r"
 SECRETS = ("SECRET_TOKEN_123", "hunter2", "tok_456", "pa55word")
@@ -54,6 +58,7 @@ def test_values_of_options_named_like_secrets_are_redacted():
                                  "data/key.txt", "--", "--secret"]
 
 
+@pytest.mark.kind("system")
 def test_a_run_logs_no_forged_line_and_no_secret_and_its_metrics_port_shows_neither(tmp_path):
     imds = FakeMetadata("aws")
     root = str(tmp_path / "ck")

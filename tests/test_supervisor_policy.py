@@ -5,9 +5,13 @@ from __future__ import annotations
 import random
 import signal
 
+import pytest
+
 from ckptd import exitcodes
 from ckptd.supervisor.clock import FakeClock
 from ckptd.supervisor.policy import ExitStatus, Reason, RestartPolicy, classify
+
+pytestmark = pytest.mark.kind("unit")
 
 
 def policy(**kw):

@@ -19,6 +19,8 @@ from ckptd.supervisor import resume
 from ckptd.supervisor.resume import Action, StartRefused
 from fixtures.sup_helpers import Run, toy_digest, toy_reference
 
+pytestmark = pytest.mark.kind("unit")  # the tests marked kind("system") start processes
+
 TOY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_toy.py")
 
 
@@ -99,6 +101,7 @@ def ckptd_run(tmp_path, root: str, *args: str, name: str) -> Run:
     return Run(tmp_path, root, list(args), name=name)
 
 
+@pytest.mark.kind("system")
 def test_readme_order_finished_run_same_command_noop_other_command_refused_fresh_is_a_new_run(tmp_path):
     root = str(tmp_path / "checkpoints")
     first = ckptd_run(tmp_path, root, TOY, "--steps", "100", name="first")
@@ -130,6 +133,7 @@ def test_readme_order_finished_run_same_command_noop_other_command_refused_fresh
     assert "moved aside to" in fresh.stderr()
 
 
+@pytest.mark.kind("system")
 def test_resume_from_branches_another_runs_checkpoint_and_a_rerun_of_the_branch_is_nothing_to_do(tmp_path):
     base = str(tmp_path / "base")
     assert ckptd_run(tmp_path, base, TOY, "--steps", "100", name="base").wait(120) == 0
@@ -157,6 +161,7 @@ ck.close()
 """
 
 
+@pytest.mark.kind("system")
 def test_restore_says_in_its_line_that_the_run_finished_and_what_differs(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
@@ -180,6 +185,7 @@ def test_restore_says_in_its_line_that_the_run_finished_and_what_differs(tmp_pat
     assert "(that run had finished" in same and "differs" not in same
 
 
+@pytest.mark.kind("system")
 def test_move_aside_moves_checkpoints_and_pins_and_a_live_writer_is_seen(tmp_path, make_checkpoints):
     import socket
 

@@ -6,6 +6,8 @@ import pytest
 
 from ckptd.supervisor.states import TRANSITIONS, ChildState, IllegalTransition, StateMachine
 
+pytestmark = pytest.mark.kind("unit")
+
 S = ChildState
 
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 
+import pytest
+
 from ckptd import store
 from ckptd.supervisor.watch import CheckpointView
+
+pytestmark = pytest.mark.kind("unit")
 
 
 def test_a_checkpoint_deleted_while_it_is_listed_is_removed_not_invalid(make_checkpoints, monkeypatch):

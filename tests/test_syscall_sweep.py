@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import syscall_sweep  # noqa: E402
 
 
-@pytest.mark.slow
+@pytest.mark.kind("chaos")
 @pytest.mark.skipif(not shutil.which("strace"), reason="strace is needed for fault injection (apt-get install strace)")
 def test_a_fault_at_any_syscall_of_save_retention_and_prune_keeps_every_promise(tmp_path):
     report = syscall_sweep.run(24, seed=15, work=str(tmp_path))
