@@ -32,7 +32,8 @@ import tempfile
 import threading
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import psutil
 
@@ -507,9 +508,10 @@ def worker_memory(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def worker_overlap(args: argparse.Namespace) -> dict[str, Any]:
+    from multiprocessing import shared_memory
+
     import numpy as np
     import torch
-    from multiprocessing import shared_memory
 
     import _writer_proto as W
 

@@ -35,9 +35,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, ROOT)
 
-from fixtures.fake_metadata import FakeMetadata, iso  # noqa: E402
-
 from ckptd.supervisor import notices  # noqa: E402
+from fixtures.fake_metadata import FakeMetadata, iso  # noqa: E402
 
 CASES = {
     "example": [os.path.join(ROOT, "examples", "train_toy.py"), "--steps", "1000000", "--every-steps", "50",

@@ -4,8 +4,16 @@ Run against either tree: PYTHONPATH=TREE python benchmarks/restore_copy_cost.py 
 Used for docs/performance.md, "Restore: read, verify, then apply"; also times SHA-256 of the tensor file
 (what a keyed digest over the content would add) and an HMAC of the manifest.
 """
-import hashlib, json, os, sys, time, statistics
-import torch, ckptd
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import ckptd
 
 size_mib, runs, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 n = size_mib // 4  # 4 MiB per tensor (plus optimizer state: see below)

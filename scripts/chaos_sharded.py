@@ -353,11 +353,11 @@ def _phase(root: str) -> str:
 
 def run(count: int, seed: int = 15, work: str | None = None) -> dict:
     import torch
-    import torch.distributed.checkpoint  # noqa: F401  (imported once here, inherited by every forked rank)
-    import torch.distributed.fsdp  # noqa: F401
+    import torch.distributed.checkpoint
+    import torch.distributed.fsdp
 
-    import ckptd.checkpointer  # noqa: F401
-    import ckptd.distributed  # noqa: F401
+    import ckptd.checkpointer
+    import ckptd.distributed
     import ckptd.sharded  # noqa: F401
 
     del torch

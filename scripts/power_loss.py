@@ -48,8 +48,10 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable
-from _report import count_seed_main  # noqa: E402  (scripts/ is on sys.path)
+from collections.abc import Callable
+from typing import Any
+
+from _report import count_seed_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -318,9 +320,9 @@ def chaos_kills_model():
 
 
 def scenario(base: str, rec: Recorder) -> None:
-    import chaos_kills
     import torch
 
+    import chaos_kills
     import ckptd
     from ckptd import retention, store
 

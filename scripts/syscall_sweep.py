@@ -25,7 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from _report import count_seed_main  # noqa: E402  (scripts/ is on sys.path)
+
+from _report import count_seed_main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = os.path.join(HERE, "sweep_child.py")

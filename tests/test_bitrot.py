@@ -13,7 +13,7 @@ from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-import bitrot  # noqa: E402
+import bitrot
 
 
 @pytest.mark.slow

@@ -15,9 +15,8 @@ from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-import chaos_kills  # noqa: E402
-
-from ckptd import store  # noqa: E402
+import chaos_kills
+from ckptd import store
 
 
 @pytest.mark.slow

@@ -12,8 +12,8 @@ from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-import chaos_supervisor  # noqa: E402
-import hygiene  # noqa: E402
+import chaos_supervisor
+import hygiene
 
 
 @pytest.mark.slow

@@ -15,7 +15,6 @@ import torch
 import ckptd
 from ckptd import state, store
 from ckptd.errors import CkptdError, CorruptCheckpointError
-
 from conftest import ROOT, resign, small_model, train_steps
 
 NEWEST, OLDER = "step-000000000020", "step-000000000010"

@@ -11,8 +11,7 @@ import socket
 import time
 
 from ckptd import exitcodes
-from fixtures.sup_helpers import FAST, PLAIN, TRAINER, Run, ckptd, wait_for, http_get
-
+from fixtures.sup_helpers import FAST, PLAIN, TRAINER, Run, ckptd, http_get, wait_for
 
 get = http_get
 

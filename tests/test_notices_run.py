@@ -16,7 +16,7 @@ import pytest
 from ckptd import exitcodes, store
 from ckptd.supervisor import notices
 from fixtures.fake_metadata import FakeMetadata, iso
-from fixtures.sup_helpers import TRAINER, Run, ckptd, wait_for, toy_digest, toy_reference
+from fixtures.sup_helpers import TRAINER, Run, ckptd, toy_digest, toy_reference, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "examples", "train_toy.py")

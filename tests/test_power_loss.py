@@ -17,7 +17,7 @@ from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-import power_loss  # noqa: E402
+import power_loss
 
 
 def _failures(report: dict, words: str) -> list[str]:

@@ -17,7 +17,6 @@ import torch
 import ckptd
 from ckptd import store
 from ckptd.errors import CkptdError
-
 from conftest import ckptd_cli, small_model, train_steps
 
 

@@ -13,7 +13,7 @@ from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-import syscall_sweep  # noqa: E402
+import syscall_sweep
 
 
 @pytest.mark.slow

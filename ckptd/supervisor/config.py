@@ -27,8 +27,9 @@ import os
 import re
 import reprlib
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .. import exitcodes
 from ..errors import ConfigError

@@ -19,8 +19,9 @@ import os
 import selectors
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .. import protocol, store
 

@@ -14,7 +14,7 @@ class Notifier:
         self._sock: socket.socket | None = None
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "Notifier":
+    def from_env(cls, environ: dict[str, str] | None = None) -> Notifier:
         environ = os.environ if environ is None else environ
         usec = environ.get("WATCHDOG_USEC", "")
         owner = environ.get("WATCHDOG_PID", "")
