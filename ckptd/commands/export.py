@@ -29,7 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also carry this JSON value of the saved state in the file's metadata, under the key PATH "
                    "(e.g. extra/model_args, user/config; repeatable); read it back with json.loads("
                    "safetensors.safe_open(FILE, 'pt').metadata()[PATH])")
-    p.add_argument("--json", action="store_true", help="print one JSON object: output, checkpoint, step, tensors, bytes")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: output, checkpoint, step, tensors, bytes")
     p.set_defaults(func=run)
 
 
@@ -147,8 +148,9 @@ def _export_sharded(args: argparse.Namespace, path: str, info: store.CheckpointI
         raise CorruptCheckpointError(path, f"{store.DCP_JSON} does not describe the shard files: {problem}")
     try:
         metas = {k[len("model\x1f"):]: v for k, v in doc["tensors"].items() if k.startswith("model\x1f")}
-        fulls = {name: np.zeros(tuple(m["size"]), dtype=f"V{store.DTYPE_SIZES[m['dtype']]}") for name, m in metas.items()}
-        for (fqn, offsets, index), fname, offset, length in doc["storage"]:
+        fulls = {name: np.zeros(tuple(m["size"]), dtype=f"V{store.DTYPE_SIZES[m['dtype']]}")
+                 for name, m in metas.items()}
+        for (fqn, _offsets, index), fname, offset, length in doc["storage"]:
             name = fqn[len("model\x1f"):]
             if not fqn.startswith("model\x1f") or name not in fulls:
                 continue
@@ -156,7 +158,7 @@ def _export_sharded(args: argparse.Namespace, path: str, info: store.CheckpointI
             chunk_offsets, sizes = m["chunks"][index]
             raw = store.read_range(os.path.join(path, store.check_name(fname)), offset, length)
             part = np.frombuffer(raw, dtype=fulls[name].dtype).reshape(sizes)
-            fulls[name][tuple(slice(o, o + n) for o, n in zip(chunk_offsets, sizes))] = part
+            fulls[name][tuple(slice(o, o + n) for o, n in zip(chunk_offsets, sizes, strict=False))] = part
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise CorruptCheckpointError(path, f"dcp.json does not describe the shard files ({exc})") from None
     if not fulls:

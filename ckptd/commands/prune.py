@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     for name in leftovers if not args.json else ():
         print(f"removed leftover {name}")
-    deleted = []
+    deleted: list[str] = []
     for info in doomed:
         if not args.dry_run:
             try:
