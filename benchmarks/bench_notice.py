@@ -123,7 +123,7 @@ def main() -> int:
     rng = random.Random(args.seed)
     samples: list[dict] = []
     try:
-        for case, n in zip(cases, runs):
+        for case, n in zip(cases, runs, strict=False):
             for i in range(n):
                 s = one_run(case, workdir, args.poll, rng)
                 samples.append(s)
@@ -138,7 +138,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     for case in cases:
         rows = [s for s in samples if s["case"] == case]
-        def med(key: str) -> str:
+        def med(key: str, rows: list[dict] = rows) -> str:
             vals = [r[key] for r in rows if r[key] is not None]
             return f"{statistics.median(vals):.2f} s ({min(vals):.2f}-{max(vals):.2f})" if vals else "-"
         print(f"| {case} | {len(rows)} | {med('notice_to_seen')} | {med('seen_to_committed')} | "

@@ -62,7 +62,7 @@ def _state(model, opt) -> list:
 def _same(a: list, b: list) -> bool:
     import torch
 
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def setup(root: str) -> tuple[list, list]:

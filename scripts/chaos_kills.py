@@ -198,7 +198,7 @@ def _cycle_seconds(root: str, log_path: str) -> float:
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     os.close(r)
-    gaps = sorted(b - a for a, b in zip(stamps[5:], stamps[6:]))
+    gaps = sorted(b - a for a, b in zip(stamps[5:], stamps[6:], strict=False))
     return gaps[len(gaps) // 2]
 
 

@@ -288,7 +288,7 @@ class Chaos:
             if len(saves) < want:
                 self.fail(f"{tag}: only {len(saves)} of {want} saves started ({self._log_tail()})")
             if calibrate:
-                gaps = sorted(b - a for a, b in zip(saves[2:], saves[3:]))
+                gaps = sorted(b - a for a, b in zip(saves[2:], saves[3:], strict=False))
                 self.cycle = gaps[len(gaps) // 2] if gaps else 0.05
             first = self.rng.randrange(2)
             self._record(lines.pump(time.monotonic() + self.rng.uniform(0, self.cycle)), tag)

@@ -23,7 +23,8 @@ from conftest import ROOT, ckptd_cli, resign, small_model, train_steps, wait_for
 S = store.checkpoint_name  # S(300) == "step-000000000300"
 
 
-def cli(*args: str, env: dict[str, str] | None = None, cwd: str = ROOT, timeout: float = 120) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict[str, str] | None = None, cwd: str = ROOT,
+        timeout: float = 120) -> subprocess.CompletedProcess:
     """The real `ckptd` entry point; ``env`` is added to this process's environment."""
     full = {k: v for k, v in os.environ.items() if k != "CKPTD_DIR"}
     full.update(env or {})
@@ -216,7 +217,8 @@ def test_non_utf8_names_are_escaped_not_a_traceback(make_checkpoints, tmp_path):
 
 
 def test_verify_while_a_run_deletes_old_checkpoints_reports_no_corruption(tmp_path):
-    """A real writer (Checkpointer with keep_last=2) saves and deletes while `ckptd verify DIR` runs, again and again."""
+    """A real writer (Checkpointer with keep_last=2) saves and deletes while `ckptd verify DIR` runs, again and
+    again."""
     import ckptd
 
     root = str(tmp_path / "ck")
@@ -235,7 +237,7 @@ def test_verify_while_a_run_deletes_old_checkpoints_reports_no_corruption(tmp_pa
                 ck.step(step)
                 ck.save(block=True)
             ck.close()
-        except BaseException as exc:  # reported by the test
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
             errors.append(exc)
 
     t = threading.Thread(target=writer, daemon=True)

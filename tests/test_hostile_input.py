@@ -402,7 +402,7 @@ def _race(root, tmp_path, envs):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **e}) for e in envs]
     open(go, "w").close()
     outs = [p.communicate(timeout=120) for p in procs]
-    return [(p.returncode, out.strip(), err) for p, (out, err) in zip(procs, outs)]
+    return [(p.returncode, out.strip(), err) for p, (out, err) in zip(procs, outs, strict=True)]
 
 
 def test_concurrent_restores_of_a_corrupt_directory_all_fall_back_without_errors(make_checkpoints, tmp_path):
@@ -419,7 +419,7 @@ def test_concurrent_restores_of_a_corrupt_directory_all_fall_back_without_errors
 def test_ranks_that_do_not_write_move_nothing(make_checkpoints, tmp_path):
     root = make_checkpoints([10, 20])
     _flip_data_byte(os.path.join(root, NEWEST))
-    dead = os.path.join(root, ".tmp-step-000000000030-%s-999999999-abcd0123" % os.uname().nodename)
+    dead = os.path.join(root, f".tmp-step-000000000030-{os.uname().nodename}-999999999-abcd0123")
     os.mkdir(dead)
     results = _race(root, tmp_path, [{"WORLD_SIZE": "4", "RANK": str(r)} for r in (1, 3)])
     assert [(rc, out) for rc, out, _ in results] == [(0, "10")] * 2, [err for *_, err in results]
