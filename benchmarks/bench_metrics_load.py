@@ -1,4 +1,4 @@
-"""Issue 15, item 8 (second half): step time of a training loop while /metrics serves 10,000 requests,
+"""The metrics endpoint under load: step time of a training loop while /metrics serves 10,000 requests,
 against the same loop unloaded, in one `ckptd run` (windows alternate: quiet, loaded, quiet, loaded).
 
     python benchmarks/bench_metrics_load.py [--requests 10000] [--clients 2] [--client-nice 19]

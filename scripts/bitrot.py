@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Bit rot (issue 15, item 4): random single-bit flips, truncations and extensions of every file of a
+"""Bit rot: random single-bit flips, truncations and extensions of every file of a
 checkpoint; each must be detected before any value reaches the model, and the previous one used.
 
     python scripts/bitrot.py --count 10000 --json bitrot.json

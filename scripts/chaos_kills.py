@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Random SIGKILLs during saves (issue 15, item 1): trainer, `ckptd prune` and supervisor.
+"""Random SIGKILLs during saves: trainer, `ckptd prune` and supervisor.
 
     python scripts/chaos_kills.py --count 1000 --json kills.json
 

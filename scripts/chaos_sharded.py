@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""SIGKILL of random ranks during sharded (FSDP2) saves (issue 13): no torn checkpoint is ever visible.
+"""SIGKILL of random ranks during sharded (FSDP2) saves: no torn checkpoint is ever visible.
 
     python scripts/chaos_sharded.py --count 50 --json sharded.json
 

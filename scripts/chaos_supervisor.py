@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Supervisor chaos (issue 15, item 7): `ckptd run` of examples/train_toy.py through random events.
+"""Supervisor chaos: `ckptd run` of examples/train_toy.py through random events.
 
     python scripts/chaos_supervisor.py --count 200 --json sup.json
 

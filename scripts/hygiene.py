@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Hygiene (issue 15, item 8): many start/exit cycles of the child under one `ckptd run`.
+"""Hygiene: many start/exit cycles of the child under one `ckptd run`.
 
     python scripts/hygiene.py --count 1000 --json hygiene.json
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Power loss at every point of the commit protocol (issue 15, item 3).
+"""Power loss at every point of the commit protocol: only what was fsynced may survive.
 
     python scripts/power_loss.py --count 20 --json power.json
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Syscall-boundary sweep (issue 15, item 2): kill at, or fail with ENOSPC / EIO / EDQUOT, the N-th
+"""Syscall-boundary sweep: kill at, or fail with ENOSPC / EIO / EDQUOT, the N-th
 write, fsync, close, rename, mkdir, unlink and open of a save, of retention and of `ckptd prune`.
 
     python scripts/syscall_sweep.py --count 0 --json sweep.json     # every N, every fault (the long run)

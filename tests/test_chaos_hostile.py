@@ -1,4 +1,4 @@
-"""Hostile input beyond tests/test_hostile_input.py (issue 15, item 5): a pickle payload placed as any
+"""Hostile input beyond tests/test_hostile_input.py: a pickle payload placed as any
 checkpoint file, hostile names, for restore(), load_state() and every command; no code runs, nothing
 outside the root is touched, one clear line."""
 

@@ -1,4 +1,4 @@
-"""Random SIGKILLs during saves, of the trainer, `ckptd prune` and `ckptd run` (issue 15, item 1).
+"""Random SIGKILLs during saves, of the trainer, `ckptd prune` and `ckptd run`.
 
 The bounded version of scripts/chaos_kills.py (whose long run's figures are in docs/reliability.md).
 """

@@ -1,4 +1,4 @@
-"""Supervisor chaos and hygiene (issue 15, items 7 and 8): the bounded versions of
+"""Supervisor chaos and hygiene: the bounded versions of
 scripts/chaos_supervisor.py and scripts/hygiene.py."""
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ HEADER_EDITS = {
 }
 
 
-# ---------------------------------------------------------------------------- restore (items 1, 2)
+# ---------------------------------------------------------------------------- restore
 
 
 def test_two_byte_shape_edit_is_corruption_not_a_different_model(make_checkpoints):
@@ -313,7 +313,7 @@ def test_restore_says_one_line_on_stderr_without_logging_configured(make_checkpo
     assert r.stderr.splitlines() == [f"ckptd: no checkpoint in {empty}: starting at step 0"]
 
 
-# ---------------------------------------------------------------------------- symlinks (item 3)
+# ---------------------------------------------------------------------------- symlinks
 
 
 def _tree(path):
@@ -378,7 +378,7 @@ def test_prune_and_temp_cleanup_remove_links_never_their_targets(make_checkpoint
     assert sorted(os.listdir(root)) == [OLDER]
 
 
-# ---------------------------------------------------------------------------- ranks (item 4)
+# ---------------------------------------------------------------------------- ranks
 
 RESTORER = """
 import os, sys, time
@@ -432,7 +432,7 @@ def test_quarantine_that_lost_the_race_is_not_an_error(make_checkpoints):
     assert store.quarantine(root, OLDER, "second") is None
 
 
-# ---------------------------------------------------------------------------- state encoding (item 5)
+# ---------------------------------------------------------------------------- state encoding
 
 
 def _state_with(ckpt: str, edit) -> None:
@@ -494,7 +494,7 @@ def test_re_signed_state_with_a_bad_rng_or_progress_is_refused_before_the_model_
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-# ---------------------------------------------------------------------------- hostile sizes (item 6)
+# ---------------------------------------------------------------------------- hostile sizes
 
 MEASURE = """
 import resource, sys, time, json
@@ -566,7 +566,7 @@ def test_deeply_nested_state_is_refused_at_save_time_not_at_restore(tmp_path):
     assert store.list_checkpoints(str(tmp_path)) == []
 
 
-# ---------------------------------------------------------------------------- manifests (item 7, store side)
+# ---------------------------------------------------------------------------- manifests (store side)
 
 
 def _manifest_with(ckpt: str, edit, resign: bool = True) -> None:

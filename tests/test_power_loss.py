@@ -1,4 +1,4 @@
-"""Power loss at every point of the commit protocol: only fsynced data survives (issue 15, item 3).
+"""Power loss at every point of the commit protocol: only fsynced data survives.
 
 scripts/power_loss.py records what each file and directory had fsynced at every os call of a save,
 retention, prune, pin, quarantine and close() (the final state swapped in, the manifest marked finished),
