@@ -353,7 +353,7 @@ def _phase(root: str) -> str:
 
 def run(count: int, seed: int = 15, work: str | None = None) -> dict:
     import torch
-    import torch.distributed.checkpoint
+    import torch.distributed.checkpoint  # imported once here, inherited by every forked rank
     import torch.distributed.fsdp
 
     import ckptd.checkpointer

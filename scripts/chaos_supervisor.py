@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 
-from _report import emit
+from _report import emit  # scripts/ is on sys.path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)

@@ -51,7 +51,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from _report import count_seed_main
+from _report import count_seed_main  # scripts/ is on sys.path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

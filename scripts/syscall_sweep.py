@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 
-from _report import count_seed_main
+from _report import count_seed_main  # scripts/ is on sys.path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = os.path.join(HERE, "sweep_child.py")

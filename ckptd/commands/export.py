@@ -9,7 +9,16 @@ import os
 from .. import store
 from ..errors import CkptdError, CorruptCheckpointError
 from ..progress import Progress
-from . import UsageError, add_dir_argument, best, default_dir, existing_dir, print_json, resolve_checkpoint, storage_error
+from . import (
+    UsageError,
+    add_dir_argument,
+    best,
+    default_dir,
+    existing_dir,
+    print_json,
+    resolve_checkpoint,
+    storage_error,
+)
 from .inspect import CKPT_HELP, read_tensor_header
 
 
@@ -35,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    verified: store.CheckpointInfo | None  # None: named, not yet verified (done below)
     if args.best is not None:
         metric, mode = best.parse_metric(args.best)
         if args.ckpt is not None and args.dir_option is not None:
