@@ -7,8 +7,16 @@ import os
 
 from .. import retention, store
 from ..errors import CkptdError
-from . import UsageError, add_dir_argument, add_remote_arguments, existing_dir, print_json, remote_from, root_from, \
-    storage_error
+from . import (
+    UsageError,
+    add_dir_argument,
+    add_remote_arguments,
+    existing_dir,
+    print_json,
+    remote_from,
+    root_from,
+    storage_error,
+)
 
 RULES = "--keep-last N, --keep-best METRIC:K[:min|max] or --keep-every M"
 
