@@ -32,7 +32,8 @@ import tempfile
 import threading
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import psutil
 
@@ -193,7 +194,7 @@ def worker_baselines(args: argparse.Namespace) -> dict[str, Any]:
     if copies:
         t0 = time.perf_counter()
         bufs = [torch.empty_like(t) for t in tensors]
-        for b, t in zip(bufs, tensors):
+        for b, t in zip(bufs, tensors, strict=True):
             b.copy_(t)
         first["copy_prealloc_first_touch"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -203,7 +204,7 @@ def worker_baselines(args: argparse.Namespace) -> dict[str, Any]:
 
     def warm_copy() -> float:
         t0 = time.perf_counter()
-        for b, t in zip(bufs, tensors):
+        for b, t in zip(bufs, tensors, strict=True):
             b.copy_(t)
         return time.perf_counter() - t0
 
@@ -487,7 +488,8 @@ def worker_memory(args: argparse.Namespace) -> dict[str, Any]:
             tail = samples[k:]
             xs = list(range(len(tail)))
             mx, my = statistics.fmean(xs), statistics.fmean(tail)
-            slope = sum((x - mx) * (y - my) for x, y in zip(xs, tail)) / max(1e-9, sum((x - mx) ** 2 for x in xs))
+            slope = (sum((x - mx) * (y - my) for x, y in zip(xs, tail, strict=True))
+                     / max(1e-9, sum((x - mx) ** 2 for x in xs)))
             out["growth_bytes"] = samples[-1] - samples[k - 1]
             out["growth_slope_bytes_per_save"] = slope
         ck.close()
@@ -507,9 +509,10 @@ def worker_memory(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def worker_overlap(args: argparse.Namespace) -> dict[str, Any]:
+    from multiprocessing import shared_memory
+
     import numpy as np
     import torch
-    from multiprocessing import shared_memory
 
     import _writer_proto as W
 
@@ -533,7 +536,8 @@ def worker_overlap(args: argparse.Namespace) -> dict[str, Any]:
         off = 0
         for t in tensors:
             n = t.numel() * t.element_size()
-            flat_t[off : off + n].copy_(t.detach().reshape(-1).view(torch.uint8))
+            # flat_t is deleted only at the end (so shm.close() finds no exported buffer), after the last snapshot()
+            flat_t[off : off + n].copy_(t.detach().reshape(-1).view(torch.uint8))  # noqa: F821
             off += n
         return time.perf_counter() - t0
 
@@ -603,7 +607,8 @@ def worker_overlap(args: argparse.Namespace) -> dict[str, Any]:
                 continue
             counter = [0]
 
-            def ck_start(ck: Any = ck, counter: list[int] = counter) -> tuple[Callable[[], bool], Callable[[], None], float]:
+            def ck_start(ck: Any = ck,
+                         counter: list[int] = counter) -> tuple[Callable[[], bool], Callable[[], None], float]:
                 os.sync()
                 counter[0] += 1
                 t0 = time.perf_counter()
@@ -616,7 +621,8 @@ def worker_overlap(args: argparse.Namespace) -> dict[str, Any]:
 
     base_steps: list[float] = []
     out: dict[str, Any] = {"state_bytes": nbytes, "variants": {}, "loadavg": [U.loadavg()]}
-    per: dict[str, dict[str, list[float]]] = {k: {"steps": [], "persist_s": [], "stall_s": [], "step_count": []} for k in variants}
+    per: dict[str, dict[str, list[float]]] = {
+        k: {"steps": [], "persist_s": [], "stall_s": [], "step_count": []} for k in variants}
     for r in range(args.runs):
         log(f"[{U.fmt_size(args.size)}] overlap round {r + 1}/{args.runs}")
         for name, start in variants.items():
@@ -702,7 +708,8 @@ def worker_p6(args: argparse.Namespace) -> dict[str, Any]:
                 rc = p.poll()
                 if t_manifest is None:
                     for name in os.listdir(d):
-                        if name not in before and not name.startswith(".") and os.path.exists(os.path.join(d, name, "manifest.json")):
+                        if (name not in before and not name.startswith(".")
+                                and os.path.exists(os.path.join(d, name, "manifest.json"))):
                             t_manifest = time.monotonic() - t0
                 if rc is not None:
                     break
@@ -726,14 +733,16 @@ def worker_p6(args: argparse.Namespace) -> dict[str, Any]:
             "exit_codes": rcs,
             "errors": errors,
         }
-        log(f"P6 {variant}: manifest {U.summarize(sig_to_manifest)['median']} exit {U.summarize(sig_to_exit)['median']} rc {rcs}")
+        log(f"P6 {variant}: manifest {U.summarize(sig_to_manifest)['median']} "
+            f"exit {U.summarize(sig_to_exit)['median']} rc {rcs}")
     return res
 
 
 # =========================================================================== orchestration
 
 
-def run_worker(name: str, size: int, args: argparse.Namespace, workdir: str, extra: list[str] | None = None) -> dict[str, Any]:
+def run_worker(name: str, size: int, args: argparse.Namespace, workdir: str,
+               extra: list[str] | None = None) -> dict[str, Any]:
     out = os.path.join(workdir, f"result-{name}-{size}.json")
     cmd = [
         sys.executable,
@@ -841,8 +850,10 @@ def evaluate(size_res: dict[str, Any]) -> list[dict[str, Any]]:
     nb = b.get("state_bytes", 0)
     rows: list[dict[str, Any]] = []
 
-    def row(tid: str, what: str, value: float | None, limit: float | None, ratio_desc: str, ratio: float | None, ok: bool | None) -> None:
-        rows.append({"target": tid, "check": what, "value": value, "limit": limit, "ratio": ratio, "ratio_desc": ratio_desc, "pass": ok})
+    def row(tid: str, what: str, value: float | None, limit: float | None, ratio_desc: str, ratio: float | None,
+            ok: bool | None) -> None:
+        rows.append({"target": tid, "check": what, "value": value, "limit": limit, "ratio": ratio,
+                     "ratio_desc": ratio_desc, "pass": ok})
 
     stall = med(b, "ckptd_stall")
     copy = med(b, "warm_copy")
@@ -851,38 +862,48 @@ def evaluate(size_res: dict[str, Any]) -> list[dict[str, Any]]:
     if stall is not None:
         lim = 1.3 * copy + 0.010
         row("P1", "stall <= 1.3 x warm copy + 10 ms", stall, lim, "stall/(warm copy)", stall / copy, stall <= lim)
-        row("P1", "stall <= 0.1 x torch.save+fsync", stall, 0.1 * tsave, "stall/torch.save", stall / tsave, stall <= 0.1 * tsave)
+        row("P1", "stall <= 0.1 x torch.save+fsync", stall, 0.1 * tsave, "stall/torch.save", stall / tsave,
+            stall <= 0.1 * tsave)
         if dstall:
             best = min(dstall)
-            row("P1", "stall < DCP async_save stall (best of default/cached stager)", stall, best, "stall/DCP stall", stall / best, stall < best)
+            row("P1", "stall < DCP async_save stall (best of default/cached stager)", stall, best, "stall/DCP stall",
+                stall / best, stall < best)
     commit = med(b, "ckptd_commit")
     raww = med(b, "raw_write_fsync")
     if commit is not None:
         thr = nb / commit
-        row("P2", "durable save GB/s >= 0.9 x raw write+fsync", thr / 1e9, 0.9 * nb / raww / 1e9, "ckptd/raw", raww / commit, raww / commit >= 0.9)
-        row("P2", "durable save GB/s >= 1.1 x torch.save+fsync", thr / 1e9, 1.1 * nb / tsave / 1e9, "ckptd/torch.save", tsave / commit, tsave / commit >= 1.1)
+        row("P2", "durable save GB/s >= 0.9 x raw write+fsync", thr / 1e9, 0.9 * nb / raww / 1e9, "ckptd/raw",
+            raww / commit, raww / commit >= 0.9)
+        row("P2", "durable save GB/s >= 1.1 x torch.save+fsync", thr / 1e9, 1.1 * nb / tsave / 1e9, "ckptd/torch.save",
+            tsave / commit, tsave / commit >= 1.1)
     rest = med(b, "ckptd_restore")
     rawr = med(b, "raw_read_ckpt") or med(b, "raw_read")
     tload = med(b, "torch_load")
     if rest is not None:
-        row("P3", "restore GB/s >= 0.85 x raw read", nb / rest / 1e9, 0.85 * nb / rawr / 1e9, "ckptd/raw", rawr / rest, rawr / rest >= 0.85)
+        row("P3", "restore GB/s >= 0.85 x raw read", nb / rest / 1e9, 0.85 * nb / rawr / 1e9, "ckptd/raw", rawr / rest,
+            rawr / rest >= 0.85)
         row("P3", "restore faster than torch.load", rest, tload, "torch.load/ckptd", tload / rest, rest < tload)
     ov = size_res.get("overlap", {}).get("variants", {})
     for name, v in ov.items():
         if name.startswith("ckptd") and "ratio_median" in v:
             info = "(info)" in name
-            row("P4", f"{name}: overlapped step <= 1.10 x baseline (median; mean ratio {v['ratio_mean']:.3f})", v["step_median"], None, "median step ratio", v["ratio_median"], None if info else v["ratio_median"] <= 1.10)
+            row("P4", f"{name}: overlapped step <= 1.10 x baseline (median; mean ratio {v['ratio_mean']:.3f})",
+                v["step_median"], None, "median step ratio", v["ratio_median"],
+                None if info else v["ratio_median"] <= 1.10)
             if not info and raww is not None:
                 per = v["persist_s"]["median"]
-                row("P2", f"(info) {name}: background persist beside training (paced) vs raw write+fsync", nb / per / 1e9, None, "ckptd/raw", raww / per, None)
+                row("P2", f"(info) {name}: background persist beside training (paced) vs raw write+fsync",
+                    nb / per / 1e9, None, "ckptd/raw", raww / per, None)
     mem = size_res.get("memory_save", {})
     if "peak_extra_rss" in mem:
         lim = mem["state_bytes"] + 256 * MiB
-        row("P5", "peak extra RSS (saves) <= state + 256 MiB", mem["peak_extra_rss"] / MiB, lim / MiB, "peak/state", mem["peak_extra_rss"] / mem["state_bytes"], mem["peak_extra_rss"] <= lim)
+        row("P5", "peak extra RSS (saves) <= state + 256 MiB", mem["peak_extra_rss"] / MiB, lim / MiB, "peak/state",
+            mem["peak_extra_rss"] / mem["state_bytes"], mem["peak_extra_rss"] <= lim)
     memr = size_res.get("memory_restore", {})
     if "peak_extra_rss" in memr:
         lim = memr["state_bytes"] + 256 * MiB
-        row("P5", "peak extra RSS (restore, fresh process) <= state + 256 MiB", memr["peak_extra_rss"] / MiB, lim / MiB, "peak/state", memr["peak_extra_rss"] / memr["state_bytes"], memr["peak_extra_rss"] <= lim)
+        row("P5", "peak extra RSS (restore, fresh process) <= state + 256 MiB", memr["peak_extra_rss"] / MiB,
+            lim / MiB, "peak/state", memr["peak_extra_rss"] / memr["state_bytes"], memr["peak_extra_rss"] <= lim)
     return rows
 
 
@@ -891,7 +912,11 @@ def evaluate_global(results: dict[str, Any]) -> list[dict[str, Any]]:
     g = results.get("growth", {})
     if "growth_bytes" in g:
         ok = g["growth_bytes"] <= 16 * MiB and g["growth_slope_bytes_per_save"] * g["saves"] <= 16 * MiB
-        rows.append({"target": "P5", "check": f"no RSS growth over {g['saves']} saves ({U.fmt_size(g['state_bytes'])}); fds {g.get('fds_after_5')}->{g.get('fds_end')}", "value": g["growth_bytes"] / MiB, "limit": 16.0, "ratio": g["growth_slope_bytes_per_save"] / 1024, "ratio_desc": "slope KiB/save", "pass": ok and g.get("fds_end") == g.get("fds_after_5")})
+        rows.append({"target": "P5",
+                     "check": f"no RSS growth over {g['saves']} saves ({U.fmt_size(g['state_bytes'])}); "
+                              f"fds {g.get('fds_after_5')}->{g.get('fds_end')}",
+                     "value": g["growth_bytes"] / MiB, "limit": 16.0, "ratio": g["growth_slope_bytes_per_save"] / 1024,
+                     "ratio_desc": "slope KiB/save", "pass": ok and g.get("fds_end") == g.get("fds_after_5")})
     p6 = results.get("p6", {})
     w = p6.get("warm", {})
     size = results.get("p6_size")
@@ -900,14 +925,22 @@ def evaluate_global(results: dict[str, Any]) -> list[dict[str, Any]]:
         raw_bw = b["state_bytes"] / med(b, "raw_write_fsync")
         lim = med(b, "ckptd_stall") + 1.1 * b["state_bytes"] / raw_bw + 1.0
         v = w["signal_to_manifest_s"]["median"]
-        rows.append({"target": "P6", "check": "SIGTERM -> checkpoint durable (manifest published) <= P1 stall + 1.1 x size/raw write BW + 1 s (buffers warm)", "value": v, "limit": lim, "ratio": v / lim, "ratio_desc": "value/limit", "pass": v <= lim})
+        rows.append({"target": "P6",
+                     "check": "SIGTERM -> checkpoint durable (manifest published) <= P1 stall "
+                              "+ 1.1 x size/raw write BW + 1 s (buffers warm)",
+                     "value": v, "limit": lim, "ratio": v / lim, "ratio_desc": "value/limit", "pass": v <= lim})
         e = w["signal_to_exit_s"]["median"]
-        rows.append({"target": "P6", "check": "(info) SIGTERM -> process exited (85), buffers warm", "value": e, "limit": lim, "ratio": e / lim, "ratio_desc": "value/limit", "pass": e <= lim})
+        rows.append({"target": "P6", "check": "(info) SIGTERM -> process exited (85), buffers warm", "value": e,
+                     "limit": lim, "ratio": e / lim, "ratio_desc": "value/limit", "pass": e <= lim})
         c = p6.get("cold", {}).get("signal_to_manifest_s", {}).get("median")
         if c is not None:
-            rows.append({"target": "P6", "check": "(info) SIGTERM -> durable, emergency save is the process's first save (cold buffers)", "value": c, "limit": lim, "ratio": c / lim, "ratio_desc": "value/limit", "pass": c <= lim})
+            rows.append({"target": "P6",
+                         "check": "(info) SIGTERM -> durable, emergency save is the process's first save "
+                                  "(cold buffers)",
+                         "value": c, "limit": lim, "ratio": c / lim, "ratio_desc": "value/limit", "pass": c <= lim})
     elif p6:
-        rows.append({"target": "P6", "check": "SIGTERM emergency save", "value": None, "limit": None, "ratio": None, "ratio_desc": "", "pass": None, "note": json.dumps(p6)[:500]})
+        rows.append({"target": "P6", "check": "SIGTERM emergency save", "value": None, "limit": None, "ratio": None,
+                     "ratio_desc": "", "pass": None, "note": json.dumps(p6)[:500]})
     return rows
 
 
@@ -959,7 +992,8 @@ def render(results: dict[str, Any]) -> str:
 def render_baselines(size: str, b: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     nb = b["state_bytes"]
-    lines.append(f"\n== state {U.fmt_size(int(size))} ({nb / MiB:.0f} MiB, {b['tensors']} tensors), runs={b['figures']['raw_write_fsync']['n']}, reads: {b['reads']}")
+    lines.append(f"\n== state {U.fmt_size(int(size))} ({nb / MiB:.0f} MiB, {b['tensors']} tensors), "
+                 f"runs={b['figures']['raw_write_fsync']['n']}, reads: {b['reads']}")
     if b.get("split"):
         lines.append(f"(two processes: baselines, then ckptd with its own warm copy; {b['split']})")
     lines.append(f"{'figure':44s} {'median':>10s} {'min':>10s} {'max':>10s} {'GB/s':>7s}")
@@ -970,7 +1004,8 @@ def render_baselines(size: str, b: dict[str, Any]) -> list[str]:
         gbps = nb / 1e9 / f["median"] if f["median"] else 0
         lines.append(f"{label:44s} {fmt_t(f['median']):>10s} {fmt_t(f['min']):>10s} {fmt_t(f['max']):>10s} {gbps:7.2f}")
     fi = b.get("first", {})
-    lines.append(f"{'first copy into fresh empty_like (page faults)':44s} {fmt_t(fi.get('copy_prealloc_first_touch')):>10s}")
+    lines.append(f"{'first copy into fresh empty_like (page faults)':44s} "
+                 f"{fmt_t(fi.get('copy_prealloc_first_touch')):>10s}")
     lines.append(f"{'clone() into fresh memory':44s} {fmt_t(fi.get('clone_fresh')):>10s}")
     lines.append(f"{'DCP async_save first stall':44s} {fmt_t(fi.get('dcp_async_first_stall')):>10s}")
     cf = fi.get("ckptd_first") or {}
@@ -991,19 +1026,24 @@ def render_rest(sr: dict[str, Any]) -> list[str]:
         ov = sr.get("overlap", {})
         if "variants" in ov:
             bs = ov["baseline_step"]
-            lines.append(f"-- step-time inflation (1-thread training step, baseline median {bs['median'] * 1000:.2f} ms, mean {bs['mean'] * 1000:.2f} ms, n={bs['n']}; load avg {' / '.join(ov.get('loadavg', []))})")
-            lines.append(f"{'background persist':28s} {'ratio med':>9s} {'ratio mean':>10s} {'p90 ms':>8s} {'steps':>6s} {'persist':>9s} {'GB/s':>6s}")
+            lines.append(f"-- step-time inflation (1-thread training step, "
+                         f"baseline median {bs['median'] * 1000:.2f} ms, mean {bs['mean'] * 1000:.2f} ms, "
+                         f"n={bs['n']}; load avg {' / '.join(ov.get('loadavg', []))})")
+            lines.append(f"{'background persist':28s} {'ratio med':>9s} {'ratio mean':>10s} {'p90 ms':>8s} "
+                         f"{'steps':>6s} {'persist':>9s} {'GB/s':>6s}")
             for name, v in ov["variants"].items():
                 if "ratio_median" not in v:
                     lines.append(f"{name:28s} {v}")
                     continue
                 lines.append(
-                    f"{name:28s} {v['ratio_median']:9.3f} {v['ratio_mean']:10.3f} {v['step_p90'] * 1000:8.2f} {v['overlapped_steps']:6d} {fmt_t(v['persist_s']['median']):>9s} {v['persist_GBps']:6.2f}"
+                    f"{name:28s} {v['ratio_median']:9.3f} {v['ratio_mean']:10.3f} {v['step_p90'] * 1000:8.2f} "
+                    f"{v['overlapped_steps']:6d} {fmt_t(v['persist_s']['median']):>9s} {v['persist_GBps']:6.2f}"
                 )
         for key in ("memory_save", "memory_restore"):
             m = sr.get(key, {})
             if "peak_extra_rss" in m:
-                lines.append(f"{key}: peak extra RSS {m['peak_extra_rss'] / MiB:.0f} MiB (state {m['state_bytes'] / MiB:.0f} MiB)")
+                lines.append(f"{key}: peak extra RSS {m['peak_extra_rss'] / MiB:.0f} MiB "
+                             f"(state {m['state_bytes'] / MiB:.0f} MiB)")
             elif m:
                 lines.append(f"{key}: {m.get('skipped') or m.get('error')}")
     return lines
@@ -1013,12 +1053,18 @@ def render_global(results: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     g = results.get("growth", {})
     if "growth_bytes" in g:
-        lines.append(f"\n== growth: {g['saves']} saves of {g['state_bytes'] / MiB:.0f} MiB: RSS growth {g['growth_bytes'] / MiB:.1f} MiB, slope {g['growth_slope_bytes_per_save'] / 1024:.1f} KiB/save, fds {g.get('fds_after_5')} -> {g.get('fds_end')}")
+        lines.append(f"\n== growth: {g['saves']} saves of {g['state_bytes'] / MiB:.0f} MiB: "
+                     f"RSS growth {g['growth_bytes'] / MiB:.1f} MiB, "
+                     f"slope {g['growth_slope_bytes_per_save'] / 1024:.1f} KiB/save, "
+                     f"fds {g.get('fds_after_5')} -> {g.get('fds_end')}")
     p6 = results.get("p6", {})
     for var, v in p6.items():
         if isinstance(v, dict) and "signal_to_exit_s" in v:
             m, e = v["signal_to_manifest_s"], v["signal_to_exit_s"]
-            lines.append(f"== P6 SIGTERM ({var} buffers, {U.fmt_size(results['p6_size'])}): signal->manifest {fmt_t(m['median'])} [{fmt_t(m['min'])}..{fmt_t(m['max'])}], signal->exit {fmt_t(e['median'])} [{fmt_t(e['min'])}..{fmt_t(e['max'])}], exit codes {v['exit_codes']}" + (f", errors: {v['errors'][:1]}" if v["errors"] else ""))
+            lines.append(f"== P6 SIGTERM ({var} buffers, {U.fmt_size(results['p6_size'])}): "
+                         f"signal->manifest {fmt_t(m['median'])} [{fmt_t(m['min'])}..{fmt_t(m['max'])}], "
+                         f"signal->exit {fmt_t(e['median'])} [{fmt_t(e['min'])}..{fmt_t(e['max'])}], "
+                         f"exit codes {v['exit_codes']}" + (f", errors: {v['errors'][:1]}" if v["errors"] else ""))
     lines.append("\n== targets")
     for size, sr in results["sizes"].items():
         for r in sr.get("targets", []):
@@ -1041,11 +1087,15 @@ def _target_line(size: str, r: dict[str, Any]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="256M,1G", help="comma-separated state sizes (default 256M,1G; add 4G explicitly)")
+    ap.add_argument("--sizes", default="256M,1G",
+                    help="comma-separated state sizes (default 256M,1G; add 4G explicitly)")
     ap.add_argument("--runs", type=int, default=5, help="timed runs per figure (median, min, max); >= 5 for reporting")
     ap.add_argument("--out", default="bench-results/results.json")
-    ap.add_argument("--tmp", default=None, help="scratch directory on the disk under test (default: a new dir under /work or the repo's parent)")
-    ap.add_argument("--warm-reads", action="store_true", help="do not drop the page cache before reads (all reads warm)")
+    ap.add_argument("--tmp", default=None,
+                    help="scratch directory on the disk under test "
+                         "(default: a new dir under /work or the repo's parent)")
+    ap.add_argument("--warm-reads", action="store_true",
+                    help="do not drop the page cache before reads (all reads warm)")
     ap.add_argument("--no-ckptd", action="store_true", help="baselines only")
     ap.add_argument("--split", action="store_true",
                     help="run baselines and ckptd in two processes (automatic when memory is short for one)")
@@ -1066,7 +1116,8 @@ def main() -> int:
     args = ap.parse_args()
 
     if args.worker:
-        fn = {"baselines": worker_baselines, "memory": worker_memory, "overlap": worker_overlap, "p6": worker_p6}[args.worker]
+        workers = {"baselines": worker_baselines, "memory": worker_memory, "overlap": worker_overlap, "p6": worker_p6}
+        fn = workers[args.worker]
         res = fn(args)
         U.dump_json(args.worker_out, res)
         return 0
@@ -1102,7 +1153,8 @@ def main() -> int:
                 continue
             if "baselines" not in skip:
                 if mode == "split":
-                    log(f"[{U.fmt_size(size)}] {why_not}: baselines and ckptd run in two processes, one after the other")
+                    log(f"[{U.fmt_size(size)}] {why_not}: baselines and ckptd run in two processes, "
+                        "one after the other")
                     sr["baselines"] = merge_parts(run_worker("baselines", size, args, workdir, ["--part", "baselines"]),
                                                   run_worker("baselines", size, args, workdir, ["--part", "ckptd"]))
                     sr["baselines"]["split"] = why_not
@@ -1112,14 +1164,16 @@ def main() -> int:
                 sr["overlap"] = run_worker("overlap", size, args, workdir)
             if ok and not args.no_ckptd and "memory" not in skip:
                 mdir = os.path.join(workdir, f"mem-{size}")
-                sr["memory_save"] = run_worker("memory", size, args, workdir, ["--phase", "save", "--saves", "3", "--dir", mdir])
+                sr["memory_save"] = run_worker("memory", size, args, workdir,
+                                               ["--phase", "save", "--saves", "3", "--dir", mdir])
                 sr["memory_restore"] = run_worker("memory", size, args, workdir, ["--phase", "restore", "--dir", mdir])
                 U.remove(mdir)
             sr["targets"] = evaluate(sr)
         if ok and not args.no_ckptd and "growth" not in skip and sizes:
             gsize = min(sizes)
             gdir = os.path.join(workdir, "growth")
-            results["growth"] = run_worker("memory", gsize, args, workdir, ["--phase", "save", "--saves", str(args.growth_saves), "--dir", gdir])
+            results["growth"] = run_worker("memory", gsize, args, workdir,
+                                           ["--phase", "save", "--saves", str(args.growth_saves), "--dir", gdir])
             U.remove(gdir)
         if ok and not args.no_ckptd and "p6" not in skip:
             p6size = U.parse_size(args.p6_size)

@@ -1,4 +1,4 @@
-"""Issue 15, item 8 (second half): step time of a training loop while /metrics serves 10,000 requests,
+"""The metrics endpoint under load: step time of a training loop while /metrics serves 10,000 requests,
 against the same loop unloaded, in one `ckptd run` (windows alternate: quiet, loaded, quiet, loaded).
 
     python benchmarks/bench_metrics_load.py [--requests 10000] [--clients 2] [--client-nice 19]
@@ -27,7 +27,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def status(root: str) -> dict:
-    r = subprocess.run([sys.executable, "-m", "ckptd", "status", "--dir", root, "--json"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "ckptd", "status", "--dir", root, "--json"],
+                       capture_output=True, text=True)
     return json.loads(r.stdout) if r.returncode == 0 else {}
 
 
@@ -111,7 +112,7 @@ def main() -> int:
             t1 = time.time()
             d = steps_between(steps, t0, t1)
             rows.append((window, len(d), statistics.median(d), t1 - t0, served))
-        for w, n, med, wall, served in rows:
+        for w, n, med, _wall, served in rows:
             extra = f", {args.requests} requests in {served:.1f} s ({args.requests / served:.0f}/s)" if served else ""
             print(f"{w:7s} {n:6d} steps, median step {med * 1e3:.3f} ms{extra}")
         quiet = statistics.median([r[2] for r in rows if r[0] == "quiet"])

@@ -35,9 +35,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, ROOT)
 
-from fixtures.fake_metadata import FakeMetadata, iso  # noqa: E402
-
 from ckptd.supervisor import notices  # noqa: E402
+from fixtures.fake_metadata import FakeMetadata, iso  # noqa: E402
 
 CASES = {
     "example": [os.path.join(ROOT, "examples", "train_toy.py"), "--steps", "1000000", "--every-steps", "50",
@@ -124,7 +123,7 @@ def main() -> int:
     rng = random.Random(args.seed)
     samples: list[dict] = []
     try:
-        for case, n in zip(cases, runs):
+        for case, n in zip(cases, runs, strict=False):
             for i in range(n):
                 s = one_run(case, workdir, args.poll, rng)
                 samples.append(s)
@@ -139,7 +138,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     for case in cases:
         rows = [s for s in samples if s["case"] == case]
-        def med(key: str) -> str:
+        def med(key: str, rows: list[dict] = rows) -> str:
             vals = [r[key] for r in rows if r[key] is not None]
             return f"{statistics.median(vals):.2f} s ({min(vals):.2f}-{max(vals):.2f})" if vals else "-"
         print(f"| {case} | {len(rows)} | {med('notice_to_seen')} | {med('seen_to_committed')} | "

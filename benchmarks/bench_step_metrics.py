@@ -76,7 +76,8 @@ def main() -> int:
         for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
             results[mode].append(summary(one(mode, args.steps)))
     print(f"ck.step() at 1000 steps/s, {args.steps} steps per run (first 500 dropped), {args.rounds} rounds")
-    print(f"{'metrics':<8} {'mean us':>8} {'p50 us':>7} {'p99 us':>7} {'p99.9 us':>9} {'max us':>8}   (median of rounds)")
+    print(f"{'metrics':<8} {'mean us':>8} {'p50 us':>7} {'p99 us':>7} {'p99.9 us':>9} {'max us':>8}   "
+          "(median of rounds)")
     for mode, rows in results.items():
         med = {k: statistics.median(row[k] for row in rows) for k in rows[0]}
         print(f"{mode:<8} {med['mean_us']:8.2f} {med['p50_us']:7.2f} {med['p99_us']:7.2f} {med['p999_us']:9.2f} "

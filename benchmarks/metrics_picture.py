@@ -53,7 +53,7 @@ def main() -> int:
             time.sleep(2)
             end = time.time()
             fig, axes = plt.subplots(5, 3, figsize=(18, 20))
-            for ax, panel in zip(axes.flat, generate.PANELS):
+            for ax, panel in zip(axes.flat, generate.PANELS, strict=False):
                 for expr, legend in panel.queries:
                     q = (expr.replace("$__rate_interval", RATE_INTERVAL).replace('job=~"$job"', 'job="ckptd"')
                          .replace('instance=~"$instance"', f'instance="{sc.instance}"'))
@@ -64,9 +64,9 @@ def main() -> int:
                             ys = [STATES.index(series["metric"]["state"])] * len(xs)
                         label = legend.replace("{{instance}}", "").strip()
                         for k, v in series["metric"].items():
-                            label = label.replace("{{%s}}" % k, v)
+                            label = label.replace(f"{{{{{k}}}}}", v)
                         ax.plot(xs, ys, ".-" if len(xs) < 20 else "-", label=label or panel.title, markersize=3)
-                for t, what in events:
+                for t, _what in events:
                     ax.axvline(t - sc.t0, color="grey", linestyle=":", linewidth=1)
                 if panel.kind == "stat":
                     ax.set_yticks(range(len(STATES)), STATES)

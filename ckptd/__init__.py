@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .errors import (  # noqa: E402
+from .errors import (
     CkptdError,
     ConfigError,
     CorruptCheckpointError,

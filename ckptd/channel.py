@@ -66,8 +66,9 @@ class TrainerChannel:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                               struct.pack("ll", secs, int((SEND_TIMEOUT - secs) * 1e6)))
         stack_file = _arm_stack_dump(path)
+        stack_signal = int(STACK_SIGNAL) if stack_file and STACK_SIGNAL is not None else None  # armed: both set
         self.send(protocol.HELLO, role="trainer", pid=os.getpid(), rank=rank, restart_count=restart_count,
-                  stack_signal=int(STACK_SIGNAL) if stack_file else None, stack_file=stack_file)
+                  stack_signal=stack_signal, stack_file=stack_file)
         self._reader = threading.Thread(target=self._read_loop, name="ckptd-control", daemon=True)
         self._reader.start()
 

@@ -15,15 +15,19 @@ import codecs
 import importlib
 import io
 import sys
+from typing import NoReturn
 
 from . import __version__, exitcodes
 from .errors import CkptdError
 
-COMMANDS = ("run", "ls", "verify", "inspect", "best", "diff", "prune", "export", "pin", "push", "pull", "save", "stop", "status", "config", "install_unit")
+COMMANDS = (
+    "run", "ls", "verify", "inspect", "best", "diff", "prune", "export", "pin", "push", "pull", "save", "stop",
+    "status", "config", "install_unit",
+)
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, documented code
+    def error(self, message: str) -> NoReturn:  # one line, documented code
         self.exit(exitcodes.USAGE, f"ckptd: error: {message} (see `{self.prog} --help`)\n")
 
 

@@ -76,12 +76,12 @@ class DataLoader(torch.utils.data.DataLoader):
     def __init__(self, *args: Any, seed: int | None = None, **kwargs: Any) -> None:
         if len(args) > len(_TORCH_PARAMS):
             raise TypeError(f"ckptd.DataLoader takes at most {len(_TORCH_PARAMS)} positional arguments")
-        kw = dict(zip(_TORCH_PARAMS, args))
+        kw = dict(zip(_TORCH_PARAMS, args, strict=False))  # args may stop short of the parameters
         for k, v in kwargs.items():
             if k in kw:
                 raise TypeError(f"ckptd.DataLoader got multiple values for argument {k!r}")
             kw[k] = v
-        dataset = kw.get("dataset")
+        dataset: Any = kw.get("dataset")
         if kw.get("batch_sampler") is not None:
             raise CkptdError("ckptd.DataLoader does not take batch_sampler (its position is counted in batches of "
                              "batch_size); pass sampler= and batch_size= instead, or checkpoint your batch sampler "
@@ -122,7 +122,8 @@ class DataLoader(torch.utils.data.DataLoader):
             self.epoch, self.position = epoch, 0
         self._ran_out = False
 
-    def __iter__(self) -> Iterator[Any]:
+    # torch annotates __iter__ with its private iterator class; this one wraps that iterator to count batches.
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         if self._ran_out:
             self.epoch, self.position, self._ran_out = self.epoch + 1, 0, False
         s = self._epoch_sampler

@@ -36,7 +36,8 @@ def get_int(name: str) -> int | None:
     except ValueError:
         from .errors import ConfigError
 
-        raise ConfigError(f"environment variable {name}={raw!r} is not an integer; unset it or give a whole number")
+        raise ConfigError(
+            f"environment variable {name}={raw!r} is not an integer; unset it or give a whole number") from None
     return value
 
 
@@ -49,4 +50,5 @@ def get_float(name: str) -> float | None:
     except ValueError:
         from .errors import ConfigError
 
-        raise ConfigError(f"environment variable {name}={raw!r} is not a number; unset it or give seconds as a number")
+        raise ConfigError(
+            f"environment variable {name}={raw!r} is not a number; unset it or give seconds as a number") from None

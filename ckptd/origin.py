@@ -2,8 +2,9 @@
 
 A checkpoint's ``origin`` (manifest field, checked by ``store``) holds:
 
-  * ``command``: (secret-looking option values replaced by ``***``, as in the supervisor's log) the words after ``ckptd run [options]`` (``train.py --steps 300``, or ``torchrun ... train.py``)
-    when supervised, else the script's ``sys.argv``; the same words either way for ``ckptd run train.py ...``;
+  * ``command``: (secret-looking option values replaced by ``***``, as in the supervisor's log) the words
+    after ``ckptd run [options]`` (``train.py --steps 300``, or ``torchrun ... train.py``) when supervised,
+    else the script's ``sys.argv``; the same words either way for ``ckptd run train.py ...``;
   * ``script`` and ``script_sha256``: the first ``*.py`` word of the command that is a file (absolute path)
     and the SHA-256 of its bytes, so an edited script is told apart from the same one;
   * ``config``: the ``ckptd run`` configuration (``--config`` file and options; ``dir`` left out), None when

@@ -36,7 +36,7 @@ from urllib.parse import urlparse
 import xxhash
 
 from . import store
-from .errors import CkptdError, CorruptCheckpointError, NotFoundError, StorageError
+from .errors import CkptdError, CorruptCheckpointError, StorageError
 
 SCHEMES = ("s3", "gs", "az")
 PART = 8 << 20  # bytes per multipart part and per ranged read

@@ -44,7 +44,8 @@ class Best:
             if k < 1 or mode not in ("min", "max"):
                 raise ValueError
         except ValueError:
-            raise CkptdError(f"bad keep-best {text!r}: write METRIC:K[:min|max] with K >= 1, e.g. val_loss:3:min") from None
+            raise CkptdError(
+                f"bad keep-best {text!r}: write METRIC:K[:min|max] with K >= 1, e.g. val_loss:3:min") from None
         return cls(parts[0], k, mode)
 
 
@@ -65,7 +66,8 @@ class Policy:
         return bool(self.keep_last or self.keep_best or self.keep_every)
 
 
-def plan(infos: Iterable[CheckpointInfo], policy: Policy, pinned: Iterable[str] = ()) -> tuple[dict[str, list[str]], list[CheckpointInfo]]:
+def plan(infos: Iterable[CheckpointInfo], policy: Policy,
+         pinned: Iterable[str] = ()) -> tuple[dict[str, list[str]], list[CheckpointInfo]]:
     """Return ({kept name: [reasons]}, [checkpoints to delete]) without touching disk."""
     valid = sorted((i for i in infos if i.valid), key=lambda i: (i.step, i.created, i.name))
     keep: dict[str, list[str]] = {}

@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
     MetadataIndex,
@@ -147,10 +148,10 @@ class Writer(StorageWriter):
             if item.type == WriteItemType.BYTE_IO:
                 raise CorruptCheckpointError(self.part.tmp, f"{item.index.fqn} is not a tensor; ckptd stores "
                                                             "non-tensor values in state.json")
-            t = planner.resolve_data(item).detach()
+            t = cast(torch.Tensor, planner.resolve_data(item)).detach()  # BYTE_IO items were refused above
             if not t.is_contiguous() or t.device.type != "cpu":
                 t = t.to("cpu").contiguous()
-            data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+            data = t.reshape(-1).view(torch.uint8).numpy().data if t.numel() else memoryview(b"")
             chunks.append(data)
             results.append(WriteResult(index=item.index, size_in_bytes=len(data),
                                        storage_data={"file": name, "offset": offset, "length": len(data)}))
@@ -205,7 +206,8 @@ class Reader(StorageReader):
         if problem:
             raise CorruptCheckpointError(self.path, f"{store.DCP_JSON} does not describe the shard files: {problem}")
         try:
-            tensors = {fqn: _tensor_md(v) for fqn, v in doc["tensors"].items()}
+            tensors: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {
+                fqn: _tensor_md(v) for fqn, v in doc["tensors"].items()}
             storage = {_index(i): (str(f), int(o), int(n)) for i, f, o, n in doc["storage"]}
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptCheckpointError(self.path, f"{store.DCP_JSON} is not DCP metadata ({exc})") from None
@@ -232,14 +234,15 @@ class Reader(StorageReader):
                 store.check_name(fname)
                 if fname not in fds:
                     fds[fname] = os.open(os.path.join(self.path, fname), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                md = self.md.state_dict_metadata[req.storage_index.fqn]
-                chunk = md.chunks[req.storage_index.index]
+                # read_metadata made every entry a tensor, and DCP plans each read by a chunk's index
+                md = cast(TensorStorageMetadata, self.md.state_dict_metadata[req.storage_index.fqn])
+                chunk = md.chunks[cast(int, req.storage_index.index)]
                 t = torch.empty(tuple(chunk.sizes), dtype=md.properties.dtype)
                 if t.numel() * t.element_size() != length:
                     raise CorruptCheckpointError(self.path, f"{req.storage_index.fqn}: {length} bytes for a "
                                                             f"{list(chunk.sizes)} {md.properties.dtype} chunk")
                 if length:
-                    n = os.preadv(fds[fname], [memoryview(t.reshape(-1).view(torch.uint8).numpy())], offset)
+                    n = os.preadv(fds[fname], [t.reshape(-1).view(torch.uint8).numpy().data], offset)
                     if n != length:
                         raise CorruptCheckpointError(self.path, f"{fname} ends early (truncated)")
                 src = narrow(t, req.storage_offsets, req.lengths)

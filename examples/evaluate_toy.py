@@ -21,7 +21,7 @@ import torch
 import ckptd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_toy import N_IN, build  # noqa: E402  (the same model as the training script)
+from train_toy import N_IN, build  # the same model as the training script
 
 
 def held_out(n: int = 512) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Bit rot (issue 15, item 4): random single-bit flips, truncations and extensions of every file of a
+"""Bit rot: random single-bit flips, truncations and extensions of every file of a
 checkpoint; each must be detected before any value reaches the model, and the previous one used.
 
     python scripts/bitrot.py --count 10000 --json bitrot.json
@@ -25,7 +25,8 @@ import shutil
 import sys
 import tempfile
 import time
-from _report import emit  # noqa: E402  (scripts/ is on sys.path)
+
+from _report import emit  # scripts/ is on sys.path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -61,7 +62,7 @@ def _state(model, opt) -> list:
 def _same(a: list, b: list) -> bool:
     import torch
 
-    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def setup(root: str) -> tuple[list, list]:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Random SIGKILLs during saves (issue 15, item 1): trainer, `ckptd prune` and supervisor.
+"""Random SIGKILLs during saves: trainer, `ckptd prune` and supervisor.
 
     python scripts/chaos_kills.py --count 1000 --json kills.json
 
@@ -31,7 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from _report import emit  # noqa: E402  (scripts/ is on sys.path)
+
+from _report import emit  # scripts/ is on sys.path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -197,7 +198,7 @@ def _cycle_seconds(root: str, log_path: str) -> float:
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     os.close(r)
-    gaps = sorted(b - a for a, b in zip(stamps[5:], stamps[6:]))
+    gaps = sorted(b - a for a, b in zip(stamps[5:], stamps[6:], strict=False))
     return gaps[len(gaps) // 2]
 
 

@@ -8,10 +8,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
+import torch
 
-import ckptd  # noqa: E402
-from chaos_kills import _model, save_forever  # noqa: E402
+import ckptd
+from chaos_kills import _model, save_forever
 
 log_path, pid_file = sys.argv[1], sys.argv[2]
 with open(pid_file, "w") as f:

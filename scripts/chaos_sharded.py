@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""SIGKILL of random ranks during sharded (FSDP2) saves (issue 13): no torn checkpoint is ever visible.
+"""SIGKILL of random ranks during sharded (FSDP2) saves: no torn checkpoint is ever visible.
 
     python scripts/chaos_sharded.py --count 50 --json sharded.json
 
@@ -288,7 +288,7 @@ class Chaos:
             if len(saves) < want:
                 self.fail(f"{tag}: only {len(saves)} of {want} saves started ({self._log_tail()})")
             if calibrate:
-                gaps = sorted(b - a for a, b in zip(saves[2:], saves[3:]))
+                gaps = sorted(b - a for a, b in zip(saves[2:], saves[3:], strict=False))
                 self.cycle = gaps[len(gaps) // 2] if gaps else 0.05
             first = self.rng.randrange(2)
             self._record(lines.pump(time.monotonic() + self.rng.uniform(0, self.cycle)), tag)
@@ -353,11 +353,11 @@ def _phase(root: str) -> str:
 
 def run(count: int, seed: int = 15, work: str | None = None) -> dict:
     import torch
-    import torch.distributed.checkpoint  # noqa: F401  (imported once here, inherited by every forked rank)
-    import torch.distributed.fsdp  # noqa: F401
+    import torch.distributed.checkpoint  # imported once here, inherited by every forked rank
+    import torch.distributed.fsdp
 
-    import ckptd.checkpointer  # noqa: F401
-    import ckptd.distributed  # noqa: F401
+    import ckptd.checkpointer
+    import ckptd.distributed
     import ckptd.sharded  # noqa: F401
 
     del torch

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Supervisor chaos (issue 15, item 7): `ckptd run` of examples/train_toy.py through random events.
+"""Supervisor chaos: `ckptd run` of examples/train_toy.py through random events.
 
     python scripts/chaos_supervisor.py --count 200 --json sup.json
 
@@ -34,7 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from _report import emit  # noqa: E402  (scripts/ is on sys.path)
+
+from _report import emit  # scripts/ is on sys.path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -99,7 +100,7 @@ def _equal(a, b) -> bool:
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
     return a == b
 
 
@@ -134,7 +135,8 @@ class Chaos:
         err = open(os.path.join(self.work, f"run-{len(self.runs)}.err"), "w")
         cmd = [sys.executable, "-m", "ckptd", "run", "--dir", self.root, "--keep-last", "3",
                "--grace", "20", "--force-grace", "1", "--backoff-base", "0.05", "--backoff-max", "0.2",
-               "--max-restarts", "1000", "--same-step-crashes", "1000", "--hang-timeout", str(HANG_TIMEOUT), "--hang-grace", "1",
+               "--max-restarts", "1000", "--same-step-crashes", "1000", "--hang-timeout", str(HANG_TIMEOUT),
+               "--hang-grace", "1",
                "--notices", "aws", "--notice-endpoint", self.fake.url, "--notice-poll", "0.1",
                "--metrics-addr", "127.0.0.1:0", WRAP, self.steplog, *_toy_args(self.steps, self.delay)]
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=self.env, cwd=REPO)
@@ -231,7 +233,7 @@ def account(chaos: Chaos) -> dict:
         else:
             lives[-1]["last"] = n if lives[-1]["last"] is None else max(lives[-1]["last"], n)
     lost = []
-    for a, b in zip(lives, lives[1:]):
+    for a, b in zip(lives, lives[1:], strict=False):
         lost.append((a["last"] if a["last"] is not None else a["resume"] or 0) - (b["resume"] or 0))
     journal = _journal(chaos.root)
     per_event: dict[str, list[int]] = {}
@@ -244,7 +246,7 @@ def account(chaos: Chaos) -> dict:
                 "save": "checkpoint", "kill_supervisor": "start"}[event]
         if want not in after:
             missing.append(f"event {i} ({event}): no {want} entry in the journal after it")
-    for event, n in zip(ending, lost):
+    for event, n in zip(ending, lost, strict=False):
         per_event.setdefault(event, []).append(n)
     wrong = []
     ending_at = [i for i, (e, _) in enumerate(chaos.done) if e != "save"]

@@ -10,8 +10,8 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
-import ckptd  # noqa: E402
-import train_toy  # noqa: E402
+import ckptd
+import train_toy
 
 fd = os.open(sys.argv.pop(1), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 pid = os.getpid()

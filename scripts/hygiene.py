@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Hygiene (issue 15, item 8): many start/exit cycles of the child under one `ckptd run`.
+"""Hygiene: many start/exit cycles of the child under one `ckptd run`.
 
     python scripts/hygiene.py --count 1000 --json hygiene.json
 
@@ -22,7 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from _report import emit  # noqa: E402  (scripts/ is on sys.path)
+
+from _report import emit  # scripts/ is on sys.path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Power loss at every point of the commit protocol (issue 15, item 3).
+"""Power loss at every point of the commit protocol: only what was fsynced may survive.
 
     python scripts/power_loss.py --count 20 --json power.json
 
@@ -48,8 +48,10 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable
-from _report import count_seed_main  # noqa: E402  (scripts/ is on sys.path)
+from collections.abc import Callable
+from typing import Any
+
+from _report import count_seed_main  # scripts/ is on sys.path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -318,9 +320,9 @@ def chaos_kills_model():
 
 
 def scenario(base: str, rec: Recorder) -> None:
-    import chaos_kills
     import torch
 
+    import chaos_kills
     import ckptd
     from ckptd import retention, store
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Syscall-boundary sweep (issue 15, item 2): kill at, or fail with ENOSPC / EIO / EDQUOT, the N-th
+"""Syscall-boundary sweep: kill at, or fail with ENOSPC / EIO / EDQUOT, the N-th
 write, fsync, close, rename, mkdir, unlink and open of a save, of retention and of `ckptd prune`.
 
     python scripts/syscall_sweep.py --count 0 --json sweep.json     # every N, every fault (the long run)
@@ -25,7 +25,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from _report import count_seed_main  # noqa: E402  (scripts/ is on sys.path)
+
+from _report import count_seed_main  # scripts/ is on sys.path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHILD = os.path.join(HERE, "sweep_child.py")

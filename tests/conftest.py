@@ -131,7 +131,7 @@ def make_checkpoints(tmp_path):
         root = str(root or tmp_path / "ck")
         model, opt = small_model()
         ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root, save_on_close=False, handle_signals=False, **kw)
-        for i, s in enumerate(steps):
+        for s in steps:
             train_steps(model, opt, 1)
             m = (metrics or {}).get(s, {"loss": 1.0 / (s + 1)})
             ck.step(s, metrics=m)

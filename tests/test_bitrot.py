@@ -1,5 +1,5 @@
 """Bit rot: random single-bit flips, truncations and extensions of every file of a checkpoint are
-detected before any value reaches the model, and the previous valid checkpoint is used (issue 15, item 4).
+detected before any value reaches the model, and the previous valid checkpoint is used.
 The bounded version of scripts/bitrot.py."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-import bitrot  # noqa: E402
+import bitrot
 
 
 @pytest.mark.kind("chaos")

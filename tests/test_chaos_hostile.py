@@ -1,4 +1,4 @@
-"""Hostile input beyond tests/test_hostile_input.py (issue 15, item 5): a pickle payload placed as any
+"""Hostile input beyond tests/test_hostile_input.py: a pickle payload placed as any
 checkpoint file, hostile names, for restore(), load_state() and every command; no code runs, nothing
 outside the root is touched, one clear line."""
 
@@ -50,7 +50,8 @@ def test_hostile_names_are_refused_by_restore_load_state_and_the_commands(make_c
     root = make_checkpoints([1])
     before = sorted(os.listdir(tmp_path))
     model, _ = small_model()
-    for call in (lambda: ckptd.Checkpointer(model=model, dir=root, handle_signals=False).restore(os.path.join(root, name)),
+    for call in (lambda: ckptd.Checkpointer(model=model, dir=root,
+                                            handle_signals=False).restore(os.path.join(root, name)),
                  lambda: ckptd.load_state(os.path.join(root, name))):
         with pytest.raises((ckptd.CkptdError, ValueError, OSError)):
             call()

@@ -1,4 +1,4 @@
-"""Random SIGKILLs during saves, of the trainer, `ckptd prune` and `ckptd run` (issue 15, item 1).
+"""Random SIGKILLs during saves, of the trainer, `ckptd prune` and `ckptd run`.
 
 The bounded version of scripts/chaos_kills.py (whose long run's figures are in docs/reliability.md).
 """
@@ -15,10 +15,9 @@ from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-import chaos_kills  # noqa: E402
-
-from ckptd import store  # noqa: E402
-from fixtures.long_runs import size  # noqa: E402
+import chaos_kills
+from ckptd import store
+from fixtures.long_runs import size
 
 
 @pytest.mark.kind("chaos")

@@ -1,4 +1,4 @@
-"""Control socket abuse beyond tests/test_supervisor_hostile.py (issue 15, item 6): slow clients, clients
+"""Control socket abuse beyond tests/test_supervisor_hostile.py: slow clients, clients
 that never read, and another user: the supervisor stays up, training goes on, other clients are served."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Supervisor chaos and hygiene (issue 15, items 7 and 8): the bounded versions of
+"""Supervisor chaos and hygiene: the bounded versions of
 scripts/chaos_supervisor.py and scripts/hygiene.py."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-import chaos_supervisor  # noqa: E402
-import hygiene  # noqa: E402
-from fixtures.long_runs import size  # noqa: E402
+import chaos_supervisor
+import hygiene
+from fixtures.long_runs import size
 
 
 @pytest.mark.kind("chaos")

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import os
-import time
 import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 import torch
 
 import ckptd
 from ckptd import env, exitcodes, protocol, store
-
 from conftest import small_model, train_steps, wait_for
 
 pytestmark = pytest.mark.kind("unit")  # the tests marked kind("system") start processes

@@ -100,7 +100,8 @@ def test_diff_shows_steps_metrics_state_and_which_tensors_changed_with_their_lar
     d = json.loads(r.stdout)
     assert {"key": "step", "a": 1, "b": 2, "in": "both"} in d["manifest"]
     assert {"key": "acc", "a": None, "b": 0.9, "in": "b"} in d["metrics"]
-    assert any(row["key"] == "scheduler/last_epoch" and (row["a"], row["b"]) == (0, 1) for row in d["state"]), d["state"]
+    assert any(row["key"] == "scheduler/last_epoch" and (row["a"], row["b"]) == (0, 1)
+               for row in d["state"]), d["state"]
     t = d["tensors"]
     model_keys = {f"model/{k}" for k in a_model}
     assert model_keys <= set(t["changed"]) and "extra/frozen" not in t["changed"] and t["same"] >= 1, t

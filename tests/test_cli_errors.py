@@ -23,7 +23,8 @@ from conftest import ROOT, ckptd_cli, resign, small_model, train_steps, wait_for
 S = store.checkpoint_name  # S(300) == "step-000000000300"
 
 
-def cli(*args: str, env: dict[str, str] | None = None, cwd: str = ROOT, timeout: float = 120) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict[str, str] | None = None, cwd: str = ROOT,
+        timeout: float = 120) -> subprocess.CompletedProcess:
     """The real `ckptd` entry point; ``env`` is added to this process's environment."""
     full = {k: v for k, v in os.environ.items() if k != "CKPTD_DIR"}
     full.update(env or {})
@@ -47,7 +48,7 @@ def flip_byte(path: str, offset: int = -1) -> None:
         f.write(bytes([b[0] ^ 0xFF]))
 
 
-# ------------------------------------------------------------------ naming a checkpoint (issue 8, item 5)
+# ------------------------------------------------------------------ naming a checkpoint
 
 
 @pytest.mark.parametrize("cmd", [["inspect"], ["export", "-o", "OUT"], ["pin"]])
@@ -123,7 +124,7 @@ def test_ls_verify_prune_default_to_ckptd_dir_then_checkpoints(make_checkpoints,
     one_line_error(r, exitcodes.NOT_FOUND, "checkpoints does not exist", "CKPTD_DIR")
 
 
-# ------------------------------------------------------------------ usage errors exit 2 (issue 8, item 5)
+# ------------------------------------------------------------------ usage errors exit 2
 
 
 def test_usage_errors_exit_2_with_one_line(tmp_path, make_checkpoints):
@@ -156,7 +157,7 @@ def test_a_negative_node_rank_is_a_usage_error(tmp_path):
     assert not os.path.exists(root)  # no .ckptd/node--1 looked for or made
 
 
-# ------------------------------------------------------------------ one line instead of tracebacks (issue 9, item 10)
+# ------------------------------------------------------------------ one line instead of tracebacks
 
 
 def test_verify_reports_a_stray_file_and_a_dangling_link_named_like_checkpoints(make_checkpoints, tmp_path):
@@ -212,11 +213,12 @@ def test_non_utf8_names_are_escaped_not_a_traceback(make_checkpoints, tmp_path):
     assert r.returncode == 0 and len(json.loads(r.stdout)) == 2
 
 
-# ------------------------------------------------------------------ verify beside a deleting run (issue 9, item 9)
+# ------------------------------------------------------------------ verify beside a deleting run
 
 
 def test_verify_while_a_run_deletes_old_checkpoints_reports_no_corruption(tmp_path):
-    """A real writer (Checkpointer with keep_last=2) saves and deletes while `ckptd verify DIR` runs, again and again."""
+    """A real writer (Checkpointer with keep_last=2) saves and deletes while `ckptd verify DIR` runs, again and
+    again."""
     import ckptd
 
     root = str(tmp_path / "ck")
@@ -235,7 +237,7 @@ def test_verify_while_a_run_deletes_old_checkpoints_reports_no_corruption(tmp_pa
                 ck.step(step)
                 ck.save(block=True)
             ck.close()
-        except BaseException as exc:  # reported by the test
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
             errors.append(exc)
 
     t = threading.Thread(target=writer, daemon=True)
@@ -258,7 +260,7 @@ def test_verify_while_a_run_deletes_old_checkpoints_reports_no_corruption(tmp_pa
         t.join(60)
 
 
-# ------------------------------------------------------------------ stale trash (issue 9, item 11)
+# ------------------------------------------------------------------ stale trash
 
 
 def test_prune_removes_trash_a_killed_prune_left_without_following_links(make_checkpoints, tmp_path):
@@ -295,7 +297,7 @@ def test_remove_stale_trash_is_lstat_only(tmp_path):
     assert retention.remove_stale_trash(str(tmp_path / "missing")) == []
 
 
-# ------------------------------------------------------------------ storage errors (issue 8, item 4)
+# ------------------------------------------------------------------ storage errors
 
 
 def _can_unshare() -> bool:

@@ -82,7 +82,8 @@ def test_inspect_json_gives_the_state_as_json_values(make_checkpoints):
 
 
 def test_prune_dry_run_then_real(make_checkpoints):
-    root = make_checkpoints([1, 2, 3, 4], metrics={1: {"loss": 0.1}, 2: {"loss": 0.5}, 3: {"loss": 0.4}, 4: {"loss": 0.3}})
+    root = make_checkpoints([1, 2, 3, 4],
+                            metrics={1: {"loss": 0.1}, 2: {"loss": 0.5}, 3: {"loss": 0.4}, 4: {"loss": 0.3}})
     r = ckptd_cli("prune", root, "--keep-last", "1", "--keep-best", "loss:1:min", "--dry-run")
     assert r.returncode == 0 and "would delete step-000000000002" in r.stdout
     assert len(os.listdir(root)) == 4

@@ -71,7 +71,7 @@ def test_restore_onto_the_gpu_resumes_weights_optimizer_and_cuda_rng(tmp_path):
     assert ck2.restore() == 4
     for k, v in model2.state_dict().items():
         assert v.is_cuda and torch.equal(v, weights[k]), k
-    for p, e in zip(model2.parameters(), exp_avg):
+    for p, e in zip(model2.parameters(), exp_avg, strict=True):
         assert opt2.state[p]["exp_avg"].is_cuda and torch.equal(opt2.state[p]["exp_avg"], e)
     assert torch.equal(torch.randn(8, device="cuda"), after)
     ck2.close()

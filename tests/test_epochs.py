@@ -20,7 +20,8 @@ import pytest
 
 import ckptd
 from ckptd import exitcodes, store
-from fixtures.sup_helpers import DIST_OFF, FAST, FIXTURES, TORCHRUN, Run, ckptd as ckptd_cli, journal, wait_for
+from fixtures.sup_helpers import DIST_OFF, FAST, FIXTURES, TORCHRUN, Run, journal, wait_for
+from fixtures.sup_helpers import ckptd as ckptd_cli
 
 pytestmark = pytest.mark.slow  # each test runs the MNIST-style script through several lives
 

@@ -15,7 +15,6 @@ import torch
 import ckptd
 from ckptd import state, store
 from ckptd.errors import CkptdError, CorruptCheckpointError
-
 from conftest import ROOT, resign, small_model, train_steps
 
 pytestmark = pytest.mark.kind("unit")  # the tests marked kind("system") start processes
@@ -74,7 +73,7 @@ HEADER_EDITS = {
 }
 
 
-# ---------------------------------------------------------------------------- restore (items 1, 2)
+# ---------------------------------------------------------------------------- restore
 
 
 def test_two_byte_shape_edit_is_corruption_not_a_different_model(make_checkpoints):
@@ -317,7 +316,7 @@ def test_restore_says_one_line_on_stderr_without_logging_configured(make_checkpo
     assert r.stderr.splitlines() == [f"ckptd: no checkpoint in {empty}: starting at step 0"]
 
 
-# ---------------------------------------------------------------------------- symlinks (item 3)
+# ---------------------------------------------------------------------------- symlinks
 
 
 def _tree(path):
@@ -382,7 +381,7 @@ def test_prune_and_temp_cleanup_remove_links_never_their_targets(make_checkpoint
     assert sorted(os.listdir(root)) == [OLDER]
 
 
-# ---------------------------------------------------------------------------- ranks (item 4)
+# ---------------------------------------------------------------------------- ranks
 
 RESTORER = """
 import os, sys, time
@@ -406,7 +405,7 @@ def _race(root, tmp_path, envs):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **e}) for e in envs]
     open(go, "w").close()
     outs = [p.communicate(timeout=120) for p in procs]
-    return [(p.returncode, out.strip(), err) for p, (out, err) in zip(procs, outs)]
+    return [(p.returncode, out.strip(), err) for p, (out, err) in zip(procs, outs, strict=True)]
 
 
 @pytest.mark.kind("system")
@@ -425,7 +424,7 @@ def test_concurrent_restores_of_a_corrupt_directory_all_fall_back_without_errors
 def test_ranks_that_do_not_write_move_nothing(make_checkpoints, tmp_path):
     root = make_checkpoints([10, 20])
     _flip_data_byte(os.path.join(root, NEWEST))
-    dead = os.path.join(root, ".tmp-step-000000000030-%s-999999999-abcd0123" % os.uname().nodename)
+    dead = os.path.join(root, f".tmp-step-000000000030-{os.uname().nodename}-999999999-abcd0123")
     os.mkdir(dead)
     results = _race(root, tmp_path, [{"WORLD_SIZE": "4", "RANK": str(r)} for r in (1, 3)])
     assert [(rc, out) for rc, out, _ in results] == [(0, "10")] * 2, [err for *_, err in results]
@@ -438,7 +437,7 @@ def test_quarantine_that_lost_the_race_is_not_an_error(make_checkpoints):
     assert store.quarantine(root, OLDER, "second") is None
 
 
-# ---------------------------------------------------------------------------- state encoding (item 5)
+# ---------------------------------------------------------------------------- state encoding
 
 
 def _state_with(ckpt: str, edit) -> None:
@@ -500,7 +499,7 @@ def test_re_signed_state_with_a_bad_rng_or_progress_is_refused_before_the_model_
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-# ---------------------------------------------------------------------------- hostile sizes (item 6)
+# ---------------------------------------------------------------------------- hostile sizes
 
 MEASURE = """
 import resource, sys, time, json
@@ -574,7 +573,7 @@ def test_deeply_nested_state_is_refused_at_save_time_not_at_restore(tmp_path):
     assert store.list_checkpoints(str(tmp_path)) == []
 
 
-# ---------------------------------------------------------------------------- manifests (item 7, store side)
+# ---------------------------------------------------------------------------- manifests (store side)
 
 
 def _manifest_with(ckpt: str, edit, resign: bool = True) -> None:

@@ -78,7 +78,8 @@ def test_metrics_arrive_and_move_across_a_checkpoint_a_crash_and_restart_and_a_p
         # 5. A preemption (AWS spot notice): one notice, an emergency checkpoint before the deadline, the run
         #    stopped; the endpoint lingers so Prometheus sees the end, then the run exits 85.
         sc.preempt(lead=20)
-        assert sc.wait(f'ckptd_preemption_notices_total{{instance="{sc.instance}",source="aws"}}', lambda v: v == 1) == 1
+        assert sc.wait(f'ckptd_preemption_notices_total{{instance="{sc.instance}",source="aws"}}',
+                       lambda v: v == 1) == 1
         assert sc.wait(f'ckptd_checkpoints_total{{instance="{sc.instance}",kind="emergency",result="ok"}}',
                        lambda v: v == 1) == 1
         assert 0 < sc.wait(f"ckptd_emergency_checkpoint_margin_seconds{s}", lambda v: v == v) <= 20
@@ -91,7 +92,8 @@ def test_metrics_arrive_and_move_across_a_checkpoint_a_crash_and_restart_and_a_p
         # 6. The number of ckptd series never changed while Prometheus scraped the run.
         counts = sc.prom.query_range(f'count({{__name__=~"ckptd_.+", instance="{sc.instance}"}})', sc.t0, end)
         assert len(counts) == 1 and len({v for _, v in counts[0]["values"]}) == 1, counts
-        assert len(counts[0]["values"]) >= 5  # one per second of the run: checkpoint, crash, restart and stop all inside
+        # one per second of the run: checkpoint, crash, restart and stop all inside
+        assert len(counts[0]["values"]) >= 5
         # 7. Every PromQL expression of the dashboard evaluates without error and returns data from this run.
         empty = []
         for panel in generate.PANELS:

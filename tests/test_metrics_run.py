@@ -1,6 +1,6 @@
 """The metrics endpoint of a real `ckptd run` (torch-free fixture trainer): port 0 shown in status and the
-journal, /healthz (and no /status: that is `ckptd status`, owner-only), the file_sd entry written and removed, a busy port that does not stop training,
-a run that gave up served for `--metrics-linger`, and `off`."""
+journal, /healthz (and no /status: that is `ckptd status`, owner-only), the file_sd entry written and removed, a
+busy port that does not stop training, a run that gave up served for `--metrics-linger`, and `off`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import socket
 import time
 
 from ckptd import exitcodes
-from fixtures.sup_helpers import FAST, PLAIN, TRAINER, Run, ckptd, wait_for, http_get
-
+from fixtures.sup_helpers import FAST, PLAIN, TRAINER, Run, ckptd, http_get, wait_for
 
 get = http_get
 
@@ -124,7 +123,7 @@ def test_the_real_library_sends_its_loss_and_save_timings_to_the_supervisor(tmp_
                   name=f"toy{life}")
         addr = run.wait_event("start")["metrics"]["addr"]
         run.wait_event("end", timeout=60)
-        body = wait_for(lambda: (lambda r: r[1] if r[0] == 503 else None)(get(f"http://{addr}/healthz")) and
+        body = wait_for(lambda addr=addr: (lambda r: r[1] if r[0] == 503 else None)(get(f"http://{addr}/healthz")) and
                         get(f"http://{addr}/metrics")[1], 10, "the finished run's metrics")
         assert sample(body, 'ckptd_state{state="finished"}') == 1
         loss = sample(body, 'ckptd_train_metric{name="loss"}')

@@ -45,7 +45,8 @@ def test_two_nodes_restart_together_after_a_rank_is_killed_stop_together_on_one_
     newest = max(i.step for i in store.list_checkpoints(root) if i.valid and i.step <= 14)
     assert [r[0]["resume_step"] for r in restarts] == [newest, newest], restarts
     for k, run in enumerate(nodes):
-        wait_for(lambda: f"start_step={newest} rank={k}" in run.stdout(), 60, f"rank {k} resumed at {newest}")
+        wait_for(lambda k=k, run=run: f"start_step={newest} rank={k}" in run.stdout(), 60,
+                 f"rank {k} resumed at {newest}")
     assert "rank 1 crashing at step 14" in nodes[1].stdout()
 
     # 2. `ckptd save --wait` asked of node 1 (whose rank is not rank 0): every rank saves, node 1 hears of it.
@@ -89,7 +90,8 @@ def test_a_second_job_and_a_second_supervisor_of_one_node_are_refused_clients_pi
     assert single.returncode == exitcodes.LOCKED and "--job-id A" in single.stderr, single.stderr
     twice = ckptd("run", "--dir", root, *OFF, "--job-id", "A", "--node-rank", "1", PLAIN)
     assert twice.returncode == exitcodes.LOCKED, twice.stderr
-    assert "node 1 of job 'A'" in twice.stderr and f"pid {nodes[1].pid}" in twice.stderr and "--node-rank" in twice.stderr
+    assert ("node 1 of job 'A'" in twice.stderr and f"pid {nodes[1].pid}" in twice.stderr
+            and "--node-rank" in twice.stderr)
     no_job = ckptd("run", "--dir", str(tmp_path / "other"), *OFF, "--", *TORCHRUN, "--nnodes", "2", "--node-rank",
                    "1", "train.py")
     assert no_job.returncode == exitcodes.CONFIG and "--job-id" in no_job.stderr, no_job.stderr

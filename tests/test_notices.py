@@ -361,7 +361,8 @@ def test_notices_and_slurm_sections_in_the_file_flags_win_and_config_show_prints
 
 @pytest.mark.parametrize("text, words", [
     ("notices:\n  source: ibm\n", [".yaml:2:", "key 'notices.source'", "aws, gcp, azure"]),
-    ("grace: 1\nnotices:\n  sorce: aws\n", [".yaml:3:", "unknown key 'notices.sorce'", "did you mean 'notices.source'"]),
+    ("grace: 1\nnotices:\n  sorce: aws\n",
+     [".yaml:3:", "unknown key 'notices.sorce'", "did you mean 'notices.source'"]),
     ("source: aws\n", [".yaml:1:", "unknown key 'source'", "'notices:' section"]),
     ("notices: aws\n", [".yaml:1:", "section 'notices' must be a mapping"]),
     ("notices:\n  poll: 0\n", [".yaml:2:", "notices.poll", "> 0"]),

@@ -16,7 +16,7 @@ import pytest
 from ckptd import exitcodes, store
 from ckptd.supervisor import notices
 from fixtures.fake_metadata import FakeMetadata, iso
-from fixtures.sup_helpers import TRAINER, Run, ckptd, wait_for, toy_digest, toy_reference
+from fixtures.sup_helpers import TRAINER, Run, ckptd, toy_digest, toy_reference, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "examples", "train_toy.py")
@@ -88,7 +88,8 @@ def test_auto_on_this_machine_starts_no_poller_and_connects_nowhere(tmp_path, fa
         trace = tmp_path / f"{name}.trace"
         run = Run(tmp_path, str(tmp_path / name), [*extra, "--notice-poll", "0.05", TRAINER, "--steps", "60",
                                                    "--step-time", "0.01"],
-                  name=name, env=env, prefix=["strace", "-f", "--seccomp-bpf", "-qq", "-e", "trace=connect", "-o", str(trace)])
+                  name=name, env=env,
+                  prefix=["strace", "-f", "--seccomp-bpf", "-qq", "-e", "trace=connect", "-o", str(trace)])
         assert run.wait(60) == 0, run.stderr()
         traces[name] = (trace.read_text(), run.stderr())
     plain, plain_err = traces["plain"]
@@ -249,14 +250,14 @@ def test_bad_answers_from_the_service_are_logged_once_each_never_stop_training_a
               ({"mode": "hang"}, "no answer")]
     for change, words in phases:
         imds.set(**change)
-        wait_for(lambda: words in run.stderr(), 15, f"the log line for {words}")
+        wait_for(lambda words=words: words in run.stderr(), 15, f"the log line for {words}")
         if change.get("mode") == "hang":
             break
         seen = len(imds.requests)
-        wait_for(lambda: len(imds.requests) >= seen + 2, 15, "more polls")  # each logged once, not per poll
+        wait_for(lambda seen=seen: len(imds.requests) >= seen + 2, 15, "more polls")  # each logged once, not per poll
         if change.get("mode") == "500":  # healthy: 2 requests per 0.1 s poll; failing: backing off to 1.6 s
             seen, t0 = len(imds.requests), time.monotonic()
-            wait_for(lambda: time.monotonic() - t0 > 2.0, 5, "2 s")
+            wait_for(lambda t0=t0: time.monotonic() - t0 > 2.0, 5, "2 s")
             assert len(imds.requests) - seen <= 8, len(imds.requests) - seen
     imds.set(mode=None, instance_action=None)
     imds.release()

@@ -1,4 +1,4 @@
-"""Power loss at every point of the commit protocol: only fsynced data survives (issue 15, item 3).
+"""Power loss at every point of the commit protocol: only fsynced data survives.
 
 scripts/power_loss.py records what each file and directory had fsynced at every os call of a save,
 retention, prune, pin, quarantine and close() (the final state swapped in, the manifest marked finished),
@@ -17,7 +17,7 @@ from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-import power_loss  # noqa: E402
+import power_loss
 
 pytestmark = pytest.mark.kind("chaos")
 

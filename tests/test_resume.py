@@ -59,7 +59,8 @@ def test_sigterm_to_plain_script_writes_emergency_checkpoint_and_resume_is_exact
 
     d = str(tmp_path / "ck")
     script = os.path.join(ROOT, "examples", "train_toy.py")
-    ref = subprocess.run([sys.executable, script, "--steps", "120", "--dir", str(tmp_path / "ref"), "--every-steps", "1000"],
+    ref = subprocess.run([sys.executable, script, "--steps", "120", "--dir", str(tmp_path / "ref"),
+                          "--every-steps", "1000"],
                          capture_output=True, text=True, check=True).stdout
     # Slow steps: the SIGTERM must land before step 120 however long this test takes to send it after the
     # first line (it ends the run at the next step, so the delay costs one step)

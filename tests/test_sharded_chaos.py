@@ -1,4 +1,4 @@
-"""SIGKILL of random ranks during sharded (FSDP2) saves, bounded loop (issue 13).
+"""SIGKILL of random ranks during sharded (FSDP2) saves, bounded loop.
 
 The bounded version of scripts/chaos_sharded.py (its long run's figures are in docs/reliability.md), run
 in its own process: the ranks are forked from it after torch is imported, which a pytest process that

@@ -1,4 +1,4 @@
-"""`ckptd inspect`, `ls`, `verify`, `prune` and `export` on real sharded (FSDP2) checkpoints (issue 13).
+"""`ckptd inspect`, `ls`, `verify`, `prune` and `export` on real sharded (FSDP2) checkpoints.
 
 One 2-rank gloo job (tests/fixtures/dist_sharded.py) writes sharded checkpoints of steps 1-3; the
 commands then run on them as a user would.

@@ -46,7 +46,8 @@ def test_enospc_on_a_full_tmpfs_aborts_cleanly(tmp_path, mode):
         assert report["raised"] is None and report["failed_count"] == 1
         assert "ENOSPC" in stderr and "training continues" in stderr
     else:
-        assert report["errno"] == 28 and "ENOSPC" in report["raised"] and "/ck/.tmp-step-000000000002" in report["raised"]
+        assert (report["errno"] == 28 and "ENOSPC" in report["raised"]
+                and "/ck/.tmp-step-000000000002" in report["raised"])
 
 
 # Saves 1 and 4 succeed; save 2 must fail. All run in the writer thread (strace counts per thread);

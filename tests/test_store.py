@@ -17,7 +17,6 @@ import torch
 import ckptd
 from ckptd import store
 from ckptd.errors import CkptdError
-
 from conftest import ckptd_cli, small_model, train_steps
 
 pytestmark = pytest.mark.kind("unit")  # the tests marked kind("system") start processes
@@ -204,7 +203,7 @@ def test_restore_when_every_checkpoint_is_corrupt_starts_from_zero_with_model_un
 
 def test_leftover_temp_directory_is_removed_and_not_listed(make_checkpoints):
     root = make_checkpoints([1])
-    dead = os.path.join(root, ".tmp-step-000000000002-%s-999999999-abcd0123" % os.uname().nodename)
+    dead = os.path.join(root, f".tmp-step-000000000002-{os.uname().nodename}-999999999-abcd0123")
     os.mkdir(dead)
     open(os.path.join(dead, "tensors.safetensors"), "wb").write(b"partial")
     assert [i.step for i in store.list_checkpoints(root)] == [1]
@@ -252,7 +251,8 @@ def test_state_round_trips_types_without_pickle(tmp_path):
     model, opt = small_model()
     train_steps(model, opt, 1)
     value = {"t": (1, 2.5, "x"), 3: [None, True], "nan": float("nan"), "np": np.arange(3, dtype=np.int16),
-             "scalar": np.float32(1.5), "bytes": b"\x00\x01", "dtype": torch.bfloat16, "bf": torch.ones(2, dtype=torch.bfloat16)}
+             "scalar": np.float32(1.5), "bytes": b"\x00\x01", "dtype": torch.bfloat16,
+             "bf": torch.ones(2, dtype=torch.bfloat16)}
     ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=str(tmp_path), extra={"v": value}, handle_signals=False)
     ck.user["best"] = 0.25
     ck.step(1)
@@ -264,7 +264,8 @@ def test_state_round_trips_types_without_pickle(tmp_path):
     assert got["np"].dtype == np.int16 and list(got["np"]) == [0, 1, 2]
     assert got["scalar"] == np.float32(1.5) and got["scalar"].dtype == np.float32
     assert got["bytes"] == b"\x00\x01" and got["dtype"] is torch.bfloat16 and got["bf"].dtype == torch.bfloat16
-    ck2 = ckptd.Checkpointer(model=small_model()[0], optimizer=None, dir=str(tmp_path), extra={"v": None}, handle_signals=False)
+    ck2 = ckptd.Checkpointer(model=small_model()[0], optimizer=None, dir=str(tmp_path), extra={"v": None},
+                             handle_signals=False)
     assert ck2.restore() == 1
     assert ck2.user == {"best": 0.25} and ck2.extra["v"]["t"] == (1, 2.5, "x")
 
@@ -312,7 +313,8 @@ def test_read_into_runs_during_once_and_stops_on_its_error(tmp_path, monkeypatch
         switch = sys.getswitchinterval()
         assert store.read_into(fd, 0, [memoryview(buf)], h, path,
                                during=lambda: calls.append(sys.getswitchinterval())) == len(data)
-        assert calls == [pytest.approx(store.DURING_SWITCH)] and bytes(buf) == data and h.hexdigest() == store.digest_bytes(data)
+        assert calls == [pytest.approx(store.DURING_SWITCH)]
+        assert bytes(buf) == data and h.hexdigest() == store.digest_bytes(data)
         assert sys.getswitchinterval() == switch  # lowered only while during() ran
         calls.clear()
         assert store.read_into(fd, 0, [memoryview(buf)], h, path, during=lambda: calls.append(1)) == len(data)

@@ -73,7 +73,7 @@ def test_1100_idle_connections_neither_kill_the_supervisor_nor_lock_out_status(t
             s.settimeout(5)
             socks.append(s)
             # a full listen backlog answers EAGAIN: retry until the supervisor has accepted some
-            wait_for(lambda: s.connect_ex(_socket(root)) in (0, 106), 20, "a connection")  # 106: EISCONN
+            wait_for(lambda s=s: s.connect_ex(_socket(root)) in (0, 106), 20, "a connection")  # 106: EISCONN
         _still_supervising(run, root)  # includes `ckptd status` while all of them are connected
         # the supervisor holds a bounded number of them, not 1100
         held = len([c for c in psutil.Process(run.pid).net_connections(kind="unix")])

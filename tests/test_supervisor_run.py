@@ -60,7 +60,8 @@ def _live_step(root):
 
 def test_sigkill_of_the_child_restarts_from_latest_checkpoint_with_bounded_loss(tmp_path, root):
     every = 10
-    run = Run(tmp_path, root, [*FAST, "--every-steps", str(every), TRAINER, "--steps", "100000", "--step-time", "0.005"])
+    run = Run(tmp_path, root,
+              [*FAST, "--every-steps", str(every), TRAINER, "--steps", "100000", "--step-time", "0.005"])
     first = run.wait_event("spawn")
     run.wait_event("checkpoint", count=2)
     os.kill(first["pid"], signal.SIGKILL)
@@ -123,7 +124,8 @@ def test_crash_loop_backs_off_growing_then_gives_up_with_low_cpu(tmp_path, root)
 
 def test_hung_trainer_is_killed_after_the_hang_timeout_and_grace_and_restarted(tmp_path, root):
     run = Run(tmp_path, root, ["--hang-timeout", "1", "--hang-grace", "0.5", "--backoff-base", "0.05",
-                               "--backoff-max", "0.1", "--every-steps", "5", TRAINER, "--steps", "40", "--hang-at", "20"])
+                               "--backoff-max", "0.1", "--every-steps", "5", TRAINER, "--steps", "40",
+                               "--hang-at", "20"])
     wait_for(lambda: "hanging at step 20" in run.stdout(), 20, "the trainer to hang")
     restart = run.wait_event("restart", timeout=60)
     assert restart["reason"] == "hang"

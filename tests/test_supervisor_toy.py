@@ -10,7 +10,7 @@ import time
 import pytest
 
 from ckptd import exitcodes, store
-from fixtures.sup_helpers import Run, ckptd, freeze, wait_for, toy_digest, toy_reference
+from fixtures.sup_helpers import Run, ckptd, freeze, toy_digest, toy_reference, wait_for
 
 pytest.importorskip("torch")
 TOY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "train_toy.py")

@@ -1,5 +1,5 @@
 """Kill or fail (ENOSPC / EIO / EDQUOT) the N-th write, fsync, close, rename, mkdir, unlink or open of a
-save, of retention and of `ckptd prune` (issue 15, item 2): a sample of scripts/syscall_sweep.py's cases."""
+save, of retention and of `ckptd prune`: a sample of scripts/syscall_sweep.py's cases."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-import syscall_sweep  # noqa: E402
+import syscall_sweep
 
 
 @pytest.mark.kind("chaos")

@@ -136,7 +136,7 @@ class NotifySocket:
         while not self._stop:
             try:
                 data, anc, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return

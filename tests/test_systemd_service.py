@@ -20,7 +20,7 @@ import time
 import pytest
 
 from ckptd import exitcodes, store
-from fixtures.sup_helpers import TRAINER, ckptd, journal, hold, running, wait_for
+from fixtures.sup_helpers import TRAINER, ckptd, hold, journal, running, wait_for
 from fixtures.systemd_user import UserManager, skip_reason
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -97,7 +97,8 @@ def _tensor_digests(info: store.CheckpointInfo, header: dict[str, Any], names: l
             while off < start + b:
                 chunk = os.pread(fd, min(store.CHUNK, start + b - off), off)
                 if not chunk:
-                    raise CorruptCheckpointError(info.path, f"{store.TENSORS} ends early (changed after it was verified)")
+                    raise CorruptCheckpointError(info.path,
+                                                 f"{store.TENSORS} ends early (changed after it was verified)")
                 h.update(chunk)
                 off += len(chunk)
             out[name] = h.hexdigest()

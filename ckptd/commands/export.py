@@ -9,7 +9,16 @@ import os
 from .. import store
 from ..errors import CkptdError, CorruptCheckpointError
 from ..progress import Progress
-from . import UsageError, add_dir_argument, best, default_dir, existing_dir, print_json, resolve_checkpoint, storage_error
+from . import (
+    UsageError,
+    add_dir_argument,
+    best,
+    default_dir,
+    existing_dir,
+    print_json,
+    resolve_checkpoint,
+    storage_error,
+)
 from .inspect import CKPT_HELP, read_tensor_header
 
 
@@ -29,11 +38,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also carry this JSON value of the saved state in the file's metadata, under the key PATH "
                    "(e.g. extra/model_args, user/config; repeatable); read it back with json.loads("
                    "safetensors.safe_open(FILE, 'pt').metadata()[PATH])")
-    p.add_argument("--json", action="store_true", help="print one JSON object: output, checkpoint, step, tensors, bytes")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: output, checkpoint, step, tensors, bytes")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    verified: store.CheckpointInfo | None  # None: named, not yet verified (done below)
     if args.best is not None:
         metric, mode = best.parse_metric(args.best)
         if args.ckpt is not None and args.dir_option is not None:
@@ -147,8 +158,9 @@ def _export_sharded(args: argparse.Namespace, path: str, info: store.CheckpointI
         raise CorruptCheckpointError(path, f"{store.DCP_JSON} does not describe the shard files: {problem}")
     try:
         metas = {k[len("model\x1f"):]: v for k, v in doc["tensors"].items() if k.startswith("model\x1f")}
-        fulls = {name: np.zeros(tuple(m["size"]), dtype=f"V{store.DTYPE_SIZES[m['dtype']]}") for name, m in metas.items()}
-        for (fqn, offsets, index), fname, offset, length in doc["storage"]:
+        fulls = {name: np.zeros(tuple(m["size"]), dtype=f"V{store.DTYPE_SIZES[m['dtype']]}")
+                 for name, m in metas.items()}
+        for (fqn, _offsets, index), fname, offset, length in doc["storage"]:
             name = fqn[len("model\x1f"):]
             if not fqn.startswith("model\x1f") or name not in fulls:
                 continue
@@ -156,7 +168,7 @@ def _export_sharded(args: argparse.Namespace, path: str, info: store.CheckpointI
             chunk_offsets, sizes = m["chunks"][index]
             raw = store.read_range(os.path.join(path, store.check_name(fname)), offset, length)
             part = np.frombuffer(raw, dtype=fulls[name].dtype).reshape(sizes)
-            fulls[name][tuple(slice(o, o + n) for o, n in zip(chunk_offsets, sizes))] = part
+            fulls[name][tuple(slice(o, o + n) for o, n in zip(chunk_offsets, sizes, strict=False))] = part
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise CorruptCheckpointError(path, f"dcp.json does not describe the shard files ({exc})") from None
     if not fulls:

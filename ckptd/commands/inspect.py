@@ -78,7 +78,8 @@ def read_shard_map(path: str, manifest: dict[str, Any]) -> dict[str, dict[str, A
                     "bytes": 0}
     for entry in doc["storage"]:
         ok = isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], list) and len(entry[0]) == 3
-        fqn, fname, offset, length = entry if ok else (None, None, None, None)
+        fields: Any = entry if ok else (None, None, None, None)
+        fqn, fname, offset, length = fields
         if not (ok and isinstance(fqn[0], str) and fqn[0] in out and isinstance(fname, str)
                 and fname in manifest["files"] and _dims([offset, length])
                 and offset + length <= manifest["files"][fname]["bytes"]):
@@ -99,12 +100,12 @@ def read_shard_map(path: str, manifest: dict[str, Any]) -> dict[str, dict[str, A
 
 def _ranges(ranks: list[int]) -> str:
     """0,1,2,5 -> "0-2,5"."""
-    parts: list[str] = []
+    parts: list[list[int]] = []
     for r in ranks:
         if parts and parts[-1][1] == r - 1:
             parts[-1][1] = r
         else:
-            parts.append([r, r])  # type: ignore[arg-type]
+            parts.append([r, r])
     return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in parts) or "-"
 
 

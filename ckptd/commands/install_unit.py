@@ -182,8 +182,9 @@ def unit_word(key: str, value: str, *, exec_line: bool = False) -> str:
     """``value`` as one word of a unit-file setting, by systemd's own rules (systemd.syntax(7), systemd.unit(5)
     "Specifiers", systemd.service(5) "Command lines"): ``%`` doubled (specifiers are expanded after the word is
     unquoted), ``$`` doubled on an Exec line, and the word put in double quotes, each backslash and double quote
-    in it escaped by a backslash, when it holds blanks, quotes, backslashes or ``;``. A newline or any other control character cannot be written into a
-    unit safely (it would end the line and start a directive of its own): refused, naming ``key`` (exit 78)."""
+    in it escaped by a backslash, when it holds blanks, quotes, backslashes or ``;``. A newline or any other
+    control character cannot be written into a unit safely (it would end the line and start a directive of its
+    own): refused, naming ``key`` (exit 78)."""
     problem = configmod.control_character(value)
     if problem:
         raise ConfigError(f"{key} {configmod.show(value)} {problem}")

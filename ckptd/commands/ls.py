@@ -6,8 +6,18 @@ import argparse
 from typing import Any
 
 from .. import store
-from . import (UsageError, add_dir_argument, add_remote_arguments, existing_dir, format_metrics, human_bytes, human_time, print_json,
-               remote_from, root_from)
+from . import (
+    UsageError,
+    add_dir_argument,
+    add_remote_arguments,
+    existing_dir,
+    format_metrics,
+    human_bytes,
+    human_time,
+    print_json,
+    remote_from,
+    root_from,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -7,8 +7,16 @@ import os
 
 from .. import retention, store
 from ..errors import CkptdError
-from . import UsageError, add_dir_argument, add_remote_arguments, existing_dir, print_json, remote_from, root_from, \
-    storage_error
+from . import (
+    UsageError,
+    add_dir_argument,
+    add_remote_arguments,
+    existing_dir,
+    print_json,
+    remote_from,
+    root_from,
+    storage_error,
+)
 
 RULES = "--keep-last N, --keep-best METRIC:K[:min|max] or --keep-every M"
 
@@ -67,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     verb = "would delete" if args.dry_run else "deleted"
     for name in leftovers if not args.json else ():
         print(f"removed leftover {name}")
-    deleted = []
+    deleted: list[str] = []
     for info in doomed:
         if not args.dry_run:
             try:

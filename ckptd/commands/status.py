@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     ck = data.get("last_checkpoint") or {}
     started = data.get("started")
     pids = f"supervisor {data.get('supervisor_pid')}, child {data.get('child_pid') or '-'}" if data["running"] else "-"
-    trainers = ", ".join(f"{t['pid']} (rank {t['rank']})" for t in data.get("trainers") or []) if data["running"] else ""
+    trainers = (", ".join(f"{t['pid']} (rank {t['rank']})" for t in data.get("trainers") or [])
+                if data["running"] else "")
     rows = [
         ("dir", data["dir"]),
         ("state", data["state"] + (f" (last: {data.get('last_state')}, exit code {data.get('exit_code')})"

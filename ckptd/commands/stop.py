@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from .. import exitcodes, protocol
 from ..errors import CkptdError
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
                     print("stop requested")
                     return 0
                 if kind == protocol.STOPPED:
-                    code = msg.get("exit_code")
+                    code: Any = msg.get("exit_code")  # from the wire: any JSON value
                     print(f"run stopped: `ckptd run` exit code {code} "
                           f"({exitcodes.DESCRIPTIONS.get(code, 'see ckptd status')})" + _linger_note(msg))
                     if code in (exitcodes.OK, exitcodes.PREEMPTED):

@@ -4,7 +4,8 @@ Modules, one idea each: ``config`` (schema, YAML, CLI merge), ``states`` (the ch
 ``policy`` (exit classification, backoff, restart budget), ``process`` (the only module that spawns,
 signals and reaps), ``control`` (socket server), ``client`` (socket client), ``journal`` (events and
 state file), ``rundir`` (lock, socket path), ``schedule`` (APScheduler), ``watch`` (watchdog),
-``notify`` (sd_notify), ``service`` (what systemd hears, when), ``log`` (stderr lines), ``clock``, and ``loop`` (the Supervisor).
+``notify`` (sd_notify), ``service`` (what systemd hears, when), ``log`` (stderr lines), ``clock``, and
+``loop`` (the Supervisor).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from .. import protocol
 from ..errors import NotRunningError
@@ -42,7 +43,7 @@ class ControlClient:
                 self._sock.settimeout(None)
             try:
                 data = self._sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 raise TimeoutError from None
             if not data:
                 return
@@ -51,7 +52,7 @@ class ControlClient:
     def close(self) -> None:
         self._sock.close()
 
-    def __enter__(self) -> "ControlClient":
+    def __enter__(self) -> ControlClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -27,8 +27,9 @@ import os
 import re
 import reprlib
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .. import exitcodes
 from ..errors import ConfigError
@@ -252,7 +253,7 @@ def _url(raw: Any) -> str:
     if parts.scheme != "http" or not parts.hostname:
         raise ValueError(f"expected a base URL like http://127.0.0.1:8080, got {show(raw)}")
     try:
-        parts.port
+        _ = parts.port  # reading it checks it: a port that is not a number or out of range raises
     except ValueError:
         raise ValueError(f"bad port in {show(raw)}") from None
     return text

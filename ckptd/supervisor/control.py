@@ -7,8 +7,9 @@ with ``SO_PEERCRED``. Nothing here blocks: writes are buffered and finished when
 Timeouts, and what they never apply to: a trainer's connection lives as long as the trainer, however
 quiet (a long step sends nothing). A peer that has not said ``hello`` within HELLO_TIMEOUT, and a
 client that sits idle for CLIENT_IDLE while nothing is owed to it (``waiting``), are dropped; at most
-MAX_CLIENTS non-trainer peers are held (the longest idle one makes room for a new one). When ``accept`` fails (EMFILE: out of file descriptors) the
-listener pauses for ACCEPT_PAUSE instead of spinning, and everything already connected carries on.
+MAX_CLIENTS non-trainer peers are held (the longest idle one makes room for a new one). When ``accept`` fails
+(EMFILE: out of file descriptors) the listener pauses for ACCEPT_PAUSE instead of spinning, and everything
+already connected carries on.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import os
 import selectors
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from .. import protocol, store
 

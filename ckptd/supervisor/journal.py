@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import stat
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from .. import store
 from ..errors import CkptdError

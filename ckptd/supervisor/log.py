@@ -18,7 +18,8 @@ import os
 import re
 import sys
 import time
-from typing import Any, Sequence, TextIO
+from collections.abc import Sequence
+from typing import Any, TextIO
 
 from ..origin import REDACTED, SECRET_NAME, redact_argv  # noqa: F401  (one rule for logs and manifests)
 

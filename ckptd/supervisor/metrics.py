@@ -42,8 +42,9 @@ import resource
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, TypeGuard
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, make_wsgi_app
 
@@ -463,7 +464,7 @@ def _ids(msg: dict[str, Any]) -> list[str]:
     return [i for i in str(msg.get("request_id") or "").split(",") if i]
 
 
-def _is_number(v: Any) -> bool:
+def _is_number(v: Any) -> TypeGuard[float]:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 

@@ -36,8 +36,9 @@ import socket
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .config import NoticesConfig
 
@@ -125,10 +126,10 @@ def start(cfg: NoticesConfig, post: Callable[[tuple], None]) -> tuple[Poller | N
     if source == "off":
         return None, "cloud preemption notices: off"
     if source == "auto":
-        source, why = detect()
-        if source is None:
+        detected, why = detect()
+        if detected is None:
             return None, f"cloud preemption notices: auto: {why}"
-        why = f" (auto: {why})"
+        source, why = detected, f" (auto: {why})"
     base = cfg.endpoint or BASES[source]
     refused = _refused_endpoint(base)
     if refused:
@@ -571,7 +572,7 @@ class DeadlineConnection(http.client.HTTPConnection):
     def connect(self) -> None:
         sock = socket.create_connection((self.host, self.port), _left(self.deadline))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = _DeadlineSocket(sock, self.deadline)  # type: ignore[assignment]
+        self.sock = _DeadlineSocket(sock, self.deadline)
 
 
 class _DeadlineSocket:

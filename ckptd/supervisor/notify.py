@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 
 
 class Notifier:
@@ -14,12 +15,12 @@ class Notifier:
         self._sock: socket.socket | None = None
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "Notifier":
-        environ = os.environ if environ is None else environ
-        usec = environ.get("WATCHDOG_USEC", "")
-        owner = environ.get("WATCHDOG_PID", "")
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Notifier:
+        env = os.environ if environ is None else environ
+        usec = env.get("WATCHDOG_USEC", "")
+        owner = env.get("WATCHDOG_PID", "")
         watchdog = int(usec) if usec.isdigit() and (not owner or owner == str(os.getpid())) else None
-        return cls(environ.get("NOTIFY_SOCKET") or None, watchdog)
+        return cls(env.get("NOTIFY_SOCKET") or None, watchdog)
 
     @property
     def enabled(self) -> bool:

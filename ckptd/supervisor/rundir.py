@@ -25,8 +25,8 @@ import socket
 import stat
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from .. import exitcodes, protocol, store
 from ..errors import CkptdError, ConfigError, LockedError, NotRunningError

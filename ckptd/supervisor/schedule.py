@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class Schedules:
@@ -10,7 +11,7 @@ class Schedules:
 
     def __init__(self, post: Callable[[tuple], None]) -> None:
         self._post = post
-        self._scheduler = None
+        self._scheduler: Any = None  # a BackgroundScheduler once a job is wanted (APScheduler 3.x is untyped)
         self.active: dict[str, str] = {}
 
     def apply(self, every: float | None, cron: str | None) -> dict[str, str]:

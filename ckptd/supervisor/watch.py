@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .. import protocol
+
+if TYPE_CHECKING:
+    from watchdog.observers.api import BaseObserver
 
 
 class DirWatcher:
@@ -20,7 +24,7 @@ class DirWatcher:
         self.root = root
         self._post = post
         self._pending = threading.Event()  # set: a rescan is already queued
-        self._observer = None
+        self._observer: BaseObserver | None = None
 
     def start(self) -> None:
         from watchdog.events import FileSystemEventHandler
