@@ -41,6 +41,8 @@ from ._common import keep_best_rules, scalar_metrics
 
 __all__ = ["CkptdCallback"]
 
+_NONE = object()
+
 log = logging.getLogger("ckptd")
 
 
@@ -151,6 +153,7 @@ class CkptdCallback(pl.Callback):
         self.restored_step = 0
         self._state: _TrainerState | None = None
         self._last_step: int | None = None
+        self._validated: dict[str, Any] = {}  # the metrics the last validation logged
 
     # ------------------------------------------------------------------ fit start: create, restore
 
@@ -204,7 +207,11 @@ class CkptdCallback(pl.Callback):
             return
         self._last_step = step
         state.record(batch_end=True)
-        ck.step(step, metrics=scalar_metrics(trainer.callback_metrics), epoch=trainer.current_epoch)
+        metrics = scalar_metrics(trainer.callback_metrics)
+        # what the last validation logged stays in callback_metrics: it belongs to that validation's step
+        # (keep_best would rank every later checkpoint by it), not to this one
+        metrics = {k: v for k, v in metrics.items() if self._validated.get(k, _NONE) != v}
+        ck.step(step, metrics=metrics, epoch=trainer.current_epoch)
 
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -213,14 +220,16 @@ class CkptdCallback(pl.Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ck, state = self.ck, self._state
-        if ck is None or state is None or trainer.sanity_checking or not self.monitor or self._last_step is None:
+        if ck is None or state is None or trainer.sanity_checking or self._last_step is None:
             return
         metrics = scalar_metrics(trainer.callback_metrics)
-        if self.monitor not in metrics:
+        self._validated = {k: v for k, v in metrics.items() if ck.metrics.get(k, _NONE) != v}
+        if not self.monitor or self.monitor not in metrics:
             return
         step = self._last_step
         ck.metrics = {**ck.metrics, **metrics}
         state.record()  # after validation: a checkpoint written now resumes after it, like ModelCheckpoint's
+        ck.wait()  # the save of this step may be in flight: a periodic save behind it would be skipped (coalesced)
         result = ck.save(step, kind="periodic")
         if result.skipped and result.path:  # this step is saved (before the validation): its metrics are known now
             ck.report(step, **metrics)
@@ -247,6 +256,11 @@ class CkptdCallback(pl.Callback):
             return
         if self._last_step is not None:
             self._state.record()  # the finished loop: a rerun of the same fit has nothing left to do
+            # A safe point of the last step: the fit's end is training work (a resumed run may only have
+            # validated and ended the epoch since), so close() saves it when it changed the state, and marks the run
+            # finished.
+            ck.step(self._last_step, metrics={**ck.metrics, **scalar_metrics(trainer.callback_metrics)},
+                    epoch=trainer.current_epoch)
         ck.close()
 
 
