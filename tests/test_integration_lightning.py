@@ -118,3 +118,21 @@ def test_top_k_by_a_monitored_metric_is_keep_best_and_metrics_reach_the_manifest
     assert infos[best].metrics["val_loss"] == pytest.approx(vals[best], abs=1e-5), infos[best].metrics
     assert "loss" in infos[best].metrics
     assert set(infos) == {best, 18}, sorted(infos)  # steps 2, 4, ... without val_loss, and the worse ones: deleted
+
+
+def test_a_hung_fit_is_replaced_and_resumes_from_the_latest_checkpoint_bit_identical(tmp_path, reference):
+    """The callback's heartbeats (ck.step per batch, ck.poll per validation batch) keep `--hang-timeout` quiet
+    while the fit runs; a fit stuck at step 9 (no safe point) is killed and restarted from the newest checkpoint
+    committed by then (which one depends on how many of the periodic saves came due while one was in flight)."""
+    root = str(tmp_path / "ck")
+    run = Run(tmp_path, root, ["--hang-timeout", "8", "--hang-grace", "1", "--backoff-base", "0.05", "--backoff-max",
+                               "0.1", SCRIPT, "--every-steps", "2", "--faults", "hang@step:9,-", "--life-file",
+                               str(tmp_path / "life")], env=ENV)
+    assert run.wait(240) == 0, run.stderr()
+    [restart] = run.events("restart")
+    assert restart["reason"] == "hang", run.events()
+    committed = [e["step"] for e in run.events("checkpoint") if e["time"] <= restart["time"]]
+    assert committed and restart["resume_step"] == max(committed) <= 9, (committed, restart)
+    out = run.stdout()
+    assert re.findall(r"^start step=(\d+)", out, re.M) == ["0", str(max(committed))], out
+    _assert_same_run(reference[0], [out])
