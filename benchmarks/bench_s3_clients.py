@@ -52,7 +52,7 @@ def obstore_client(endpoint: str, bucket: str, key: str, secret: str) -> tuple[C
             for i in range(0, len(starts), CONCURRENCY * 4):  # bounded memory: 32 parts in flight
                 for s, buf in zip(starts[i:i + CONCURRENCY * 4],
                                   obstore.get_ranges(store, name, starts=starts[i:i + CONCURRENCY * 4],
-                                                     ends=ends[i:i + CONCURRENCY * 4])):
+                                                     ends=ends[i:i + CONCURRENCY * 4]), strict=True):
                     f.seek(s)
                     f.write(memoryview(buf))
 
@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(results, sys.stdout, indent=1)
         print()
         return 0
-    print(f"{'client':<10} {'direction':<9} {'median MiB/s':>12} {'worst MiB/s':>11}   ({args.size}, {args.rounds} rounds)")
+    print(f"{'client':<10} {'direction':<9} {'median MiB/s':>12} {'worst MiB/s':>11}   "
+          f"({args.size}, {args.rounds} rounds)")
     for name, rows in results.items():
         for direction, v in rows.items():
             print(f"{name:<10} {direction:<9} {statistics.median(v):>12.0f} {min(v):>11.0f}")

@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import xxhash
@@ -157,18 +157,18 @@ class RemoteTier:
             if spec.region:
                 config["region"] = spec.region
             config["virtual_hosted_style_request"] = not spec.path_style
-        client = {"timeout": f"{int(timeout_s)}s", "connect_timeout": "10s",
-                  "allow_http": bool(spec.endpoint and spec.endpoint.startswith("http://"))}
-        retry = {"max_retries": max_retries, "retry_timeout": _td(timeout_s * 2),
-                 "backoff": {"init_backoff": _td(0.1), "max_backoff": _td(5.0), "base": 2.0}}
-        try:
-            self.store = from_url(spec.url, config=config, client_options=client, retry_config=retry)
-        except Exception as exc:  # obstore raises its own types for a bad URL or configuration
+        client: Any = {"timeout": f"{int(timeout_s)}s", "connect_timeout": "10s",
+                       "allow_http": bool(spec.endpoint and spec.endpoint.startswith("http://"))}
+        retry: Any = {"max_retries": max_retries, "retry_timeout": _td(timeout_s * 2),
+                      "backoff": {"init_backoff": _td(0.1), "max_backoff": _td(5.0), "base": 2.0}}
+        try:  # the config's keys depend on the scheme: typed per store, given here as one dict
+            self.store = from_url(spec.url, config=cast(Any, config), client_options=client, retry_config=retry)
+        except Exception as exc:  # noqa: BLE001  (obstore raises its own types for a bad URL or configuration)
             raise CkptdError(f"cannot use the remote {spec.url}: {_cause(exc)}") from None
 
     # ------------------------------------------------------------------ reading
 
-    def list(self) -> list[RemoteCheckpoint]:
+    def checkpoints(self) -> list[RemoteCheckpoint]:
         """Every checkpoint on the remote tier that has a manifest, oldest first (by step, then time)."""
         return self._scan(float("inf"), time.time())[0]
 
@@ -187,7 +187,8 @@ class RemoteTier:
                 if fname not in sizes:
                     raise CorruptCheckpointError(where, f"{fname} is missing")
                 if sizes[fname] != rec["bytes"]:
-                    raise CorruptCheckpointError(where, f"{fname} is {sizes[fname]} bytes, manifest says {rec['bytes']}")
+                    raise CorruptCheckpointError(where, f"{fname} is {sizes[fname]} bytes, manifest says "
+                                                 f"{rec['bytes']}")
         except CorruptCheckpointError as exc:
             rc.valid, rc.reason = False, exc.reason
             return rc
@@ -195,13 +196,13 @@ class RemoteTier:
         return rc
 
     def latest_valid(self) -> RemoteCheckpoint | None:
-        valid = [c for c in self.list() if c.valid]
+        valid = [c for c in self.checkpoints() if c.valid]
         return valid[-1] if valid else None
 
     def _get_small(self, path: str) -> bytes:
         try:
             return bytes(self._obs.get(self.store, path).bytes())
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (obstore's error types and transport errors: each becomes one RemoteError)
             raise self._error("read", f"{self.spec.url}/{path}", exc) from None
 
     # ------------------------------------------------------------------ upload
@@ -231,7 +232,7 @@ class RemoteTier:
                                                  f"manifest {rec[store.HASH]}); nothing was committed remotely")
             try:  # last, and only if absent: the remote commit
                 self._obs.put(self.store, f"{key}/{store.MANIFEST}", raw, mode="create")
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  (obstore's error types and transport errors: each becomes one RemoteError)
                 raise self._error("commit", f"{self.spec.url}/{key}/{store.MANIFEST}", exc) from None
         except BaseException:
             self._delete_quietly(written)
@@ -272,7 +273,7 @@ class RemoteTier:
                     self._obs.put(self.store, path, chunks(), chunk_size=self.part, max_concurrency=self.concurrency)
             except CorruptCheckpointError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001  (obstore's error types and transport errors: each becomes one RemoteError)
                 inner = exc.__cause__ or exc.__context__
                 if isinstance(inner, CorruptCheckpointError):
                     raise inner from None
@@ -304,7 +305,7 @@ class RemoteTier:
         try:
             os.mkdir(tmp, store.DIR_MODE)
         except OSError as exc:
-            raise StorageError(f"cannot create {tmp}: {exc.strerror}") from None
+            raise StorageError(tmp, "mkdir", exc) from None
         try:
             dfd = store.open_dir(tmp)
             try:
@@ -337,9 +338,9 @@ class RemoteTier:
                 ends = [min(s + self.part, size) for s in batch]
                 try:
                     bufs = self._obs.get_ranges(self.store, path, starts=batch, ends=ends)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001  (obstore's error types and transport errors: each becomes one RemoteError)
                     raise self._error("download", f"{self.spec.url}/{path}", exc) from None
-                for s, e, buf in zip(batch, ends, bufs):
+                for s, e, buf in zip(batch, ends, bufs, strict=True):
                     view = memoryview(buf)
                     if len(view) != e - s:
                         raise CorruptCheckpointError(f"{self.spec.url}/{rc.key}", f"{fname} is shorter than listed")
@@ -403,7 +404,7 @@ class RemoteTier:
                         objects.setdefault(head, {})[leaf] = int(meta["size"])
                         t = meta.get("last_modified")
                         newest[head] = max(newest.get(head, 0.0), t.timestamp() if t is not None else now)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (obstore's error types and transport errors: each becomes one RemoteError)
             raise self._error("list", self.spec.url, exc) from None
         listed = sorted((self._inspect(k, v) for k, v in objects.items() if store.MANIFEST in v),
                         key=lambda c: (c.step, c.created, c.key))
@@ -417,7 +418,7 @@ class RemoteTier:
         """Remove ``rc``: its manifest first (from then on it does not exist for any reader), then its files."""
         try:
             self._obs.delete(self.store, f"{rc.key}/{store.MANIFEST}")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (obstore's error types and transport errors: each becomes one RemoteError)
             raise self._error("delete", f"{self.spec.url}/{rc.key}/{store.MANIFEST}", exc) from None
         self._delete_quietly([f"{rc.key}/{n}" for n in rc.sizes if n != store.MANIFEST])
 
@@ -426,7 +427,7 @@ class RemoteTier:
         for p in paths:
             try:
                 self._obs.delete(self.store, p)
-            except Exception:
+            except Exception:  # noqa: BLE001  (best effort: what is left has no manifest)
                 pass
 
     def _error(self, op: str, where: str, exc: BaseException) -> RemoteError:

@@ -50,7 +50,9 @@ class UploadStatus:
 
     def lag_seconds(self, now: float) -> float:
         """How old the newest local checkpoint not on the remote tier is (0 when the remote tier is current)."""
-        if self.local_created is None or (self.remote_created is not None and self.remote_created >= self.local_created):
+        if self.local_created is None:
+            return 0.0
+        if self.remote_created is not None and self.remote_created >= self.local_created:
             return 0.0
         return max(0.0, now - self.local_created)
 

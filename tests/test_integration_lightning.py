@@ -18,9 +18,10 @@ import pytest
 
 pytest.importorskip("lightning")
 
-import ckptd  # noqa: E402
-from ckptd import exitcodes, store  # noqa: E402
-from fixtures.sup_helpers import FAST, FIXTURES, Run, ckptd as ckptd_cli, wait_for  # noqa: E402
+import ckptd
+from ckptd import exitcodes, store
+from fixtures.sup_helpers import FAST, FIXTURES, Run, wait_for
+from fixtures.sup_helpers import ckptd as ckptd_cli
 
 SCRIPT = os.path.join(FIXTURES, "lightning_trainer.py")
 ENV = {"HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}

@@ -14,6 +14,8 @@ from ckptd import store  # noqa: E402
 from ckptd.errors import CkptdError  # noqa: E402
 from ckptd.ranks import Solo  # noqa: E402
 
+pytestmark = pytest.mark.kind("unit")
+
 
 class PeerRanks(Solo):
     """This process is the leader of two ranks; rank 1's verdicts and write errors are scripted."""

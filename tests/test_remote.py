@@ -191,7 +191,7 @@ def test_the_background_uploader_keeps_the_remote_tier_current_and_catches_up_af
                   backoff_max=1.0, rescan=0.5).start()
     try:
         assert up.wait_uploaded(3, timeout=60), (up.status, str(events)[-3000:])
-        assert [c.step for c in tier.list()] == [3]  # the newest only: 1 and 2 were never worth the bandwidth
+        assert [c.step for c in tier.checkpoints()] == [3]  # the newest only: 1 and 2 were never worth the bandwidth
         assert up.status.lag_steps == 0 and up.status.lag_seconds(time.time()) == 0.0
         s3_server.kill_gateway()
         try:
@@ -205,7 +205,7 @@ def test_the_background_uploader_keeps_the_remote_tier_current_and_catches_up_af
         finally:
             s3_server.start_gateway()
         assert up.wait_uploaded(4, timeout=120), (up.status, events)
-        assert [c.step for c in tier.list() if c.valid] == [3, 4]
+        assert [c.step for c in tier.checkpoints() if c.valid] == [3, 4]
         assert up.status.errors_in_a_row == 0 and up.status.lag_steps == 0
         got = tier.download(tier.latest_valid(), str(tmp_path / "elsewhere"))
         assert store.verify(got.path).valid and got.step == 4

@@ -23,6 +23,8 @@ from ckptd.supervisor.notices import Notice
 from ckptd.supervisor.policy import ExitStatus, RestartPolicy
 from ckptd.supervisor.states import ChildState as S
 
+pytestmark = pytest.mark.kind("unit")
+
 WALL = 1_700_000_000.0
 SOCKET_DIR = "/run/ckptd-test"
 _ids = itertools.count(1)

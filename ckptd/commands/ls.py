@@ -64,7 +64,7 @@ def _table(head: str, rows: list[tuple[str, Any, str]]) -> None:
 def _remote(args: argparse.Namespace) -> int:
     """``ckptd ls --remote URL``: the checkpoints of the object-store tier (those with a manifest)."""
     tier = remote_from(args)
-    rows = tier.list()
+    rows = tier.checkpoints()
     if args.json:
         print_json([dict(r.as_json(), url=f"{tier.spec.url}/{r.key}") for r in rows])
         return 0

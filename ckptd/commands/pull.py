@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     tier = remote_from(args)
     root = root_from(args)
-    listed = [c for c in tier.list() if c.valid and (args.step is None or c.step == args.step)]
+    listed = [c for c in tier.checkpoints() if c.valid and (args.step is None or c.step == args.step)]
     if not listed:
         what = f"no valid checkpoint of step {args.step}" if args.step is not None else "no valid checkpoint"
         raise NotFoundError(f"{what} on {tier.spec.url}; `ckptd ls --remote {tier.spec.url}` lists what is there")

@@ -37,6 +37,7 @@ import lightning.pytorch as pl
 
 import ckptd
 from ckptd import CkptdError
+
 from ._common import keep_best_rules, scalar_metrics
 
 __all__ = ["CkptdCallback"]
@@ -72,18 +73,18 @@ class _TrainerState:
             # while restarting): a ckptd.DataLoader at the end of its epoch is saved as the next epoch's start.
             loops["state_dict"]["combined_loader"] = [
                 {**st, "epoch": dl.epoch + 1, "position": 0} if isinstance(dl, ckptd.DataLoader) and dl.at_end else st
-                for dl, st in zip(stateful, saved)]
+                for dl, st in zip(stateful, saved, strict=True)]
         self.loops = loops
 
     def state_dict(self) -> dict[str, Any]:
-        trainer = self.trainer
+        trainer: Any = self.trainer  # callbacks, datamodule: properties Lightning's typing does not show
         callbacks = {}
         for cb in trainer.callbacks:
             if cb is self.callback:
                 continue
-            state = cb.state_dict()
-            if state:
-                callbacks[cb.state_key] = state
+            cb_state = cb.state_dict()
+            if cb_state:
+                callbacks[cb.state_key] = cb_state
         hooks: dict[str, Any] = {}
         self.module.on_save_checkpoint(hooks)
         state: dict[str, Any] = {"fit_loop": self.loops, "callbacks": callbacks, "module": hooks}
@@ -103,7 +104,7 @@ class _TrainerState:
         state, self.loaded = self.loaded, None
         if state is None:
             return
-        trainer = self.trainer
+        trainer: Any = self.trainer
         datamodule = trainer.datamodule
         if datamodule is not None:
             if state.get("datamodule"):
@@ -117,8 +118,8 @@ class _TrainerState:
         trainer.fit_loop.load_state_dict(state["fit_loop"])
         max_epochs = trainer.max_epochs
         if max_epochs is not None and max_epochs != -1 and trainer.current_epoch > max_epochs:
-            raise CkptdError(f"the checkpoint is of epoch {trainer.current_epoch}, but Trainer(max_epochs={max_epochs}); "
-                             "raise max_epochs to train further")
+            raise CkptdError(f"the checkpoint is of epoch {trainer.current_epoch}, but "
+                             f"Trainer(max_epochs={max_epochs}); raise max_epochs to train further")
 
 
 class CkptdCallback(pl.Callback):
@@ -168,13 +169,14 @@ class CkptdCallback(pl.Callback):
             extra[f"lr_scheduler_{i}"] = sched
         self._state = _TrainerState(self, trainer, pl_module)
         extra["lightning"] = self._state
+        options: dict[str, Any] = {} if self.pace is None else {"pace": self.pace}
         self.ck = ckptd.Checkpointer(
             model=pl_module, optimizer=optimizers[0] if optimizers else None,
             scheduler=schedulers[0] if schedulers else None,
             scaler=getattr(trainer.precision_plugin, "scaler", None), extra=extra, dir=self.dir,
             every_steps=self.every_n_train_steps, every_seconds=self.every_seconds, keep_last=self.keep_last,
             keep_best=self.keep_best, keep_every=self.keep_every, async_save=self.async_save,
-            on_error=self.on_error, **({} if self.pace is None else {"pace": self.pace}))
+            on_error=self.on_error, **options)
         self._last_step = None
         if not self.restore:
             return
