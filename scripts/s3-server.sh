@@ -10,14 +10,16 @@ set -euo pipefail
 cmd=${1:?usage: s3-server.sh up|down DIR [RGW_PORT MON_PORT_V2 MON_PORT_V1 [STORE_BYTES]]}
 D=${2:?give the server directory}
 if [ "$cmd" = down ]; then
+    # Each pid file names a `timeout` wrapper, which leads a process group with its daemon: signal the group,
+    # so a daemon slow to stop is never left behind when its wrapper goes.
     for p in rgw osd mon; do
-        if [ -f "$D/$p.pid" ]; then kill "$(cat "$D/$p.pid")" 2>/dev/null || true; fi
+        if [ -f "$D/$p.pid" ]; then kill -TERM -- "-$(cat "$D/$p.pid")" 2>/dev/null || true; fi
     done
     for p in rgw osd mon; do
         if [ -f "$D/$p.pid" ]; then
             pid=$(cat "$D/$p.pid")
-            for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-            kill -9 "$pid" 2>/dev/null || true
+            for _ in $(seq 1 100); do kill -0 -- "-$pid" 2>/dev/null || break; sleep 0.1; done
+            kill -KILL -- "-$pid" 2>/dev/null || true
         fi
     done
     exit 0
