@@ -10,10 +10,34 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from . import store
 from .errors import CkptdError, NotFoundError
+
+
+def jsonable_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The metrics a manifest can hold: numbers, strings, booleans and None, a one-element tensor as its
+    value, NaN and infinities as None (the manifest stays strict JSON); anything else is left out."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if callable(getattr(v, "numel", None)) and callable(getattr(v, "item", None)) and v.numel() == 1:
+            v = v.item()  # a one-element tensor, without importing torch
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            if isinstance(v, float) and not math.isfinite(v):
+                v = None
+            out[str(k)] = v
+    return out
+
+
+def checked_metrics(metrics: Mapping[str, Any], who: str) -> dict[str, Any]:
+    """:func:`jsonable_metrics`, refusing (naming them) the values a manifest cannot hold."""
+    values = jsonable_metrics(metrics)
+    if len(values) != len(metrics):
+        bad = ", ".join(sorted(set(map(str, metrics)) - set(values)))
+        raise CkptdError(f"{who}: {bad} is not a number, string, boolean or None (a one-element tensor is fine)")
+    return values
 
 
 def add_metrics(path: str | os.PathLike[str], **metrics: Any) -> store.CheckpointInfo:
@@ -24,16 +48,7 @@ def add_metrics(path: str | os.PathLike[str], **metrics: Any) -> store.Checkpoin
     path = os.fspath(path)
     if not metrics:
         raise CkptdError("add_metrics(): name at least one metric, e.g. add_metrics(path, val_loss=0.31)")
-    values: dict[str, Any] = {}
-    for name, v in metrics.items():
-        if hasattr(v, "item") and callable(v.item) and getattr(v, "numel", lambda: 1)() == 1:
-            v = v.item()
-        if isinstance(v, float) and not math.isfinite(v):
-            v = None  # JSON has no NaN or infinity: the manifest stays strict JSON
-        if not (v is None or isinstance(v, (bool, int, float, str))):
-            raise CkptdError(f"add_metrics(): {name}={v!r} is not a number, string, boolean or None "
-                             "(a one-element tensor is fine)")
-        values[name] = v
+    values = checked_metrics(metrics, "add_metrics()")
     if not os.path.isdir(path):
         raise NotFoundError(f"add_metrics(): {path} is not there (removed meanwhile, or not a checkpoint directory); "
                             "`ckptd ls DIR --json` lists each checkpoint's path")

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from . import __version__, env, exitcodes, origin, persist, protocol, retention, store
+from .annotate import checked_metrics, jsonable_metrics
 from .channel import TrainerChannel, connect_from_env
 from .data import DataLoader as ResumableLoader
 from .errors import CkptdError, CorruptCheckpointError, NotFoundError
@@ -577,11 +578,7 @@ class Checkpointer:
         """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise CkptdError(f"ck.report() takes the step of a saved checkpoint (int >= 0), got {step!r}")
-        values = _jsonable_metrics(metrics)
-        if len(values) != len(metrics):
-            bad = ", ".join(sorted(set(map(str, metrics)) - set(values)))
-            raise CkptdError(f"ck.report(): {bad} is not a number, string, boolean or None (a one-element "
-                             "tensor is fine)")
+        values = checked_metrics(metrics, "ck.report()")
         self.wait()
         self._report_failures()
         if not self.writes:
@@ -698,7 +695,7 @@ class Checkpointer:
                                      "run_id": os.environ.get(env.RUN_ID, ""), "origin": self.origin}
             if ranks.per_rank:
                 extra.update(world_size=ranks.world, sharded=ranks.sharded)
-            fields = {"kind": result.kind, "metrics": _jsonable_metrics(metrics), "extra": extra}
+            fields = {"kind": result.kind, "metrics": jsonable_metrics(metrics), "extra": extra}
             result.path = persist.write(ranks, self.dir, result.step, files, fields, self._pacer(result), replace)
             result._replaced = replace and result.path is not None
             if result.path is None:  # this step is already checkpointed
@@ -1094,18 +1091,6 @@ def _heartbeat_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
             out[str(name)[:64]] = float(value)
             if len(out) >= MAX_HEARTBEAT_METRICS:
                 break
-    return out
-
-
-def _jsonable_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in metrics.items():
-        if isinstance(v, torch.Tensor) and v.numel() == 1:
-            v = v.item()
-        if isinstance(v, (int, float, str, bool)) or v is None:
-            if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")):
-                v = None  # JSON has no NaN/inf; the manifest stays strict JSON
-            out[str(k)] = v
     return out
 
 

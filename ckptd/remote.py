@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import stat
 import time
 import uuid
@@ -43,7 +44,6 @@ PART = 8 << 20  # bytes per multipart part and per ranged read
 CONCURRENCY = 8  # parts in flight
 WINDOW = CONCURRENCY * 4  # ranged reads requested at once by a download (bounded memory: 256 MiB)
 KEY_RE = re.compile(r"^(step-[0-9]{12,20})\.([0-9a-f]{8,40})$")
-FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,200}$")  # a checkpoint's file names: no path, no dot-first
 
 
 class RemoteError(StorageError):
@@ -113,31 +113,6 @@ class RemoteCheckpoint:
                 "finished": self.manifest.get("finished") is True}
 
 
-def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
-    """A manifest's bytes, checked as a local one is (format, digest, fields, file names)."""
-    if len(raw) > store.MAX_MANIFEST_BYTES:
-        raise CorruptCheckpointError(where, f"{store.MANIFEST} is larger than {store.MAX_MANIFEST_BYTES} bytes")
-    m = store.load_json(raw, where, store.MANIFEST, store.MAX_MANIFEST_DEPTH, store.MAX_MANIFEST_BYTES)
-    if not isinstance(m, dict):
-        raise CorruptCheckpointError(where, f"{store.MANIFEST} is not a JSON object")
-    if m.get("format") != store.FORMAT:
-        raise CorruptCheckpointError(where, f"{store.MANIFEST} has format {m.get('format')!r}; this ckptd reads "
-                                     f"{store.FORMAT}")
-    try:
-        digest_ok = m.get("digest") == store.manifest_digest(m)
-    except (TypeError, ValueError):
-        digest_ok = False
-    if not digest_ok:
-        raise CorruptCheckpointError(where, f"{store.MANIFEST} digest mismatch (the manifest was altered or garbled)")
-    problem = store.manifest_problem(m)
-    if problem:
-        raise CorruptCheckpointError(where, f"{store.MANIFEST} {problem}")
-    for name in m["files"]:
-        if not FILE_RE.match(name) or name == store.MANIFEST:
-            raise CorruptCheckpointError(where, f"{store.MANIFEST} lists a file named {name[:80]!r}, not a plain name")
-    return m
-
-
 class RemoteTier:
     """The object store at ``spec``: list, upload, download and delete checkpoints (see the module docstring)."""
 
@@ -180,7 +155,7 @@ class RemoteTier:
             if sizes[store.MANIFEST] > store.MAX_MANIFEST_BYTES:
                 raise CorruptCheckpointError(where, f"{store.MANIFEST} is {sizes[store.MANIFEST]} bytes")
             raw = self._get_small(f"{key}/{store.MANIFEST}")
-            m = parse_manifest(raw, where)
+            m = store.parse_manifest(raw, where)
             if m["step"] != rc.step:
                 raise CorruptCheckpointError(where, f"the key says step {rc.step}, the manifest says {m['step']}")
             for fname, rec in m["files"].items():
@@ -219,7 +194,7 @@ class RemoteTier:
         if not info.valid:
             raise CorruptCheckpointError(local, info.reason)
         raw = store.read_small(os.path.join(local, store.MANIFEST), store.MAX_MANIFEST_BYTES)
-        m = parse_manifest(raw, local)
+        m = store.parse_manifest(raw, local)
         key = f"{info.name}.{uuid.uuid4().hex}"
         written: list[str] = []
         try:
@@ -237,8 +212,8 @@ class RemoteTier:
         except BaseException:
             self._delete_quietly(written)
             raise
-        rc = self._inspect(key, {**{f: r["bytes"] for f, r in m["files"].items()}, store.MANIFEST: len(raw)})
-        return rc
+        sizes = {**{f: r["bytes"] for f, r in m["files"].items()}, store.MANIFEST: len(raw)}
+        return RemoteCheckpoint(name=info.name, key=key, step=m["step"], manifest=m, raw_manifest=raw, sizes=sizes)
 
     def _put_file(self, local: str, path: str, size: int, progress: Callable[[int], None] | None,
                   pause: Callable[[float], None] | None = None) -> str:
@@ -314,14 +289,19 @@ class RemoteTier:
                     if digest != rec[store.HASH]:
                         raise CorruptCheckpointError(f"{self.spec.url}/{rc.key}", f"{fname} does not match its "
                                                      "checksum (changed or damaged on the remote tier)")
-                self._write_at(dfd, store.MANIFEST, [rc.raw_manifest])
+                fd = self._create_at(dfd, store.MANIFEST)
+                try:
+                    store.write_fully(fd, rc.raw_manifest)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
             os.rename(tmp, final)
             store.fsync_dir(root)
         except BaseException:
-            _rmtree(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
         return store.inspect_checkpoint(final)
 
@@ -329,8 +309,7 @@ class RemoteTier:
                   progress: Callable[[int], None] | None) -> str:
         path = f"{rc.key}/{fname}"
         h = xxhash.xxh3_128()
-        fd = os.open(fname, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, store.FILE_MODE,
-                     dir_fd=dfd)
+        fd = self._create_at(dfd, fname)
         try:
             starts = list(range(0, size, self.part))
             for i in range(0, len(starts), WINDOW):
@@ -345,9 +324,7 @@ class RemoteTier:
                     if len(view) != e - s:
                         raise CorruptCheckpointError(f"{self.spec.url}/{rc.key}", f"{fname} is shorter than listed")
                     h.update(view)
-                    done = 0
-                    while done < len(view):
-                        done += os.pwrite(fd, view[done:], s + done)
+                    store.write_fully(fd, view)  # ranges arrive in order: the file grows sequentially
                     if progress is not None:
                         progress(len(view))
             os.fsync(fd)
@@ -356,17 +333,10 @@ class RemoteTier:
         return h.hexdigest()
 
     @staticmethod
-    def _write_at(dfd: int, name: str, chunks: list[bytes]) -> None:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, store.FILE_MODE,
-                     dir_fd=dfd)
-        try:
-            for c in chunks:
-                view = memoryview(c)
-                while view:
-                    view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    def _create_at(dfd: int, name: str) -> int:
+        """A new file ``name`` in the download's temporary directory (never through a link)."""
+        return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, store.FILE_MODE,
+                       dir_fd=dfd)
 
     # ------------------------------------------------------------------ retention
 
@@ -449,9 +419,3 @@ def _td(seconds: float) -> Any:
     import datetime
 
     return datetime.timedelta(seconds=seconds)
-
-
-def _rmtree(path: str) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)

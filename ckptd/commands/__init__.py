@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from .. import exitcodes, store
-from ..errors import CkptdError, NotFoundError, StorageError
+from ..errors import CkptdError, CorruptCheckpointError, NotFoundError, StorageError
 
 LATEST = "latest"
 DIR_HELP = "checkpoint directory (default: $CKPTD_DIR, else ./checkpoints)"
@@ -168,6 +168,20 @@ def resolve_checkpoint(target: str, dir_option: str | None = None,
     if not is_checkpoint(target):
         raise _root_error(target)
     return target, None
+
+
+def verified(path: str, info: store.CheckpointInfo | None = None, quiet: bool = False) -> store.CheckpointInfo:
+    """The checkpoint at ``path`` verified in full (``info``: a full verification already done, e.g. by
+    resolving ``DIR/latest``), with a progress bar on a terminal unless ``quiet``; CorruptCheckpointError
+    when it fails."""
+    from ..progress import Progress
+
+    if info is None:
+        with Progress("verify", store.inspect_checkpoint(path).bytes, enabled=False if quiet else None) as prog:
+            info = store.verify(path, progress=prog)
+    if not info.valid:
+        raise CorruptCheckpointError(path, info.reason)
+    return info
 
 
 def _in_root(root: str, leaf: str) -> tuple[str, store.CheckpointInfo | None]:

@@ -20,8 +20,7 @@ import xxhash
 
 from .. import store
 from ..errors import CorruptCheckpointError
-from ..progress import Progress
-from . import add_dir_argument, print_json, resolve_checkpoint
+from . import add_dir_argument, print_json, resolve_checkpoint, verified
 from .inspect import CKPT_HELP, read_tensor_header
 
 MANIFEST_KEYS = ("step", "kind", "epoch", "finished")
@@ -46,12 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _verified(target: str, dir_option: str | None, quiet: bool) -> store.CheckpointInfo:
     path, info = resolve_checkpoint(target, dir_option)
-    if info is None:
-        with Progress("verify", store.inspect_checkpoint(path).bytes, enabled=False if quiet else None) as prog:
-            info = store.verify(path, progress=prog)
-    if not info.valid:
-        raise CorruptCheckpointError(path, info.reason)
-    return info
+    return verified(path, info, quiet)
 
 
 def _flat(node: Any, prefix: str, out: dict[str, Any]) -> None:

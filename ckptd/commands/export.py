@@ -18,6 +18,7 @@ from . import (
     print_json,
     resolve_checkpoint,
     storage_error,
+    verified,
 )
 from .inspect import CKPT_HELP, read_tensor_header
 
@@ -44,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    verified: store.CheckpointInfo | None  # None: named, not yet verified (done below)
+    known: store.CheckpointInfo | None  # None: named, not yet verified (done below)
     if args.best is not None:
         metric, mode = best.parse_metric(args.best)
         if args.ckpt is not None and args.dir_option is not None:
@@ -52,24 +53,19 @@ def run(args: argparse.Namespace) -> int:
                              "not both")
         root = existing_dir(args.ckpt or args.dir_option or default_dir())
         choice = best.choose(root, metric, mode, quiet=args.json)
-        path, verified = choice.info.path, choice.info
+        path, known = choice.info.path, choice.info
         if not args.json:
             print(f"best by {metric} ({mode}): {choice.info.name} ({metric}={choice.value:.6g})")
     elif args.ckpt is None:
         raise UsageError("name the checkpoint to export (CKPT), or pass --best METRIC to export the best one")
     else:
-        path, verified = resolve_checkpoint(args.ckpt, args.dir_option)
+        path, known = resolve_checkpoint(args.ckpt, args.dir_option)
     out = os.path.abspath(args.output)
     if os.path.lexists(out) and not args.force:
         raise CkptdError(f"{out} exists; pass --force to overwrite it or choose another -o")
     if not os.path.isdir(os.path.dirname(out)):
         raise CkptdError(f"directory of {out} does not exist; create it first")
-    info = verified
-    if info is None:
-        with Progress("verify", store.inspect_checkpoint(path).bytes) as prog:
-            info = store.verify(path, progress=prog)
-    if not info.valid:
-        raise CorruptCheckpointError(path, info.reason)
+    info = verified(path, known)
     carried = state_metadata(path, args.state)
     if info.manifest.get("sharded"):
         return _export_sharded(args, path, info, out, carried)

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_dir_argument(p, positional=True)
     p.add_argument("--json", action="store_true", help="print a JSON list of objects")
     add_remote_arguments(p, required=False)
-    p.set_defaults(func=run, remote=None)
+    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -39,6 +39,7 @@ from .catalog import (
     iter_checkpoint_paths,
     latest_valid,
     list_checkpoints,
+    parse_manifest,
     read_dcp_json,
     read_manifest,
     read_range,
@@ -179,7 +180,7 @@ __all__ = [
     # catalog
     "RESOURCE_ERRNOS", "CheckpointInfo", "advise_sequential", "check_metadata", "check_structure", "hash_file",
     "inspect_checkpoint", "iter_checkpoint_paths", "latest_valid", "list_checkpoints", "read_dcp_json",
-    "read_manifest", "read_range", "read_small", "verify",
+    "parse_manifest", "read_manifest", "read_range", "read_small", "verify",
     # maintenance
     "amend_manifest", "delete", "live_writer", "move_aside", "pin", "pinned", "quarantine", "remove_stale_temps",
     "unpin",

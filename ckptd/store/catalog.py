@@ -129,6 +129,14 @@ def read_manifest(path: str) -> dict[str, Any]:
         if exc.errno in RESOURCE_ERRNOS:
             raise  # the reader's own trouble, not the checkpoint's
         raise CorruptCheckpointError(path, f"{MANIFEST} unreadable: {exc.strerror}") from None
+    return parse_manifest(raw, path)
+
+
+def parse_manifest(raw: bytes, path: str) -> dict[str, Any]:
+    """Check a manifest's bytes (JSON bounds, format, digest, fields) wherever they were read from: a
+    checkpoint's directory or the object-store tier. ``path`` names it in the error."""
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise CorruptCheckpointError(path, f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
     m = load_json(raw, path, MANIFEST, MAX_MANIFEST_DEPTH, MAX_MANIFEST_BYTES)
     if not isinstance(m, dict):
         raise CorruptCheckpointError(path, f"{MANIFEST} is not a JSON object")

@@ -88,7 +88,7 @@ class Supervisor:
         self._fs_due: float | None = None
         self._wake_w = -1
         self._faults: dict[str, int] = {}  # where the loop caught an unexpected error, how often
-        self._fault_reason: dict[str, str] = {}  # the last cause logged for each
+        self._state_write_error: str | None = None  # the cause of the last state.json failure logged
         self._exit_fallback: int | None = None  # an exception ended the loop before the core ended the run
         self.journal: Journal | None = None
         self.control: ControlServer | None = None
@@ -484,9 +484,9 @@ class Supervisor:
         except OSError as exc:  # a full or failing disk must not stop supervision; status still answers live
             n = self._faults["state.json"] = self._faults.get("state.json", 0) + 1
             reason = exc.strerror or str(exc)
-            if n == 1 or n % 100 == 0 or reason != self._fault_reason.get("state.json"):  # a new cause is news
-                self._fault_reason["state.json"] = reason
-                self.log("warning", "state", f"cannot write {STATE_NAME} ({exc.strerror or exc}); "
+            if n % 100 == 0 or reason != self._state_write_error:  # the first, a new cause, then every 100th
+                self._state_write_error = reason
+                self.log("warning", "state", f"cannot write {STATE_NAME} ({reason}); "
                          f"`ckptd status` of a stopped run may be stale ({n} failed writes)")
 
     def _event(self, level: str, event: str, msg: str, *, lines: list[str] | None = None, quiet: bool = False,
