@@ -12,14 +12,13 @@ import random
 import re
 import signal
 import subprocess
-import sys
 
 import pytest
 
 from ckptd import exitcodes, store
 from fixtures.sup_helpers import DIST_OFF as OFF
 from fixtures.sup_helpers import DIST_TRAINER as TRAINER
-from fixtures.sup_helpers import FIXTURES, TORCHRUN, Run, ckptd, free_port, journal, wait_for
+from fixtures.sup_helpers import FIXTURES, TORCHRUN, Run, ckptd, journal, run_ranks, wait_for
 
 WORKER = os.path.join(FIXTURES, "dist_worker.py")
 
@@ -27,20 +26,7 @@ WORKER = os.path.join(FIXTURES, "dist_worker.py")
 def run_workers(scenario: str, root: str, world: int = 2, env: dict[str, str] | None = None,
                 timeout: float = 120) -> list[dict]:
     """Start ``world`` ranks of tests/fixtures/dist_worker.py; return their JSON lines."""
-    port = str(free_port())
-    procs = []
-    for rank in range(world):
-        e = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, **(env or {})}
-        e.pop("CKPTD_CONTROL", None)
-        procs.append(subprocess.Popen([sys.executable, WORKER, scenario, root], env=e, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=timeout)
-        assert p.returncode == 0, stderr
-        out += [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    return sorted(out, key=lambda d: d["rank"])
+    return sorted(run_ranks([WORKER, scenario, root], world, env, timeout), key=lambda d: d["rank"])
 
 
 def digest(text: str) -> str:

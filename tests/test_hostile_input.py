@@ -404,7 +404,7 @@ def _race(root, tmp_path, envs):
     procs = [subprocess.Popen([sys.executable, "-c", RESTORER, root, go], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **e}) for e in envs]
     open(go, "w").close()
-    outs = [p.communicate(timeout=120) for p in procs]
+    outs = [p.communicate(timeout=240) for p in procs]  # bounds a stuck run only: ~35 s under load
     return [(p.returncode, out.strip(), err) for p, (out, err) in zip(procs, outs, strict=True)]
 
 

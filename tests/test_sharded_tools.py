@@ -15,7 +15,7 @@ import sys
 
 from ckptd import exitcodes, store
 from conftest import resign
-from fixtures.sup_helpers import FIXTURES, ckptd, free_port
+from fixtures.sup_helpers import FIXTURES, ckptd, run_ranks
 
 WORKER = os.path.join(FIXTURES, "dist_sharded.py")
 # dist_trainer.build("fsdp", 2, 16): Linear(8, 16), ReLU, Dropout, Linear(16, 16), ReLU, Linear(16, 4)
@@ -24,20 +24,7 @@ SHAPES = {"0.weight": [16, 8], "0.bias": [16], "3.weight": [16, 16], "3.bias": [
 
 
 def sharded_job(root: str, steps: int, world: int = 2) -> list[dict]:
-    port = str(free_port())
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        env.pop("CKPTD_CONTROL", None)
-        procs.append(subprocess.Popen([sys.executable, WORKER, root, str(steps)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    out = []
-    for p in procs:
-        stdout, stderr = p.communicate(timeout=120)
-        assert p.returncode == 0, stderr
-        out += [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    return out
+    return run_ranks([WORKER, root, str(steps)], world)
 
 
 def test_commands_understand_sharded_checkpoints_inspect_lists_every_logical_tensor_with_its_global_shape(tmp_path):
