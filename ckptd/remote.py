@@ -65,16 +65,34 @@ class RemoteSpec:
     @classmethod
     def parse(cls, url: str, endpoint: str | None = None, region: str | None = None,
               path_style: bool | None = None) -> RemoteSpec:
-        u = urlparse(url)
-        if u.scheme not in SCHEMES or not u.netloc or u.query or u.fragment or "\\" in url:
-            raise CkptdError(f"bad remote {url!r}: write s3://BUCKET/PREFIX (or gs://, az://), e.g. "
-                             "s3://my-bucket/runs/llm-7b")
+        check_url(url)
         endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
-        if endpoint is not None and urlparse(endpoint).scheme not in ("http", "https"):
-            raise CkptdError(f"bad endpoint {endpoint!r}: write http(s)://HOST[:PORT], e.g. http://127.0.0.1:9000")
+        if endpoint is not None:
+            check_endpoint(endpoint)
         if path_style is None:
             path_style = endpoint is not None  # a self-hosted server rarely has per-bucket DNS names
         return cls(url.rstrip("/"), endpoint, region or os.environ.get("AWS_REGION") or None, path_style)
+
+
+def check_url(url: str) -> None:
+    """Raise CkptdError when ``url`` does not name a remote tier (a URL holding credentials is never echoed)."""
+    u = urlparse(url)
+    if "@" in u.netloc:
+        raise CkptdError("the remote URL holds credentials (USER@ or USER:SECRET@); write s3://BUCKET/PREFIX and give "
+                         "credentials the standard way (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, the "
+                         "instance role)")
+    if u.scheme not in SCHEMES or not u.netloc or u.query or u.fragment or "\\" in url:
+        raise CkptdError(f"bad remote {url!r}: write s3://BUCKET/PREFIX (or gs://, az://), e.g. "
+                         "s3://my-bucket/runs/llm-7b")
+
+
+def check_endpoint(endpoint: str) -> None:
+    u = urlparse(endpoint)
+    if "@" in u.netloc:
+        raise CkptdError("the endpoint URL holds credentials (USER@ or USER:SECRET@); write http(s)://HOST[:PORT] and "
+                         "give credentials in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    if u.scheme not in ("http", "https") or not u.netloc:
+        raise CkptdError(f"bad endpoint {endpoint!r}: write http(s)://HOST[:PORT], e.g. http://127.0.0.1:9000")
 
 
 @dataclass

@@ -46,6 +46,7 @@ from .rundir import JobLock, choose_socket_path, node_identity, node_run_dir
 from .schedule import Schedules
 from .service import Service, ServiceView
 from .snapshot import StatusBoard
+from .uploads import RemoteUploads
 from .watch import CheckpointView, DirWatcher
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD)
@@ -95,6 +96,8 @@ class Supervisor:
         self.notices: noticesmod.Poller | None = None
         self.metrics = metricsmod.RunMetrics(new_registry(), self.clock, latest_step=self.dir.latest_step)
         self.port = MetricsPort(self.metrics, self.log)  # /metrics and /healthz (endpoint.py)
+        # The object-store tier (uploads.py): its thread does every network operation, the loop never waits on it.
+        self.uploads = RemoteUploads(self.cfg, self.root, self.post) if self.cfg.remote else None
 
     @property
     def exit_code(self) -> int | None:
@@ -187,6 +190,8 @@ class Supervisor:
                 self.core.handle(act.Rescanned(latest=(latest.name, latest.step, latest.kind, latest.created)),
                                  self._view())  # the run's last checkpoint (nothing to carry out yet)
             self.watcher.start()
+            if self.uploads is not None:
+                self._guarded("remote tier", self.uploads.start)
             self._apply_schedules()
             self._guarded("notices", self._start_notices)
             self._guarded("metrics endpoint", self._start_metrics)
@@ -266,6 +271,11 @@ class Supervisor:
             self._decide(act.NoticeReceived(event[1]))
         elif kind == "notice_log":
             self.log(event[1], "notices", event[2])
+        elif kind == "upload" and self.uploads is not None:
+            level, msg, quiet = self.uploads.record(event[1], event[2])
+            self._event(level, event[1], msg, quiet=quiet, url=self.uploads.spec.url, **event[2])
+            if event[1] == "upload_committed":
+                self._save_state()  # state.json says which tier holds the newest checkpoint
 
     def _run_timers(self) -> None:
         now = self.clock.monotonic()
@@ -323,6 +333,8 @@ class Supervisor:
             if self.dir.committed(a):
                 self._do(a.record)
                 self._save_state()
+            if self.uploads is not None:
+                self.uploads.notify()
         elif isinstance(a, act.Prune):
             self.dir.pruning(a.names)
         elif isinstance(a, act.Pin):
@@ -345,7 +357,10 @@ class Supervisor:
                 self.control.close_after_flush(peer)
 
     def _rescan(self, emergency_step: int | None = None) -> None:
-        self._decide(self.dir.rescan(self.cfg, self.core.led.resumed_from, emergency_step))
+        rescanned = self.dir.rescan(self.cfg, self.core.led.resumed_from, emergency_step)
+        if rescanned.added and self.uploads is not None:
+            self.uploads.notify()
+        self._decide(rescanned)
 
     # --- the child ------------------------------------------------------------------------------
 
@@ -462,6 +477,7 @@ class Supervisor:
             "socket": self.control.path if self.control else None, "updated": self.clock.time(),
             "notice": led.notice,
             "metrics": {**self.port.describe(), **self.metrics.status()},
+            "remote": self.uploads.status(self._local_newest(), self.clock.time()) if self.uploads else None,
         }
 
     def _service_view(self) -> ServiceView:
@@ -509,6 +525,13 @@ class Supervisor:
         led = self.core.led
         self.metrics.publish(state=led.sm.state.value, stopping=led.stop is not None, exit_code=self.exit_code,
                              step=led.step, last_checkpoint=led.last_checkpoint, valid=len(self.view.valid))
+        if self.uploads is not None:
+            _, steps, seconds = self.uploads.lag(self._local_newest(), self.clock.time())
+            self.metrics.remote_lag(steps, seconds)
+
+    def _local_newest(self) -> tuple[int, float] | None:
+        latest = self.view.latest()
+        return (latest.step, latest.created) if latest is not None else None
 
     def _start_metrics(self) -> None:
         if self.cfg.metrics.addr:
@@ -549,6 +572,8 @@ class Supervisor:
         if self.notices is not None:
             self.notices.close()  # sends the acknowledgements asked for, bounded
         self.watcher.stop()
+        if self.uploads is not None:
+            self.uploads.close()
         if self.control is not None:
             for action in self.core.finish(self.port.linger_seconds(self.cfg.metrics)):
                 self._do(action)

