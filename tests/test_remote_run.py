@@ -109,3 +109,111 @@ def test_remote_settings_are_checked_and_no_credential_is_ever_echoed():
         configmod.resolve(None, {"remote": "/local/path"})
     with pytest.raises(ConfigError, match="skip, wait"):
         configmod.resolve(None, {"stop_upload": "maybe"})
+
+
+def test_restore_takes_a_newer_remote_checkpoint_into_an_empty_or_older_directory_and_a_newer_local_one_wins(
+        s3_server, tmp_path, monkeypatch, capsys, caplog):
+    import logging
+
+    import torch
+
+    import ckptd
+
+    caplog.set_level(logging.INFO, "ckptd")
+
+    def said() -> str:  # restore()'s line: a log record where logging has a handler (here, pytest's), else stderr
+        text = capsys.readouterr().err + caplog.text
+        caplog.clear()
+        return text
+
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    url = f"s3://{s3_server.bucket()}/lib"
+    tier = _tier(s3_server, url, monkeypatch)
+    a = str(tmp_path / "a")
+
+    def trained(step: int) -> torch.nn.Linear:
+        torch.manual_seed(step)
+        return torch.nn.Linear(16, 16)
+
+    for step in (1, 2):
+        ck = ckptd.Checkpointer(model=trained(step), dir=a, handle_signals=False, save_on_close=False)
+        ck.step(step)
+        ck.save(block=True)
+        ck.close()
+    tier.upload(os.path.join(a, store.checkpoint_name(2)))
+    # A fresh machine: nothing local. The remote checkpoint is downloaded, verified, restored; the line says so.
+    fresh = str(tmp_path / "fresh")
+    model = torch.nn.Linear(16, 16)
+    ck = ckptd.Checkpointer(model=model, dir=fresh, handle_signals=False, remote=url)
+    said()
+    assert ck.restore() == 2
+    line = said()
+    assert "resumed from step 2" in line and f"(remote tier: {url}/step-000000000002." in line, line
+    assert torch.equal(model.weight, trained(2).weight)
+    assert store.verify(os.path.join(fresh, store.checkpoint_name(2))).valid
+    ck.close()
+    # An older local directory (step 1 only): the newer remote checkpoint wins.
+    older = str(tmp_path / "older")
+    os.makedirs(older)
+    import shutil
+
+    shutil.copytree(os.path.join(a, store.checkpoint_name(1)), os.path.join(older, store.checkpoint_name(1)))
+    ck = ckptd.Checkpointer(model=torch.nn.Linear(16, 16), dir=older, handle_signals=False, remote=url)
+    assert ck.restore() == 2 and "(remote tier:" in said()
+    ck.close()
+    # A newer valid local checkpoint (step 3, not uploaded) wins over the remote one; nothing is downloaded.
+    ck = ckptd.Checkpointer(model=trained(3), dir=a, handle_signals=False, save_on_close=False)
+    ck.step(3)
+    ck.save(block=True)
+    ck.close()
+    ck = ckptd.Checkpointer(model=torch.nn.Linear(16, 16), dir=a, handle_signals=False, remote=url)
+    said()
+    assert ck.restore() == 3
+    line = said()
+    assert "resumed from step 3" in line and "(local tier)" in line, line
+    ck.close()
+    # The remote tier unreachable: with a valid local checkpoint, restore goes on from it (said); with none, it
+    # refuses to start at step 0.
+    dead = "http://127.0.0.1:1"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    from ckptd.remote import RemoteError, RemoteSpec
+
+    spec = RemoteSpec.parse(url, dead, "us-east-1")
+    ck = ckptd.Checkpointer(model=torch.nn.Linear(16, 16), dir=a, handle_signals=False, remote=spec)
+    assert ck.restore() == 3
+    ck.close()
+    ck = ckptd.Checkpointer(model=torch.nn.Linear(16, 16), dir=str(tmp_path / "empty"), handle_signals=False,
+                            remote=spec)
+    with pytest.raises(RemoteError, match="will not start at step 0"):
+        ck.restore()
+    ck.close()
+
+
+def test_a_run_whose_local_directory_is_lost_resumes_on_another_machine_from_the_remote_tier_bit_identically(
+        s3_server, tmp_path):
+    from fixtures.sup_helpers import TOY, toy_digest, toy_reference
+
+    steps = 300
+    want = toy_reference(str(tmp_path / "reference"), steps)
+    url = f"s3://{s3_server.bucket()}/toy"
+    env = {**s3_server.env, "TOY_STEP_DELAY": "0.02"}
+    a = str(tmp_path / "machine-a")
+    run = Run(tmp_path, a, [*FAST, "--notices", "off", "--metrics-addr", "off", "--remote", url, TOY, "--steps",
+                            str(steps), "--every-steps", "50"], env=env, name="a")
+    committed = run.wait_event("upload_committed", timeout=60)
+    run.signal(signal.SIGTERM)
+    assert run.wait(60) == exitcodes.PREEMPTED, run.stderr()
+    assert 0 < committed["step"] < steps
+    import shutil
+
+    shutil.rmtree(a)  # the machine is gone, and its disk with it
+    b = str(tmp_path / "machine-b")
+    run = Run(tmp_path, b, [*FAST, "--notices", "off", "--metrics-addr", "off", "--remote", url, TOY, "--steps",
+                            str(steps), "--every-steps", "50"], env={**s3_server.env}, name="b")
+    assert run.wait(120) == 0, run.stderr()
+    out = run.stdout()
+    start = int(out.split("start_step=")[1].split()[0])
+    assert start >= committed["step"], out  # the newest checkpoint committed on the remote tier (or a newer one)
+    assert f"resumed from step {start}" in run.stderr() and f"(remote tier: {url}/" in run.stderr(), run.stderr()
+    assert toy_digest(out, steps) == want

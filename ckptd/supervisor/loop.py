@@ -378,6 +378,10 @@ class Supervisor:
             envvars.RESUME_FROM: self.resume_from or "",
             envvars.RETENTION: "1" if self.cfg.retention_enabled else "",
         })
+        if self.cfg.remote:  # restore() on a fresh machine takes the newest checkpoint from the remote tier
+            env.update({envvars.REMOTE: self.cfg.remote, envvars.REMOTE_ENDPOINT: self.cfg.remote_endpoint or "",
+                        envvars.REMOTE_REGION: self.cfg.remote_region or "",
+                        envvars.REMOTE_VIRTUAL_HOSTED: "1" if self.cfg.remote_virtual_hosted else ""})
         if self.cfg.every_steps:
             env[envvars.EVERY_STEPS] = str(self.cfg.every_steps)
         if self.cfg.keep_last:
