@@ -217,3 +217,35 @@ def test_a_run_whose_local_directory_is_lost_resumes_on_another_machine_from_the
     assert start >= committed["step"], out  # the newest checkpoint committed on the remote tier (or a newer one)
     assert f"resumed from step {start}" in run.stderr() and f"(remote tier: {url}/" in run.stderr(), run.stderr()
     assert toy_digest(out, steps) == want
+
+
+def test_stop_upload_wait_exits_only_once_the_emergency_checkpoint_is_remote_and_says_when_the_deadline_ran_out(
+        s3_server, tmp_path, monkeypatch):
+    url = f"s3://{s3_server.bucket()}/stop"
+    tier = _tier(s3_server, url, monkeypatch)
+    opts = ["--notices", "off", "--metrics-addr", "off", "--every-steps", "50", "--force-grace", "1",
+            "--remote", url, "--stop-upload", "wait"]
+    root = str(tmp_path / "ck")
+    run = Run(tmp_path, root, [*opts, "--grace", "30", TRAINER, "--steps", "10000000"], env=s3_server.env)
+    run.wait_event("upload_committed", timeout=60)
+    run.signal(signal.SIGTERM)
+    assert run.wait(60) == exitcodes.PREEMPTED, run.stderr()
+    listed = {c.step: c for c in tier.checkpoints() if c.valid}  # read once the run has exited
+    emergency = [e for e in journal(root, "checkpoint") if e.get("kind") == "emergency"][-1]
+    waited = journal(root, "remote_wait")
+    assert [(w["uploaded"], w["checkpoint"]) for w in waited] == [(True, emergency["name"])], run.stderr()
+    assert emergency["step"] in listed and listed[emergency["step"]].kind == "emergency"
+    # The server hangs: the wait ends at the stop's deadline (the grace), says so, and the run still exits 85.
+    s3_server.freeze_gateway()
+    try:
+        root = str(tmp_path / "ck2")
+        run = Run(tmp_path, root, [*opts, "--grace", "4", TRAINER, "--steps", "10000000"], env=s3_server.env,
+                  name="frozen")
+        wait_for(lambda: journal(root, "checkpoint"), 30, "a first local checkpoint")
+        run.signal(signal.SIGTERM)
+        assert run.wait(45) == exitcodes.PREEMPTED, run.stderr()
+    finally:
+        s3_server.thaw_gateway()
+    waited = journal(root, "remote_wait")
+    assert len(waited) == 1 and not waited[0]["uploaded"] and waited[0]["reason"] == "deadline", waited
+    assert "the stop's deadline ran out" in run.stderr() and "local tier only" in run.stderr()

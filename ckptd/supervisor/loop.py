@@ -561,6 +561,31 @@ class Supervisor:
             self._poll_io(min(1.0, max(0.0, end - self.clock.monotonic())))
         self.port.close()
 
+    def _wait_upload(self) -> None:
+        """``stop_upload: wait``: after a stop, exit only once the newest local checkpoint (the emergency one) is on
+        the remote tier, or the stop's deadline has passed (said), or a second SIGTERM/SIGINT ends the wait. The
+        child is gone: nothing else is left to do, and the clients of `ckptd stop` hear the outcome after it."""
+        stop = self.core.led.stop
+        if self.uploads is None or self.cfg.stop_upload != "wait" or stop is None:
+            return
+        t0 = self.clock.monotonic()
+        left = stop.deadline - t0
+        url = self.uploads.spec.url
+        ok, name, step = self.uploads.wait_stopped(left, self._signalled_during_linger)
+        waited = round(self.clock.monotonic() - t0, 3)
+        if not name:
+            self._event("warning", "remote_wait", f"stop: no valid local checkpoint to put on the remote tier {url}",
+                        uploaded=False, url=url, seconds=waited)
+        elif ok:
+            self._event("info", "remote_wait", f"stop: {name} is on the remote tier {url} (waited {waited:g} s)",
+                        uploaded=True, checkpoint=name, step=step, url=url, seconds=waited)
+        else:
+            why = "the stop's deadline ran out" if self.clock.monotonic() - t0 >= left else "a second signal ended it"
+            self._event("warning", "remote_wait", f"stop: {why} after {waited:g} s before {name} reached the remote "
+                        f"tier {url}: it is on the local tier only (an upload cut short leaves nothing visible "
+                        "there)", uploaded=False, checkpoint=name, step=step, url=url, seconds=waited,
+                        reason="deadline" if why.startswith("the stop") else "signal")
+
     def _signalled_during_linger(self) -> bool:
         while True:
             try:
@@ -577,6 +602,7 @@ class Supervisor:
             self.notices.close()  # sends the acknowledgements asked for, bounded
         self.watcher.stop()
         if self.uploads is not None:
+            self._guarded("remote tier", self._wait_upload)
             self.uploads.close()
         if self.control is not None:
             for action in self.core.finish(self.port.linger_seconds(self.cfg.metrics)):
