@@ -80,6 +80,11 @@ def test_run_remote_uploads_each_new_checkpoint_says_which_tier_holds_the_newest
         assert st["newest_checkpoint_on"] == "local only" and st["lag_steps"] >= 200, st
         r = ckptd("status", "--dir", root)
         assert f"remote:     {url}: newest checkpoint on local only" in r.stdout, r.stdout
+        # Nor is a restart: the child killed, restarted at once, and its checkpoints go on.
+        os.kill(_status(root)["child_pid"], signal.SIGKILL)
+        run.wait_event("restart", timeout=30)
+        seen = len(journal(root, "checkpoint"))
+        wait_for(lambda: len(journal(root, "checkpoint")) > seen, 30, "a checkpoint after the restart")
         # A stop is not delayed by the hung upload: the emergency checkpoint commits locally and the run exits
         # while the server still answers nothing (each request's own limit is 60 s, then retries).
         run.signal(signal.SIGTERM)

@@ -97,7 +97,9 @@ class Supervisor:
         self.metrics = metricsmod.RunMetrics(new_registry(), self.clock, latest_step=self.dir.latest_step)
         self.port = MetricsPort(self.metrics, self.log)  # /metrics and /healthz (endpoint.py)
         # The object-store tier (uploads.py): its thread does every network operation, the loop never waits on it.
-        self.uploads = RemoteUploads(self.cfg, self.root, self.post) if self.cfg.remote else None
+        # Node 0 alone uploads a multi-node job's shared directory (each checkpoint once).
+        self.uploads = RemoteUploads(self.cfg, self.root, self.post) if self.cfg.remote and self.node.rank == 0 \
+            else None
 
     @property
     def exit_code(self) -> int | None:
