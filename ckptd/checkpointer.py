@@ -134,6 +134,9 @@ class Checkpointer:
         on_error: ``"log"`` (default: warn, count, keep training, retry at the next due save)
             or ``"raise"`` (the failed save's StorageError is raised from ``step()``).
         handle_signals: turn SIGTERM into an emergency checkpoint at the next ``step()``.
+        remote: the object-store tier ``restore()`` takes a newer checkpoint from (``"s3://BUCKET/PREFIX"``
+            or a ``ckptd.remote.RemoteSpec``); None means ``$CKPTD_REMOTE`` (set by ``ckptd run --remote``),
+            else none. Uploads are the supervisor's work (docs/remote.md).
     """
 
     def __init__(
