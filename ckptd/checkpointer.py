@@ -45,6 +45,7 @@ from .channel import TrainerChannel, connect_from_env
 from .data import DataLoader as ResumableLoader
 from .errors import CkptdError, CorruptCheckpointError, NotFoundError
 from .ranks import Sharded, Solo, rank_files
+from .remote import RemoteError, RemoteSpec, spec_from_env
 from .restore import Prepared, Restored, announce, check_state, newest, read_rank_part, read_state_json, read_tensors
 from .snapshot import COPY_THREADS, Snapshot, nbytes
 from .state import DTYPES, Encoder, StateDecodeError, capture_rng, decode, restore_rng
@@ -133,6 +134,9 @@ class Checkpointer:
         on_error: ``"log"`` (default: warn, count, keep training, retry at the next due save)
             or ``"raise"`` (the failed save's StorageError is raised from ``step()``).
         handle_signals: turn SIGTERM into an emergency checkpoint at the next ``step()``.
+        remote: the object-store tier ``restore()`` takes a newer checkpoint from (``"s3://BUCKET/PREFIX"``
+            or a ``ckptd.remote.RemoteSpec``); None means ``$CKPTD_REMOTE`` (set by ``ckptd run --remote``),
+            else none. Uploads are the supervisor's work (docs/remote.md).
     """
 
     def __init__(
@@ -153,6 +157,7 @@ class Checkpointer:
         pace: float = DEFAULT_PACE,
         on_error: str = "log",
         handle_signals: bool = True,
+        remote: str | RemoteSpec | None = None,
     ) -> None:
         if on_error not in ("log", "raise"):
             raise CkptdError(f"on_error must be 'log' or 'raise', got {on_error!r}")
@@ -176,6 +181,11 @@ class Checkpointer:
             keep_best=tuple(retention.Best.parse(b) for b in keep_best),
             keep_every=keep_every,
         )
+        # The object-store tier restore() takes a newer checkpoint from (a fresh machine); `ckptd run --remote`
+        # passes it in CKPTD_REMOTE. Uploading is the supervisor's work, not the library's.
+        self.remote = (RemoteSpec.parse(remote) if isinstance(remote, str) else remote) if remote is not None \
+            else spec_from_env()
+        self._remote_restore: tuple[str, str] = ("", "")  # (checkpoint name downloaded, what the line says)
         self.save_on_close = save_on_close
         self.async_save = async_save
         self.pace = float(pace)
@@ -520,12 +530,40 @@ class Checkpointer:
             return self._after_restore(info, self._stage(info).apply())
         branch = os.environ.get(env.RESUME_FROM) or None
         self._coordinate()  # several ranks: every rank loads the same checkpoint, its own part of it
+        if self.remote is not None:  # the leader downloads a newer remote checkpoint; every rank hears the outcome
+            error, name, note = self._ranks().agree(self._fetch_remote)
+            if error:
+                raise RemoteError(error)
+            self._remote_restore = (name, note)
         found = newest(self._ranks(), self.dir, self._stage, quiet=branch is not None)
         if found is not None:
             return self._after_restore(*found)
         if branch is not None:  # `ckptd run --resume-from`: the run has nothing of its own yet
             return self.restore(branch)
         return 0
+
+    def _fetch_remote(self) -> tuple[str, str, str]:
+        """(error, name downloaded, note for restore()'s line): the newest remote checkpoint that verifies, into
+        ``dir``, when it is newer than every valid local one. An unreadable remote tier is an error only when the
+        local tier holds no valid checkpoint (starting again at step 0 would silently lose the run)."""
+        from .remote import RemoteTier
+
+        assert self.remote is not None
+        url = self.remote.url
+        try:
+            got = RemoteTier(self.remote).fetch_newer(self.dir, lambda m: log.warning("ckptd: %s", m))
+        except RemoteError as exc:
+            if os.path.isdir(self.dir) and any(i.valid for i in store.list_checkpoints(self.dir)):
+                log.warning("ckptd: %s; restoring from the local tier", exc)
+                return "", "", "local tier; the remote tier could not be read"
+            return f"{exc}; restore() will not start at step 0 while the remote tier may hold the run", "", ""
+        except CkptdError as exc:
+            return str(exc), "", ""
+        if got is None:
+            return "", "", "local tier"
+        info, rc, seconds = got
+        return "", info.name, (f"remote tier: {url}/{rc.key}, {rc.bytes} bytes downloaded and verified in "
+                               f"{seconds:.1f} s")
 
     def close(self) -> None:
         """Finish the save in flight and, with ``save_on_close``, save the state as it is now when it is not
@@ -1060,7 +1098,12 @@ class Checkpointer:
             self.resumed_from = info.name
             if info.kind == "emergency" and self.writes:
                 self._keep_emergency(info)
-        announce(f"ckptd: resumed from step {step}: {info.path}" + _resume_notes(info, self.origin))
+        tier = ""
+        if self.remote is not None:
+            name, note = self._remote_restore
+            tier = f" ({note})" if name and name == info.name else " (local tier)" if name else \
+                f" ({note or 'local tier'})"
+        announce(f"ckptd: resumed from step {step}: {info.path}{tier}" + _resume_notes(info, self.origin))
         if self._prewarm is None and self.async_save and self.writes:
             self._start_prewarm(restored.tensors)  # the state's size is known now; the first save will not page-fault
         if self.channel is not None:

@@ -65,16 +65,47 @@ class RemoteSpec:
     @classmethod
     def parse(cls, url: str, endpoint: str | None = None, region: str | None = None,
               path_style: bool | None = None) -> RemoteSpec:
-        u = urlparse(url)
-        if u.scheme not in SCHEMES or not u.netloc or u.query or u.fragment or "\\" in url:
-            raise CkptdError(f"bad remote {url!r}: write s3://BUCKET/PREFIX (or gs://, az://), e.g. "
-                             "s3://my-bucket/runs/llm-7b")
+        check_url(url)
         endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
-        if endpoint is not None and urlparse(endpoint).scheme not in ("http", "https"):
-            raise CkptdError(f"bad endpoint {endpoint!r}: write http(s)://HOST[:PORT], e.g. http://127.0.0.1:9000")
+        if endpoint is not None:
+            check_endpoint(endpoint)
         if path_style is None:
             path_style = endpoint is not None  # a self-hosted server rarely has per-bucket DNS names
         return cls(url.rstrip("/"), endpoint, region or os.environ.get("AWS_REGION") or None, path_style)
+
+
+def spec_from_env(environ: Any = None) -> RemoteSpec | None:
+    """The remote tier ``ckptd run --remote`` hands its child (``CKPTD_REMOTE`` and the ``CKPTD_REMOTE_*`` settings,
+    ckptd/env.py); None when ``CKPTD_REMOTE`` is unset or empty."""
+    from . import env
+
+    e = os.environ if environ is None else environ
+    url = e.get(env.REMOTE) or ""
+    if not url:
+        return None
+    return RemoteSpec.parse(url, e.get(env.REMOTE_ENDPOINT) or None, e.get(env.REMOTE_REGION) or None,
+                            path_style=False if e.get(env.REMOTE_VIRTUAL_HOSTED) == "1" else None)
+
+
+def check_url(url: str) -> None:
+    """Raise CkptdError when ``url`` does not name a remote tier (a URL holding credentials is never echoed)."""
+    u = urlparse(url)
+    if "@" in u.netloc:
+        raise CkptdError("the remote URL holds credentials (USER@ or USER:SECRET@); write s3://BUCKET/PREFIX and give "
+                         "credentials the standard way (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, a profile, the "
+                         "instance role)")
+    if u.scheme not in SCHEMES or not u.netloc or u.query or u.fragment or "\\" in url:
+        raise CkptdError(f"bad remote {url!r}: write s3://BUCKET/PREFIX (or gs://, az://), e.g. "
+                         "s3://my-bucket/runs/llm-7b")
+
+
+def check_endpoint(endpoint: str) -> None:
+    u = urlparse(endpoint)
+    if "@" in u.netloc:
+        raise CkptdError("the endpoint URL holds credentials (USER@ or USER:SECRET@); write http(s)://HOST[:PORT] and "
+                         "give credentials in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+    if u.scheme not in ("http", "https") or not u.netloc:
+        raise CkptdError(f"bad endpoint {endpoint!r}: write http(s)://HOST[:PORT], e.g. http://127.0.0.1:9000")
 
 
 @dataclass
@@ -173,6 +204,29 @@ class RemoteTier:
     def latest_valid(self) -> RemoteCheckpoint | None:
         valid = [c for c in self.checkpoints() if c.valid]
         return valid[-1] if valid else None
+
+    def fetch_newer(self, root: str, warn: Callable[[str], None]) -> tuple[store.CheckpointInfo, RemoteCheckpoint,
+                                                                            float] | None:
+        """Restore on a fresh machine: download into ``root`` the newest remote checkpoint that verifies when it is
+        newer (step, then commit time) than the newest valid local one; returns (the local copy, the remote one,
+        seconds), or None when the local tier is as new (a newer valid local checkpoint wins). A remote candidate
+        that fails the download's checks is skipped (``warn``) for the next older one. Raises RemoteError when
+        the remote tier fails, StorageError when the local disk does."""
+        local = [i for i in store.list_checkpoints(root) if i.valid] if os.path.isdir(root) else []
+        newest_local = (local[-1].step, local[-1].created) if local else None
+        for rc in reversed([c for c in self.checkpoints() if c.valid]):
+            if newest_local is not None and (rc.step, rc.created) <= newest_local:
+                return None
+            t0 = time.monotonic()
+            try:
+                info = self.download(rc, root)
+            except CkptdError as exc:
+                if isinstance(exc, StorageError):  # the server or the local disk failed: not this candidate's fault
+                    raise
+                warn(f"{self.spec.url}/{rc.key}: {getattr(exc, 'reason', exc)}; taking the next older one")
+                continue
+            return info, rc, time.monotonic() - t0
+        return None
 
     def _get_small(self, path: str) -> bytes:
         try:

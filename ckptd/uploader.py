@@ -46,7 +46,16 @@ class UploadStatus:
     def lag_steps(self) -> int:
         if self.local_step is None:
             return 0
-        return self.local_step - (self.remote_step if self.remote_step is not None else 0)
+        return max(0, self.local_step - (self.remote_step if self.remote_step is not None else 0))
+
+    @property
+    def current(self) -> bool:
+        """The remote tier holds the newest local checkpoint (or a newer one): nothing to upload."""
+        if self.local_step is None:
+            return True
+        if self.remote_step is None:
+            return False
+        return (self.remote_step, self.remote_created or 0.0) >= (self.local_step, self.local_created or 0.0)
 
     def lag_seconds(self, now: float) -> float:
         """How old the newest local checkpoint not on the remote tier is (0 when the remote tier is current)."""
@@ -97,6 +106,20 @@ class Uploader:
                 if left <= 0 or self._closed:
                     return False
                 self._cv.wait(min(left, 1.0))
+        return True
+
+    def wait_for(self, step: int, created: float, timeout: float, cancelled: Callable[[], bool] = lambda: False
+                 ) -> bool:
+        """Wait until the local checkpoint (``step``, ``created``) or a newer one is committed remotely; False when
+        ``timeout`` passes or ``cancelled()`` says so (asked at least every 0.2 s)."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while (self.status.remote_step is None
+                   or (self.status.remote_step, self.status.remote_created or 0.0) < (step, created)):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed or cancelled():
+                    return False
+                self._cv.wait(min(left, 0.2))
         return True
 
     def close(self, timeout: float = 5.0) -> None:
@@ -178,7 +201,7 @@ class Uploader:
             self.status.history = [*self.status.history, {"step": rc.step, "key": rc.key, "bytes": rc.bytes,
                                                           "seconds": round(seconds, 3)}][-self.HISTORY:]
             self._cv.notify_all()
-        self.on_event("uploaded", {"checkpoint": info.name, "step": rc.step, "key": rc.key, "bytes": rc.bytes,
+        self.on_event("upload_committed", {"checkpoint": info.name, "step": rc.step, "key": rc.key, "bytes": rc.bytes,
                                    "seconds": round(seconds, 3)})
         return True
 

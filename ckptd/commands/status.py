@@ -98,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     ]
     if data.get("notice"):
         rows.append(("notice", _notice_line(data["notice"])))
+    if data.get("remote"):
+        rows.append(("remote", _remote_line(data["remote"])))
     if data["running"] and data.get("metrics"):
         rows.append(("metrics", _metrics_line(data["metrics"])))
     for key, value in rows:
@@ -131,6 +133,20 @@ def _notice_line(n: dict[str, Any]) -> str:
         return line + "; emergency checkpoint committed" + (f" {margin:.1f} s before it" if margin is not None else "")
     return line + ("; no emergency checkpoint" + (f": {n['no_checkpoint']}" if n.get("no_checkpoint") else "")
                    if n.get("exit_code") is not None else "")
+
+
+def _remote_line(r: dict[str, Any]) -> str:
+    """The object-store tier: which tier holds the newest checkpoint, the lag, an upload under way, failures."""
+    line = f"{r.get('url')}: newest checkpoint on {r.get('newest_checkpoint_on')}"
+    if r.get("remote_step") is not None:
+        line += f" (remote step {r['remote_step']}"
+        line += f", {r.get('lag_steps')} steps and {r.get('lag_seconds', 0):.0f} s behind)" \
+            if r.get("newest_checkpoint_on") == "local only" else ")"
+    if r.get("uploading"):
+        line += f"; uploading {r['uploading']}"
+    if r.get("failures_in_a_row"):
+        line += f"; {r['failures_in_a_row']} failures in a row, last: {str(r.get('last_error'))[:200]}"
+    return line
 
 
 def _metrics_line(m: dict[str, Any]) -> str:

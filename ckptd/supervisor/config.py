@@ -117,6 +117,11 @@ class Config:
     log_format: str = "text"
     job_id: str | None = None  # several nodes' `ckptd run` of one job share the directory (rundir.py)
     node_rank: int | None = None  # this node's rank in the job (default: torchrun's --node-rank, $SLURM_NODEID, 0)
+    remote: str | None = None  # the object-store tier, s3://BUCKET/PREFIX: every new checkpoint is uploaded
+    remote_endpoint: str | None = None  # an S3-compatible server (default $AWS_ENDPOINT_URL)
+    remote_region: str | None = None  # default $AWS_REGION
+    remote_virtual_hosted: bool = False  # with an endpoint: bucket.host addressing instead of path-style
+    stop_upload: str = "skip"  # skip | wait: a stop exits only once its checkpoint is on the remote tier
     notices: NoticesConfig = NoticesConfig()
     slurm: SlurmConfig = SlurmConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -259,6 +264,30 @@ def _url(raw: Any) -> str:
     return text
 
 
+def _remote(raw: Any) -> str:
+    from ..errors import CkptdError
+    from ..remote import check_url
+
+    text = _string(raw).strip()
+    try:
+        check_url(text)
+    except CkptdError as exc:
+        raise ValueError(str(exc)) from None
+    return text.rstrip("/")
+
+
+def _endpoint(raw: Any) -> str:
+    from ..errors import CkptdError
+    from ..remote import check_endpoint
+
+    text = _string(raw).strip()
+    try:
+        check_endpoint(text)
+    except CkptdError as exc:
+        raise ValueError(str(exc)) from None
+    return text
+
+
 def _list(item: Callable[[Any], Any]) -> Callable[[Any], tuple]:
     def parse(raw: Any) -> tuple:
         items = raw if isinstance(raw, (list, tuple)) else [raw]
@@ -341,6 +370,15 @@ OPTIONS: tuple[Option, ...] = (
            "(default: $SLURM_JOB_ID, else torchrun's --rdzv-id; none: a single-node run)", "ID"),
     Option("node_rank", _int(0), "multi-node: this node's rank in the job (default: torchrun's --node-rank, "
            "else $SLURM_NODEID, else 0)"),
+    Option("remote", _remote, "the object-store tier: upload every new checkpoint to s3://BUCKET/PREFIX (gs://, "
+           "az://) in the background; credentials from AWS_* variables, a profile or the instance role", "URL"),
+    Option("remote_endpoint", _endpoint, "an S3-compatible server for --remote, e.g. http://127.0.0.1:9000 (default "
+           "$AWS_ENDPOINT_URL)", "URL"),
+    Option("remote_region", _string, "the bucket's region (default $AWS_REGION)", "REGION"),
+    Option("remote_virtual_hosted", _bool, "with --remote-endpoint: bucket.host addressing (default: path-style)",
+           switch=True),
+    Option("stop_upload", _choice("skip", "wait"), "on a stop: wait = exit only once the emergency checkpoint is "
+           "on the remote tier (bounded by the stop's deadline); skip = exit once it is local (default)", "MODE"),
     Option("notices.source", _choice(*NOTICE_SOURCES), "cloud preemption notices to poll: auto (default: the cloud "
            "this machine's DMI data names, none elsewhere), aws, gcp, azure or off", "SOURCE", flag="--notices"),
     Option("notices.endpoint", _url, "base URL of the metadata service (default: the cloud's own)", "URL",

@@ -46,6 +46,7 @@ from .rundir import JobLock, choose_socket_path, node_identity, node_run_dir
 from .schedule import Schedules
 from .service import Service, ServiceView
 from .snapshot import StatusBoard
+from .uploads import RemoteUploads
 from .watch import CheckpointView, DirWatcher
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD)
@@ -95,6 +96,10 @@ class Supervisor:
         self.notices: noticesmod.Poller | None = None
         self.metrics = metricsmod.RunMetrics(new_registry(), self.clock, latest_step=self.dir.latest_step)
         self.port = MetricsPort(self.metrics, self.log)  # /metrics and /healthz (endpoint.py)
+        # The object-store tier (uploads.py): its thread does every network operation, the loop never waits on it.
+        # Node 0 alone uploads a multi-node job's shared directory (each checkpoint once).
+        self.uploads = RemoteUploads(self.cfg, self.root, self.post) if self.cfg.remote and self.node.rank == 0 \
+            else None
 
     @property
     def exit_code(self) -> int | None:
@@ -187,6 +192,8 @@ class Supervisor:
                 self.core.handle(act.Rescanned(latest=(latest.name, latest.step, latest.kind, latest.created)),
                                  self._view())  # the run's last checkpoint (nothing to carry out yet)
             self.watcher.start()
+            if self.uploads is not None:
+                self._guarded("remote tier", self.uploads.start)
             self._apply_schedules()
             self._guarded("notices", self._start_notices)
             self._guarded("metrics endpoint", self._start_metrics)
@@ -266,6 +273,11 @@ class Supervisor:
             self._decide(act.NoticeReceived(event[1]))
         elif kind == "notice_log":
             self.log(event[1], "notices", event[2])
+        elif kind == "upload" and self.uploads is not None:
+            level, msg, quiet = self.uploads.record(event[1], event[2])
+            self._event(level, event[1], msg, quiet=quiet, url=self.uploads.spec.url, **event[2])
+            if event[1] == "upload_committed":
+                self._save_state()  # state.json says which tier holds the newest checkpoint
 
     def _run_timers(self) -> None:
         now = self.clock.monotonic()
@@ -323,6 +335,8 @@ class Supervisor:
             if self.dir.committed(a):
                 self._do(a.record)
                 self._save_state()
+            if self.uploads is not None:
+                self.uploads.notify()
         elif isinstance(a, act.Prune):
             self.dir.pruning(a.names)
         elif isinstance(a, act.Pin):
@@ -345,7 +359,10 @@ class Supervisor:
                 self.control.close_after_flush(peer)
 
     def _rescan(self, emergency_step: int | None = None) -> None:
-        self._decide(self.dir.rescan(self.cfg, self.core.led.resumed_from, emergency_step))
+        rescanned = self.dir.rescan(self.cfg, self.core.led.resumed_from, emergency_step)
+        if rescanned.added and self.uploads is not None:
+            self.uploads.notify()
+        self._decide(rescanned)
 
     # --- the child ------------------------------------------------------------------------------
 
@@ -363,6 +380,10 @@ class Supervisor:
             envvars.RESUME_FROM: self.resume_from or "",
             envvars.RETENTION: "1" if self.cfg.retention_enabled else "",
         })
+        if self.cfg.remote:  # restore() on a fresh machine takes the newest checkpoint from the remote tier
+            env.update({envvars.REMOTE: self.cfg.remote, envvars.REMOTE_ENDPOINT: self.cfg.remote_endpoint or "",
+                        envvars.REMOTE_REGION: self.cfg.remote_region or "",
+                        envvars.REMOTE_VIRTUAL_HOSTED: "1" if self.cfg.remote_virtual_hosted else ""})
         if self.cfg.every_steps:
             env[envvars.EVERY_STEPS] = str(self.cfg.every_steps)
         if self.cfg.keep_last:
@@ -462,6 +483,7 @@ class Supervisor:
             "socket": self.control.path if self.control else None, "updated": self.clock.time(),
             "notice": led.notice,
             "metrics": {**self.port.describe(), **self.metrics.status()},
+            "remote": self.uploads.status(self._local_newest(), self.clock.time()) if self.uploads else None,
         }
 
     def _service_view(self) -> ServiceView:
@@ -509,6 +531,13 @@ class Supervisor:
         led = self.core.led
         self.metrics.publish(state=led.sm.state.value, stopping=led.stop is not None, exit_code=self.exit_code,
                              step=led.step, last_checkpoint=led.last_checkpoint, valid=len(self.view.valid))
+        if self.uploads is not None:
+            _, steps, seconds = self.uploads.lag(self._local_newest(), self.clock.time())
+            self.metrics.remote_lag(steps, seconds)
+
+    def _local_newest(self) -> tuple[int, float] | None:
+        latest = self.view.latest()
+        return (latest.step, latest.created) if latest is not None else None
 
     def _start_metrics(self) -> None:
         if self.cfg.metrics.addr:
@@ -534,6 +563,31 @@ class Supervisor:
             self._poll_io(min(1.0, max(0.0, end - self.clock.monotonic())))
         self.port.close()
 
+    def _wait_upload(self) -> None:
+        """``stop_upload: wait``: after a stop, exit only once the newest local checkpoint (the emergency one) is on
+        the remote tier, or the stop's deadline has passed (said), or a second SIGTERM/SIGINT ends the wait. The
+        child is gone: nothing else is left to do, and the clients of `ckptd stop` hear the outcome after it."""
+        stop = self.core.led.stop
+        if self.uploads is None or self.cfg.stop_upload != "wait" or stop is None:
+            return
+        t0 = self.clock.monotonic()
+        left = stop.deadline - t0
+        url = self.uploads.spec.url
+        ok, name, step = self.uploads.wait_stopped(left, self._signalled_during_linger)
+        waited = round(self.clock.monotonic() - t0, 3)
+        if not name:
+            self._event("warning", "remote_wait", f"stop: no valid local checkpoint to put on the remote tier {url}",
+                        uploaded=False, url=url, seconds=waited)
+        elif ok:
+            self._event("info", "remote_wait", f"stop: {name} is on the remote tier {url} (waited {waited:g} s)",
+                        uploaded=True, checkpoint=name, step=step, url=url, seconds=waited)
+        else:
+            why = "the stop's deadline ran out" if self.clock.monotonic() - t0 >= left else "a second signal ended it"
+            self._event("warning", "remote_wait", f"stop: {why} after {waited:g} s before {name} reached the remote "
+                        f"tier {url}: it is on the local tier only (an upload cut short leaves nothing visible "
+                        "there)", uploaded=False, checkpoint=name, step=step, url=url, seconds=waited,
+                        reason="deadline" if why.startswith("the stop") else "signal")
+
     def _signalled_during_linger(self) -> bool:
         while True:
             try:
@@ -549,6 +603,9 @@ class Supervisor:
         if self.notices is not None:
             self.notices.close()  # sends the acknowledgements asked for, bounded
         self.watcher.stop()
+        if self.uploads is not None:
+            self._guarded("remote tier", self._wait_upload)
+            self.uploads.close()
         if self.control is not None:
             for action in self.core.finish(self.port.linger_seconds(self.cfg.metrics)):
                 self._do(action)

@@ -236,6 +236,14 @@ class RunMetrics:
         goodput = Gauge("ckptd_goodput_ratio", "Share of the run's wall time that produced steps still kept.",
                         registry=r)
         goodput.set_function(lambda: self.goodput.ratio(self.clock.monotonic()))
+        self.remote_lag_steps = Gauge("ckptd_remote_lag_steps", "Steps of the newest local checkpoint not yet on the "
+                                      "object-store tier (0: it is there); NaN without a remote tier.", registry=r)
+        self.remote_lag_seconds = Gauge("ckptd_remote_lag_seconds", "Age of the newest local checkpoint not yet on the "
+                                        "object-store tier (0: it is there); NaN without a remote tier.", registry=r)
+        self.remote_bytes = Counter("ckptd_remote_upload_bytes", "Bytes of checkpoints committed to the object-store "
+                                    "tier.", registry=r)
+        self.remote_failures = Counter("ckptd_remote_upload_failures", "Failed operations of the object-store "
+                                       "uploader (list, scan, upload), each retried with backoff.", registry=r)
         self.train = Gauge("ckptd_train_metric", "The last value of each metric passed to ck.step().", ["name"],
                            registry=r)
         for kind in KINDS:  # every series exists from the start: their number never changes during a run
@@ -249,6 +257,8 @@ class RunMetrics:
             self.notices.labels(source)
         self.restore.set(NAN)
         self.margin.set(NAN)
+        self.remote_lag_steps.set(NAN)
+        self.remote_lag_seconds.set(NAN)
         self.last_step.set(-1)
         self.start_ts.set(clock.time())
         self.publish(state="idle", stopping=False, exit_code=None, step=None, last_checkpoint=None, valid=0)
@@ -403,6 +413,19 @@ class RunMetrics:
         kind = fields.get("kind") if fields.get("kind") in KINDS else "manual"
         self.checkpoints.labels(kind, "failed").inc()
         self.failures.labels(_failure_reason(fields.get("errno"))).inc()
+
+    def remote_lag(self, steps: int, seconds: float) -> None:
+        """The object-store tier's lag behind the local one (the uploader's view, once per tick)."""
+        self.remote_lag_steps.set(steps)
+        self.remote_lag_seconds.set(seconds)
+
+    def _on_upload_committed(self, fields: dict[str, Any]) -> None:
+        size = fields.get("bytes")
+        if _is_number(size) and size > 0:
+            self.remote_bytes.inc(size)
+
+    def _on_upload_failed(self, fields: dict[str, Any]) -> None:
+        self.remote_failures.inc()
 
     def _on_emergency_skipped(self, fields: dict[str, Any]) -> None:
         self._missed_deadline()

@@ -69,8 +69,9 @@ PANELS: tuple[Panel, ...] = (
           ((f"sum by (instance, kind) (increase(ckptd_checkpoints_total{{{SL}, result=\"ok\"}}[$__rate_interval]))",
             "{{instance}} {{kind}}"),
            (f"sum by (instance, reason) (increase(ckptd_checkpoint_failures_total{S}[$__rate_interval]))",
-            "{{instance}} failed: {{reason}}")),
-          "Committed checkpoints by kind, failures by reason"),
+            "{{instance}} failed: {{reason}}"),
+           (f"increase(ckptd_remote_upload_failures_total{S}[$__rate_interval])", "{{instance}} remote upload failed")),
+          "Committed checkpoints by kind, failures by reason, failed operations of the remote tier's uploader"),
     Panel("Lost steps", "timeseries", "none",
           ((f"ckptd_lost_steps_total{S}", "{{instance}} total"),),
           "Steps computed and then lost: recomputed after a restart"),
@@ -82,6 +83,13 @@ PANELS: tuple[Panel, ...] = (
           "Deadline minus commit time of the last emergency checkpoint; below 0: it was too late"),
     Panel("Valid checkpoints", "timeseries", "none", ((f"ckptd_valid_checkpoints{S}", "{{instance}}"),),
           "Valid checkpoints in the run's directory"),
+    Panel("Remote tier lag", "timeseries", "s",
+          ((f"ckptd_remote_lag_seconds{S}", "{{instance}}"),),
+          "Age of the newest local checkpoint not yet on the object-store tier (--remote); 0: the remote tier holds "
+          "it; empty without a remote tier"),
+    Panel("Remote uploads", "timeseries", "Bps",
+          ((f"rate(ckptd_remote_upload_bytes_total{S}[$__rate_interval])", "{{instance}}"),),
+          "Bytes per second committed to the object-store tier (failed uploads: in 'Checkpoints and failures')"),
 )
 
 
