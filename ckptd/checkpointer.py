@@ -32,7 +32,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -545,15 +545,22 @@ class Checkpointer:
         """
         wanted = lineage.check_parts(parts)
         if stage is not None:
-            path = self._stage_checkpoint(lineage.check_stage(stage, "restore(stage=...)") or stage, metric, path)
+            lineage.check_stage(stage, "restore(stage=...)")
         elif metric is not None:
             raise CkptdError("restore(metric=...) picks the best checkpoint of a stage: give stage= too")
         self.wait()
         self._restore_started = time.perf_counter()
+        if stage is not None:  # a restart of the branch resumes its own checkpoints: look for the stage's only if none
+            where = path
+
+            def pick() -> str:
+                return self._stage_checkpoint(stage, metric, where)
+
+            return self._branch(pick, wanted, stage)
         if path is not None:
             target = os.path.abspath(resolve(path))
             if os.path.dirname(target) != self.dir:
-                return self._branch(target, wanted, stage)
+                return self._branch(lambda: target, wanted, None)
             info = store.inspect_checkpoint(target)
             if not info.valid:
                 raise CorruptCheckpointError(info.path, info.reason)
@@ -590,26 +597,27 @@ class Checkpointer:
                                 f"under {base} has the metric {name!r}; attach it with ck.report or ckptd.add_metrics")
         return ranked[0].path
 
-    def _branch(self, target: str, parts: tuple[str, ...], stage: str | None) -> int:
-        """``restore(path)`` outside this run's directory: the branch point while the run has no checkpoint of
-        its own; afterwards (a restart) the run's own newest, when it is this branch's."""
+    def _branch(self, point: Callable[[], str], parts: tuple[str, ...], stage: str | None) -> int:
+        """A branch (``restore(path)`` outside this run's directory, or ``restore(stage=...)``): the branch point
+        ``point()`` while the run has no checkpoint of its own; afterwards (a restart) the run's own newest, when
+        it is this branch's (the same branch point, or for ``stage`` a branch point of that stage)."""
         mine = [i for i in store.list_checkpoints(self.dir) if i.valid] if os.path.isdir(self.dir) else []
         if mine:
             hops = (mine[-1].lineage or {}).get("hops") or [{}]
             first = hops[0]
-            ours = os.path.join(first.get("dir", ""), first.get("name", "")) == target or \
-                (stage is not None and first.get("stage") == stage)
+            recorded = os.path.join(first.get("dir", ""), first.get("name", ""))
+            ours = first.get("stage") == stage if stage is not None else recorded == point()
             if not ours:
-                said = (f"branched from {os.path.join(first['dir'], first['name'])}" if first else
-                        "a run not branched from anything")
+                said = f"branched from {recorded}" if first else "a run not branched from anything"
+                wanted = f"a branch of stage {stage!r}" if stage is not None else f"a branch of {point()}"
                 raise CkptdError(f"{self.dir} already holds another run's checkpoints (newest: step {mine[-1].step}, "
-                                 f"{said}), not a branch of {target}; branch into an empty directory (dir=...) or "
-                                 "move those checkpoints aside")
+                                 f"{said}), not {wanted}; branch into an empty directory (dir=...) or move those "
+                                 "checkpoints aside")
             self._coordinate()
             found = newest(self._ranks(), self.dir, self._stage, quiet=True)
             if found is not None:
                 return self._after_restore(*found)
-        return self._restore_branch(target, parts)
+        return self._restore_branch(point(), parts)
 
     def _restore_branch(self, target: str, parts: tuple[str, ...]) -> int:
         """Load ``parts`` of another run's checkpoint into this new run and record the branch point."""

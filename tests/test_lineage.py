@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -142,6 +143,8 @@ def test_stages_are_recorded_listed_and_restore_stage_takes_the_newest_or_the_be
     ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=str(runs / "rl"), handle_signals=False, stage="rl")
     assert ck.restore(stage="sft") == 3  # the newest checkpoint of stage sft (sft2 wrote last)
     assert ck.lineage["hops"][0]["dir"] == str(runs / "sft2")
+    train_steps(model, opt, 1)
+    ck.step(4)
     ck.close()
     ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=str(runs / "rl2"), handle_signals=False, stage="rl")
     assert ck.restore(stage="sft", metric="val") == 1  # best by val (min): sft1 step 1
@@ -157,6 +160,15 @@ def test_stages_are_recorded_listed_and_restore_stage_takes_the_newest_or_the_be
     assert [i["stage"] for i in json.loads(capsys.readouterr().out)] == ["sft"] * 3
     assert cli.main(["ls", str(runs / "sft2"), "--stage", "rl", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == []
+    shutil.rmtree(runs / "sft1")
+    shutil.rmtree(runs / "sft2")
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=str(runs / "rl"), handle_signals=False, stage="rl")
+    assert ck.restore(stage="sft") == 4  # restarted: its own newest; the sft runs are not even looked for
+    ck.close()
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=str(runs / "pre"), handle_signals=False)
+    with pytest.raises(ckptd.CkptdError, match="not a branch of stage 'sft'"):
+        ck.restore(stage="sft")
+    ck.close()
 
 
 def test_lineage_walks_back_to_the_first_run_and_shows_a_deleted_parent_as_gone(tmp_path, capsys):
@@ -250,3 +262,38 @@ def test_ckptd_run_resume_from_with_parts_and_stage_and_the_commands_on_it(tmp_p
     assert r.returncode == exitcodes.NOT_FOUND and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
     r = ckptd_cli("run", "--dir", str(tmp_path / "c"), "--resume-from", f"{a}/latest", "--resume-parts", "brain", TOY)
     assert r.returncode == exitcodes.USAGE and "choose from model" in r.stderr
+
+
+def test_a_branch_with_a_fresh_scheduler_follows_the_new_learning_rate_schedule(tmp_path):
+    """The README's recipe: build optimizer and scheduler with the new run's learning rate, restore the model and
+    the optimizer (its moments; load_state_dict brings back the checkpoint's lr), set the lr again: the schedule
+    is then the new run's, step for step."""
+    a = str(tmp_path / "a")
+    _run(a, [3])
+
+    def build(lr: float):
+        model, opt = small_model(seed=1)
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] = lr
+        return model, opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+
+    def lrs(opt, sched, model) -> list[float]:
+        out = []
+        for _ in range(4):
+            train_steps(model, opt, 1)
+            sched.step()
+            out.append(opt.param_groups[0]["lr"])
+        return out
+
+    model, opt, sched = build(1e-3)
+    wanted = lrs(opt, sched, model)
+    model, opt, sched = build(1e-3)
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, scheduler=sched, dir=str(tmp_path / "b"),
+                            handle_signals=False)
+    ck.restore(os.path.join(a, "3"), parts=("model", "optimizer"))
+    assert opt.param_groups[0]["lr"] == 1e-2  # the checkpoint's, from load_state_dict
+    for group in opt.param_groups:
+        group["lr"] = 1e-3
+    assert lrs(opt, sched, model) == wanted
+    assert opt.state_dict()["state"][0]["step"] > 4  # the moments went on from the checkpoint's
+    ck.close()
