@@ -204,6 +204,7 @@ class Checkpointer:
             log.warning("ckptd: stage=%r differs from %s=%r set by ckptd run; recording %r", stage, env.STAGE,
                         env_stage, stage)
         self.lineage: dict[str, Any] | None = None  # where this run branched from (lineage.py), in every manifest
+        self.branched = False  # the last restore() started this run from another run's checkpoint (not a resume)
         self._parent_groups: Any = None  # the parent checkpoint's optimizer hyperparameters (a branch)
         self._lr_hook: Any = None
         _check_extra(self.extra)  # a value that cannot be saved fails here, not at the first save
@@ -634,6 +635,7 @@ class Checkpointer:
         hop = lineage.hop(os.path.dirname(info.path), info.manifest, info.name, store.files_digest(info.manifest),
                           parts, changed)
         self.lineage = lineage.extend(hop, info.lineage)
+        self.branched = True
         self.origin = {**self.origin, "resume_from": info.path}
         self._watch_hyperparameters()
         return self._after_restore(info, restored, parts=parts)
@@ -1199,6 +1201,7 @@ class Checkpointer:
         if parts is not None:  # this run's directory holds nothing yet: its first save is its own
             self._committed_step, self._committed_digest = None, None
         else:
+            self.branched = False
             self._committed_step = step
             enc = Encoder()
             try:  # the state now is the checkpoint's: close() saves only if it changes

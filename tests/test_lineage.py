@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -62,6 +64,7 @@ def test_a_branch_with_a_new_learning_rate_records_its_parent_in_every_manifest_
     model, opt = small_model(seed=7)  # other initial weights: the restore must replace them
     ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=b, handle_signals=False, stage="rl", keep_last=1)
     assert ck.restore(f"{a}/latest", parts=("model", "optimizer")) == 0  # no progress restored: step 0
+    assert ck.branched
     assert all(torch.equal(v, parent_state["model"][k]) for k, v in model.state_dict().items())
     assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], parent_state["optimizer"]["state"][0]["exp_avg"])
     for group in opt.param_groups:  # the documented way: optimizer state restored, hyperparameters of this run
@@ -121,6 +124,7 @@ def test_a_restarted_branch_resumes_its_own_checkpoints_and_another_run_there_is
     model, opt = small_model()
     ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=b, handle_signals=False)
     assert ck.restore(point) == 6  # the same script started again: its own newest, not the branch point again
+    assert not ck.branched
     assert ck.lineage["hops"][0]["name"] == store.checkpoint_name(5)  # the run keeps its lineage
     ck.close()
     other = str(tmp_path / "other")
@@ -297,3 +301,40 @@ def test_a_branch_with_a_fresh_scheduler_follows_the_new_learning_rate_schedule(
     assert lrs(opt, sched, model) == wanted
     assert opt.state_dict()["state"][0]["step"] > 4  # the moments went on from the checkpoint's
     ck.close()
+
+
+@pytest.mark.kind("system")
+def test_the_example_pipeline_branches_from_a_best_exports_the_best_b_and_a_rerun_redoes_nothing(tmp_path):
+    from safetensors.torch import load_file
+
+    root = str(tmp_path / "runs")
+    script = os.path.join(os.path.dirname(TOY), "pipeline.py")
+
+    def pipeline() -> dict[str, str]:
+        r = subprocess.run([sys.executable, script, root], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return dict(w.split("=", 1) for line in r.stdout.splitlines() for w in line.split() if "=" in w and
+                    w.split("=", 1)[0] in ("a_best", "chosen"))
+
+    said = pipeline()
+    a = [i for i in store.list_checkpoints(os.path.join(root, "a")) if i.valid]
+    a_best = min(a, key=lambda i: (i.metrics["val_loss"], -i.step))
+    assert said["a_best"] == a_best.path
+    bs = {lr: store.list_checkpoints(os.path.join(root, f"b-lr{lr}")) for lr in ("0.003", "0.0003")}
+    for lr, infos in bs.items():
+        for info in infos:
+            (hop,) = info.lineage["hops"]
+            assert (hop["dir"], hop["name"], hop["parts"]) == (os.path.join(root, "a"), a_best.name,
+                                                               ["model", "optimizer"])
+            assert hop["files_digest"] == store.files_digest(a_best.manifest) and info.stage == "b"
+            assert any(c.startswith("optimizer lr ") and c.endswith(f"-> {lr}") for c in hop["changed"]), hop
+    chosen = min((i for infos in bs.values() for i in infos), key=lambda i: i.metrics["val_loss"])
+    assert said["chosen"] == chosen.path
+    exported = load_file(os.path.join(root, "best-b.safetensors"))
+    want = ckptd.load_state(chosen.path)["model"]
+    assert set(exported) == set(want) and all(torch.equal(exported[k], want[k]) for k in want)
+    before = {d: [(i.name, i.manifest["digest"]) for i in store.list_checkpoints(os.path.join(root, d))]
+              for d in ("a", "b-lr0.003", "b-lr0.0003")}
+    assert pipeline() == said  # every run resumes its own end: nothing trained, evaluated or chosen anew
+    assert {d: [(i.name, i.manifest["digest"]) for i in store.list_checkpoints(os.path.join(root, d))]
+            for d in before} == before
