@@ -1022,6 +1022,9 @@ class Checkpointer:
 
     def _shutdown(self) -> None:
         self._closed = True
+        if self._lr_hook is not None:  # a branch that never stepped: the optimizer keeps no hook of ours
+            self._lr_hook.remove()
+            self._lr_hook = None
         self._watch.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)

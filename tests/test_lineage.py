@@ -330,6 +330,9 @@ def test_the_example_pipeline_branches_from_a_best_exports_the_best_b_and_a_reru
             assert any(c.startswith("optimizer lr ") and c.endswith(f"-> {lr}") for c in hop["changed"]), hop
     chosen = min((i for infos in bs.values() for i in infos), key=lambda i: i.metrics["val_loss"])
     assert said["chosen"] == chosen.path
+    for stage, want in (("b", chosen.path), ("a", a_best.path)):  # the same choice from the command line
+        r = ckptd_cli("best", root, "--stage", stage, "--metric", "val_loss", "--path")
+        assert r.returncode == 0 and r.stdout.strip() == want, (r.stdout, r.stderr)
     exported = load_file(os.path.join(root, "best-b.safetensors"))
     want = ckptd.load_state(chosen.path)["model"]
     assert set(exported) == set(want) and all(torch.equal(exported[k], want[k]) for k in want)
