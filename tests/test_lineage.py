@@ -191,6 +191,11 @@ def test_lineage_walks_back_to_the_first_run_and_shows_a_deleted_parent_as_gone(
     assert [(h["dir"], h["step"], h["stage"], h["status"]) for h in out["hops"]] == [
         (str(runs / "b"), 11, "sft", "present"), (str(runs / "a"), 10, "pretrain", "present")]
     assert out["first_run"] == str(runs / "a") and out["truncated"] is False
+    assert cli.main(["diff", f"{runs / 'b'}/latest", f"{runs / 'c'}/latest", "--json"]) == 0
+    rows = {r["key"]: (r["a"], r["b"]) for r in json.loads(capsys.readouterr().out)["manifest"]}
+    assert rows["stage"] == ("sft", "rl")
+    assert rows["branched_from"] == (str(runs / "a" / store.checkpoint_name(10)),
+                                     str(runs / "b" / store.checkpoint_name(11)))
     ckptd.add_metrics(os.path.join(runs / "b", store.checkpoint_name(11)), val=0.1)  # a new manifest digest
     store.delete(str(runs / "a"), store.checkpoint_name(10))
     assert cli.main(["lineage", f"{runs / 'c'}/latest"]) == 0
