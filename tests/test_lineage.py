@@ -346,3 +346,23 @@ def test_the_example_pipeline_branches_from_a_best_exports_the_best_b_and_a_reru
     assert pipeline() == said  # every run resumes its own end: nothing trained, evaluated or chosen anew
     assert {d: [(i.name, i.manifest["digest"]) for i in store.list_checkpoints(os.path.join(root, d))]
             for d in before} == before
+
+
+def test_the_record_helpers_name_changed_hyperparameters_per_group_and_parse_parts():
+    before = [{"lr": 0.01, "betas": (0.9, 0.999), "params": [0]}, {"lr": 0.01, "params": [1]}]
+    after = [{"lr": 0.01, "betas": (0.9, 0.95), "params": [0]}, {"lr": 0.001, "params": [1]}, {"lr": 1.0}]
+    assert lineage.hyperparameter_changes(before, after) == [
+        "optimizer group 0 betas (0.9, 0.999) -> (0.9, 0.95)", "optimizer group 1 lr 0.01 -> 0.001",
+        "optimizer param groups 2 -> 3"]
+    assert lineage.hyperparameter_changes([{"lr": torch.tensor(0.1)}], [{"lr": 0.2}]) == []  # not a plain value
+    assert lineage.check_parts("optimizer,model") == ("model", "optimizer")
+    assert lineage.check_parts(None) == lineage.PARTS
+    for bad in ((), "", ["model", 3]):
+        with pytest.raises(ckptd.CkptdError, match="choose from"):
+            lineage.check_parts(bad)
+    long = {"hops": [{"dir": "/r", "name": store.checkpoint_name(1), "step": 1, "digest": None, "files_digest": None,
+                      "stage": None, "run_id": "", "parts": ["model"], "changed": []}] * lineage.MAX_HOPS,
+            "truncated": False}
+    new = lineage.extend({**long["hops"][0], "step": 2}, long)
+    assert len(new["hops"]) == lineage.MAX_HOPS and new["truncated"] and new["hops"][0]["step"] == 2
+    assert lineage.problem(new) == ""
