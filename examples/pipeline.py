@@ -1,7 +1,7 @@
 """A two-stage pipeline with branches: train stage A, branch two B runs from A's best checkpoint with different
 learning rates, evaluate everything, export the best B.
 
-    python examples/pipeline.py runs          # a few seconds on a CPU; again: every run resumes (nothing to redo)
+    python examples/pipeline.py runs          # under a minute on a CPU; again: every run resumes (nothing to redo)
     ckptd ls --tree runs                      # a <- b-lr0.003, b-lr0.0003
     ckptd lineage runs/b-lr0.0003/latest      # back to stage A: step, stage, what changed
 
