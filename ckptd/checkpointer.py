@@ -32,21 +32,31 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from . import __version__, env, exitcodes, origin, persist, protocol, retention, store
+from . import __version__, env, exitcodes, lineage, origin, persist, protocol, retention, store
 from .annotate import checked_metrics, jsonable_metrics
 from .channel import TrainerChannel, connect_from_env
 from .data import DataLoader as ResumableLoader
 from .errors import CkptdError, CorruptCheckpointError, NotFoundError
 from .ranks import Sharded, Solo, rank_files
 from .remote import RemoteError, RemoteSpec, spec_from_env
-from .restore import Prepared, Restored, announce, check_state, newest, read_rank_part, read_state_json, read_tensors
+from .restore import (
+    Prepared,
+    Restored,
+    announce,
+    check_state,
+    newest,
+    read_rank_part,
+    read_state_json,
+    read_tensors,
+    resolve,
+)
 from .snapshot import COPY_THREADS, Snapshot, nbytes
 from .state import DTYPES, Encoder, StateDecodeError, capture_rng, decode, restore_rng
 from .state import dumps as state_dumps
@@ -137,6 +147,9 @@ class Checkpointer:
         remote: the object-store tier ``restore()`` takes a newer checkpoint from (``"s3://BUCKET/PREFIX"``
             or a ``ckptd.remote.RemoteSpec``); None means ``$CKPTD_REMOTE`` (set by ``ckptd run --remote``),
             else none. Uploads are the supervisor's work (docs/remote.md).
+        stage: the run's stage name (``"sft"``, ``"rl"``), recorded in every manifest; default
+            ``$CKPTD_STAGE`` (``ckptd run --stage``), else none. ``ckptd ls --stage`` and
+            ``restore(stage=...)`` find checkpoints by it.
     """
 
     def __init__(
@@ -158,6 +171,7 @@ class Checkpointer:
         on_error: str = "log",
         handle_signals: bool = True,
         remote: str | RemoteSpec | None = None,
+        stage: str | None = None,
     ) -> None:
         if on_error not in ("log", "raise"):
             raise CkptdError(f"on_error must be 'log' or 'raise', got {on_error!r}")
@@ -194,6 +208,15 @@ class Checkpointer:
         world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
         self.writes = world_size <= 1 or self.rank == 0
         self.origin = origin.from_env(sys.argv, max(world_size, 1))  # recorded in every manifest
+        env_stage = lineage.check_stage(os.environ.get(env.STAGE) or None, f"${env.STAGE}")
+        self.stage = lineage.check_stage(stage) or env_stage  # recorded in every manifest
+        if stage is not None and env_stage is not None and stage != env_stage:
+            log.warning("ckptd: stage=%r differs from %s=%r set by ckptd run; recording %r", stage, env.STAGE,
+                        env_stage, stage)
+        self.lineage: dict[str, Any] | None = None  # where this run branched from (lineage.py), in every manifest
+        self.branched = False  # the last restore() started this run from another run's checkpoint (not a resume)
+        self._parent_groups: Any = None  # the parent checkpoint's optimizer hyperparameters (a branch)
+        self._lr_hook: Any = None
         _check_extra(self.extra)  # a value that cannot be saved fails here, not at the first save
         self._growth_warned = False
         self.epoch: int | None = None
@@ -511,23 +534,48 @@ class Checkpointer:
         if inflight is not None:
             inflight.wait()
 
-    def restore(self, path: str | os.PathLike[str] | None = None) -> int:
-        """Load the newest checkpoint that verifies; return its step (0 when there is none).
+    def restore(self, path: str | os.PathLike[str] | None = None, *, parts: Iterable[str] | None = None,
+                stage: str | None = None, metric: str | None = None) -> int:
+        """Load the newest checkpoint that verifies; return the step to continue from (0 when there is none).
 
         Invalid checkpoints met on the way are moved to ``.quarantine/`` with the reason, with a
-        warning, and the next older one is tried. With ``path`` (e.g. to branch a new run from
-        another run's checkpoint), exactly that checkpoint is loaded or CorruptCheckpointError raised.
-        A candidate is read into a staging buffer and verified completely before any of the run's
-        tensors is written, so one that fails leaves them exactly as they were. Says on one line
-        what it did (see :func:`restore.announce`).
+        warning, and the next older one is tried. A candidate is read into a staging buffer and verified
+        completely before any of the run's tensors is written, so one that fails leaves them exactly as they
+        were. Says on one line what it did (see :func:`restore.announce`).
+
+        ``path`` (a checkpoint, ``DIR/latest`` or ``DIR/N``): in this run's directory, exactly that checkpoint
+        is loaded or CorruptCheckpointError raised. Elsewhere it is a *branch point*: this run starts from it
+        while its directory holds no checkpoint of its own, and records it in every manifest (``lineage``);
+        once it has checkpoints of its own (a restart), those are resumed. A directory that holds another
+        run's checkpoints is refused. Nothing is written, deleted or pinned in the parent's directory.
+        ``parts``: what a branch takes (default everything): names from ``lineage.PARTS`` (``model``,
+        ``optimizer``, ``scheduler``, ``scaler``, ``extra``, ``user``, ``rng``, ``progress``); without
+        ``progress`` the step starts at 0. ``stage`` (with ``metric="val_loss[:min|max]"`` for its best
+        checkpoint, else its newest): branch from a checkpoint of that stage found in the directories next
+        to this run's (or under ``path``, a directory).
         """
+        wanted = lineage.check_parts(parts)
+        if stage is not None:
+            lineage.check_stage(stage, "restore(stage=...)")
+        elif metric is not None:
+            raise CkptdError("restore(metric=...) picks the best checkpoint of a stage: give stage= too")
         self.wait()
         self._restore_started = time.perf_counter()
+        if stage is not None:  # a restart of the branch resumes its own checkpoints: look for the stage's only if none
+            where = path
+
+            def pick() -> str:
+                return self._stage_checkpoint(stage, metric, where)
+
+            return self._branch(pick, wanted, stage)
         if path is not None:
-            info = store.inspect_checkpoint(os.fspath(path))
+            target = os.path.abspath(resolve(path))
+            if os.path.dirname(target) != self.dir:
+                return self._branch(lambda: target, wanted, None)
+            info = store.inspect_checkpoint(target)
             if not info.valid:
                 raise CorruptCheckpointError(info.path, info.reason)
-            return self._after_restore(info, self._stage(info).apply())
+            return self._after_restore(info, self._stage(info, wanted).apply())
         branch = os.environ.get(env.RESUME_FROM) or None
         self._coordinate()  # several ranks: every rank loads the same checkpoint, its own part of it
         if self.remote is not None:  # the leader downloads a newer remote checkpoint; every rank hears the outcome
@@ -539,7 +587,9 @@ class Checkpointer:
         if found is not None:
             return self._after_restore(*found)
         if branch is not None:  # `ckptd run --resume-from`: the run has nothing of its own yet
-            return self.restore(branch)
+            if parts is None:
+                wanted = lineage.check_parts(os.environ.get(env.RESUME_PARTS) or None)
+            return self._restore_branch(os.path.abspath(branch), wanted)
         return 0
 
     def _fetch_remote(self) -> tuple[str, str, str]:
@@ -564,6 +614,88 @@ class Checkpointer:
         info, rc, seconds = got
         return "", info.name, (f"remote tier: {url}/{rc.key}, {rc.bytes} bytes downloaded and verified in "
                                f"{seconds:.1f} s")
+    def _stage_checkpoint(self, stage: str, metric: str | None, where: str | os.PathLike[str] | None) -> str:
+        """The checkpoint ``restore(stage=...)`` branches from: among the valid checkpoints of that stage in the
+        run directories under ``where`` (default: the directory that holds this run's; this run's own directory
+        is left out), the best by ``metric`` or else the newest (by time written)."""
+        base = os.path.abspath(os.fspath(where)) if where is not None else os.path.dirname(self.dir)
+        infos = [i for run, found in store.list_runs(base) if os.path.abspath(run) != self.dir
+                 for i in found if i.valid and i.stage == stage]
+        if not infos:
+            raise NotFoundError(f"restore(stage={stage!r}): no valid checkpoint of stage {stage!r} in the run "
+                                f"directories under {base}; `ckptd ls --tree {base}` shows the stages there")
+        if metric is None:
+            return max(infos, key=lambda i: (i.created, i.step)).path
+        name, sep, mode = metric.rpartition(":")
+        if not sep or mode not in ("min", "max"):
+            name, mode = metric, "min"
+        ranked = retention.ranked(infos, name, mode)
+        if not ranked:
+            raise NotFoundError(f"restore(stage={stage!r}, metric={metric!r}): no checkpoint of stage {stage!r} "
+                                f"under {base} has the metric {name!r}; attach it with ck.report or ckptd.add_metrics")
+        return ranked[0].path
+
+    def _branch(self, point: Callable[[], str], parts: tuple[str, ...], stage: str | None) -> int:
+        """A branch (``restore(path)`` outside this run's directory, or ``restore(stage=...)``): the branch point
+        ``point()`` while the run has no checkpoint of its own; afterwards (a restart) the run's own newest, when
+        it is this branch's (the same branch point, or for ``stage`` a branch point of that stage)."""
+        mine = [i for i in store.list_checkpoints(self.dir) if i.valid] if os.path.isdir(self.dir) else []
+        if mine:
+            hops = (mine[-1].lineage or {}).get("hops") or [{}]
+            first = hops[0]
+            recorded = os.path.join(first.get("dir", ""), first.get("name", ""))
+            ours = first.get("stage") == stage if stage is not None else recorded == point()
+            if not ours:
+                said = f"branched from {recorded}" if first else "a run not branched from anything"
+                wanted = f"a branch of stage {stage!r}" if stage is not None else f"a branch of {point()}"
+                raise CkptdError(f"{self.dir} already holds another run's checkpoints (newest: step {mine[-1].step}, "
+                                 f"{said}), not {wanted}; branch into an empty directory (dir=...) or move those "
+                                 "checkpoints aside")
+            self._coordinate()
+            found = newest(self._ranks(), self.dir, self._stage, quiet=True)
+            if found is not None:
+                return self._after_restore(*found)
+        return self._restore_branch(point(), parts)
+
+    def _restore_branch(self, target: str, parts: tuple[str, ...]) -> int:
+        """Load ``parts`` of another run's checkpoint into this new run and record the branch point."""
+        info = store.inspect_checkpoint(target)
+        if not info.valid:
+            raise CorruptCheckpointError(info.path, info.reason)
+        if info.manifest.get("sharded") and parts != lineage.PARTS:
+            raise CkptdError(f"{info.path} is a sharded (FSDP) checkpoint: restore(parts=...) takes all of it; "
+                             "leave parts out")
+        restored = self._stage(info, parts).apply()
+        changed = origin.differences(info.origin, self.origin)
+        if info.stage != self.stage:
+            changed.insert(0, f"stage {info.stage or '(none)'} -> {self.stage or '(none)'}")
+        hop = lineage.hop(os.path.dirname(info.path), info.manifest, info.name, store.files_digest(info.manifest),
+                          parts, changed)
+        self.lineage = lineage.extend(hop, info.lineage)
+        self.branched = True
+        self.origin = {**self.origin, "resume_from": info.path}
+        self._watch_hyperparameters()
+        return self._after_restore(info, restored, parts=parts)
+
+    def _watch_hyperparameters(self) -> None:
+        """At the branch's first optimizer step, record the hyperparameters it changed (a learning rate set
+        after restore(), a fresh optimizer's) among the branch point's ``changed``."""
+        if self._lr_hook is not None:
+            self._lr_hook.remove()
+            self._lr_hook = None
+        if self.optimizer is None or self._parent_groups is None or \
+                not hasattr(self.optimizer, "register_step_pre_hook"):
+            return
+        before = self._parent_groups
+
+        def first_step(opt: Any, args: Any, kwargs: Any) -> None:
+            if self._lr_hook is not None:
+                self._lr_hook.remove()
+                self._lr_hook = None
+            now = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            self.lineage = lineage.with_changes(self.lineage, lineage.hyperparameter_changes(before, now))
+
+        self._lr_hook = self.optimizer.register_step_pre_hook(first_step)
 
     def close(self) -> None:
         """Finish the save in flight and, with ``save_on_close``, save the state as it is now when it is not
@@ -730,7 +862,8 @@ class Checkpointer:
         ranks = self._ranks()
         try:
             extra: dict[str, Any] = {"epoch": epoch, "versions": {"ckptd": __version__, "torch": torch.__version__},
-                                     "run_id": os.environ.get(env.RUN_ID, ""), "origin": self.origin}
+                                     "run_id": os.environ.get(env.RUN_ID, ""), "origin": self.origin,
+                                     "stage": self.stage, "lineage": self.lineage}
             if ranks.per_rank:
                 extra.update(world_size=ranks.world, sharded=ranks.sharded)
             fields = {"kind": result.kind, "metrics": jsonable_metrics(metrics), "extra": extra}
@@ -926,6 +1059,9 @@ class Checkpointer:
 
     def _shutdown(self) -> None:
         self._closed = True
+        if self._lr_hook is not None:  # a branch that never stepped: the optimizer keeps no hook of ours
+            self._lr_hook.remove()
+            self._lr_hook = None
         self._watch.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
@@ -944,7 +1080,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ restoring internals
 
-    def _stage(self, info: store.CheckpointInfo) -> Prepared:
+    def _stage(self, info: store.CheckpointInfo, parts: tuple[str, ...] = lineage.PARTS) -> Prepared:
         """Read and verify one checkpoint (this rank's part of it); returns what applies it or puts the run's
         tensors back as they were (a rank whose peers refused the candidate). Until every byte has verified
         and the state has decoded, nothing of the run changes for good: CPU tensors read in place are put
@@ -955,8 +1091,11 @@ class Checkpointer:
         state (RNG streams, ``extra``, ``user``) in ``rank-NNNNN.*``: this rank's part replaces those keys.
         """
         trees: list[dict[str, Any]] = []  # state.json, read and parsed while the tensor file is read
-        staged = read_tensors(info, self._live_tensors(), check=self._check_model_keys, staging=self._staging,
-                              during=lambda: trees.append(read_state_json(info)))
+        live = self._live_tensors()
+        if parts != lineage.PARTS:  # the parts not taken keep their tensors: none is read into
+            live = {k: v for k, v in live.items() if k.split("/", 1)[0] in parts}
+        staged = read_tensors(info, live, check=self._check_model_keys if "model" in parts else None,
+                              staging=self._staging, during=lambda: trees.append(read_state_json(info)))
         tree = trees[0]
         try:
             merged = decode(tree, staged.source.__getitem__)  # after the read: NumPy scalars are values from bytes
@@ -979,7 +1118,7 @@ class Checkpointer:
                 state = decode(tree, staged.result.__getitem__)
                 if own is not None:
                     state.update(own)
-            return Restored(self._apply_tree(state), staged.result)
+            return Restored(self._apply_tree(state, parts), staged.result)
 
         prepared = Prepared(apply, staged.rollback, tree)
         if info.manifest.get("sharded"):
@@ -1057,44 +1196,63 @@ class Checkpointer:
             raise CkptdError(f"checkpoint {path} does not fit this model ({'; '.join(problems)}); "
                              "build the same model architecture, or start a new run in another --dir")
 
-    def _apply_tree(self, state: dict[str, Any]) -> int:
-        """Apply a decoded state that :func:`restore.check_state` accepted; returns its step."""
-        if self.model is not None:
+    def _apply_tree(self, state: dict[str, Any], parts: tuple[str, ...] = lineage.PARTS) -> int:
+        """Apply ``parts`` of a decoded state that :func:`restore.check_state` accepted; returns its step (0
+        without ``progress``: a run that starts counting anew)."""
+        opt_state = state.get("optimizer")
+        self._parent_groups = opt_state.get("param_groups") if isinstance(opt_state, dict) else None
+        if self.model is not None and "model" in parts:
             model_state = state.get("model", {})
             if any(not isinstance(v, torch.Tensor) for v in model_state.values()):
                 self.model.load_state_dict(model_state)  # modules with extra (non-tensor) state
         for name in ("optimizer", "scheduler", "scaler"):
             obj = getattr(self, name)
-            if obj is not None and name in state:
+            if obj is not None and name in state and name in parts:
                 obj.load_state_dict(state[name])
-        for name, entry in state.get("extra", {}).items():
+        for name, entry in state.get("extra", {}).items() if "extra" in parts else ():
             obj = self.extra.get(name)
             if "stateful" in entry and obj is not None and hasattr(obj, "load_state_dict"):
                 obj.load_state_dict(entry["stateful"])
             elif "value" in entry:
                 self.extra[name] = entry["value"]
-        self.user.clear()
-        self.user.update(state.get("user") or {})
+        if "user" in parts:
+            self.user.clear()
+            self.user.update(state.get("user") or {})
+        if "rng" in parts:
+            restore_rng(state.get("rng") or {})
+        if "progress" not in parts:
+            self.epoch, self._epoch_done, self._resumed_epoch = None, False, None
+            return 0
         self.metrics = dict(state.get("metrics") or {})
-        restore_rng(state.get("rng") or {})
         progress = state["progress"]
         self.epoch = progress.get("epoch")
         self._epoch_done = progress.get("epoch_done") is True
         self._resumed_epoch = (self.epoch, self._epoch_done) if self.epoch is not None else None
         return int(progress["step"])
 
-    def _after_restore(self, info: store.CheckpointInfo, restored: Restored) -> int:
+    def _after_restore(self, info: store.CheckpointInfo, restored: Restored,
+                       parts: tuple[str, ...] | None = None) -> int:
+        """``parts``: a branch (another run's checkpoint), of which those were restored."""
         step = restored.step
-        self._step = self._committed_step = step
+        self._step = step
         self._jump_base = step
         self._last_save_time = time.monotonic()
         self._safe_point()  # the restored streams are the boundary until the first step()
-        enc = Encoder()
-        try:  # the state now is the checkpoint's: close() saves only if it changes
-            self._committed_digest = _small_digest(state_dumps(enc.encode(self._capture_tree(step), "")), enc.tensors)
-        except CkptdError:
-            self._committed_digest = None
-        if os.path.dirname(os.path.abspath(info.path)) == self.dir:
+        if parts is not None:  # this run's directory holds nothing yet: its first save is its own
+            self._committed_step, self._committed_digest = None, None
+        else:
+            self.branched = False
+            self._committed_step = step
+            enc = Encoder()
+            try:  # the state now is the checkpoint's: close() saves only if it changes
+                self._committed_digest = _small_digest(state_dumps(enc.encode(self._capture_tree(step), "")),
+                                                       enc.tensors)
+            except CkptdError:
+                self._committed_digest = None
+            self.lineage = info.lineage  # the same run: where it branched from stays recorded
+            if self.stage is None:
+                self.stage = info.stage
+        if parts is None and os.path.dirname(os.path.abspath(info.path)) == self.dir:
             self.resumed_from = info.name
             if info.kind == "emergency" and self.writes:
                 self._keep_emergency(info)
@@ -1103,7 +1261,12 @@ class Checkpointer:
             name, note = self._remote_restore
             tier = f" ({note})" if name and name == info.name else " (local tier)" if name else \
                 f" ({note or 'local tier'})"
-        announce(f"ckptd: resumed from step {step}: {info.path}{tier}" + _resume_notes(info, self.origin))
+        if parts is not None:
+            taken = "everything" if parts == lineage.PARTS else ", ".join(parts)
+            announce(f"ckptd: branched from step {info.step} of {info.path} (restored: {taken}); this run continues "
+                     f"at step {step} in {self.dir}" + _resume_notes(info, self.origin))
+        else:
+            announce(f"ckptd: resumed from step {step}: {info.path}{tier}" + _resume_notes(info, self.origin))
         if self._prewarm is None and self.async_save and self.writes:
             self._start_prewarm(restored.tensors)  # the state's size is known now; the first save will not page-fault
         if self.channel is not None:

@@ -21,8 +21,8 @@ from . import __version__, exitcodes
 from .errors import CkptdError
 
 COMMANDS = (
-    "run", "ls", "verify", "inspect", "best", "diff", "prune", "export", "pin", "push", "pull", "save", "stop",
-    "status", "config", "install_unit",
+    "run", "ls", "lineage", "verify", "inspect", "best", "diff", "prune", "export", "pin", "push", "pull", "save",
+    "stop", "status", "config", "install_unit",
 )
 
 

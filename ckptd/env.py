@@ -20,6 +20,8 @@ EXIT_ON_STOP = "CKPTD_EXIT_CODE_PREEMPTED"  # exit code the trainer uses after a
 METRICS = "CKPTD_METRICS"  # "0": the supervisor serves no metrics, the trainer sends no metric figures
 ORIGIN = "CKPTD_ORIGIN"  # JSON: the command, config and branch point of the run (origin.py), kept in manifests
 RESUME_FROM = "CKPTD_RESUME_FROM"  # `ckptd run --resume-from`: restore() loads it when DIR holds no checkpoint
+RESUME_PARTS = "CKPTD_RESUME_PARTS"  # `ckptd run --resume-parts model,optimizer`: what the branch restores
+STAGE = "CKPTD_STAGE"  # `ckptd run --stage NAME`: the run's stage when the Checkpointer names none
 RETENTION = "CKPTD_RETENTION"  # "1": the supervisor applies a retention rule (no warning about a growing DIR)
 REMOTE = "CKPTD_REMOTE"  # the object-store tier, s3://BUCKET/PREFIX: restore() takes a newer checkpoint from there
 REMOTE_ENDPOINT = "CKPTD_REMOTE_ENDPOINT"  # its S3-compatible server ("": $AWS_ENDPOINT_URL or the cloud's own)
@@ -27,7 +29,7 @@ REMOTE_REGION = "CKPTD_REMOTE_REGION"  # its region ("": $AWS_REGION)
 REMOTE_VIRTUAL_HOSTED = "CKPTD_REMOTE_VIRTUAL_HOSTED"  # "1": bucket.host addressing with an endpoint
 
 ALL = (DIR, EVERY_STEPS, EVERY_SECONDS, KEEP_LAST, RUN_ID, RESTART_COUNT, CONTROL, STOP_DEADLINE, METRICS, ORIGIN,
-       RESUME_FROM, RETENTION, REMOTE, REMOTE_ENDPOINT, REMOTE_REGION, REMOTE_VIRTUAL_HOSTED)
+       RESUME_FROM, RESUME_PARTS, STAGE, RETENTION, REMOTE, REMOTE_ENDPOINT, REMOTE_REGION, REMOTE_VIRTUAL_HOSTED)
 
 
 def get_int(name: str) -> int | None:

@@ -12,7 +12,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from .. import retention, store
+from .. import lineage, retention, store
 from ..errors import CkptdError, NotFoundError
 from ..progress import Progress
 from . import UsageError, add_dir_argument, existing_dir, format_metrics, print_json, root_from
@@ -50,9 +50,17 @@ def parse_metric(text: str) -> tuple[str, str]:
     return name, mode
 
 
-def choose(root: str, metric: str, mode: str, *, verify: bool = True, quiet: bool = False) -> Choice:
-    """The best valid checkpoint of ``root`` by ``metric`` (see the module docstring)."""
-    infos = store.list_checkpoints(root)
+def choose(root: str, metric: str, mode: str, *, verify: bool = True, quiet: bool = False,
+           stage: str | None = None) -> Choice:
+    """The best valid checkpoint of ``root`` by ``metric`` (see the module docstring); with ``stage``, among the
+    checkpoints of that stage in ``root`` and its run directories (``store.list_runs``)."""
+    if stage is None:
+        infos = store.list_checkpoints(root)
+    else:
+        infos = [i for _, found in store.list_runs(root) for i in found if i.stage == stage]
+        if not infos:
+            raise NotFoundError(f"no checkpoint of stage {stage!r} in {root} or its run directories; "
+                                f"`ckptd ls --tree {root}` shows the stages there")
     ranked = retention.ranked(infos, metric, mode)
     if not ranked:
         present = sorted({k for i in infos if i.valid for k in i.metrics})
@@ -85,6 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "path first on its line, so `ckptd best DIR --metric val_loss --path` gives just the path.")
     add_dir_argument(p, positional=True)
     p.add_argument("--metric", required=True, metavar="NAME[:min|max]", help=METRIC_HELP)
+    p.add_argument("--stage", metavar="NAME", default=None,
+                   help="among the checkpoints of this stage in DIR and its run directories (DIR/*/)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip the full checksum verification (manifest-level check only)")
     out = p.add_mutually_exclusive_group()
@@ -96,7 +106,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     metric, mode = parse_metric(args.metric)
     root = existing_dir(root_from(args))
-    choice = choose(root, metric, mode, verify=not args.no_verify, quiet=args.json or args.path)
+    if args.stage is not None:
+        try:
+            lineage.check_stage(args.stage, "--stage")
+        except CkptdError as exc:
+            raise UsageError(str(exc)) from None
+    choice = choose(root, metric, mode, verify=not args.no_verify, quiet=args.json or args.path, stage=args.stage)
     if args.json:
         print_json(choice.as_json())
     elif args.path:

@@ -1,6 +1,7 @@
 """ckptd diff A B [--values] [--json]: what differs between two checkpoints.
 
-Compared: the manifest (step, kind, epoch, finished, metrics, origin: command, script, config, world size),
+Compared: the manifest (step, kind, epoch, finished, stage, the branch point, metrics, origin: command, script,
+config, world size),
 the saved state's plain values (state.json: progress, scheduler, optimizer hyperparameters, extra, user;
 as paths such as ``scheduler/last_epoch``), and the tensors: only in A, only in B, dtype or shape changed,
 and for the rest whether their bytes are the same (xxh3-128 of each tensor's bytes). ``--values`` adds the
@@ -23,7 +24,7 @@ from ..errors import CorruptCheckpointError
 from . import add_dir_argument, print_json, resolve_checkpoint, verified
 from .inspect import CKPT_HELP, read_tensor_header
 
-MANIFEST_KEYS = ("step", "kind", "epoch", "finished")
+MANIFEST_KEYS = ("step", "kind", "epoch", "finished", "stage")
 SHOWN = 20  # rows of one kind printed before "... and N more" (--json lists all)
 MAX_PATHS = 1000  # differing state paths collected (a state of millions of values stays bounded)
 
@@ -145,8 +146,8 @@ def _tensors(a: store.CheckpointInfo, b: store.CheckpointInfo, values: bool) -> 
 
 
 def compare(a: store.CheckpointInfo, b: store.CheckpointInfo, values: bool = False) -> dict[str, Any]:
-    ma = {k: a.manifest.get(k) for k in MANIFEST_KEYS}
-    mb = {k: b.manifest.get(k) for k in MANIFEST_KEYS}
+    ma = {k: a.manifest.get(k) for k in MANIFEST_KEYS} | {"branched_from": _branch_point(a)}
+    mb = {k: b.manifest.get(k) for k in MANIFEST_KEYS} | {"branched_from": _branch_point(b)}
     oa: dict[str, Any] = {}
     ob: dict[str, Any] = {}
     _flat(a.origin or {}, "", oa)
@@ -159,6 +160,12 @@ def compare(a: store.CheckpointInfo, b: store.CheckpointInfo, values: bool = Fal
         "state": _changes(_state(a), _state(b)),
         "tensors": _tensors(a, b, values),
     }
+
+
+def _branch_point(info: store.CheckpointInfo) -> str | None:
+    """The checkpoint the run that wrote ``info`` branched from (its lineage's newest hop), or None."""
+    hops = (info.lineage or {}).get("hops")
+    return os.path.join(hops[0]["dir"], hops[0]["name"]) if hops else None
 
 
 def _short(v: Any) -> str:

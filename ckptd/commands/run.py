@@ -7,8 +7,8 @@ import os
 import shutil
 import sys
 
-from .. import store
-from ..errors import CorruptCheckpointError, NotFoundError
+from .. import lineage, store
+from ..errors import CkptdError, CorruptCheckpointError, NotFoundError
 from ..supervisor import config as configmod
 from . import UsageError, resolve_checkpoint
 
@@ -34,6 +34,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume-from", metavar="CKPT", default=None,
                    help="start from another run's checkpoint (a branch): a checkpoint path, OTHERDIR/latest or "
                    "OTHERDIR/N; once this run has checkpoints of its own, restarts resume those")
+    p.add_argument("--resume-parts", metavar="PART,...", default=None, type=parts_arg,
+                   help="with --resume-from: what the branch restores (default everything): a comma-separated list "
+                   f"of {', '.join(lineage.PARTS)}; e.g. model for the weights only (the step then starts at 0)")
+    p.add_argument("--stage", metavar="NAME", default=None, type=stage_arg,
+                   help="the run's stage name (sft, rl, ...), recorded in every checkpoint's manifest when the "
+                   "script's Checkpointer names none ($CKPTD_STAGE)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="SCRIPT.py [ARGS...] | -- CMD [ARGS...]",
                    help="the training script and its arguments, or -- and a command")
     p.set_defaults(func=run)
@@ -67,10 +73,12 @@ def run(args: argparse.Namespace) -> int:
     argv = command_argv(list(args.command))
     words = list(args.command[1:] if args.command[:1] == ["--"] else args.command)
     resume_from = branch_point(args.resume_from) if args.resume_from else None
+    if args.resume_parts and not resume_from:
+        raise UsageError("--resume-parts says what a branch restores: give --resume-from CKPT too")
     from ..supervisor.loop import Supervisor
 
     return Supervisor(cfg, argv, config_file=args.config, overrides=overrides, command=words, fresh=args.fresh,
-                      resume_from=resume_from).run()
+                      resume_from=resume_from, resume_parts=args.resume_parts, stage=args.stage).run()
 
 
 def branch_point(target: str) -> str:
@@ -81,3 +89,18 @@ def branch_point(target: str) -> str:
     if not info.valid:
         raise CorruptCheckpointError(path, info.reason)
     return os.path.abspath(path)
+
+
+def parts_arg(text: str) -> str:
+    """argparse type of ``--resume-parts``: names from lineage.PARTS, comma-separated."""
+    try:
+        return ",".join(lineage.check_parts(text))
+    except CkptdError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("parts=('model',)", "model")) from None
+
+
+def stage_arg(text: str) -> str:
+    try:
+        return lineage.check_stage(text, "--stage") or ""
+    except CkptdError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -39,6 +39,7 @@ from .catalog import (
     iter_checkpoint_paths,
     latest_valid,
     list_checkpoints,
+    list_runs,
     parse_manifest,
     read_dcp_json,
     read_manifest,
@@ -67,6 +68,7 @@ from .format import (
     dcp_problem,
     digest_bytes,
     encode_manifest,
+    files_digest,
     json_bounds_problem,
     load_json,
     manifest_digest,
@@ -170,7 +172,7 @@ __all__ = [
     "ALIGN", "DTYPE_SIZES", "FORMAT", "HASH", "KINDS", "MAX_DCP_JSON_BYTES", "MAX_DIMS", "MAX_HEADER_BYTES",
     "MAX_KEY_CHARS", "MAX_MANIFEST_BYTES", "MAX_MANIFEST_DEPTH", "MAX_STATE_BYTES", "MAX_STATE_DEPTH",
     "MAX_STATE_VALUES", "MAX_TENSORS", "SHARD_SEP", "TensorEntry", "dcp_problem", "digest_bytes", "encode_manifest",
-    "json_bounds_problem", "load_json", "manifest_digest", "manifest_problem", "new_hasher",
+    "json_bounds_problem", "load_json", "files_digest", "manifest_digest", "manifest_problem", "new_hasher",
     "parse_safetensors_header", "read_header_bytes", "read_safetensors_header", "safetensors_header_bytes",
     # writer
     "DIRECT_CHUNK", "RENAME_EXCHANGE", "DirCheck", "FileRecord", "HashPipe", "Pace", "PendingCheckpoint",
@@ -179,7 +181,7 @@ __all__ = [
     "subdir_at", "unlink_at", "unshared_dir", "write_fully",
     # catalog
     "RESOURCE_ERRNOS", "CheckpointInfo", "advise_sequential", "check_metadata", "check_structure", "hash_file",
-    "inspect_checkpoint", "iter_checkpoint_paths", "latest_valid", "list_checkpoints", "read_dcp_json",
+    "inspect_checkpoint", "iter_checkpoint_paths", "latest_valid", "list_checkpoints", "list_runs", "read_dcp_json",
     "parse_manifest", "read_manifest", "read_range", "read_small", "verify",
     # maintenance
     "amend_manifest", "delete", "live_writer", "move_aside", "pin", "pinned", "quarantine", "remove_stale_temps",

@@ -66,6 +66,16 @@ class CheckpointInfo:
         return self.manifest.get("origin")
 
     @property
+    def stage(self) -> str | None:
+        """The stage of the run that wrote it (``Checkpointer(stage=...)``), or None."""
+        return self.manifest.get("stage")
+
+    @property
+    def lineage(self) -> dict[str, Any] | None:
+        """Where the run that wrote it branched from (lineage.py), or None for a run started from nothing."""
+        return self.manifest.get("lineage")
+
+    @property
     def finished(self) -> bool:
         """The last checkpoint of a run whose script called ``close()`` after its last step."""
         return self.manifest.get("finished") is True
@@ -84,6 +94,8 @@ class CheckpointInfo:
             "epoch": self.epoch,
             "finished": self.finished,
             "origin": self.origin,
+            "stage": self.stage,
+            "lineage": self.lineage,
         }
 
 
@@ -215,6 +227,31 @@ def list_checkpoints(root: str) -> list[CheckpointInfo]:
         raise NotFoundError(f"checkpoint directory {root} does not exist; pass the --dir you trained with")
     out = [inspect_checkpoint(e.path) for e in os.scandir(root) if NAME_RE.match(e.name)]
     out.sort(key=lambda i: (i.step, i.created, i.name))
+    return out
+
+
+MAX_RUNS = 4096  # run directories one listing of a root looks into
+
+
+def list_runs(root: str) -> list[tuple[str, list[CheckpointInfo]]]:
+    """The run directories of ``root``: ``root`` itself when it holds checkpoints, and each of its
+    subdirectories that does (one level; hidden entries and links are skipped, at most MAX_RUNS looked into),
+    as ``(path, checkpoints oldest first)``, sorted by path."""
+    if not os.path.isdir(root):
+        raise NotFoundError(f"{root} does not exist or is not a directory; give the directory that holds the runs")
+    out = []
+    own = list_checkpoints(root)
+    if own:
+        out.append((root, own))
+    subdirs = sorted(e.path for e in os.scandir(root)
+                     if not e.name.startswith(".") and not NAME_RE.match(e.name) and e.is_dir(follow_symlinks=False))
+    for path in subdirs[:MAX_RUNS]:
+        try:
+            infos = list_checkpoints(path)
+        except (NotFoundError, PermissionError):
+            continue  # removed meanwhile, or not ours to read
+        if infos:
+            out.append((path, infos))
     return out
 
 

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, TypeGuard
 
 import xxhash
 
-from .. import origin
+from .. import lineage, origin
 from ..errors import CorruptCheckpointError
 from .layout import FILE_RE, MANIFEST, SHARD_FILE_RE
 
@@ -56,6 +56,13 @@ def manifest_digest(manifest: dict[str, Any]) -> str:
     """The manifest's own digest: of every field but ``digest``, canonically encoded."""
     body = {k: v for k, v in manifest.items() if k != "digest"}
     return xxhash.xxh3_128_hexdigest(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def files_digest(manifest: dict[str, Any]) -> str:
+    """A digest of a manifest's file list (names, sizes, checksums): the checkpoint's data, which metrics added
+    to the manifest later (``ck.report``, ``add_metrics``, ``finished``) leave as it is."""
+    return xxhash.xxh3_128_hexdigest(json.dumps(manifest.get("files", {}), sort_keys=True,
+                                                separators=(",", ":")).encode())
 
 
 def encode_manifest(manifest: dict[str, Any]) -> bytes:
@@ -162,6 +169,12 @@ def manifest_problem(m: dict[str, Any]) -> str:
             return f"origin {why}"
     if not isinstance(m.get("finished", False), bool):
         return "finished is not true or false"
+    why = lineage.stage_problem(m.get("stage"))
+    if why:
+        return f"stage {why}"
+    why = lineage.problem(m.get("lineage"))
+    if why:
+        return f"lineage {why}"
     return ""
 
 

@@ -59,11 +59,12 @@ class Supervisor:
     def __init__(self, cfg: Config, argv: list[str], *, config_file: str | None = None,
                  overrides: dict[str, Any] | None = None, clock: Clock | None = None,
                  log: EventLog | None = None, command: list[str] | None = None, fresh: bool = False,
-                 resume_from: str | None = None) -> None:
+                 resume_from: str | None = None, resume_parts: str | None = None, stage: str | None = None) -> None:
         self.cfg = configmod.absolute(cfg)
         self.argv = argv
         self.command = list(command) if command is not None else list(argv)  # as the user typed it (origin.py)
         self.fresh, self.resume_from = fresh, resume_from
+        self.resume_parts, self.stage = resume_parts, stage  # passed on to the trainer (env.py)
         self.start_plan: resume.Plan | None = None
         self.config_file = config_file
         self.overrides = overrides or {}
@@ -378,6 +379,8 @@ class Supervisor:
             envvars.METRICS: "1" if self.cfg.metrics.addr else "0",
             envvars.ORIGIN: origin.for_env(self.command, self._origin_config(), self.resume_from),
             envvars.RESUME_FROM: self.resume_from or "",
+            envvars.RESUME_PARTS: self.resume_parts or "",
+            envvars.STAGE: self.stage or "",
             envvars.RETENTION: "1" if self.cfg.retention_enabled else "",
         })
         if self.cfg.remote:  # restore() on a fresh machine takes the newest checkpoint from the remote tier
