@@ -21,9 +21,11 @@ METRICS = "CKPTD_METRICS"  # "0": the supervisor serves no metrics, the trainer 
 ORIGIN = "CKPTD_ORIGIN"  # JSON: the command, config and branch point of the run (origin.py), kept in manifests
 RESUME_FROM = "CKPTD_RESUME_FROM"  # `ckptd run --resume-from`: restore() loads it when DIR holds no checkpoint
 RETENTION = "CKPTD_RETENTION"  # "1": the supervisor applies a retention rule (no warning about a growing DIR)
+KEY_FILE = "CKPTD_KEY_FILE"  # authenticated checkpoints: the key file (store.auth; also read by the commands)
+ALLOW_UNKEYED = "CKPTD_ALLOW_UNKEYED"  # "1": with a key, checkpoints written without one are still accepted
 
 ALL = (DIR, EVERY_STEPS, EVERY_SECONDS, KEEP_LAST, RUN_ID, RESTART_COUNT, CONTROL, STOP_DEADLINE, METRICS, ORIGIN,
-       RESUME_FROM, RETENTION)
+       RESUME_FROM, RETENTION, KEY_FILE, ALLOW_UNKEYED)
 
 
 def get_int(name: str) -> int | None:

@@ -117,6 +117,8 @@ class Config:
     log_format: str = "text"
     job_id: str | None = None  # several nodes' `ckptd run` of one job share the directory (rundir.py)
     node_rank: int | None = None  # this node's rank in the job (default: torchrun's --node-rank, $SLURM_NODEID, 0)
+    key_file: str | None = None  # authenticated checkpoints: the key's file, given to the trainer as CKPTD_KEY_FILE
+    allow_unkeyed: bool = False  # with a key, still accept checkpoints written without one (CKPTD_ALLOW_UNKEYED=1)
     notices: NoticesConfig = NoticesConfig()
     slurm: SlurmConfig = SlurmConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -192,6 +194,19 @@ def _string(raw: Any) -> str:
     if problem:
         raise ValueError(f"{show(raw)} {problem}")
     return raw
+
+
+def _key_file(raw: Any) -> str:
+    """A key file's absolute path, after the checks the trainer makes (a private regular file, 32+ bytes), so a
+    bad one stops the run before anything starts; the key itself is not kept here."""
+    from ..store.auth import Key
+
+    path = os.path.abspath(_string(raw))
+    try:
+        Key.load(path)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return path
 
 
 def _cron(raw: Any) -> str:
@@ -341,6 +356,10 @@ OPTIONS: tuple[Option, ...] = (
            "(default: $SLURM_JOB_ID, else torchrun's --rdzv-id; none: a single-node run)", "ID"),
     Option("node_rank", _int(0), "multi-node: this node's rank in the job (default: torchrun's --node-rank, "
            "else $SLURM_NODEID, else 0)"),
+    Option("key_file", _key_file, "authenticated checkpoints: key file (mode 0600, 32+ bytes) the trainer MACs every "
+           "checkpoint with and restores only what authenticates with (env CKPTD_KEY_FILE)", "FILE"),
+    Option("allow_unkeyed", _bool, "with key_file: still resume from checkpoints written without a key "
+           "(env CKPTD_ALLOW_UNKEYED=1)", switch=True),
     Option("notices.source", _choice(*NOTICE_SOURCES), "cloud preemption notices to poll: auto (default: the cloud "
            "this machine's DMI data names, none elsewhere), aws, gcp, azure or off", "SOURCE", flag="--notices"),
     Option("notices.endpoint", _url, "base URL of the metadata service (default: the cloud's own)", "URL",
