@@ -251,7 +251,7 @@ def test_the_commands_refuse_what_does_not_authenticate_with_one_line_and_say_wh
     r = ckptd_cli("verify", root, env={store.KEY_ENV: key})
     assert r.returncode == exitcodes.INVALID, r.stdout + r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0].endswith("ok (authenticated)") and "INVALID" in lines[1] and "keyed BLAKE3 mismatch" in lines[1]
+    assert lines[0].endswith("ok (authenticated)") and "INVALID: manifest.json does not authenticate" in lines[1]
     r = ckptd_cli("export", step_dir(root, 2), "-o", str(tmp_path / "w.safetensors"), "--key-file", key)
     assert r.returncode == exitcodes.INVALID and len(r.stderr.splitlines()) == 1 and "authenticate" in r.stderr
     assert not os.path.exists(tmp_path / "w.safetensors")
