@@ -3,6 +3,7 @@
 A package laid out by concern, each module importing only those above it in this list:
 
     layout       the names of every file and directory in a root, and the modes they are created with
+    auth         the key of authenticated checkpoints (optional): a private key file, keyed BLAKE3
     format       what the bytes mean: the manifest, bounded JSON, dcp.json, the safetensors header
     writer       durable writes: fsync, atomic no-follow replacement, the checkpoint commit
     catalog      what a root holds and what of it is valid: list, inspect, verify
