@@ -44,7 +44,8 @@ def add_metrics(path: str | os.PathLike[str], **metrics: Any) -> store.Checkpoin
     """Add ``metrics`` (numbers, strings, booleans; NaN and infinities are stored as null) to the manifest of
     the checkpoint at ``path`` (a checkpoint directory, e.g. a ``path`` of ``ckptd ls --json``). Returns the
     checkpoint as it is now. NotFoundError when it is gone (retention may have removed it meanwhile),
-    CorruptCheckpointError when it fails the manifest-level check, StorageError when the write fails."""
+    CorruptCheckpointError when it fails the manifest-level check, StorageError when the write fails. A checkpoint
+    written with a key needs that key in ``$CKPTD_KEY_FILE`` (its manifest is authenticated, then MACed anew)."""
     path = os.fspath(path)
     if not metrics:
         raise CkptdError("add_metrics(): name at least one metric, e.g. add_metrics(path, val_loss=0.31)")
@@ -55,4 +56,4 @@ def add_metrics(path: str | os.PathLike[str], **metrics: Any) -> store.Checkpoin
     if not os.path.lexists(os.path.join(path, store.MANIFEST)):
         raise CkptdError(f"add_metrics(): {path} is not a checkpoint (no {store.MANIFEST}); name one checkpoint, "
                          "e.g. DIR/step-000000000300")
-    return store.amend_manifest(path, metrics=values)
+    return store.amend_manifest(path, metrics=values, key=store.key_from_env())  # keyed: re-MACed with $CKPTD_KEY_FILE

@@ -150,6 +150,12 @@ class Checkpointer:
         stage: the run's stage name (``"sft"``, ``"rl"``), recorded in every manifest; default
             ``$CKPTD_STAGE`` (``ckptd run --stage``), else none. ``ckptd ls --stage`` and
             ``restore(stage=...)`` find checkpoints by it.
+        key_file: authenticated checkpoints (off by default): a file holding the key (mode 0600, at least 32
+            bytes; default ``$CKPTD_KEY_FILE``, which ``ckptd run --key-file`` sets). Every file saved gets a
+            keyed BLAKE3 and the manifest a MAC; ``restore()`` refuses (sets aside, like a corrupt one) a
+            checkpoint that does not authenticate with it, and one written without a key.
+        allow_unkeyed: with a key, still accept checkpoints written without one (checksums only; default
+            ``$CKPTD_ALLOW_UNKEYED=1``), e.g. to continue a run from before the key.
     """
 
     def __init__(
@@ -172,6 +178,8 @@ class Checkpointer:
         handle_signals: bool = True,
         remote: str | RemoteSpec | None = None,
         stage: str | None = None,
+        key_file: str | os.PathLike[str] | None = None,
+        allow_unkeyed: bool | None = None,
     ) -> None:
         if on_error not in ("log", "raise"):
             raise CkptdError(f"on_error must be 'log' or 'raise', got {on_error!r}")
@@ -204,6 +212,7 @@ class Checkpointer:
         self.async_save = async_save
         self.pace = float(pace)
         self.on_error = on_error
+        self.key = _load_key(key_file, allow_unkeyed)  # never logged; None: checksums only
         self.rank = int(os.environ.get("RANK", "0") or 0)
         world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
         self.writes = world_size <= 1 or self.rank == 0
@@ -572,7 +581,7 @@ class Checkpointer:
             target = os.path.abspath(resolve(path))
             if os.path.dirname(target) != self.dir:
                 return self._branch(lambda: target, wanted, None)
-            info = store.inspect_checkpoint(target)
+            info = store.inspect_checkpoint(target, self.key)
             if not info.valid:
                 raise CorruptCheckpointError(info.path, info.reason)
             return self._after_restore(info, self._stage(info, wanted).apply())
@@ -583,7 +592,7 @@ class Checkpointer:
             if error:
                 raise RemoteError(error)
             self._remote_restore = (name, note)
-        found = newest(self._ranks(), self.dir, self._stage, quiet=branch is not None)
+        found = newest(self._ranks(), self.dir, self._stage, quiet=branch is not None, key=self.key)
         if found is not None:
             return self._after_restore(*found)
         if branch is not None:  # `ckptd run --resume-from`: the run has nothing of its own yet
@@ -732,7 +741,7 @@ class Checkpointer:
             return
         path = os.path.join(self.dir, store.checkpoint_name(self._step))
         try:
-            store.amend_manifest(path, finished=True)  # no rewrite when it is already marked
+            store.amend_manifest(path, finished=True, key=self.key)  # no rewrite when it is already marked
         except CorruptCheckpointError:
             return  # not a checkpoint to mark: restore() will set it aside
         except (CkptdError, OSError) as exc:
@@ -758,7 +767,7 @@ class Checkpointer:
             raise NotFoundError(f"ck.report(): no checkpoint of step {step} in {self.dir}; report metrics of a "
                                 "step that was saved (ck.step(n) saved it when due, or call ck.save() first)")
         # On the writer thread: after the library's own retention of the last save, never beside it.
-        self._writer().submit(store.amend_manifest, path, metrics=values).result()
+        self._writer().submit(store.amend_manifest, path, metrics=values, key=self.key).result()
         if self.policy.active:  # keep_best may now keep (or no longer keep) something
             self._writer().submit(self._apply_retention)
 
@@ -867,7 +876,8 @@ class Checkpointer:
             if ranks.per_rank:
                 extra.update(world_size=ranks.world, sharded=ranks.sharded)
             fields = {"kind": result.kind, "metrics": jsonable_metrics(metrics), "extra": extra}
-            result.path = persist.write(ranks, self.dir, result.step, files, fields, self._pacer(result), replace)
+            result.path = persist.write(ranks, self.dir, result.step, files, fields, self._pacer(result), replace,
+                                        self.key)
             result._replaced = replace and result.path is not None
             if result.path is None:  # this step is already checkpointed
                 result.skipped = f"step {result.step} is already checkpointed"
@@ -1273,6 +1283,19 @@ class Checkpointer:
             self.channel.send(protocol.RESTORED, step=step, path=info.path,
                               seconds=round(time.perf_counter() - self._restore_started, 6))
         return step
+
+
+def _load_key(key_file: str | os.PathLike[str] | None, allow_unkeyed: bool | None) -> store.Key | None:
+    """The key of authenticated checkpoints: ``key_file``, else ``$CKPTD_KEY_FILE``; None for neither."""
+    env_path = os.environ.get(store.KEY_ENV) or None
+    if allow_unkeyed is None:
+        allow_unkeyed = os.environ.get(store.ALLOW_UNKEYED_ENV) == "1"
+    if key_file is None:
+        return store.Key.load(env_path, allow_unkeyed) if env_path else None
+    path = os.path.abspath(os.fspath(key_file))
+    if env_path and os.path.abspath(env_path) != path:
+        log.warning("ckptd: key_file=%s differs from CKPTD_KEY_FILE=%s; using key_file", path, env_path)
+    return store.Key.load(path, allow_unkeyed)
 
 
 def _small_digest(state_json: bytes, tensors: Mapping[str, torch.Tensor]) -> str:

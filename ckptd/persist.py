@@ -63,19 +63,20 @@ def _fail(ranks: Solo, message: str, own: BaseException | None) -> NoReturn:
 
 
 def write(ranks: Solo, directory: str, step: int, files: list[File], fields: dict[str, Any],
-          pace: store.Pace | None, replace: bool = False) -> str | None:
+          pace: store.Pace | None, replace: bool = False, key: store.Key | None = None) -> str | None:
     """Write this rank's ``files`` into the leader's temporary directory; the leader commits when every rank's
     files are durable. Returns the checkpoint's path; None when a valid checkpoint of ``step`` exists (unless
     ``replace``: the state at close() that work after the step's save changed). Raises when nothing was
-    published (the temporary directory is removed)."""
-    leader = _Leader(directory, step, replace)
+    published (the temporary directory is removed). ``key``: each rank MACs its own files with it as it writes
+    them, and the leader authenticates the manifest."""
+    leader = _Leader(directory, step, replace, key)
     plan = ranks.agree(leader.open)
     if plan[0] == "exists":
         return None
     if plan[0] == "error":
         _fail(ranks, f"checkpoint of step {step} not written: rank 0: {plan[1]}", leader.error)
     try:
-        gathered = ranks.gather(_write_files(ranks, directory, step, plan[1], leader.pending, files, pace))
+        gathered = ranks.gather(_write_files(ranks, directory, step, plan[1], leader.pending, files, pace, key))
         outcome = ranks.agree(lambda: leader.commit(gathered, ranks, fields))
         if outcome[0] == "error":
             _fail(ranks, f"checkpoint of step {step} not published: {outcome[1]}", leader.error)
@@ -85,11 +86,12 @@ def write(ranks: Solo, directory: str, step: int, files: list[File], fields: dic
 
 
 def _write_files(ranks: Solo, directory: str, step: int, tmp: str, pending: store.PendingCheckpoint | None,
-                 files: list[File], pace: store.Pace | None) -> tuple[dict[str, store.FileRecord], str]:
+                 files: list[File], pace: store.Pace | None, key: store.Key | None = None
+                 ) -> tuple[dict[str, store.FileRecord], str]:
     """This rank's files into the temporary directory: (their records, "" or what failed)."""
     records: dict[str, store.FileRecord] = {}
     try:
-        part = pending or store.PendingCheckpoint.join(directory, step, tmp)
+        part = pending or store.PendingCheckpoint.join(directory, step, tmp, key)
         for f in files:
             if f.name == DCP:
                 assert isinstance(ranks, Sharded)  # only a sharded model's save has this entry
@@ -109,8 +111,8 @@ def _write_files(ranks: Solo, directory: str, step: int, tmp: str, pending: stor
 class _Leader:
     """The leader's side of a save: the temporary directory it opens, commits or removes."""
 
-    def __init__(self, directory: str, step: int, replace: bool) -> None:
-        self.directory, self.step, self.replace = directory, step, replace
+    def __init__(self, directory: str, step: int, replace: bool, key: store.Key | None = None) -> None:
+        self.directory, self.step, self.replace, self.key = directory, step, replace, key
         self.pending: store.PendingCheckpoint | None = None
         self.error: BaseException | None = None
 
@@ -120,12 +122,12 @@ class _Leader:
         existing = os.path.join(self.directory, name)
         try:
             if os.path.lexists(existing):
-                info = store.inspect_checkpoint(existing)
+                info = store.inspect_checkpoint(existing, self.key)  # a forged one is no reason to skip
                 if info.valid and not self.replace:
                     return "exists", existing
                 if not info.valid:
                     store.quarantine(self.directory, name, info.reason)
-            self.pending = store.PendingCheckpoint(self.directory, self.step)
+            self.pending = store.PendingCheckpoint(self.directory, self.step, self.key)
             return "write", self.pending.tmp
         except (OSError, CkptdError) as exc:
             self.error = exc

@@ -33,13 +33,14 @@ log = logging.getLogger("ckptd")
 GONE = "disappeared while being read"  # a candidate another process moved away meanwhile: not corrupt
 
 
-def newest(ranks: Solo, directory: str, stage: Callable[[store.CheckpointInfo], Prepared], *, quiet: bool = False
-           ) -> tuple[store.CheckpointInfo, Restored] | None:
+def newest(ranks: Solo, directory: str, stage: Callable[[store.CheckpointInfo], Prepared], *, quiet: bool = False,
+           key: store.Key | None = None) -> tuple[store.CheckpointInfo, Restored] | None:
     """Apply the newest checkpoint of ``directory`` that every rank staged; None when there is none (said on
     one line unless ``quiet``: another checkpoint is tried next).
 
     Invalid candidates are quarantined by the leader (the reason, per rank when there are several) and
-    the next older one is tried. A candidate that verified but does not fit (a CkptdError from ``stage``)
+    the next older one is tried; with ``key``, so is one that does not authenticate (its manifest at listing,
+    every byte when staged). A candidate that verified but does not fit (a CkptdError from ``stage``)
     stops every rank: this rank's own error is raised as it was, a peer's as a CkptdError.
     """
     listed: dict[str, store.CheckpointInfo] = {}
@@ -49,12 +50,12 @@ def newest(ranks: Solo, directory: str, stage: Callable[[store.CheckpointInfo], 
             return []
         if ranks.leader:
             store.remove_stale_temps(directory)
-        listed.update((info.name, info) for info in reversed(store.list_checkpoints(directory)))
+        listed.update((info.name, info) for info in reversed(store.list_checkpoints(directory, key)))
         return list(listed)
 
     names = ranks.agree(candidates)
     for name in names:
-        info = listed.get(name) or store.inspect_checkpoint(os.path.join(directory, name))
+        info = listed.get(name) or store.inspect_checkpoint(os.path.join(directory, name), key)
         prepared: Prepared | None = None
         why, fatal = "", None
         try:
@@ -271,7 +272,7 @@ def read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
             raise CorruptCheckpointError(info.path, f"{fname} is {size} bytes, manifest says {rec['bytes']}")
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
             lead, body = store.read_header_bytes(f, path, size)
-        h = store.new_hasher()
+        h = store.Hashes(info.mac_key)  # with a key: its MAC from the same bytes
         h.update(lead)
         h.update(body)
         data_start = 8 + len(body)
@@ -283,9 +284,9 @@ def read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
         except CkptdError:
             # Believe nothing the header says until the bytes verified: a damaged header is corruption.
             _hash_rest(fd, data_start, size, h, path)
-            if h.hexdigest() != rec[store.HASH]:
-                raise CorruptCheckpointError(info.path, f"{fname} checksum mismatch "
-                                                        "(content altered or corrupted)") from None
+            problem = store.record_problem(fname, rec, size, h)
+            if problem:
+                raise CorruptCheckpointError(info.path, problem) from None
             raise
         staged, views, undo = _plan(entries, live, staging)
         backup = None
@@ -299,8 +300,9 @@ def read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
         finally:
             if backup is not None:
                 staged.undo = backup.finish()
-        if h.hexdigest() != rec[store.HASH] or end != size:
-            raise CorruptCheckpointError(info.path, f"{fname} checksum mismatch (content altered or corrupted)")
+        problem = store.record_problem(fname, rec, end, h)
+        if problem:
+            raise CorruptCheckpointError(info.path, problem)
     except BaseException:
         if staged is not None:
             staged.rollback()  # a failed candidate leaves the run's tensors as they were
@@ -395,12 +397,20 @@ def read_state_json(info: store.CheckpointInfo) -> Any:
         if fname not in files:
             raise CorruptCheckpointError(info.path, f"{fname} is not listed in the manifest")
     raw = store.read_small(os.path.join(info.path, store.STATE), store.MAX_STATE_BYTES)
-    if store.digest_bytes(raw) != files[store.STATE][store.HASH]:
-        raise CorruptCheckpointError(info.path, f"{store.STATE} checksum mismatch")
+    _check_small(info, store.STATE, raw)
     tree = store.load_json(raw, info.path, store.STATE, store.MAX_STATE_DEPTH, store.MAX_STATE_VALUES)
     if not isinstance(tree, dict):
         raise CorruptCheckpointError(info.path, f"{store.STATE} is not a JSON object")
     return tree
+
+
+def _check_small(info: store.CheckpointInfo, fname: str, raw: bytes) -> None:
+    """A small file read whole: its checksum (and with the checkpoint's key, its MAC) against the manifest."""
+    h = store.Hashes(info.mac_key)
+    h.update(raw)
+    problem = store.record_problem(fname, info.manifest["files"][fname], len(raw), h)
+    if problem:
+        raise CorruptCheckpointError(info.path, problem)
 
 
 def read_rank_part(info: store.CheckpointInfo, rank: int) -> dict[str, Any] | None:
@@ -417,8 +427,7 @@ def read_rank_part(info: store.CheckpointInfo, rank: int) -> dict[str, Any] | No
                     "extra objects start fresh", info.name, world, rank)
         return None
     raw = store.read_small(os.path.join(info.path, jname), store.MAX_STATE_BYTES)
-    if store.digest_bytes(raw) != files[jname][store.HASH]:
-        raise CorruptCheckpointError(info.path, f"{jname} checksum mismatch")
+    _check_small(info, jname, raw)
     tree = store.load_json(raw, info.path, jname, store.MAX_STATE_DEPTH, store.MAX_STATE_VALUES)
     if not isinstance(tree, dict):
         raise CorruptCheckpointError(info.path, f"{jname} is not a JSON object")
@@ -468,7 +477,7 @@ def _numpy_as_tensors(tree: Any) -> Any:
     return {k: _numpy_as_tensors(v) for k, v in tree.items()}
 
 
-def resolve(path: str | os.PathLike[str]) -> str:
+def resolve(path: str | os.PathLike[str], key: store.Key | None = None) -> str:
     """A checkpoint path as the CLI names one: a checkpoint directory, ``DIR/latest`` (the newest checkpoint
     of DIR that verifies, checksums included) or ``DIR/N`` (the checkpoint of step N in DIR)."""
     path = os.fspath(path)
@@ -476,7 +485,7 @@ def resolve(path: str | os.PathLike[str]) -> str:
     if os.path.isdir(path) and (os.path.lexists(os.path.join(path, store.MANIFEST)) or store.NAME_RE.match(leaf)):
         return path
     if leaf == "latest" and os.path.isdir(parent or "."):
-        info = store.latest_valid(parent or ".")
+        info = store.latest_valid(parent or ".", key)
         if info is None:
             raise NotFoundError(f"no valid checkpoint in {parent or '.'}; `ckptd verify {parent or '.'}` says why "
                                 "each one is invalid")
@@ -492,7 +501,8 @@ def resolve(path: str | os.PathLike[str]) -> str:
     return path
 
 
-def load_state(path: str | os.PathLike[str], *, tensors: bool = True) -> dict[str, Any]:
+def load_state(path: str | os.PathLike[str], *, tensors: bool = True,
+               key_file: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Load a checkpoint's whole state as a dict of plain objects and tensors (verifies checksums).
 
     For evaluation scripts and tools: ``ckptd.load_state(p)["model"]`` is a state_dict. ``path`` is a
@@ -500,8 +510,11 @@ def load_state(path: str | os.PathLike[str], *, tensors: bool = True) -> dict[st
     manifest, ``state.json`` (checksummed) and the tensor file's header are read; every tensor is a
     'meta'`` tensor of its dtype and shape (NumPy arrays and scalars too): no tensor data is read nor
     checksummed - cheap, e.g. to rebuild a model from arguments saved in ``extra`` or ``ck.user``.
+    ``key_file`` (default ``$CKPTD_KEY_FILE``): the checkpoint must authenticate with that key (its manifest,
+    and every byte read); without a key an authenticated checkpoint is checked by its checksums only.
     """
-    info = store.inspect_checkpoint(resolve(path))
+    key = store.Key.load(os.fspath(key_file)) if key_file is not None else store.key_from_env()
+    info = store.inspect_checkpoint(resolve(path, key), key)
     if not info.valid:
         raise CorruptCheckpointError(info.path, info.reason)
     tree = read_state_json(info)

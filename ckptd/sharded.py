@@ -158,24 +158,24 @@ class Writer(StorageWriter):
             offset += len(data)
         rec = self.part.write_file(name, chunks, self.pace)
         for r in results:  # the coordinator lists this rank's file from here (DCP gathers the results)
-            r.storage_data["record"] = (rec.bytes, rec.xxh3_128)
+            r.storage_data["record"] = (rec.bytes, rec.xxh3_128, rec.mac)  # mac: this rank's keyed BLAKE3 or None
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)  # written synchronously: this runs in ckptd's writer thread already
         return fut
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        files: dict[str, tuple[int, str]] = {}
+        files: dict[str, tuple[int, str, str | None]] = {}
         storage: list[list[Any]] = []
         for rank_results in results:
             for r in rank_results:
                 info = r.storage_data
                 files[info["file"]] = info["record"]
                 storage.append([_index_json(r.index), info["file"], info["offset"], info["length"]])
-        for name, (nbytes, digest) in files.items():
+        for name, (nbytes, digest, mac) in files.items():
             if name != store.shard_file(self.rank):
-                self.part.add_file(name, store.FileRecord(nbytes, digest))
+                self.part.add_file(name, store.FileRecord(nbytes, digest, mac))
             else:
-                self.part.files[name] = store.FileRecord(nbytes, digest)
+                self.part.files[name] = store.FileRecord(nbytes, digest, mac)
         doc = {"tensors": {fqn: _tensor_md_json(md) for fqn, md in metadata.state_dict_metadata.items()},
                "storage": storage}
         self.part.write_file(store.DCP_JSON, [json.dumps(doc, separators=(",", ":")).encode()])
@@ -296,14 +296,15 @@ def save(cpu: dict[str, torch.Tensor], part: store.PendingCheckpoint, rank: int,
 
 
 def verify_share(info: store.CheckpointInfo, rank: int, world: int) -> None:
-    """Checksum this rank's share of the checkpoint's files (file i: rank i mod world); raises
-    CorruptCheckpointError. Together the ranks verify every file once."""
+    """Checksum this rank's share of the checkpoint's files (file i: rank i mod world), and with the checkpoint's
+    key their MACs from the same read; raises CorruptCheckpointError. Together the ranks verify every file once."""
     for i, (fname, rec) in enumerate(sorted(info.manifest["files"].items())):
         if i % world != rank:
             continue
-        size, digest = store.hash_file(os.path.join(info.path, fname))
-        if size != rec["bytes"] or digest != rec[store.HASH]:
-            raise CorruptCheckpointError(info.path, f"{fname} checksum mismatch (content altered or corrupted)")
+        size, hashes = store.hash_file_with(os.path.join(info.path, fname), info.mac_key)
+        problem = store.record_problem(fname, rec, size, hashes)
+        if problem:
+            raise CorruptCheckpointError(info.path, problem)
 
 
 def load(info: store.CheckpointInfo, model: Any, optimizer: Any, rest: dict[str, Any], group: Any) -> None:

@@ -17,7 +17,7 @@ from ckptd.store import writer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STORE = os.path.join(ROOT, "ckptd", "store")
 # lowest first: each module may import only those before it; reader imports none of them
-ORDER = ["layout", "format", "writer", "catalog", "maintenance"]
+ORDER = ["layout", "auth", "format", "writer", "catalog", "maintenance"]
 
 
 def _store_imports(name: str) -> set[str]:

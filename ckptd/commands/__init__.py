@@ -89,6 +89,39 @@ def add_node_argument(p: argparse.ArgumentParser) -> None:
                    help="multi-node job: talk to the `ckptd run` of node N (default: the one running on this host)")
 
 
+def add_key_arguments(p: argparse.ArgumentParser) -> None:
+    """``--key-file`` and ``--allow-unkeyed`` of the commands that read checkpoints (verify, inspect, export)."""
+    p.add_argument("--key-file", metavar="FILE", default=None,
+                   help="authenticate with this key (default $CKPTD_KEY_FILE): a checkpoint whose manifest or files "
+                   "do not authenticate, or one written without a key, is refused")
+    p.add_argument("--allow-unkeyed", action="store_true", default=None,
+                   help="with a key: still accept checkpoints written without one (checksums only; default "
+                   "$CKPTD_ALLOW_UNKEYED=1)")
+
+
+def key_from(args: argparse.Namespace) -> store.Key | None:
+    """The key ``--key-file`` (or $CKPTD_KEY_FILE) names, loaded; None without one. Never printed."""
+    allow = args.allow_unkeyed if args.allow_unkeyed is not None else \
+        os.environ.get(store.ALLOW_UNKEYED_ENV) == "1"
+    path = args.key_file or os.environ.get(store.KEY_ENV) or None
+    if path is None:
+        if args.allow_unkeyed:
+            raise UsageError("--allow-unkeyed only makes sense with a key: add --key-file FILE")
+        return None
+    return store.Key.load(path, allow_unkeyed=allow)
+
+
+def trust_note(info: store.CheckpointInfo, key: store.Key | None) -> str:
+    """What a valid checkpoint's "ok" rests on, when it is not plain checksums of an unkeyed checkpoint."""
+    if info.mac_key is not None:
+        return "authenticated"
+    if info.keyed:
+        return "checksums only: written with a key, authenticity not checked; give --key-file"
+    if key is not None:
+        return "not authenticated: written without a key (accepted by --allow-unkeyed)"
+    return ""
+
+
 def root_from(args: argparse.Namespace) -> str:
     """The checkpoint directory a command works on: DIR, ``--dir``, ``$CKPTD_DIR``, ``./checkpoints``."""
     given, option = getattr(args, "dir", None), getattr(args, "dir_option", None)
@@ -150,27 +183,28 @@ NAME_FIX = (f"name a checkpoint, e.g. checkpoints/{store.checkpoint_name(300)}, 
             "`ckptd ls DIR` lists them")
 
 
-def resolve_checkpoint(target: str, dir_option: str | None = None,
-                       missing_fix: str = NAME_FIX) -> tuple[str, store.CheckpointInfo | None]:
+def resolve_checkpoint(target: str, dir_option: str | None = None, missing_fix: str = NAME_FIX,
+                       key: store.Key | None = None) -> tuple[str, store.CheckpointInfo | None]:
     """The checkpoint directory ``target`` names (see the module docstring).
 
-    Returns ``(path, info)``; ``info`` is the full verification when ``latest`` was resolved (so callers
-    need not read the checkpoint twice), else None.
+    Returns ``(path, info)``; ``info`` is the full verification (with ``key``, authentication) when ``latest``
+    was resolved (so callers need not read the checkpoint twice), else None.
     """
     bare = os.sep not in target and target not in (".", "..")
     if bare and (dir_option is not None or target == LATEST or is_step_number(target) or not os.path.lexists(target)):
-        return _in_root(dir_option or default_dir(), target)
+        return _in_root(dir_option or default_dir(), target, key)
     parent, leaf = os.path.split(os.path.normpath(target))
     special = leaf == LATEST or is_step_number(leaf) or bool(store.NAME_RE.match(leaf))
     if special and os.path.isdir(parent or ".") and not is_checkpoint(parent or "."):
-        return _in_root(parent or ".", leaf)
+        return _in_root(parent or ".", leaf, key)
     existing_dir(target, missing_fix)
     if not is_checkpoint(target):
         raise _root_error(target)
     return target, None
 
 
-def verified(path: str, info: store.CheckpointInfo | None = None, quiet: bool = False) -> store.CheckpointInfo:
+def verified(path: str, info: store.CheckpointInfo | None = None, quiet: bool = False,
+             key: store.Key | None = None) -> store.CheckpointInfo:
     """The checkpoint at ``path`` verified in full (``info``: a full verification already done, e.g. by
     resolving ``DIR/latest``), with a progress bar on a terminal unless ``quiet``; CorruptCheckpointError
     when it fails."""
@@ -178,17 +212,17 @@ def verified(path: str, info: store.CheckpointInfo | None = None, quiet: bool = 
 
     if info is None:
         with Progress("verify", store.inspect_checkpoint(path).bytes, enabled=False if quiet else None) as prog:
-            info = store.verify(path, progress=prog)
+            info = store.verify(path, progress=prog, key=key)
     if not info.valid:
         raise CorruptCheckpointError(path, info.reason)
     return info
 
 
-def _in_root(root: str, leaf: str) -> tuple[str, store.CheckpointInfo | None]:
+def _in_root(root: str, leaf: str, key: store.Key | None = None) -> tuple[str, store.CheckpointInfo | None]:
     existing_dir(root)
     if leaf == LATEST:  # as store.latest_valid(), keeping the full verification's result
-        for listed in reversed(store.list_checkpoints(root)):
-            info = store.verify(listed.path) if listed.valid else listed
+        for listed in reversed(store.list_checkpoints(root, key)):
+            info = store.verify(listed.path, key=key) if listed.valid else listed
             if info.valid:
                 return info.path, info
         raise NotFoundError(f"no valid checkpoint in {root}; `ckptd verify {root}` says why each one is invalid")

@@ -12,9 +12,11 @@ from ..progress import Progress
 from . import (
     UsageError,
     add_dir_argument,
+    add_key_arguments,
     best,
     default_dir,
     existing_dir,
+    key_from,
     print_json,
     resolve_checkpoint,
     storage_error,
@@ -41,10 +43,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "safetensors.safe_open(FILE, 'pt').metadata()[PATH])")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object: output, checkpoint, step, tensors, bytes")
+    add_key_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    key = key_from(args)
     known: store.CheckpointInfo | None  # None: named, not yet verified (done below)
     if args.best is not None:
         metric, mode = best.parse_metric(args.best)
@@ -59,13 +63,15 @@ def run(args: argparse.Namespace) -> int:
     elif args.ckpt is None:
         raise UsageError("name the checkpoint to export (CKPT), or pass --best METRIC to export the best one")
     else:
-        path, known = resolve_checkpoint(args.ckpt, args.dir_option)
+        path, known = resolve_checkpoint(args.ckpt, args.dir_option, key=key)
     out = os.path.abspath(args.output)
     if os.path.lexists(out) and not args.force:
         raise CkptdError(f"{out} exists; pass --force to overwrite it or choose another -o")
     if not os.path.isdir(os.path.dirname(out)):
         raise CkptdError(f"directory of {out} does not exist; create it first")
-    info = verified(path, known)
+    if key is not None and known is not None and known.mac_key is None:
+        known = None  # chosen by --best, which checks checksums only: authenticated here
+    info = verified(path, known, key=key)
     carried = state_metadata(path, args.state)
     if info.manifest.get("sharded"):
         return _export_sharded(args, path, info, out, carried)

@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import store
 from ..errors import CorruptCheckpointError
-from . import add_dir_argument, human_bytes, print_json, resolve_checkpoint
+from . import add_dir_argument, add_key_arguments, human_bytes, key_from, print_json, resolve_checkpoint, trust_note
 
 CKPT_HELP = ("one checkpoint: a path (checkpoints/step-000000000300), DIR/latest (the newest valid one), DIR/300 "
              "(a step number), or 300 / latest / step-000000000300 looked up in --dir")
@@ -23,10 +23,13 @@ CKPT_HELP = ("one checkpoint: a path (checkpoints/step-000000000300), DIR/latest
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="show what a checkpoint holds",
                        description="Show a checkpoint's tensors (name, shape, dtype), its other state keys and "
-                       "its manifest. Reads headers only; use `ckptd verify` for checksums.")
+                       "its manifest. Reads headers only; use `ckptd verify` for checksums. With a key, the "
+                       "manifest must authenticate, and state.json and dcp.json, which it reads whole, too; the tensor "
+                       "data is authenticated by `ckptd verify --key-file`.")
     p.add_argument("ckpt", metavar="CKPT", help=CKPT_HELP)
     add_dir_argument(p, positional=False)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_key_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -53,13 +56,17 @@ def _dims(v: Any) -> bool:
         all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v)
 
 
-def read_shard_map(path: str, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def read_shard_map(path: str, manifest: dict[str, Any], info: store.CheckpointInfo | None = None
+                   ) -> dict[str, dict[str, Any]]:
     """The logical tensors of a sharded checkpoint, from its ``dcp.json`` (JSON, read within bounds and
     every field's type checked): ``{name: {dtype, shape, shards, files, ranks, bytes}}``, ``name`` the
     flattened path with ``/`` (``model/0.weight``, ``optimizer/state/0.weight/exp_avg``), ``bytes``
     what the shard files hold of it."""
     bad = f"{store.DCP_JSON} does not describe the shard files"
     try:
+        if info is not None and info.mac_key is not None and store.DCP_JSON in manifest["files"]:
+            authenticate_small(info, store.DCP_JSON,
+                               store.read_small(os.path.join(path, store.DCP_JSON), store.MAX_DCP_JSON_BYTES))
         doc = store.read_dcp_json(path)
     except FileNotFoundError:
         raise CorruptCheckpointError(path, f"{store.DCP_JSON} is missing (a sharded checkpoint needs its tensor map)") \
@@ -120,12 +127,25 @@ def _drop_shard_refs(tree: Any) -> Any:
     return tree
 
 
-def read_state_tree(path: str) -> Any:
+def authenticate_small(info: store.CheckpointInfo, fname: str, raw: bytes) -> None:
+    """With the checkpoint's key: a file read whole must carry its MAC (and checksum) (CorruptCheckpointError)."""
+    if info.mac_key is None:
+        return
+    h = store.Hashes(info.mac_key)
+    h.update(raw)
+    problem = store.record_problem(fname, info.manifest["files"][fname], len(raw), h)
+    if problem:
+        raise CorruptCheckpointError(info.path, problem)
+
+
+def read_state_tree(path: str, info: store.CheckpointInfo | None = None) -> Any:
     spath = os.path.join(path, store.STATE)
     try:
         raw = store.read_small(spath, store.MAX_STATE_BYTES)
     except OSError as exc:
         raise CorruptCheckpointError(path, f"{store.STATE} unreadable: {exc.strerror}") from None
+    if info is not None and store.STATE in info.manifest["files"]:
+        authenticate_small(info, store.STATE, raw)
     # the same bounds as restore: a hostile state.json costs neither time nor memory
     return store.load_json(raw, path, store.STATE, store.MAX_STATE_DEPTH, store.MAX_STATE_VALUES)
 
@@ -178,14 +198,15 @@ def state_values(tree: Any, prefix: str = "", out: dict[str, Any] | None = None)
 
 
 def run(args: argparse.Namespace) -> int:
-    path, verified = resolve_checkpoint(args.ckpt, args.dir_option)
-    info = verified or store.inspect_checkpoint(path)
+    key = key_from(args)
+    path, verified = resolve_checkpoint(args.ckpt, args.dir_option, key=key)
+    info = verified or store.inspect_checkpoint(path, key)
     if not info.valid:
         raise CorruptCheckpointError(path, info.reason)
     tensors = read_tensor_header(path)
-    tree = read_state_tree(path)
+    tree = read_state_tree(path, info)
     sharded = bool(info.manifest.get("sharded"))
-    shards = read_shard_map(path, info.manifest) if sharded else {}
+    shards = read_shard_map(path, info.manifest, info) if sharded else {}
     if sharded:
         tree = _drop_shard_refs(tree)
     if args.json:
@@ -197,6 +218,11 @@ def run(args: argparse.Namespace) -> int:
         print_json(out)
         return 0
     print(f"checkpoint {info.path}")
+    note = trust_note(info, key)
+    if info.mac_key is not None and verified is None:
+        note = "manifest and state authenticated; tensor data not read (ckptd verify --key-file checks every byte)"
+    if note:
+        print(f"  {note}")
     print(f"  step {info.step}  kind {info.kind}  epoch {info.epoch}  size {human_bytes(info.bytes)}"
           + (f"  sharded over {info.manifest.get('world_size')} ranks" if sharded else ""))
     if sharded:

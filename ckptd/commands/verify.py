@@ -14,7 +14,17 @@ import sys
 from .. import exitcodes, store
 from ..errors import NotFoundError
 from ..progress import Progress
-from . import DIR_HELP, RootGivenError, default_dir, existing_dir, print_json, resolve_checkpoint
+from . import (
+    DIR_HELP,
+    RootGivenError,
+    add_key_arguments,
+    default_dir,
+    existing_dir,
+    key_from,
+    print_json,
+    resolve_checkpoint,
+    trust_note,
+)
 
 DELETED = "deleted while verifying (removed or moved aside by another process); not counted"
 
@@ -29,23 +39,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", dest="dir_option", metavar="DIR", default=None,
                    help=f"{DIR_HELP}; a bare step number or `latest` is looked up here")
     p.add_argument("--json", action="store_true", help="print a JSON list of results")
+    add_key_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    target, single, known = _targets(args)
+    key = key_from(args)
+    target, single, known = _targets(args, key)
     results: list[tuple[store.CheckpointInfo, bool]] = []
     for path, listed_bytes in target:
         if known is not None:
             info, gone = known, False
         else:
-            info, gone = verify_one(path, listed_bytes, quiet=args.json)
+            info, gone = verify_one(path, listed_bytes, quiet=args.json, key=key)
         results.append((info, gone))
         if not args.json:
-            print(f"{info.path}: {DELETED if gone else 'ok' if info.valid else f'INVALID: {info.reason}'}")
+            note = trust_note(info, key) if info.valid else ""
+            ok = f"ok ({note})" if note else "ok"
+            print(f"{info.path}: {DELETED if gone else ok if info.valid else f'INVALID: {info.reason}'}")
     if args.json:
         print_json([{"path": i.path, "name": i.name, "step": i.step, "valid": None if gone else i.valid,
-                     "deleted": gone, "reason": DELETED if gone else i.reason} for i, gone in results])
+                     "deleted": gone, "reason": DELETED if gone else i.reason,
+                     "keyed": i.keyed, "authenticated": i.valid and i.mac_key is not None}
+                    for i, gone in results])
     if single and results and results[0][1]:
         raise NotFoundError(f"{results[0][0].path} was deleted while it was being verified")
     bad = [i for i, gone in results if not gone and not i.valid]
@@ -57,13 +73,14 @@ def run(args: argparse.Namespace) -> int:
     return exitcodes.OK
 
 
-def _targets(args: argparse.Namespace) -> tuple[list[tuple[str, int | None]], str | None, store.CheckpointInfo | None]:
+def _targets(args: argparse.Namespace, key: store.Key | None
+             ) -> tuple[list[tuple[str, int | None]], str | None, store.CheckpointInfo | None]:
     """([(path, bytes listed)], the single checkpoint named or None, its verification when already done)."""
     root = (args.dir_option or default_dir()) if args.target is None else None
     if root is None:
         try:
             path, verified = resolve_checkpoint(args.target, args.dir_option, missing_fix="give a checkpoint "
-                                                "directory, or one checkpoint (DIR/latest, DIR/300, a path)")
+                                                "directory, or one checkpoint (DIR/latest, DIR/300, a path)", key=key)
             return [(path, None)], path, verified
         except RootGivenError as exc:
             root = exc.path
@@ -82,7 +99,8 @@ def _identity(st: os.stat_result | None) -> tuple[int, int] | None:
     return None if st is None else (st.st_dev, st.st_ino)
 
 
-def verify_one(path: str, listed_bytes: int | None, quiet: bool) -> tuple[store.CheckpointInfo, bool]:
+def verify_one(path: str, listed_bytes: int | None, quiet: bool,
+               key: store.Key | None = None) -> tuple[store.CheckpointInfo, bool]:
     """Verify one checkpoint; the flag is True when it vanished meanwhile (then its result means nothing)."""
     name = os.path.basename(os.path.normpath(path))
     st = _lstat(path)
@@ -93,7 +111,7 @@ def verify_one(path: str, listed_bytes: int | None, quiet: bool) -> tuple[store.
                                     "out of the checkpoint directory"), False
     total = listed_bytes if listed_bytes is not None else store.inspect_checkpoint(path).bytes
     with Progress(f"verify {name}", total, enabled=False if quiet else None) as prog:
-        info = store.verify(path, progress=prog)
+        info = store.verify(path, progress=prog, key=key)
     after = _identity(_lstat(path))
     gone = not info.valid and (after is None or after != _identity(st))
     return info, gone

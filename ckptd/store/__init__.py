@@ -3,6 +3,7 @@
 A package laid out by concern, each module importing only those above it in this list:
 
     layout       the names of every file and directory in a root, and the modes they are created with
+    auth         the key of authenticated checkpoints (optional): a private key file, keyed BLAKE3
     format       what the bytes mean: the manifest, bounded JSON, dcp.json, the safetensors header
     writer       durable writes: fsync, atomic no-follow replacement, the checkpoint commit
     catalog      what a root holds and what of it is valid: list, inspect, verify
@@ -28,6 +29,8 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
+from .auth import ALG, ALLOW_UNKEYED_ENV, KEY_ENV, MAC_FIELD, Key
+from .auth import from_env as key_from_env
 from .catalog import (
     RESOURCE_ERRNOS,
     CheckpointInfo,
@@ -35,6 +38,7 @@ from .catalog import (
     check_metadata,
     check_structure,
     hash_file,
+    hash_file_with,
     inspect_checkpoint,
     iter_checkpoint_paths,
     latest_valid,
@@ -64,20 +68,25 @@ from .format import (
     MAX_STATE_VALUES,
     MAX_TENSORS,
     SHARD_SEP,
+    Hashes,
     TensorEntry,
+    authentication_problem,
     dcp_problem,
     digest_bytes,
     encode_manifest,
     files_digest,
     json_bounds_problem,
     load_json,
+    manifest_canonical,
     manifest_digest,
     manifest_problem,
     new_hasher,
     parse_safetensors_header,
     read_header_bytes,
     read_safetensors_header,
+    record_problem,
     safetensors_header_bytes,
+    sign_manifest,
 )
 from .layout import (
     CHUNK,
@@ -168,12 +177,15 @@ __all__ = [
     "CHUNK", "DCP_JSON", "DIR_MODE", "FILE_MODE", "FILE_RE", "MANIFEST", "NAME_RE", "PINS_DIR", "PREVIOUS_DIR",
     "QUARANTINE_DIR", "SHARD_FILE_RE", "STATE", "TENSORS", "TMP_PREFIX", "TMP_RE", "TRASH_PREFIX", "check_name",
     "checkpoint_name", "shard_file", "temp_name", "trash_name",
+    # auth
+    "ALG", "ALLOW_UNKEYED_ENV", "KEY_ENV", "MAC_FIELD", "Key", "key_from_env",
     # format
     "ALIGN", "DTYPE_SIZES", "FORMAT", "HASH", "KINDS", "MAX_DCP_JSON_BYTES", "MAX_DIMS", "MAX_HEADER_BYTES",
     "MAX_KEY_CHARS", "MAX_MANIFEST_BYTES", "MAX_MANIFEST_DEPTH", "MAX_STATE_BYTES", "MAX_STATE_DEPTH",
-    "MAX_STATE_VALUES", "MAX_TENSORS", "SHARD_SEP", "TensorEntry", "dcp_problem", "digest_bytes", "encode_manifest",
-    "json_bounds_problem", "load_json", "files_digest", "manifest_digest", "manifest_problem", "new_hasher",
-    "parse_safetensors_header", "read_header_bytes", "read_safetensors_header", "safetensors_header_bytes",
+    "Hashes", "MAX_STATE_VALUES", "MAX_TENSORS", "SHARD_SEP", "TensorEntry", "authentication_problem", "dcp_problem",
+    "digest_bytes", "encode_manifest", "files_digest", "json_bounds_problem", "load_json", "manifest_canonical",
+    "manifest_digest", "manifest_problem", "new_hasher", "parse_safetensors_header", "read_header_bytes",
+    "read_safetensors_header", "record_problem", "safetensors_header_bytes", "sign_manifest",
     # writer
     "DIRECT_CHUNK", "RENAME_EXCHANGE", "DirCheck", "FileRecord", "HashPipe", "Pace", "PendingCheckpoint",
     "fsync_dir", "fsync_parent_once", "fsync_path", "is_aligned", "lower_thread_priority", "open_at", "open_dir",
@@ -181,8 +193,8 @@ __all__ = [
     "subdir_at", "unlink_at", "unshared_dir", "write_fully",
     # catalog
     "RESOURCE_ERRNOS", "CheckpointInfo", "advise_sequential", "check_metadata", "check_structure", "hash_file",
-    "inspect_checkpoint", "iter_checkpoint_paths", "latest_valid", "list_checkpoints", "list_runs", "read_dcp_json",
-    "parse_manifest", "read_manifest", "read_range", "read_small", "verify",
+    "hash_file_with", "inspect_checkpoint", "iter_checkpoint_paths", "latest_valid", "list_checkpoints", "list_runs",
+    "parse_manifest", "read_dcp_json", "read_manifest", "read_range", "read_small", "verify",
     # maintenance
     "amend_manifest", "delete", "live_writer", "move_aside", "pin", "pinned", "quarantine", "remove_stale_temps",
     "unpin",

@@ -17,22 +17,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import CorruptCheckpointError, NotFoundError
+from .auth import Key
 from .format import (
     FORMAT,
-    HASH,
     MAX_DCP_JSON_BYTES,
     MAX_MANIFEST_BYTES,
     MAX_MANIFEST_DEPTH,
     MAX_STATE_BYTES,
     MAX_STATE_DEPTH,
     MAX_STATE_VALUES,
+    Hashes,
+    authentication_problem,
     dcp_problem,
     json_bounds_problem,
     load_json,
     manifest_digest,
     manifest_problem,
-    new_hasher,
     read_safetensors_header,
+    record_problem,
 )
 from .layout import CHUNK, DCP_JSON, MANIFEST, NAME_RE, STATE, TENSORS
 
@@ -55,6 +57,14 @@ class CheckpointInfo:
     valid: bool = True
     reason: str = ""
     manifest: dict[str, Any] = field(default_factory=dict, repr=False)
+    # The key its files are checked with: set when it was listed with a key and its manifest authenticated
+    # (None without a key, or for an unkeyed checkpoint a key's allow_unkeyed accepted).
+    mac_key: Key | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def keyed(self) -> bool:
+        """Written with a key (its manifest carries a MAC), whether or not it was authenticated here."""
+        return "auth" in self.manifest
 
     @property
     def epoch(self) -> int | None:
@@ -128,8 +138,9 @@ def read_small(path: str, limit: int) -> bytes:
         os.close(fd)
 
 
-def read_manifest(path: str) -> dict[str, Any]:
-    """Parse and check a checkpoint's manifest (raises CorruptCheckpointError naming the problem)."""
+def read_manifest(path: str, key: Key | None = None) -> dict[str, Any]:
+    """Parse and check a checkpoint's manifest, authenticated with ``key`` when given (raises
+    CorruptCheckpointError naming the problem)."""
     mpath = os.path.join(path, MANIFEST)
     try:
         raw = read_small(mpath, MAX_MANIFEST_BYTES)
@@ -141,12 +152,12 @@ def read_manifest(path: str) -> dict[str, Any]:
         if exc.errno in RESOURCE_ERRNOS:
             raise  # the reader's own trouble, not the checkpoint's
         raise CorruptCheckpointError(path, f"{MANIFEST} unreadable: {exc.strerror}") from None
-    return parse_manifest(raw, path)
+    return parse_manifest(raw, path, key)
 
 
-def parse_manifest(raw: bytes, path: str) -> dict[str, Any]:
-    """Check a manifest's bytes (JSON bounds, format, digest, fields) wherever they were read from: a
-    checkpoint's directory or the object-store tier. ``path`` names it in the error."""
+def parse_manifest(raw: bytes, path: str, key: Key | None = None) -> dict[str, Any]:
+    """Check a manifest's bytes (JSON bounds, format, digest, fields; with ``key``, its MAC) wherever they were
+    read from: a checkpoint's directory or the object-store tier. ``path`` names it in the error."""
     if len(raw) > MAX_MANIFEST_BYTES:
         raise CorruptCheckpointError(path, f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
     m = load_json(raw, path, MANIFEST, MAX_MANIFEST_DEPTH, MAX_MANIFEST_BYTES)
@@ -163,6 +174,10 @@ def parse_manifest(raw: bytes, path: str) -> dict[str, Any]:
     problem = manifest_problem(m)
     if problem:
         raise CorruptCheckpointError(path, f"{MANIFEST} {problem}")
+    if key is not None:
+        problem = authentication_problem(m, key)
+        if problem:
+            raise CorruptCheckpointError(path, f"{MANIFEST} {problem}")
     return m
 
 
@@ -191,16 +206,16 @@ def check_structure(path: str, manifest: dict[str, Any]) -> None:
                                                "(truncated or altered)")
 
 
-def inspect_checkpoint(path: str) -> CheckpointInfo:
-    """Manifest-level check of one checkpoint directory (no checksums). Never raises on its content:
-    whatever is wrong with it is reported as ``valid=False`` with the ``reason``."""
+def inspect_checkpoint(path: str, key: Key | None = None) -> CheckpointInfo:
+    """Manifest-level check of one checkpoint directory (no checksums; with ``key``, the manifest's MAC). Never
+    raises on its content: whatever is wrong with it is reported as ``valid=False`` with the ``reason``."""
     name = os.path.basename(os.path.normpath(path))
     m_step = NAME_RE.match(name)
     info = CheckpointInfo(name=name, path=path, step=int(m_step.group(1)) if m_step else -1)
     try:
         if os.path.islink(path):
             raise CorruptCheckpointError(path, "the checkpoint directory is a symlink")
-        m = read_manifest(path)
+        m = read_manifest(path, key)
         check_structure(path, m)
     except CorruptCheckpointError as exc:
         info.valid, info.reason = False, exc.reason
@@ -211,6 +226,7 @@ def inspect_checkpoint(path: str) -> CheckpointInfo:
         info.valid, info.reason = False, f"unreadable: {exc.strerror or exc}"
         return info
     info.manifest = m
+    info.mac_key = key if key is not None and "auth" in m else None
     info.step = m["step"]
     info.kind = m["kind"]
     info.created = float(m["created"])
@@ -221,11 +237,12 @@ def inspect_checkpoint(path: str) -> CheckpointInfo:
     return info
 
 
-def list_checkpoints(root: str) -> list[CheckpointInfo]:
-    """Every checkpoint directory under ``root``, oldest first (ordered by step, then time)."""
+def list_checkpoints(root: str, key: Key | None = None) -> list[CheckpointInfo]:
+    """Every checkpoint directory under ``root``, oldest first (ordered by step, then time); with ``key``, one
+    whose manifest does not authenticate is listed invalid."""
     if not os.path.isdir(root):
         raise NotFoundError(f"checkpoint directory {root} does not exist; pass the --dir you trained with")
-    out = [inspect_checkpoint(e.path) for e in os.scandir(root) if NAME_RE.match(e.name)]
+    out = [inspect_checkpoint(e.path, key) for e in os.scandir(root) if NAME_RE.match(e.name)]
     out.sort(key=lambda i: (i.step, i.created, i.name))
     return out
 
@@ -276,7 +293,14 @@ def read_dcp_json(path: str) -> Any:
 
 
 def hash_file(path: str, progress: Any = None) -> tuple[int, str]:
-    h = new_hasher()
+    """(size, xxh3-128) of a file."""
+    size, h = hash_file_with(path, None, progress)
+    return size, h.hexdigest()
+
+
+def hash_file_with(path: str, key: Key | None, progress: Any = None) -> tuple[int, Hashes]:
+    """(size, hashes) of a file read once: its xxh3 and, with ``key``, its keyed BLAKE3 from the same bytes."""
+    h = Hashes(key)
     size = 0
     buf = bytearray(CHUNK)
     mv = memoryview(buf)
@@ -293,29 +317,28 @@ def hash_file(path: str, progress: Any = None) -> tuple[int, str]:
                 progress(n)
     finally:
         os.close(fd)
-    return size, h.hexdigest()
+    return size, h
 
 
-def verify(path: str, progress: Any = None) -> CheckpointInfo:
+def verify(path: str, progress: Any = None, key: Key | None = None) -> CheckpointInfo:
     """Full verification: manifest, structure, every file's checksum, and the metadata parsed
-    and checked as ``restore()`` does (tensor header, bounds of ``state.json``)."""
-    info = inspect_checkpoint(path)
+    and checked as ``restore()`` does (tensor header, bounds of ``state.json``). With ``key``, the manifest's
+    MAC and every file's keyed BLAKE3 too, from the same read as the checksum."""
+    info = inspect_checkpoint(path, key)
     if not info.valid:
         return info
     for fname, rec in sorted(info.manifest["files"].items()):
         fpath = os.path.join(path, fname)
         try:
-            size, digest = hash_file(fpath, progress)
+            size, hashes = hash_file_with(fpath, info.mac_key, progress)
         except OSError as exc:
             if exc.errno in RESOURCE_ERRNOS:
                 raise
             info.valid, info.reason = False, f"{fname} unreadable: {exc.strerror}"
             return info
-        if size != rec["bytes"]:
-            info.valid, info.reason = False, f"{fname} is {size} bytes, manifest says {rec['bytes']}"
-            return info
-        if digest != rec.get(HASH):
-            info.valid, info.reason = False, f"{fname} checksum mismatch (content altered or corrupted)"
+        problem = record_problem(fname, rec, size, hashes)
+        if problem:
+            info.valid, info.reason = False, problem
             return info
     try:
         check_metadata(path, info.manifest)
@@ -351,11 +374,13 @@ def _open_nofollow(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
-def latest_valid(root: str) -> CheckpointInfo | None:
-    """The newest checkpoint that verifies fully (checksums included), or None."""
-    for info in reversed(list_checkpoints(root)):
-        if info.valid and verify(info.path).valid:
-            return info
+def latest_valid(root: str, key: Key | None = None) -> CheckpointInfo | None:
+    """The newest checkpoint that verifies fully (checksums included; with ``key``, authenticated), or None."""
+    for info in reversed(list_checkpoints(root, key)):
+        if info.valid:
+            checked = verify(info.path, key=key)
+            if checked.valid:
+                return checked
     return None
 
 

@@ -19,6 +19,7 @@ import xxhash
 
 from .. import lineage, origin
 from ..errors import CorruptCheckpointError
+from .auth import ALG, MAC_FIELD, Key
 from .layout import FILE_RE, MANIFEST, SHARD_FILE_RE
 
 FORMAT = "ckptd/1"
@@ -50,6 +51,78 @@ def new_hasher() -> Any:
 
 def digest_bytes(data: bytes) -> str:
     return xxhash.xxh3_128_hexdigest(data)
+
+
+class Hashes:
+    """A file's xxh3-128 and, with a key, its keyed BLAKE3 (MAC), fed the same bytes in one pass: whoever reads
+    or writes the file once hashes it for both. ``hexdigest()`` is the xxh3, ``mac()`` the MAC (None without a
+    key)."""
+
+    def __init__(self, key: Key | None = None) -> None:
+        self._xxh = new_hasher()
+        self._mac = key.file_hasher() if key is not None else None
+
+    def update(self, data: Any) -> None:
+        self._xxh.update(data)
+        if self._mac is not None:
+            self._mac.update(data)
+
+    def hexdigest(self) -> str:
+        return self._xxh.hexdigest()
+
+    def mac(self) -> str | None:
+        return self._mac.hexdigest() if self._mac is not None else None
+
+
+def record_problem(fname: str, rec: dict[str, Any], size: int, hashes: Hashes) -> str:
+    """Why a file read as ``size`` bytes hashed into ``hashes`` is not the one its manifest record lists
+    (``""`` when it is): its size, its checksum, and with a key its MAC."""
+    if size != rec["bytes"]:
+        return f"{fname} is {size} bytes, manifest says {rec['bytes']}"
+    if hashes.hexdigest() != rec.get(HASH):
+        return f"{fname} checksum mismatch (content altered or corrupted)"
+    mac = hashes.mac()
+    if mac is not None and mac != rec.get(MAC_FIELD):
+        return f"{fname} does not authenticate with this key (keyed BLAKE3 mismatch: altered without the key)"
+    return ""
+
+
+def manifest_canonical(manifest: dict[str, Any]) -> bytes:
+    """What the manifest's MAC covers: every field but ``digest`` and the MAC itself, canonically encoded, so
+    adding, removing or changing any field, file or record changes these bytes."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    if isinstance(body.get("auth"), dict):
+        body["auth"] = {k: v for k, v in body["auth"].items() if k != "mac"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def sign_manifest(manifest: dict[str, Any], key: Key) -> None:
+    """Set the manifest's ``auth`` (alg, key id, MAC); every file record must already carry its MAC."""
+    manifest["auth"] = {"alg": ALG, "key_id": key.id}
+    manifest["auth"]["mac"] = key.manifest_mac(manifest_canonical(manifest))
+
+
+def authentication_problem(m: dict[str, Any], key: Key) -> str:
+    """Why a parsed, checked manifest does not authenticate with ``key`` (``""`` when it does, or when it was
+    written without a key and ``key.allow_unkeyed``)."""
+    auth = m.get("auth")
+    if auth is None:
+        if key.allow_unkeyed:
+            return ""
+        return ("is not authenticated: it was written without a key (or its MAC was stripped); a run with a key "
+                "refuses it unless unkeyed checkpoints are allowed (allow_unkeyed / --allow-unkeyed)")
+    if auth["key_id"] != key.id:
+        return (f"was authenticated with another key (key id {auth['key_id']}, this key {key.id}); "
+                "give the key it was written with")
+    if not all(MAC_FIELD in rec for rec in m["files"].values()):
+        return "does not authenticate: a file record lacks its MAC"
+    try:
+        canonical = manifest_canonical(m)
+    except (TypeError, ValueError):
+        return "does not authenticate: it cannot be encoded canonically"
+    if key.manifest_mac(canonical) != auth["mac"]:
+        return "does not authenticate with this key (MAC mismatch: altered by someone without the key)"
+    return ""
 
 
 def manifest_digest(manifest: dict[str, Any]) -> str:
@@ -126,6 +199,19 @@ def _is_number(v: Any) -> TypeGuard[int | float]:
 
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_HEX16 = re.compile(r"^[0-9a-f]{16}$")
+
+
+def _auth_problem(auth: Any) -> str:
+    if not (isinstance(auth, dict) and set(auth) == {"alg", "key_id", "mac"}):
+        return "auth is not an object of exactly alg, key_id and mac"
+    if auth["alg"] != ALG:
+        return f"auth alg {str(auth['alg'])[:40]!r} is not {ALG}"
+    if not (isinstance(auth["key_id"], str) and _HEX16.match(auth["key_id"])
+            and isinstance(auth["mac"], str) and _HEX64.match(auth["mac"])):
+        return "auth key_id or mac is not hex of the right length"
+    return ""
 
 
 def manifest_problem(m: dict[str, Any]) -> str:
@@ -149,8 +235,13 @@ def manifest_problem(m: dict[str, Any]) -> str:
         return "lacks a valid file list"
     for fname, rec in files.items():
         if not (FILE_RE.match(fname) and fname != MANIFEST and isinstance(rec, dict) and _is_int(rec.get("bytes"))
-                and rec["bytes"] >= 0 and isinstance(rec.get(HASH), str) and _HEX32.match(rec[HASH])):
+                and rec["bytes"] >= 0 and isinstance(rec.get(HASH), str) and _HEX32.match(rec[HASH])
+                and (MAC_FIELD not in rec or (isinstance(rec[MAC_FIELD], str) and _HEX64.match(rec[MAC_FIELD])))):
             return f"lists a bad file entry {fname!r}"
+    if "auth" in m:
+        why = _auth_problem(m["auth"])
+        if why:
+            return why
     metrics = m.get("metrics", {})
     if not isinstance(metrics, dict) or not all(
             v is None or isinstance(v, (str, bool)) or _is_number(v) for v in metrics.values()):

@@ -19,8 +19,9 @@ import uuid
 from typing import Any
 
 from ..errors import CkptdError, CorruptCheckpointError
+from .auth import Key
 from .catalog import CheckpointInfo, inspect_checkpoint
-from .format import MAX_MANIFEST_BYTES, encode_manifest, manifest_digest, manifest_problem
+from .format import MAX_MANIFEST_BYTES, encode_manifest, manifest_digest, manifest_problem, sign_manifest
 from .layout import (
     DIR_MODE,
     FILE_MODE,
@@ -51,18 +52,26 @@ from .writer import (
 log = logging.getLogger("ckptd")
 
 
-def amend_manifest(path: str, *, metrics: dict[str, Any] | None = None, finished: bool | None = None) -> CheckpointInfo:
+def amend_manifest(path: str, *, metrics: dict[str, Any] | None = None, finished: bool | None = None,
+                   key: Key | None = None) -> CheckpointInfo:
     """Add ``metrics`` to a committed checkpoint's manifest (new keys win) and/or mark it ``finished``.
 
     The checkpoint's data files are never touched: a new manifest (new digest) is written to a temporary
     file in the root, fsynced, renamed over the old one, and the checkpoint's directory fsynced. A reader
     sees the old manifest or the new one, both valid. Raises CorruptCheckpointError when the checkpoint does
     not pass the manifest-level check, StorageError when a write fails (the old manifest then stays).
+
+    A checkpoint written with a key keeps its authentication: its manifest is authenticated with ``key`` first
+    (CorruptCheckpointError when it does not) and the new one gets a new MAC; without the key it is refused
+    (CkptdError), since a rewrite would leave it unauthenticated. An unkeyed checkpoint stays unkeyed.
     """
-    info = inspect_checkpoint(path)
+    info = inspect_checkpoint(path, key)
     if not info.valid:
         raise CorruptCheckpointError(path, info.reason)
-    m = {k: v for k, v in info.manifest.items() if k != "digest"}
+    if info.keyed and key is None:
+        raise CkptdError(f"{path} is an authenticated checkpoint: recording metrics in it needs its key "
+                         "(key_file / $CKPTD_KEY_FILE); without it the new manifest would not authenticate")
+    m = {k: v for k, v in info.manifest.items() if k not in ("digest", "auth")}
     if metrics:
         m["metrics"] = {**(m.get("metrics") or {}), **metrics}
     if finished is not None:
@@ -72,6 +81,8 @@ def amend_manifest(path: str, *, metrics: dict[str, Any] | None = None, finished
     problem = manifest_problem(m)
     if problem:
         raise CkptdError(f"cannot record that in {path}: the manifest {problem}")
+    if info.keyed and key is not None:
+        sign_manifest(m, key)
     m["digest"] = manifest_digest(m)
     data = encode_manifest(m)
     if len(data) > MAX_MANIFEST_BYTES:
@@ -105,7 +116,7 @@ def amend_manifest(path: str, *, metrics: dict[str, Any] | None = None, finished
         fsync_dir(root)
     except OSError as exc:
         raise storage_error(path, "fsync", exc) from exc
-    return inspect_checkpoint(path)
+    return inspect_checkpoint(path, key)
 
 
 # ----------------------------------------------------------------------------- temporaries of writers that are gone

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import CkptdError, StorageError
-from .format import ALIGN, FORMAT, HASH, KINDS, encode_manifest, manifest_digest, new_hasher
+from .auth import MAC_FIELD, Key
+from .format import ALIGN, FORMAT, HASH, KINDS, Hashes, encode_manifest, manifest_digest, sign_manifest
 from .layout import CHUNK, DIR_MODE, FILE_MODE, MANIFEST, TMP_PREFIX, check_name, checkpoint_name, temp_name, trash_name
 
 DIRECT_CHUNK = 16 << 20  # O_DIRECT request size (as fast as 64 MiB here; finer steps for pacing)
@@ -295,14 +296,16 @@ def lower_thread_priority(nice: int = 10) -> None:
 
 
 class HashPipe:
-    """xxh3-128 computed in a helper thread while the caller writes or reads the same bytes.
+    """xxh3-128 (and, with a key, the keyed BLAKE3 of the same bytes: :class:`format.Hashes`) computed in a
+    helper thread while the caller writes or reads the same bytes.
 
-    xxhash and the I/O both release the GIL, so hashing costs no wall time as long as it is
-    faster than the disk (xxh3 is several GB/s per core). Feed views in file order.
+    xxhash, blake3 and the I/O all release the GIL, so hashing costs no wall time as long as it is
+    faster than the disk (xxh3 is several GB/s per core; keyed BLAKE3 spreads a large piece over the
+    cores). Feed views in file order.
     """
 
-    def __init__(self) -> None:
-        self._h = new_hasher()
+    def __init__(self, key: Key | None = None) -> None:
+        self._h = Hashes(key)
         self._q: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
         self._t = threading.Thread(target=self._run, name="ckptd-hash", daemon=True)
         self._t.start()
@@ -315,10 +318,14 @@ class HashPipe:
     def feed(self, data: bytes | memoryview) -> None:
         self._q.put(memoryview(data))
 
-    def hexdigest(self) -> str:
+    def finish(self) -> Hashes:
+        """Wait for every piece fed; the hashes of them all."""
         self._q.put(None)
         self._t.join()
-        return self._h.hexdigest()
+        return self._h
+
+    def hexdigest(self) -> str:
+        return self.finish().hexdigest()
 
 
 def is_aligned(mv: memoryview) -> bool:
@@ -332,6 +339,14 @@ def is_aligned(mv: memoryview) -> bool:
 class FileRecord:
     bytes: int
     xxh3_128: str
+    mac: str | None = None  # keyed BLAKE3, when the checkpoint is written with a key
+
+    def as_json(self) -> dict[str, Any]:
+        """The file's record in the manifest."""
+        out: dict[str, Any] = {"bytes": self.bytes, HASH: self.xxh3_128}
+        if self.mac is not None:
+            out[MAC_FIELD] = self.mac
+        return out
 
 
 class PendingCheckpoint:
@@ -343,9 +358,10 @@ class PendingCheckpoint:
 
     _joined = False  # another rank's view (join): never commits nor removes the directory
 
-    def __init__(self, root: str, step: int) -> None:
+    def __init__(self, root: str, step: int, key: Key | None = None) -> None:
         self.root = root
         self.step = step
+        self.key = key  # with a key every file gets its MAC and the manifest is authenticated
         self.name = checkpoint_name(step)
         self.files: dict[str, FileRecord] = {}
         self.committed_path: str | None = None
@@ -357,11 +373,11 @@ class PendingCheckpoint:
             raise storage_error(self.tmp, "mkdir", exc) from exc
 
     @classmethod
-    def join(cls, root: str, step: int, tmp: str) -> PendingCheckpoint:
+    def join(cls, root: str, step: int, tmp: str, key: Key | None = None) -> PendingCheckpoint:
         """Another rank's view of a checkpoint being written: its files go into ``tmp`` (created by the
         rank that commits); this object never commits nor removes it."""
         self = cls.__new__(cls)
-        self.root, self.step, self.name = root, step, checkpoint_name(step)
+        self.root, self.step, self.name, self.key = root, step, checkpoint_name(step), key
         self.files, self.committed_path = {}, None
         if os.path.dirname(os.path.abspath(tmp)) != os.path.abspath(root) or \
                 not os.path.basename(tmp).startswith(f"{TMP_PREFIX}{self.name}-"):
@@ -413,7 +429,7 @@ class PendingCheckpoint:
         """
         check_name(name)
         path = os.path.join(self.tmp, name)
-        h = new_hasher()
+        h = Hashes(self.key)
         size = 0
         try:
             fd = self._create(name, 0)
@@ -430,7 +446,7 @@ class PendingCheckpoint:
             storage_fsync(fd, path)
         finally:
             storage_close(fd, path)
-        rec = FileRecord(size, h.hexdigest())
+        rec = FileRecord(size, h.hexdigest(), h.mac())
         self.files[name] = rec
         return rec
 
@@ -454,7 +470,7 @@ class PendingCheckpoint:
             if exc.errno == errno.EINVAL:  # filesystem without O_DIRECT
                 return self.write_file(name, (header, data), pace)
             raise storage_error(path, "open", exc) from exc
-        pipe = HashPipe()
+        pipe = HashPipe(self.key)
         try:
             head = mmap.mmap(-1, len(header))  # page-aligned copy for O_DIRECT
             head.write(header)
@@ -479,10 +495,10 @@ class PendingCheckpoint:
                 storage_write(fd, data[body:], path)
             storage_fsync(fd, path)
         finally:
-            digest = pipe.hexdigest()
+            hashes = pipe.finish()
             if fd >= 0:
                 storage_close(fd, path)
-        rec = FileRecord(len(header) + len(data), digest)
+        rec = FileRecord(len(header) + len(data), hashes.hexdigest(), hashes.mac())
         self.files[name] = rec
         return rec
 
@@ -503,10 +519,16 @@ class PendingCheckpoint:
             "kind": kind,
             "created": time.time(),
             "hash": HASH,
-            "files": {n: {"bytes": r.bytes, HASH: r.xxh3_128} for n, r in sorted(self.files.items())},
+            "files": {n: r.as_json() for n, r in sorted(self.files.items())},
             "metrics": metrics or {},
         }
         manifest.update(extra or {})
+        if self.key is not None:
+            unkeyed = sorted(n for n, r in self.files.items() if r.mac is None)
+            if unkeyed:  # a rank without the key: nothing would vouch for its files
+                raise CkptdError(f"{', '.join(unkeyed)} of step {self.step} was written without the key; every rank "
+                                 "needs the same key file (CKPTD_KEY_FILE / key_file)")
+            sign_manifest(manifest, self.key)
         manifest["digest"] = manifest_digest(manifest)
         data = encode_manifest(manifest)
         self.write_file(MANIFEST, [data])

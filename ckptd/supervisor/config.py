@@ -122,6 +122,8 @@ class Config:
     remote_region: str | None = None  # default $AWS_REGION
     remote_virtual_hosted: bool = False  # with an endpoint: bucket.host addressing instead of path-style
     stop_upload: str = "skip"  # skip | wait: a stop exits only once its checkpoint is on the remote tier
+    key_file: str | None = None  # authenticated checkpoints: the key's file, given to the trainer as CKPTD_KEY_FILE
+    allow_unkeyed: bool = False  # with a key, still accept checkpoints written without one (CKPTD_ALLOW_UNKEYED=1)
     notices: NoticesConfig = NoticesConfig()
     slurm: SlurmConfig = SlurmConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -197,6 +199,19 @@ def _string(raw: Any) -> str:
     if problem:
         raise ValueError(f"{show(raw)} {problem}")
     return raw
+
+
+def _key_file(raw: Any) -> str:
+    """A key file's absolute path, after the checks the trainer makes (a private regular file, 32+ bytes), so a
+    bad one stops the run before anything starts; the key itself is not kept here."""
+    from ..store.auth import Key
+
+    path = os.path.abspath(_string(raw))
+    try:
+        Key.load(path)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
+    return path
 
 
 def _cron(raw: Any) -> str:
@@ -379,6 +394,10 @@ OPTIONS: tuple[Option, ...] = (
            switch=True),
     Option("stop_upload", _choice("skip", "wait"), "on a stop: wait = exit only once the emergency checkpoint is "
            "on the remote tier (bounded by the stop's deadline); skip = exit once it is local (default)", "MODE"),
+    Option("key_file", _key_file, "authenticated checkpoints: key file (mode 0600, 32+ bytes) the trainer MACs every "
+           "checkpoint with and restores only what authenticates with (env CKPTD_KEY_FILE)", "FILE"),
+    Option("allow_unkeyed", _bool, "with key_file: still resume from checkpoints written without a key "
+           "(env CKPTD_ALLOW_UNKEYED=1)", switch=True),
     Option("notices.source", _choice(*NOTICE_SOURCES), "cloud preemption notices to poll: auto (default: the cloud "
            "this machine's DMI data names, none elsewhere), aws, gcp, azure or off", "SOURCE", flag="--notices"),
     Option("notices.endpoint", _url, "base URL of the metadata service (default: the cloud's own)", "URL",

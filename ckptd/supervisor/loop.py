@@ -391,6 +391,9 @@ class Supervisor:
             env[envvars.EVERY_STEPS] = str(self.cfg.every_steps)
         if self.cfg.keep_last:
             env[envvars.KEEP_LAST] = str(self.cfg.keep_last)
+        if self.cfg.key_file:  # the path only: the trainer reads the key itself
+            env[envvars.KEY_FILE] = self.cfg.key_file
+            env[envvars.ALLOW_UNKEYED] = "1" if self.cfg.allow_unkeyed else ""
         return env
 
     def _spawn(self, restarts: int) -> None:
