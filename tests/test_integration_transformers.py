@@ -1,0 +1,121 @@
+"""The Hugging Face Trainer with ckptd (ckptd.integrations.transformers), under `ckptd run`, with the real library.
+
+tests/fixtures/hf_trainer.py: a 2-layer GPT-2 from a config (random weights, dropout), AdamW with a linear schedule,
+a loss logged every 4 steps, an evaluation at each epoch's end that draws from the global RNG; stopped at chosen
+points, one per life. Every stopped and resumed run must end bit-identical to an uninterrupted one: the same
+parameters and optimizer state, step, epoch and learning rate, and every logged loss and evaluation loss equal to the
+uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import ckptd
+from ckptd import exitcodes, store
+from fixtures.sup_helpers import FAST, FIXTURES, Run, wait_for
+from fixtures.sup_helpers import ckptd as ckptd_cli
+
+SCRIPT = os.path.join(FIXTURES, "hf_trainer.py")
+ENV = {"HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> str:
+    """An uninterrupted, unsupervised run."""
+    tmp = tmp_path_factory.mktemp("ref")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")}
+    out = subprocess.run([sys.executable, SCRIPT, "--dir", str(tmp / "ck"), "--out", str(tmp / "out")],
+                         capture_output=True, text=True, timeout=300, env={**env, **ENV})
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def _final(text: str) -> str:
+    m = re.findall(r"^final (step=\d+ epoch=\S+ lr=\S+ digest=[0-9a-f]+)$", text, re.M)
+    assert len(m) == 1, text
+    return m[0]
+
+
+def _logged(text: str) -> dict[tuple[str, str], set[str]]:
+    seen: dict[tuple[str, str], set[str]] = {}
+    for kind, step, loss in re.findall(r"^(log|eval) step=(\d+) loss=(\S+)$", text, re.M):
+        seen.setdefault((kind, step), set()).add(loss)
+    return seen
+
+
+def _assert_same_run(ref: str, outputs: list[str]) -> None:
+    assert _final(outputs[-1]) == _final(ref), outputs[-1]
+    want = _logged(ref)
+    assert {k for k, _ in want} == {"log", "eval"} and len(want) == 7, ref
+    seen: dict[tuple[str, str], set[str]] = {}
+    for text in outputs:
+        for key, values in _logged(text).items():
+            seen.setdefault(key, set()).update(values)
+    assert seen == want, "a logged or evaluation loss differs from the uninterrupted run's, or is missing"
+
+
+def _args(tmp_path, *extra: str) -> list[str]:
+    return [*FAST, "--grace", "60", SCRIPT, "--out", str(tmp_path / "out"), "--life-file", str(tmp_path / "life"),
+            *extra]
+
+
+def test_sigterm_mid_epoch_and_at_an_epochs_last_step_resumes_bit_identical(tmp_path, reference):
+    """Each life a new `ckptd run`, stopped by SIGTERM (to the supervisor and the trainer, as a scheduler does):
+    at step 3 (mid-epoch, between two logged losses: the loss summed since the last log is in the checkpoint), then
+    at step 12, an epoch's last step: its safe point is after that epoch's evaluation, which the resumed run must
+    not run again nor skip."""
+    root = str(tmp_path / "ck")
+    args = _args(tmp_path, "--faults", "term@step:3,term@step:12,-")
+    outputs = []
+    for i, step in enumerate([3, 12]):
+        run = Run(tmp_path, root, args, env=ENV, name=f"life{i}")
+        assert run.wait(180) == exitcodes.PREEMPTED, run.stderr()
+        outputs.append(run.stdout())
+        newest = store.latest_valid(root)
+        assert (newest.step, newest.kind) == (step, "emergency"), (i, newest, run.stderr())
+        assert f"start step={[0, 3][i]}" in run.stdout(), run.stdout()
+    last = Run(tmp_path, root, args, env=ENV, name="last")
+    assert last.wait(180) == 0, last.stderr()
+    outputs.append(last.stdout())
+    assert "start step=12" in last.stdout(), last.stdout()
+    _assert_same_run(reference, outputs)
+    newest = store.latest_valid(root)
+    assert newest.step == 18 and newest.finished, newest
+    state = ckptd.load_state(newest.path, tensors=False)
+    assert state["extra"]["transformers"]["stateful"]["trainer_state"]["global_step"] == 18
+
+
+def test_save_wait_then_sigkill_restarts_from_that_checkpoint_bit_identical(tmp_path, reference):
+    """One `ckptd run`, no periodic saves: `ckptd save --wait` while the trainer is at step 7 answers once the
+    manual checkpoint of step 7 is committed; a SIGKILL at step 9 (after that answer) is restarted from it and ends
+    identical."""
+    root, go = str(tmp_path / "ck"), str(tmp_path / "go")
+    run = Run(tmp_path, root, [*FAST, *_args(tmp_path, "--faults", "hold@step:7+waitkill@step:9,-", "--go-file", go)],
+              env=ENV)
+    wait_for(lambda: "fault hold at step:7" in run.stdout(), 180, "the trainer at step 7")
+    saved: dict[str, subprocess.CompletedProcess] = {}
+    waiter = threading.Thread(target=lambda: saved.setdefault("r", ckptd_cli("save", "--wait", "--dir", root,
+                                                                             timeout=120)))
+    waiter.start()
+    wait_for(lambda: "checkpoint requested by" in run.stderr(), 60, "the supervisor to send the save request")
+    assert store.latest_valid(root) is None  # nothing before the trainer reaches its next safe point
+    open(go, "w").close()
+    waiter.join(130)
+    assert saved["r"].returncode == 0, saved["r"].stderr
+    assert "checkpoint committed" in saved["r"].stdout, saved["r"].stdout
+    open(go + ".kill", "w").close()
+    assert run.wait(180) == 0, run.stderr()
+    out = run.stdout()
+    assert "fault waitkill at step:9" in out and re.findall(r"^start step=(\d+)", out, re.M) == ["0", "7"], out
+    manual = [i for i in store.list_checkpoints(root) if i.kind == "manual"]
+    assert [i.step for i in manual] == [7], manual
+    _assert_same_run(reference, [out])
