@@ -110,6 +110,7 @@ class CkptdCallback(TrainerCallback):
                  keep_every: int | None = None, async_save: bool = True, pace: float | None = None,
                  on_error: str = "log", restore: bool = True) -> None:
         self.dir = dir
+        self.monitor = monitor
         self.every_n_steps, self.every_seconds = every_n_steps, every_seconds
         self.keep_best = keep_best_rules(monitor, mode, save_top_k, keep_best)
         self.keep_last, self.keep_every = keep_last, keep_every
@@ -179,7 +180,7 @@ class CkptdCallback(TrainerCallback):
         if ck is not None and trainer.lr_scheduler is not ck.scheduler:
             raise CkptdError("transformers replaced the LR scheduler ckptd restored while preparing the loop; this "
                              "version of transformers is not supported by ckptd.integrations.transformers "
-                             f"(tested with 5.25)")
+                             "(tested with 5.25)")
 
     def _put_back_rng(self) -> None:
         if self._rng is not None:
@@ -231,11 +232,14 @@ class CkptdCallback(TrainerCallback):
         elif state.epoch == math.floor(state.epoch) or control.should_training_stop or control.should_epoch_stop:
             ck.heartbeat()
             return  # the epoch's last step: its safe point is after the epoch's end work
-        metrics = {**self._train_metrics, **self._eval_metrics}
-        self._eval_metrics = {}
-        result = ck.step(state.global_step, metrics=metrics, epoch=max(math.ceil(state.epoch) - 1, 0))
+        evaluated, self._eval_metrics = self._eval_metrics, {}
+        result = ck.step(state.global_step, metrics={**self._train_metrics, **evaluated},
+                         epoch=max(math.ceil(state.epoch) - 1, 0))
         requested, self._save_requested = self._save_requested, False
-        if requested and result is None:
+        monitored = self.monitor is not None and self.monitor in evaluated
+        if (requested or monitored) and (result is None or result.skipped):
+            if monitored:
+                ck.wait()  # the monitored metric's checkpoint: not coalesced with a save in flight
             ck.save(kind="periodic")
 
     def _request_save(self) -> None:
@@ -281,7 +285,8 @@ class CkptdTrainerMixin:
         if resume_from_checkpoint is True:
             resume_from_checkpoint = None  # the newest valid checkpoint: what ckptd does anyway
         if resume_from_checkpoint is not None and callback.restore:
-            directory = os.fspath(callback.dir) if callback.dir is not None else os.environ.get(env.DIR) or "checkpoints"
+            directory = os.fspath(callback.dir) if callback.dir is not None else (os.environ.get(env.DIR)
+                                                                                  or "checkpoints")
             own = [i for i in ckptd.list_checkpoints(directory) if i.valid] if os.path.isdir(directory) else []
             if own:
                 newest = own[-1]
