@@ -24,6 +24,8 @@ from ckptd import exitcodes, store
 from fixtures.sup_helpers import FAST, FIXTURES, Run, wait_for
 from fixtures.sup_helpers import ckptd as ckptd_cli
 
+pytestmark = pytest.mark.slow  # a dozen trainer processes, each importing transformers
+
 SCRIPT = os.path.join(FIXTURES, "hf_trainer.py")
 ENV = {"HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
 
@@ -61,6 +63,13 @@ def _assert_same_run(ref: str, outputs: list[str]) -> None:
         for key, values in _logged(text).items():
             seen.setdefault(key, set()).update(values)
     assert seen == want, "a logged or evaluation loss differs from the uninterrupted run's, or is missing"
+
+
+def _plain(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """The fixture run without the supervisor."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")}
+    return subprocess.run([sys.executable, SCRIPT, *args, "--life-file", str(tmp_path / "life")], capture_output=True,
+                          text=True, timeout=300, env={**env, **ENV})
 
 
 def _args(tmp_path, *extra: str) -> list[str]:
@@ -119,3 +128,61 @@ def test_save_wait_then_sigkill_restarts_from_that_checkpoint_bit_identical(tmp_
     manual = [i for i in store.list_checkpoints(root) if i.kind == "manual"]
     assert [i.step for i in manual] == [7], manual
     _assert_same_run(reference, [out])
+
+
+def test_a_hung_trainer_is_replaced_and_resumes_from_the_latest_checkpoint_bit_identical(tmp_path, reference):
+    """The safe points' heartbeats (and the evaluation's) keep `--hang-timeout` quiet while the Trainer runs; a
+    Trainer stuck at step 9 (no safe point) is killed and restarted from the newest checkpoint committed by then."""
+    root = str(tmp_path / "ck")
+    run = Run(tmp_path, root, ["--hang-timeout", "8", "--hang-grace", "1", "--backoff-base", "0.05", "--backoff-max",
+                               "0.1", *_args(tmp_path, "--every-steps", "2", "--faults", "hang@step:9,-")], env=ENV)
+    assert run.wait(300) == 0, run.stderr()
+    [restart] = run.events("restart")
+    assert restart["reason"] == "hang", run.events()
+    committed = [e["step"] for e in run.events("checkpoint") if e["time"] <= restart["time"]]
+    assert committed and restart["resume_step"] == max(committed) <= 9, (committed, restart)
+    out = run.stdout()
+    assert re.findall(r"^start step=(\d+)", out, re.M) == ["0", str(max(committed))], out
+    _assert_same_run(reference, [out])
+
+
+def test_a_corrupt_newest_checkpoint_is_quarantined_and_the_run_resumes_from_the_one_before(tmp_path, reference):
+    """Plain runs (no supervisor): a checkpoint every 4 steps (durable before the step returns), SIGKILL at step
+    10; a flipped byte in the tensors of step 8 sets it aside, the rerun resumes from step 4 and ends identical."""
+    root = str(tmp_path / "ck")
+    first = _plain(tmp_path, "--dir", root, "--out", str(tmp_path / "out"), "--every-steps", "4", "--sync-save",
+                   "--faults", "kill@step:10,-")
+    assert first.returncode == -9, first.stderr
+    newest = store.latest_valid(root)
+    assert newest.step == 8, newest
+    with open(os.path.join(newest.path, store.TENSORS), "r+b") as f:
+        f.seek(-3, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-3, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    second = _plain(tmp_path, "--dir", root, "--out", str(tmp_path / "out"), "--every-steps", "4", "--sync-save",
+                    "--faults", "kill@step:10,-")
+    assert second.returncode == 0, second.stderr
+    assert "start step=4" in second.stdout, second.stdout
+    assert os.listdir(os.path.join(root, ".quarantine")), "the corrupt checkpoint was not set aside"
+    _assert_same_run(reference, [first.stdout, second.stdout])
+
+
+def test_resume_from_a_trainer_checkpoint_while_ckptd_has_none_then_refused(tmp_path):
+    """train(resume_from_checkpoint=<checkpoint-N of the Trainer's own>) is the Trainer's own load while ckptd's
+    directory is empty (the run continues from step 6 and ckptd checkpoints it); once ckptd has checkpoints, the
+    same call is refused with a message instead of silently choosing one of the two."""
+    out, root = str(tmp_path / "native"), str(tmp_path / "ck")
+    native = _plain(tmp_path, "--native", "--dir", root, "--out", out, "--every-steps", "6", "--faults",
+                    "kill@step:8,-")
+    assert native.returncode == -9, native.stderr
+    path = os.path.join(out, "checkpoint-6")
+    assert os.path.isdir(path), os.listdir(out)
+    branched = _plain(tmp_path, "--dir", root, "--out", str(tmp_path / "out"), "--resume-from", path,
+                      "--every-steps", "4", "--sync-save", "--faults=-,kill@step:9")
+    assert branched.returncode == -9, branched.stderr
+    assert "start step=6" in branched.stdout, branched.stdout
+    assert store.latest_valid(root).step == 8
+    refused = _plain(tmp_path, "--dir", root, "--out", str(tmp_path / "out"), "--resume-from", path)
+    assert refused.returncode == 1, refused.stderr
+    assert "resume_from_checkpoint" in refused.stderr and "step 8" in refused.stderr, refused.stderr
