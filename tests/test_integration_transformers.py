@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +22,7 @@ pytest.importorskip("transformers")
 
 import ckptd
 from ckptd import exitcodes, store
-from fixtures.sup_helpers import FAST, FIXTURES, Run, wait_for
+from fixtures.sup_helpers import DIST_OFF, FAST, FIXTURES, TORCHRUN, Run, wait_for
 from fixtures.sup_helpers import ckptd as ckptd_cli
 
 pytestmark = pytest.mark.slow  # a dozen trainer processes, each importing transformers
@@ -186,3 +187,34 @@ def test_resume_from_a_trainer_checkpoint_while_ckptd_has_none_then_refused(tmp_
     refused = _plain(tmp_path, "--dir", root, "--out", str(tmp_path / "out"), "--resume-from", path)
     assert refused.returncode == 1, refused.stderr
     assert "resume_from_checkpoint" in refused.stderr and "step 8" in refused.stderr, refused.stderr
+
+
+def test_ddp_two_ranks_sigterm_stops_both_at_one_step_and_resume_is_bit_identical(tmp_path):
+    """torchrun, 2 ranks (gloo on CPU), each a Trainer under DDP (3 steps per epoch): `ckptd run` gets SIGTERM while
+    both ranks hold at step 4; both write the emergency checkpoint of one step, `ckptd run` exits 85, and the same
+    command resumes both ranks to the uninterrupted 2-rank run's end, bit-identical on each rank."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")}
+    ref = subprocess.run([*TORCHRUN, "--standalone", "--nproc-per-node", "2", SCRIPT, "--dir", str(tmp_path / "ref"),
+                          "--out", str(tmp_path / "ref-out")], capture_output=True, text=True, timeout=300,
+                         env={**env, **ENV})
+    assert ref.returncode == 0, ref.stderr
+    root, go = str(tmp_path / "ck"), str(tmp_path / "go")
+    argv = [*DIST_OFF, "--grace", "60", "--", *TORCHRUN, "--standalone", "--nproc-per-node", "2", "--max-restarts",
+            "2", SCRIPT, "--out", str(tmp_path / "out"), "--life-file", str(tmp_path / "life"), "--go-file", go,
+            "--faults", "hold@step:4,-"]
+    run = Run(tmp_path, root, argv, env=ENV)
+    wait_for(lambda: run.stdout().count("fault hold at step:4") == 2, 240, "both ranks at step 4")
+    run.signal(signal.SIGTERM)
+    wait_for(lambda: "stop requested" in run.stderr(), 60, "the supervisor to ask the trainers to stop")
+    open(go, "w").close()
+    assert run.wait(180) == exitcodes.PREEMPTED, run.stderr()
+    newest = store.latest_valid(root)
+    assert newest.kind == "emergency" and 4 <= newest.step < 9, newest
+    assert {"rank-00000.json", "rank-00001.json"} <= set(os.listdir(newest.path))
+    again = Run(tmp_path, root, argv, env=ENV, name="again")
+    assert again.wait(240) == 0, again.stderr()
+    out = again.stdout()
+    assert re.findall(r"start step=(\d+)", out) == [str(newest.step)] * 2, out
+    finals = re.findall(r"final (step=\d+ epoch=\S+ lr=\S+ digest=[0-9a-f]+)", out)
+    assert len(finals) == 2 and set(finals) == set(re.findall(r"final (step=\d+ epoch=\S+ lr=\S+ digest=[0-9a-f]+)",
+                                                               ref.stdout)), (out, ref.stdout)
