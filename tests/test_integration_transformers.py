@@ -93,6 +93,10 @@ def test_sigterm_mid_epoch_and_at_an_epochs_last_step_resumes_bit_identical(tmp_
         newest = store.latest_valid(root)
         assert (newest.step, newest.kind) == (step, "emergency"), (i, newest, run.stderr())
         assert f"start step={[0, 3][i]}" in run.stdout(), run.stdout()
+    # the logged metrics reach the manifest; the evaluation at step 12 ran before its safe point, so its checkpoint
+    # carries it
+    evaluated = dict(re.findall(r"^eval step=(\d+) loss=(\S+)$", reference, re.M))
+    assert newest.metrics["eval_loss"] == float(evaluated["12"]) and "loss" in newest.metrics, newest.metrics
     last = Run(tmp_path, root, args, env=ENV, name="last")
     assert last.wait(180) == 0, last.stderr()
     outputs.append(last.stdout())

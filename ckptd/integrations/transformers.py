@@ -167,8 +167,6 @@ class CkptdCallback(TrainerCallback):
         trainer.state.init_training_references(trainer, max_steps, num_train_epochs, trial)
         trainer._load_callback_state()
         step = trainer.state.global_step
-        if step >= max_steps and step > self.restored_step:
-            raise CkptdError(f"global step {step} of the checkpoint is beyond max_steps={max_steps}")
         epochs = int(step // num_update_steps_per_epoch)
         batches = 0
         if not trainer.args.ignore_data_skip:
