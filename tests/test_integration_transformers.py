@@ -32,14 +32,20 @@ ENV = {"HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSIT
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> str:
-    """An uninterrupted, unsupervised run."""
+def reference_run(tmp_path_factory) -> tuple[str, str]:
+    """An uninterrupted, unsupervised run (its dir: a checkpoint every 4 steps, the best by eval_loss kept)."""
     tmp = tmp_path_factory.mktemp("ref")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")}
-    out = subprocess.run([sys.executable, SCRIPT, "--dir", str(tmp / "ck"), "--out", str(tmp / "out")],
+    out = subprocess.run([sys.executable, SCRIPT, "--dir", str(tmp / "ck"), "--out", str(tmp / "out"),
+                          "--every-steps", "4", "--top-k", "1"],
                          capture_output=True, text=True, timeout=300, env={**env, **ENV})
     assert out.returncode == 0, out.stderr
-    return out.stdout
+    return out.stdout, str(tmp / "ck")
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> str:
+    return reference_run[0]
 
 
 def _final(text: str) -> str:
@@ -222,3 +228,17 @@ def test_ddp_two_ranks_sigterm_stops_both_at_one_step_and_resume_is_bit_identica
     finals = re.findall(r"final (step=\d+ epoch=\S+ lr=\S+ digest=[0-9a-f]+)", out)
     assert len(finals) == 2 and set(finals) == set(re.findall(r"final (step=\d+ epoch=\S+ lr=\S+ digest=[0-9a-f]+)",
                                                                ref.stdout)), (out, ref.stdout)
+
+
+def test_top_k_by_eval_loss_is_keep_best_and_each_evaluation_gets_a_checkpoint(reference_run):
+    """CkptdCallback(monitor="eval_loss", save_top_k=1) with a checkpoint every 4 steps: each evaluation's eval_loss
+    is in the checkpoint of its step; retention keeps the best of them and the newest, deletes the rest."""
+    ref, directory = reference_run
+    evaluated = {int(s): float(v) for s, v in re.findall(r"^eval step=(\d+) loss=(\S+)$", ref, re.M)}
+    assert sorted(evaluated) == [6, 12, 18], ref
+    infos = {i.step: i for i in store.list_checkpoints(directory)}
+    best = min(evaluated, key=evaluated.get)
+    assert set(infos) == {best, 18}, sorted(infos)  # steps 4, 8, ... without eval_loss, and the worse ones: deleted
+    for step in (best, 18):
+        assert infos[step].metrics["eval_loss"] == evaluated[step], infos[step].metrics
+        assert "loss" in infos[step].metrics
