@@ -439,6 +439,17 @@ class Checkpointer:
             self._emergency_stop(requests.stop_reason if requests and requests.stop else "signal",
                                  requests.stop_deadline if requests and requests.stop else None, from_poll=True)
 
+    def heartbeat(self) -> None:
+        """A heartbeat only (rate-limited, for ``--hang-timeout``), for work between a step and its safe point.
+
+        A framework integration calls it where neither ``step()`` nor ``poll()`` fits: after an optimizer step
+        whose safe point comes only once the loop's work after it is done (the Hugging Face Trainer's logging,
+        evaluation and epoch end), a checkpoint written here would hold the new weights under the last step's
+        number. A stop waits for the next ``step()``. Does nothing before the first ``step()`` or ``restore()``.
+        """
+        if not self._closed and self._step is not None:
+            self._heartbeat(self._step, time.monotonic())
+
     def _heartbeat(self, step: int, now: float) -> None:
         if self.channel is not None and now - self._last_heartbeat >= 1.0:
             self._last_heartbeat = now

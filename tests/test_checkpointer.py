@@ -203,6 +203,31 @@ def test_a_save_request_somebody_waits_for_is_not_paced_one_nobody_waits_for_is(
     assert [m["paused_seconds"] == 0 for m in sup.got("saved")] == [True, False]
 
 
+def test_heartbeat_only_beats_and_leaves_a_pending_stop_to_the_next_step(tmp_path, monkeypatch):
+    """heartbeat(): nothing before the first step; after it, a heartbeat of the last step, and never the emergency
+    checkpoint (it would hold weights newer than that step): the stop waits for the next step()."""
+    sock = str(tmp_path / "c.sock")
+    sup = FakeSupervisor(sock)
+    monkeypatch.setenv(env.CONTROL, sock)
+    model, opt = small_model()
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=str(tmp_path / "ck"), handle_signals=False)
+    wait_for(lambda: sup.got("hello"), what="hello")
+    ck.heartbeat()
+    ck.step(1)
+    wait_for(lambda: sup.got("heartbeat"), what="the step's heartbeat")
+    ck._last_heartbeat = 0.0  # as if a second had passed since step()'s heartbeat
+    sup.send(type="stop", request_id="r1", deadline=time.time() + 60, reason="test")
+    wait_for(lambda: ck.channel.peek_stop().stop, what="stop received")
+    ck.heartbeat()
+    wait_for(lambda: len(sup.got("heartbeat")) == 2, what="heartbeat()'s heartbeat")
+    assert [m["step"] for m in sup.got("heartbeat")] == [1, 1]
+    assert not os.path.isdir(tmp_path / "ck") and not sup.got("stopping")
+    with pytest.raises(SystemExit) as exc:
+        ck.step(2)
+    assert exc.value.code == exitcodes.PREEMPTED
+    assert [(i.step, i.kind) for i in store.list_checkpoints(str(tmp_path / "ck"))] == [(2, "emergency")]
+
+
 def test_channel_absent_supervisor_does_not_stop_training(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv(env.CONTROL, str(tmp_path / "nobody.sock"))
     import ckptd.channel as channel
