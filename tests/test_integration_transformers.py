@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 
 import pytest
 
@@ -22,8 +21,7 @@ pytest.importorskip("transformers")
 
 import ckptd
 from ckptd import exitcodes, store
-from fixtures.sup_helpers import DIST_OFF, FAST, FIXTURES, TORCHRUN, Run, wait_for
-from fixtures.sup_helpers import ckptd as ckptd_cli
+from fixtures.sup_helpers import DIST_OFF, FAST, FIXTURES, TORCHRUN, Run, save_wait_at_a_hold_then_sigkill, wait_for
 
 pytestmark = pytest.mark.slow  # a dozen trainer processes, each importing transformers
 
@@ -121,23 +119,7 @@ def test_save_wait_then_sigkill_restarts_from_that_checkpoint_bit_identical(tmp_
     root, go = str(tmp_path / "ck"), str(tmp_path / "go")
     run = Run(tmp_path, root, [*FAST, *_args(tmp_path, "--faults", "hold@step:7+waitkill@step:9,-", "--go-file", go)],
               env=ENV)
-    wait_for(lambda: "fault hold at step:7" in run.stdout(), 180, "the trainer at step 7")
-    saved: dict[str, subprocess.CompletedProcess] = {}
-    waiter = threading.Thread(target=lambda: saved.setdefault("r", ckptd_cli("save", "--wait", "--dir", root,
-                                                                             timeout=120)))
-    waiter.start()
-    wait_for(lambda: "checkpoint requested by" in run.stderr(), 60, "the supervisor to send the save request")
-    assert store.latest_valid(root) is None  # nothing before the trainer reaches its next safe point
-    open(go, "w").close()
-    waiter.join(130)
-    assert saved["r"].returncode == 0, saved["r"].stderr
-    assert "checkpoint committed" in saved["r"].stdout, saved["r"].stdout
-    open(go + ".kill", "w").close()
-    assert run.wait(180) == 0, run.stderr()
-    out = run.stdout()
-    assert "fault waitkill at step:9" in out and re.findall(r"^start step=(\d+)", out, re.M) == ["0", "7"], out
-    manual = [i for i in store.list_checkpoints(root) if i.kind == "manual"]
-    assert [i.step for i in manual] == [7], manual
+    out = save_wait_at_a_hold_then_sigkill(run, root, go)
     _assert_same_run(reference, [out])
 
 
