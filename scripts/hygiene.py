@@ -54,16 +54,30 @@ def _fds(pid: int) -> collections.Counter:
     return out
 
 
-def _fds_held(pid: int, looks: int = 3) -> collections.Counter:
-    """:func:`_fds` as the most of each seen over a few listings 10 ms apart: the spare descriptor is closed
-    for a moment around each child exit (reserve.py), and one listing in that moment would count one
-    descriptor fewer than the supervisor holds, which the next sample would then report as growth."""
-    out: collections.Counter = collections.Counter()
-    for i in range(looks):
+def _looks(pid: int, n: int = 3) -> list[collections.Counter]:
+    """``n`` listings of :func:`_fds`, 10 ms apart."""
+    out = []
+    for i in range(n):
         if i:
             time.sleep(0.01)
-        out |= _fds(pid)
+        out.append(_fds(pid))
     return out
+
+
+SPARE = os.devnull  # the supervisor's spare descriptor points here, beside the child's stdio (reserve.py)
+
+
+def _held(first: list[collections.Counter], later: list[collections.Counter]) -> collections.Counter:
+    """What was open in every listing of ``first`` and of ``later``: a descriptor opened and closed again
+    (a state file being replaced, the run directory opened to fsync it) is gone from one of them. The spare
+    ``/dev/null`` is the exception, the other way: the supervisor closes it for a moment around each child
+    exit, so a listing in that moment shows one fewer; it counts as the most seen."""
+    every = first + later
+    out = every[0].copy()
+    for c in every[1:]:
+        out &= c
+    out[SPARE] = max(c[SPARE] for c in every)
+    return +out
 
 
 def _zombies(pid: int) -> set[tuple[int, str]]:
@@ -91,14 +105,14 @@ def _sample(pid: int, root: str, proc: subprocess.Popen) -> dict:
     closed its pipe, so whatever of this moment is still there then, by pid and start time or by fd number
     and inode, is kept: a leak. Progress, not time, ends the wait (a deadline only bounds a stuck run).
     """
-    fds, zombies = _fds_held(pid), _zombies(pid)
+    fds, zombies = _looks(pid), _zombies(pid)
     n = _restarts(root)
     deadline = time.monotonic() + 120
     while _restarts(root) < n + 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     with open(f"/proc/{pid}/status") as f:
         rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    held = fds & _fds_held(pid)
+    held = _held(fds, _looks(pid))
     return {"fds": sum(held.values()), "held": held, "rss_kib": rss, "zombies": len(zombies & _zombies(pid))}
 
 

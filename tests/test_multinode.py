@@ -42,11 +42,13 @@ def test_two_nodes_restart_together_after_a_rank_is_killed_stop_together_on_one_
 
     # 1. rank 1 (node 1) is SIGKILLed at step 14: both nodes restart the job from the newest valid checkpoint.
     restarts = [wait_for(lambda k=k: journal(root, "restart", node=k), 90, f"node {k} restart") for k in (0, 1)]
-    newest = max(i.step for i in store.list_checkpoints(root) if i.valid and i.step <= 14)
+    # The saves of steps 5 and 10 are asynchronous: under load neither may have committed before the kill (the
+    # job then restarts from step 0); the restart must come from whichever is newest, on both nodes.
+    newest = max((i.step for i in store.list_checkpoints(root) if i.valid and i.step <= 14), default=None)
     assert [r[0]["resume_step"] for r in restarts] == [newest, newest], restarts
     for k, run in enumerate(nodes):
-        wait_for(lambda k=k, run=run: f"start_step={newest} rank={k}" in run.stdout(), 60,
-                 f"rank {k} resumed at {newest}")
+        wait_for(lambda k=k, run=run: f"start_step={newest or 0} rank={k}" in run.stdout(), 60,
+                 f"rank {k} resumed at {newest or 0}")
     assert "rank 1 crashing at step 14" in nodes[1].stdout()
 
     # 2. `ckptd save --wait` asked of node 1 (whose rank is not rank 0): every rank saves, node 1 hears of it.

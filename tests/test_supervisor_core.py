@@ -206,6 +206,24 @@ def test_the_same_step_crashing_gives_up():
     assert run.state is S.FATAL and "step 50 crashed 2 times" in record(out, "give_up").fields["why"]
 
 
+def test_a_checkpoint_a_life_wrote_is_its_step_when_it_dies_before_its_next_heartbeat():
+    # Heartbeats come at most once a second: lives that crash within a second after their first step all said
+    # "step 1". The checkpoint the third one wrote (seen in the directory) shows it got further: no give-up.
+    run = Run(same_step_crashes=3)
+    run.start()
+    for n in range(3):
+        peer = run.connect()
+        run.msg(peer, protocol.HEARTBEAT, step=1)
+        if n == 2:
+            run.send(act.Rescanned(added=(("step-000000000008", 8, "periodic", WALL + run.now),)))
+        out = run.exit(sig=signal.SIGKILL)
+        if n < 2:
+            run.advance(record(out, "backoff").fields["delay"] + 0.001)
+            run.spawned()
+    assert run.state is S.BACKOFF, events(out)
+    assert record(out, "exit").fields["step"] == 8
+
+
 def test_a_spawn_failure_backs_off_and_a_second_one_backs_off_again():
     run = Run(start_failures=5)
     run.send(act.Start())

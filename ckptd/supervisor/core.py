@@ -242,9 +242,17 @@ class Core:
 
     def _rescanned(self, view: act.View, ev: act.Rescanned) -> None:
         led = self.led
+        life = led.life
+        born = view.wall - (view.now - life.started) if life is not None else None
         for _name, step, kind, created in ev.added:
             if kind == "emergency" and led.stop is not None and created >= led.stop.requested_at - 1.0:
                 stopping.emergency_committed(led, step, created)
+            # A checkpoint this life wrote is a step it reached, also when the trainer died before saying so:
+            # heartbeats come at most once a second, and a life that crashes sooner would otherwise be taken
+            # for one that crashed at its first reported step (the same-step rule gave up on progress so).
+            if life is not None and born is not None and created >= born and \
+                    (life.last_step is None or step > life.last_step):
+                led.saw_step(step, completed=True)
         if ev.emergency is not None:
             stopping.emergency_committed(led, *ev.emergency)
         latest = ev.latest
