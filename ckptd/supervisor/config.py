@@ -279,28 +279,25 @@ def _url(raw: Any) -> str:
     return text
 
 
-def _remote(raw: Any) -> str:
+def _remote_checked(raw: Any, check_name: str) -> str:
+    """``raw`` as a string, stripped, checked by ``ckptd.remote.<check_name>`` (its error, as a ValueError)."""
+    from .. import remote
     from ..errors import CkptdError
-    from ..remote import check_url
 
     text = _string(raw).strip()
     try:
-        check_url(text)
-    except CkptdError as exc:
-        raise ValueError(str(exc)) from None
-    return text.rstrip("/")
-
-
-def _endpoint(raw: Any) -> str:
-    from ..errors import CkptdError
-    from ..remote import check_endpoint
-
-    text = _string(raw).strip()
-    try:
-        check_endpoint(text)
+        getattr(remote, check_name)(text)
     except CkptdError as exc:
         raise ValueError(str(exc)) from None
     return text
+
+
+def _remote(raw: Any) -> str:
+    return _remote_checked(raw, "check_url").rstrip("/")
+
+
+def _endpoint(raw: Any) -> str:
+    return _remote_checked(raw, "check_endpoint")
 
 
 def _list(item: Callable[[Any], Any]) -> Callable[[Any], tuple]:
