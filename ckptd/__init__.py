@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
 from .errors import (
     CkptdError,
     ConfigError,
@@ -28,6 +26,7 @@ from .errors import (
     StorageError,
     UnsupportedStateError,
 )
+from .version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
     from .annotate import add_metrics

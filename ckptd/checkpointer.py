@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from . import __version__, env, exitcodes, lineage, origin, persist, protocol, retention, store
+from . import env, exitcodes, lineage, origin, persist, protocol, retention, store
 from .annotate import checked_metrics, jsonable_metrics
 from .channel import TrainerChannel, connect_from_env
 from .data import DataLoader as ResumableLoader
@@ -61,6 +61,7 @@ from .snapshot import COPY_THREADS, Snapshot, nbytes
 from .state import DTYPES, Encoder, StateDecodeError, capture_rng, decode, restore_rng
 from .state import dumps as state_dumps
 from .stopping import SaveTimes, StopWatch
+from .version import __version__
 
 log = logging.getLogger("ckptd")
 

@@ -17,8 +17,9 @@ import io
 import sys
 from typing import NoReturn
 
-from . import __version__, exitcodes
+from . import exitcodes
 from .errors import CkptdError
+from .version import __version__
 
 COMMANDS = (
     "run", "ls", "lineage", "verify", "inspect", "best", "diff", "prune", "export", "pin", "push", "pull", "save",

@@ -48,7 +48,7 @@ from typing import Any, TypeGuard
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, make_wsgi_app
 
-from .. import __version__
+from ..version import __version__
 from .policy import is_step
 
 DEFAULT_PORT = 9477  # docs/metrics.md, "Port": not a port of the exporters found on GPU nodes
