@@ -40,7 +40,11 @@ WORKER = r"""
 import json, os, sys, time
 sys.path.insert(1, BENCH)
 import ckptd
+import ckptd.store
 from ckptd.checkpointer import Checkpointer
+# _bench_util names the store's durable-write helpers (used by other benchmarks' baselines, not here),
+# which an older tree may not have
+vars(ckptd.store).setdefault("fsync_path", None)
 from _bench_util import build_state
 
 def drop(root):
@@ -95,10 +99,31 @@ def tree_of(spec: str, scratch: str) -> str:
     return dest
 
 
+SHIM = """
+import sys
+# an editable install of another checkout hooks the import system ahead of sys.path: unhook it
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()
+                    and "editable" not in getattr(f, "__name__", "").lower()]
+sys.path.insert(0, {tree!r})
+"""
+
+
+def env_for(tree: str) -> dict[str, str]:
+    """The environment of a process (and its children) that imports ckptd from ``tree``: a sitecustomize
+    on PYTHONPATH, run by site after the .pth files, takes this tree ahead of any installed ckptd."""
+    shim = os.path.join(os.path.dirname(tree), "shim-" + os.path.basename(tree))
+    if not os.path.isdir(shim):
+        os.makedirs(shim)
+        with open(os.path.join(shim, "sitecustomize.py"), "w") as f:
+            f.write(SHIM.format(tree=tree))
+    return dict(os.environ, PYTHONPATH=shim)  # run it with cwd=tree: python -c puts the cwd first
+
+
 def run_worker(tree: str, mode: str, size: int, directory: str) -> dict:
     code = f"BENCH={HERE!r}\nSIZE={size}\nDIR={directory!r}\nMODE={mode!r}\n" + WORKER
-    env = dict(os.environ, PYTHONPATH=tree)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    env = env_for(tree)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tree, capture_output=True, text=True,
+                          timeout=900)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             res = json.loads(line[7:])
@@ -112,11 +137,11 @@ def run_worker(tree: str, mode: str, size: int, directory: str) -> dict:
 def supervisor_rss(tree: str, directory: str) -> float:
     import psutil
 
-    env = dict(os.environ, PYTHONPATH=tree)
+    env = env_for(tree)
     argv = [sys.executable, "-m", "ckptd", "run", "--dir", directory,
             os.path.join(tree, "examples", "train_toy.py"), "--steps", "100000",
             "--every-steps", "20", "--step-delay", "0.01"]
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(argv, env=env, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     seen: set[str] = set()  # retention removes old ones: count every name ever listed
     try:
