@@ -40,11 +40,11 @@ from typing import Any
 import torch
 
 from . import env, exitcodes, lineage, origin, persist, protocol, retention, store
-from .memory import MemoryTier
 from .annotate import checked_metrics, jsonable_metrics
 from .channel import TrainerChannel, connect_from_env
 from .data import DataLoader as ResumableLoader
 from .errors import CkptdError, CorruptCheckpointError, NotFoundError
+from .memory import MemoryTier
 from .ranks import Sharded, Solo, rank_files
 from .remote import RemoteError, RemoteSpec, spec_from_env
 from .restore import (

@@ -5,7 +5,7 @@ events on a queue (``queue.SimpleQueue``, safe to use from a signal handler) and
 loop in the main thread does all the work. It turns what happened into typed events (actions.py), asks
 the core (core.py: the state machine, the stop protocol, the message handlers; all pure) what they mean,
 and carries out the answer: the child's processes (child.py), the control socket (control.py), the
-journal, the checkpoint directory (checkpoints.py), the metrics, systemd.
+journal, the checkpoint directory (checkpoints.py), the memory tier's region (memory.py), the metrics, systemd.
 
 A little over 600 lines on purpose: it is the one place that does the supervisor's I/O, one short method
 per kind of action and event source; the decisions and each kind of I/O's details live in the modules named
