@@ -22,11 +22,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_util import drop_caches, loadavg, parse_size  # noqa: E402
-
-import ckptd  # noqa: E402
-from ckptd import env, memtier  # noqa: E402
-from ckptd.snapshot import Snapshot, copy_pairs  # noqa: E402
+import ckptd
+from _bench_util import drop_caches, loadavg, parse_size
+from ckptd import env, memtier
+from ckptd.snapshot import Snapshot, copy_pairs
 
 
 def main() -> int:
@@ -64,7 +63,7 @@ def main() -> int:
     def memcpy() -> float:
         pool = Snapshot().helper()
         t0 = time.perf_counter()
-        copy_pairs([(d.data, s) for d, s in zip(model, src)], pool)
+        copy_pairs([(d.data, s) for d, s in zip(model, src, strict=True)], pool)
         took = time.perf_counter() - t0
         pool.shutdown()
         return took

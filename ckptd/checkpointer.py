@@ -821,8 +821,11 @@ class Checkpointer:
         pinned = any(t.is_cuda for t in tensors.values())
         memory = self._memory if not pinned else None
         if memory is not None:  # the region's pages are allocated (touched) by prepare: the same prewarm
-            self._prewarm = self._writer().submit(
-                lambda: memory.prepare(size) or self._snapshot.prewarm(size, pinned))
+            def prepare() -> None:
+                if not memory.prepare(size):
+                    self._snapshot.prewarm(size, pinned)
+
+            self._prewarm = self._writer().submit(prepare)
             return
         self._prewarm = self._writer().submit(self._snapshot.prewarm, size, pinned)
 

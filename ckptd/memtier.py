@@ -244,10 +244,10 @@ def _write(mm: mmap.mmap, layout: Layout, pending: Pending, root: str, key: stor
             off, n, _ = blobs[name]
             return bytes(view[layout.head(i) + off : layout.head(i) + off + n])
 
-        fields = meta.get("fields") if isinstance(meta.get("fields"), dict) else {}
-        kind = fields.get("kind") if fields.get("kind") in store.KINDS else "periodic"
-        metrics = fields.get("metrics") if isinstance(fields.get("metrics"), dict) else {}
-        extra_in = fields.get("extra") if isinstance(fields.get("extra"), dict) else {}
+        fields: dict[str, Any] = meta["fields"] if isinstance(meta.get("fields"), dict) else {}
+        kind = str(fields["kind"]) if fields.get("kind") in store.KINDS else "periodic"
+        metrics: dict[str, Any] = fields["metrics"] if isinstance(fields.get("metrics"), dict) else {}
+        extra_in: dict[str, Any] = fields["extra"] if isinstance(fields.get("extra"), dict) else {}
         extra = {k: extra_in[k] for k in EXTRA_FIELDS if k in extra_in}
         doff, dn, _ = blobs["data"]
         with view[layout.data(i) + doff : layout.data(i) + doff + dn] as data, \
@@ -369,7 +369,7 @@ class Region:
             return 0
         if steps[1] is None:
             return 1
-        return 0 if steps[0] < steps[1] else 1  # type: ignore[operator]
+        return 0 if steps[0] < steps[1] else 1
 
     def begin(self, i: int, step: int) -> None:
         """The writer enters slot ``i``: its seq becomes odd before a byte of it changes."""
@@ -429,5 +429,8 @@ class Region:
 
 def hash_pieces(view: memoryview, run: Callable[[list[Callable[[], str]]], list[str]] | None = None) -> list[str]:
     """xxh3-64 of each PIECE of ``view`` (``run`` spreads the pieces over threads; xxhash releases the GIL)."""
-    jobs = [lambda p=p: xxhash.xxh3_64_hexdigest(view[p : p + PIECE]) for p in range(0, len(view), PIECE)]
+    def piece(p: int) -> Callable[[], str]:
+        return lambda: xxhash.xxh3_64_hexdigest(view[p : p + PIECE])
+
+    jobs = [piece(p) for p in range(0, len(view), PIECE)]
     return run(jobs) if run is not None else [j() for j in jobs]

@@ -11,8 +11,8 @@ with the seqlock still open (``sealing``), the disk save half written (``persist
 committed) or the one before it (sealing: the torn slot is never used), lost steps never exceed one
 snapshot interval, and the run ends bit-identical to an uninterrupted one (toy; plain: every checkpoint holds
 exactly its step's bytes). The toy's kill lands in the first save at or after the drawn step (a save
-coalesced behind a slow disk is no snapshot), so its expectations follow the step it printed. Prints a JSON report; exit 1 on
-any failure. The CI test (tests/test_memtier.py) runs one kill of each point.
+coalesced behind a slow disk is no snapshot), so its expectations follow the step it printed. Prints a JSON
+report; exit 1 on any failure. The CI test (tests/test_memtier.py) runs one kill of each point.
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
+from ckptd import store  # noqa: E402
 from fixtures import mem_plain  # noqa: E402
 from fixtures.sup_helpers import journal, toy_digest, toy_reference  # noqa: E402
-
-from ckptd import store  # noqa: E402
 
 TRAINERS = {"toy": os.path.join(ROOT, "tests", "fixtures", "mem_trainer.py"),
             "plain": os.path.join(ROOT, "tests", "fixtures", "mem_plain.py")}

@@ -163,7 +163,7 @@ def _restart_restores(tmp_path, fd, caplog, corrupt: bool) -> str:
     with caplog.at_level(logging.INFO, "ckptd"):
         ck2 = ckptd.Checkpointer(model=fresh, optimizer=fresh_opt, dir=root, handle_signals=False)
         assert ck2.restore() == 3
-    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     ck2.close()
     return caplog.text
