@@ -44,6 +44,7 @@ from .annotate import checked_metrics, jsonable_metrics
 from .channel import TrainerChannel, connect_from_env
 from .data import DataLoader as ResumableLoader
 from .errors import CkptdError, CorruptCheckpointError, NotFoundError
+from .memory import MemoryTier
 from .ranks import Sharded, Solo, rank_files
 from .remote import RemoteError, RemoteSpec, spec_from_env
 from .restore import (
@@ -244,6 +245,9 @@ class Checkpointer:
         self._last_save_time = time.monotonic()
         self._snapshot = Snapshot()
         self._rank_snapshot: Snapshot | None = None  # several ranks: this rank's own part
+        # `ckptd run --memory`: snapshots go into the supervisor's memory region, which outlives this process
+        self._memory = MemoryTier.from_env(self._snapshot, max(world_size, 1)) if self.writes else None
+        self._restored_from_memory: str | None = None  # the checkpoint the last restore read from the memory tier
         self._shard_staging: Any = None  # sharded model: sharded.Staging, host copies of the DTensor shards
         self._executor: ThreadPoolExecutor | None = None
         self._prewarm: Future | None = None
@@ -532,14 +536,15 @@ class Checkpointer:
         if self._prewarm is not None:
             self._prewarm.result()  # usually long done; never allocate the buffer twice
         t0 = time.perf_counter()
-        files = self._capture_files(step, result)
+        fields = self._fields(kind, dict(self.metrics), self.epoch)
+        files = self._capture_files(step, result, fields)
         result.bytes = sum(f.size for f in files)
         result.stall_seconds = time.perf_counter() - t0
         self.stats["last_stall_seconds"] = result.stall_seconds
         self._last_save_time = time.monotonic()
         executor = self._writer()
         _in_flight_hurry.add(result._hurry)
-        result._future = executor.submit(self._persist, result, files, dict(self.metrics), self.epoch, replace)
+        result._future = executor.submit(self._persist, result, files, fields, replace)
         result._future.add_done_callback(lambda _: _in_flight_hurry.discard(result._hurry))
         self._inflight = result
         if self.writes and (self.policy.active or not self._growth_warned):  # after the commit, outside wait()
@@ -814,6 +819,14 @@ class Checkpointer:
             return
         size = sum(nbytes(t) for t in tensors.values())
         pinned = any(t.is_cuda for t in tensors.values())
+        memory = self._memory if not pinned else None
+        if memory is not None:  # the region's pages are allocated (touched) by prepare: the same prewarm
+            def prepare() -> None:
+                if not memory.prepare(size):
+                    self._snapshot.prewarm(size, pinned)
+
+            self._prewarm = self._writer().submit(prepare)
+            return
         self._prewarm = self._writer().submit(self._snapshot.prewarm, size, pinned)
 
     def _capture_tree(self, step: int, at_boundary: bool = False) -> dict[str, Any]:
@@ -838,12 +851,19 @@ class Checkpointer:
                 tree[name] = obj.state_dict()
         return tree
 
-    def _capture_files(self, step: int, result: SaveResult) -> list[persist.File]:
+    def _capture_files(self, step: int, result: SaveResult, fields: dict[str, Any]) -> list[persist.File]:
         """Snapshot what this process writes (the save's stall). One process: the whole state (and its small
         state's digest, for close()). Several ranks: each rank its own part (``rank-NNNNN.*``), the leader
         the replicated rest, and a sharded model's shards through torch.distributed.checkpoint."""
         tree = self._capture_tree(step, at_boundary=self._from_poll)
         ranks = self._ranks()
+        if self._memory is not None and not ranks.per_rank:
+            taken = self._memory.capture(tree, step, fields, self.key is not None, self._snapshot.helper)
+            if taken is not None:
+                files, tensors = taken
+                result._digest = _small_digest(files[1].head, tensors)
+                return files
+            self._memory = None  # off for this life (said once); today's private buffer from here on
         if not ranks.per_rank:
             files, tensors = persist.encode(tree, self._snapshot, (store.TENSORS, store.STATE))
             result._digest = _small_digest(files[1].head, tensors)
@@ -875,19 +895,23 @@ class Checkpointer:
                                                 initializer=store.lower_thread_priority)
         return self._executor
 
-    def _persist(self, result: SaveResult, files: list[persist.File], metrics: dict[str, Any], epoch: int | None,
+    def _fields(self, kind: str, metrics: dict[str, Any], epoch: int | None) -> dict[str, Any]:
+        """A save's manifest fields besides the files (the memory tier keeps them with the snapshot)."""
+        ranks = self._ranks()
+        extra: dict[str, Any] = {"epoch": epoch, "versions": {"ckptd": __version__, "torch": torch.__version__},
+                                 "run_id": os.environ.get(env.RUN_ID, ""), "origin": self.origin,
+                                 "stage": self.stage, "lineage": self.lineage}
+        if ranks.per_rank:
+            extra.update(world_size=ranks.world, sharded=ranks.sharded)
+        return {"kind": kind, "metrics": jsonable_metrics(metrics), "extra": extra}
+
+    def _persist(self, result: SaveResult, files: list[persist.File], fields: dict[str, Any],
                  replace: bool = False) -> None:
         """The writer thread's half of a save: every rank writes its files, the leader commits them all at once
         (persist.write); the outcome is recorded on ``result`` and said to the supervisor."""
         t0 = time.perf_counter()
         ranks = self._ranks()
         try:
-            extra: dict[str, Any] = {"epoch": epoch, "versions": {"ckptd": __version__, "torch": torch.__version__},
-                                     "run_id": os.environ.get(env.RUN_ID, ""), "origin": self.origin,
-                                     "stage": self.stage, "lineage": self.lineage}
-            if ranks.per_rank:
-                extra.update(world_size=ranks.world, sharded=ranks.sharded)
-            fields = {"kind": result.kind, "metrics": jsonable_metrics(metrics), "extra": extra}
             result.path = persist.write(ranks, self.dir, result.step, files, fields, self._pacer(result), replace,
                                         self.key)
             result._replaced = replace and result.path is not None
@@ -1116,8 +1140,21 @@ class Checkpointer:
         live = self._live_tensors()
         if parts != lineage.PARTS:  # the parts not taken keep their tensors: none is read into
             live = {k: v for k, v in live.items() if k.split("/", 1)[0] in parts}
-        staged = read_tensors(info, live, check=self._check_model_keys if "model" in parts else None,
-                              staging=self._staging, during=lambda: trees.append(read_state_json(info)))
+        check = self._check_model_keys if "model" in parts else None
+        memory = self._memory.source(info, self.dir) if self._memory is not None else None
+        try:
+            staged = read_tensors(info, live, check=check, staging=self._staging,
+                                  during=lambda: trees.append(read_state_json(info, memory and memory[3])),
+                                  source=memory[:3] if memory is not None else None)
+        except CorruptCheckpointError as exc:
+            if memory is None:
+                raise
+            log.warning("ckptd: the memory tier's snapshot of step %d does not match its checkpoint (%s); reading "
+                        "it from disk", info.step, exc)
+            memory, trees = None, []
+            staged = read_tensors(info, live, check=check, staging=self._staging,
+                                  during=lambda: trees.append(read_state_json(info)))
+        self._restored_from_memory = info.name if memory is not None else None
         tree = trees[0]
         try:
             merged = decode(tree, staged.source.__getitem__)  # after the read: NumPy scalars are values from bytes
@@ -1182,6 +1219,8 @@ class Checkpointer:
         if self._prewarm is not None:
             self._prewarm.result()
         snap = self._snapshot
+        if self._memory is not None:
+            self._memory.lend()  # the first slot's buffer holds a candidate now, no longer a snapshot
         if snap.buffer is None or snap.buffer.numel() < size or (pinned and not snap.buffer.is_pinned()):
             snap.allocate(size, pinned)  # no zeroing: the read touches every page
         assert snap.buffer is not None
@@ -1278,7 +1317,7 @@ class Checkpointer:
             self.resumed_from = info.name
             if info.kind == "emergency" and self.writes:
                 self._keep_emergency(info)
-        tier = ""
+        tier = " (from the memory tier)" if self._restored_from_memory == info.name else ""
         if self.remote is not None:
             name, note = self._remote_restore
             tier = f" ({note})" if name and name == info.name else " (local tier)" if name else \

@@ -28,12 +28,13 @@ REMOTE_ENDPOINT = "CKPTD_REMOTE_ENDPOINT"  # its S3-compatible server ("": $AWS_
 REMOTE_REGION = "CKPTD_REMOTE_REGION"  # its region ("": $AWS_REGION)
 REMOTE_VIRTUAL_HOSTED = "CKPTD_REMOTE_VIRTUAL_HOSTED"  # "1": bucket.host addressing with an endpoint
 
+MEMORY_FD = "CKPTD_MEMORY_FD"  # `ckptd run --memory`: the descriptor of the memory region snapshots go into
 KEY_FILE = "CKPTD_KEY_FILE"  # authenticated checkpoints: the key file (store.auth; also read by the commands)
 ALLOW_UNKEYED = "CKPTD_ALLOW_UNKEYED"  # "1": with a key, checkpoints written without one are still accepted
 
 ALL = (DIR, EVERY_STEPS, EVERY_SECONDS, KEEP_LAST, RUN_ID, RESTART_COUNT, CONTROL, STOP_DEADLINE, METRICS, ORIGIN,
        RESUME_FROM, RESUME_PARTS, STAGE, RETENTION, REMOTE, REMOTE_ENDPOINT, REMOTE_REGION, REMOTE_VIRTUAL_HOSTED,
-       KEY_FILE, ALLOW_UNKEYED)
+       KEY_FILE, ALLOW_UNKEYED, MEMORY_FD)
 
 
 def get_int(name: str) -> int | None:

@@ -246,7 +246,7 @@ STAGING_ALIGN = 64  # every staged tensor starts cache-line aligned (and so alig
 def read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
                   check: Callable[[str, list[store.TensorEntry]], None] | None = None,
                   staging: Callable[[int, bool], torch.Tensor] | None = None, fname: str = store.TENSORS,
-                  during: Callable[[], None] | None = None) -> Staged:
+                  during: Callable[[], None] | None = None, source: tuple[int, int, int] | None = None) -> Staged:
     """Read and verify a checkpoint's tensor file; ``live`` ends as it was unless it verified.
 
     Order: the header is read and checked structurally (store.parse_safetensors_header: known
@@ -258,32 +258,36 @@ def read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
     ``during()`` runs while the data is being read (store.read_into); what it raises, like a
     mismatch, puts ``live`` back as it was.
     Raises CorruptCheckpointError unless the whole file matches the manifest's size and checksum.
+    ``source``: the same file's bytes elsewhere, (descriptor, offset, size): the memory tier's slot of this
+    step (memtier.Region.source), read and verified against this manifest exactly like the file.
     """
     path = os.path.join(info.path, fname)
     if fname not in info.manifest["files"]:
         raise CorruptCheckpointError(info.path, f"{fname} is not listed in the manifest")
     rec = info.manifest["files"][fname]
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = source[0] if source is not None else os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    base = source[1] if source is not None else 0  # where the file's bytes start in ``fd``
     staged: Staged | None = None
     prefetch: store.Prefetch | None = None
     try:
-        size = os.fstat(fd).st_size
+        size = source[2] if source is not None else os.fstat(fd).st_size
         if size != rec["bytes"]:
             raise CorruptCheckpointError(info.path, f"{fname} is {size} bytes, manifest says {rec['bytes']}")
         with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
+            f.seek(base)
             lead, body = store.read_header_bytes(f, path, size)
         h = store.Hashes(info.mac_key)  # with a key: its MAC from the same bytes
         h.update(lead)
         h.update(body)
-        data_start = 8 + len(body)
-        prefetch = store.Prefetch(fd, data_start, size) if store.RESTORE_PREFETCH else None
+        data_start = base + 8 + len(body)
+        prefetch = store.Prefetch(fd, data_start, size) if store.RESTORE_PREFETCH and source is None else None
         try:
-            _, entries = store.parse_safetensors_header(body, info.path, size - data_start)
+            _, entries = store.parse_safetensors_header(body, info.path, size - (data_start - base))
             if check is not None:
                 check(info.path, entries)
         except CkptdError:
             # Believe nothing the header says until the bytes verified: a damaged header is corruption.
-            _hash_rest(fd, data_start, size, h, path)
+            _hash_rest(fd, data_start, base + size, h, path)
             problem = store.record_problem(fname, rec, size, h)
             if problem:
                 raise CorruptCheckpointError(info.path, problem) from None
@@ -300,7 +304,7 @@ def read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
         finally:
             if backup is not None:
                 staged.undo = backup.finish()
-        problem = store.record_problem(fname, rec, end, h)
+        problem = store.record_problem(fname, rec, end - base, h)
         if problem:
             raise CorruptCheckpointError(info.path, problem)
     except BaseException:
@@ -311,7 +315,8 @@ def read_tensors(info: store.CheckpointInfo, live: Mapping[str, torch.Tensor],
         if prefetch is not None:
             prefetch.stop()
             prefetch.join()
-        os.close(fd)
+        if source is None:
+            os.close(fd)
     return staged
 
 
@@ -390,13 +395,14 @@ def _hash_rest(fd: int, offset: int, size: int, h: Any, path: str) -> None:
         offset += n
 
 
-def read_state_json(info: store.CheckpointInfo) -> Any:
-    """state.json parsed (checksum verified first)."""
+def read_state_json(info: store.CheckpointInfo, raw: bytes | None = None) -> Any:
+    """state.json parsed (checksum verified first); ``raw``: its bytes from elsewhere (the memory tier)."""
     files = info.manifest["files"]
     for fname in (store.TENSORS, store.STATE):
         if fname not in files:
             raise CorruptCheckpointError(info.path, f"{fname} is not listed in the manifest")
-    raw = store.read_small(os.path.join(info.path, store.STATE), store.MAX_STATE_BYTES)
+    if raw is None:
+        raw = store.read_small(os.path.join(info.path, store.STATE), store.MAX_STATE_BYTES)
     _check_small(info, store.STATE, raw)
     tree = store.load_json(raw, info.path, store.STATE, store.MAX_STATE_DEPTH, store.MAX_STATE_VALUES)
     if not isinstance(tree, dict):

@@ -127,6 +127,11 @@ class Snapshot:
             self.buffer = torch.frombuffer(mem, dtype=torch.uint8)
         self.allocations += 1
 
+    def adopt(self, buffer: torch.Tensor | None) -> None:
+        """Use ``buffer``, memory owned elsewhere (a slot of the memory tier, memory.py), as the buffer; None
+        lets it go (the next take() allocates one of its own)."""
+        self.buffer, self._dests, self._parts, self._signature = buffer, [], [], None
+
     def helper(self) -> ThreadPoolExecutor:
         """Copy threads, started once and kept (starting threads costs ~8 ms each on a busy VM)."""
         if self._helper is None:

@@ -100,6 +100,10 @@ def run(args: argparse.Namespace) -> int:
         rows.append(("notice", _notice_line(data["notice"])))
     if data.get("remote"):
         rows.append(("remote", _remote_line(data["remote"])))
+    if data.get("memory"):
+        m = data["memory"]
+        rows.append(("memory", f"{m.get('region_bytes', 0) / 2**20:.1f} MiB region, {m.get('persisted', 0)} "
+                               "snapshot(s) written after the trainer died"))
     if data["running"] and data.get("metrics"):
         rows.append(("metrics", _metrics_line(data["metrics"])))
     for key, value in rows:

@@ -51,10 +51,11 @@ class ChildRunner:
         self._spare = spare  # released around the kills, so EMFILE cannot stop them (reserve.py)
         self._record = record  # Supervisor._event: log, journal and count one event
 
-    def spawn(self, argv: list[str], env: dict[str, str], now: float) -> int:
-        """Start the child; its pid. Raises OSError when it cannot start."""
+    def spawn(self, argv: list[str], env: dict[str, str], now: float, fds: tuple[tuple[int, int], ...] = ()) -> int:
+        """Start the child (inheriting ``fds``: process.Processes.spawn); its pid. Raises OSError when it cannot
+        start."""
         oom_before, system_oom_before = oom_kill_count(), system_oom_kill_count()
-        child = self.procs.spawn(argv, env, now)
+        child = self.procs.spawn(argv, env, now, fds)
         life = self.life = LifeIO(child, oom_before, system_oom_before, stderr_fd=child.stderr)
         if child.stderr is not None:
             self._sel.register(child.stderr, selectors.EVENT_READ, lambda mask: self.stderr(life))

@@ -124,6 +124,7 @@ class Config:
     stop_upload: str = "skip"  # skip | wait: a stop exits only once its checkpoint is on the remote tier
     key_file: str | None = None  # authenticated checkpoints: the key's file, given to the trainer as CKPTD_KEY_FILE
     allow_unkeyed: bool = False  # with a key, still accept checkpoints written without one (CKPTD_ALLOW_UNKEYED=1)
+    memory: bool = False  # the memory tier: snapshots in memory the supervisor holds (docs/memory-tier.md)
     notices: NoticesConfig = NoticesConfig()
     slurm: SlurmConfig = SlurmConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -395,6 +396,9 @@ OPTIONS: tuple[Option, ...] = (
            "checkpoint with and restores only what authenticates with (env CKPTD_KEY_FILE)", "FILE"),
     Option("allow_unkeyed", _bool, "with key_file: still resume from checkpoints written without a key "
            "(env CKPTD_ALLOW_UNKEYED=1)", switch=True),
+    Option("memory", _bool, "the memory tier: the trainer snapshots into memory this supervisor holds, and a "
+           "snapshot the trainer died before committing is written before the restart (docs/memory-tier.md)",
+           switch=True),
     Option("notices.source", _choice(*NOTICE_SOURCES), "cloud preemption notices to poll: auto (default: the cloud "
            "this machine's DMI data names, none elsewhere), aws, gcp, azure or off", "SOURCE", flag="--notices"),
     Option("notices.endpoint", _url, "base URL of the metadata service (default: the cloud's own)", "URL",

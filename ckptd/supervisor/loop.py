@@ -5,7 +5,7 @@ events on a queue (``queue.SimpleQueue``, safe to use from a signal handler) and
 loop in the main thread does all the work. It turns what happened into typed events (actions.py), asks
 the core (core.py: the state machine, the stop protocol, the message handlers; all pure) what they mean,
 and carries out the answer: the child's processes (child.py), the control socket (control.py), the
-journal, the checkpoint directory (checkpoints.py), the metrics, systemd.
+journal, the checkpoint directory (checkpoints.py), the memory tier's region (memory.py), the metrics, systemd.
 
 A little over 600 lines on purpose: it is the one place that does the supervisor's I/O, one short method
 per kind of action and event source; the decisions and each kind of I/O's details live in the modules named
@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from .. import env as envvars
-from .. import exitcodes, origin, protocol
+from .. import exitcodes, memtier, origin, protocol
 from ..errors import CkptdError
 from . import actions as act
 from . import config as configmod
@@ -42,6 +42,7 @@ from .core import Core
 from .endpoint import MetricsPort, new_registry
 from .journal import JOURNAL_NAME, STATE_NAME, Journal, read_json, write_json_atomic
 from .log import EventLog, redact_argv
+from .memory import MemoryHold
 from .notify import CHILD_UNSET, Notifier
 from .policy import ExitStatus
 from .process import run_command
@@ -105,6 +106,7 @@ class Supervisor:
         # Node 0 alone uploads a multi-node job's shared directory (each checkpoint once).
         self.uploads = RemoteUploads(self.cfg, self.root, self.post) if self.cfg.remote and self.node.rank == 0 \
             else None
+        self.memory: MemoryHold | None = None  # --memory: the region the trainer snapshots into (memory.py)
 
     @property
     def exit_code(self) -> int | None:
@@ -191,6 +193,8 @@ class Supervisor:
         self.child.socket_dir = self.core.led.socket_dir = os.path.dirname(self.control.path)
         try:
             self._guarded("trash cleanup", self.dir.remove_stale_trash)
+            if self.cfg.memory:
+                self._open_memory()
             self.dir.start()
             latest = self.view.latest()
             if latest is not None:
@@ -395,6 +399,8 @@ class Supervisor:
             env[envvars.EVERY_STEPS] = str(self.cfg.every_steps)
         if self.cfg.keep_last:
             env[envvars.KEEP_LAST] = str(self.cfg.keep_last)
+        if self.memory is not None:
+            env[envvars.MEMORY_FD] = str(memtier.CHILD_FD)
         if self.cfg.key_file:  # the path only: the trainer reads the key itself
             env[envvars.KEY_FILE] = self.cfg.key_file
             env[envvars.ALLOW_UNKEYED] = "1" if self.cfg.allow_unkeyed else ""
@@ -402,7 +408,8 @@ class Supervisor:
 
     def _spawn(self, restarts: int) -> None:
         try:
-            pid = self.child.spawn(self.argv, self._child_env(restarts), self.clock.monotonic())
+            pid = self.child.spawn(self.argv, self._child_env(restarts), self.clock.monotonic(),
+                                   self.memory.child_fds() if self.memory is not None else ())
         except OSError as exc:
             self._decide(act.SpawnFailed(str(exc), f"cannot start {self.argv[0]}: {exc.strerror or exc}"))
             return
@@ -423,8 +430,30 @@ class Supervisor:
             if not self._guarded("control I/O", self._poll_io, 0):
                 break
         leftovers = self.child.bury(life, self._guarded, self._rescan)
+        if self.memory is not None:  # after its leftovers are killed: nothing writes the region any more
+            self._guarded("memory tier", self._finish_memory)
         self._guarded("reap", self._reap)
         self._decide(self.child.exit_event(life, status, leftovers))
+
+    def _open_memory(self) -> None:
+        try:
+            self.memory = MemoryHold.open(self.cfg.key_file, self.cfg.allow_unkeyed)
+        except CkptdError as exc:
+            self.log("warning", "memory", f"memory tier off: {exc}")
+
+    def _finish_memory(self) -> None:
+        """The trainer died: its sealed, uncommitted snapshot becomes its checkpoint before anything else."""
+        assert self.memory is not None
+        try:
+            done = self.memory.finish(self.root)
+        except (OSError, CkptdError) as exc:  # a storage error: the run goes on from the disk's newest
+            self._event("error", "memory_persist_failed", f"the trainer's uncommitted snapshot could not be written "
+                        f"from the memory tier: {exc}", error=str(exc))
+            return
+        if done.path is not None:
+            self._event("info", "memory_persisted", f"step {done.step}: the trainer's snapshot was not committed; "
+                        f"written from the memory tier to {done.path}", step=done.step, path=done.path)
+            self._rescan()
 
     def _reload(self) -> None:
         if not self.config_file:
@@ -494,6 +523,8 @@ class Supervisor:
             "notice": led.notice,
             "metrics": {**self.port.describe(), **self.metrics.status()},
             "remote": self.uploads.status(self._local_newest(), self.clock.time()) if self.uploads else None,
+            "memory": {"region_bytes": self.memory.bytes(), "persisted": self.memory.persisted}
+            if self.memory is not None else None,
         }
 
     def _service_view(self) -> ServiceView:
@@ -541,6 +572,7 @@ class Supervisor:
         led = self.core.led
         self.metrics.publish(state=led.sm.state.value, stopping=led.stop is not None, exit_code=self.exit_code,
                              step=led.step, last_checkpoint=led.last_checkpoint, valid=len(self.view.valid))
+        self.metrics.memory_bytes.set(self.memory.bytes() if self.memory is not None else 0)
         if self.uploads is not None:
             _, steps, seconds = self.uploads.lag(self._local_newest(), self.clock.time())
             self.metrics.remote_lag(steps, seconds)
@@ -633,6 +665,8 @@ class Supervisor:
             self.journal.close()
         self.child.procs.shutdown()
         self.spare.close()
+        if self.memory is not None:
+            self.memory.close()  # the region's memory goes with its last descriptor
 
 
 def _drain(fd: int) -> None:

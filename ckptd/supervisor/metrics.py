@@ -244,6 +244,10 @@ class RunMetrics:
                                     "tier.", registry=r)
         self.remote_failures = Counter("ckptd_remote_upload_failures", "Failed operations of the object-store "
                                        "uploader (list, scan, upload), each retried with backoff.", registry=r)
+        self.memory_bytes = Gauge("ckptd_memory_region_bytes", "Size of the memory tier's region (--memory: shared "
+                                  "memory the trainer's snapshots go into); 0 without it.", registry=r)
+        self.memory_persisted = Counter("ckptd_memory_persisted", "Snapshots the trainer died before committing, "
+                                        "written from the memory tier by the supervisor.", registry=r)
         self.train = Gauge("ckptd_train_metric", "The last value of each metric passed to ck.step().", ["name"],
                            registry=r)
         for kind in KINDS:  # every series exists from the start: their number never changes during a run
@@ -418,6 +422,9 @@ class RunMetrics:
         """The object-store tier's lag behind the local one (the uploader's view, once per tick)."""
         self.remote_lag_steps.set(steps)
         self.remote_lag_seconds.set(seconds)
+
+    def _on_memory_persisted(self, fields: dict[str, Any]) -> None:
+        self.memory_persisted.inc()
 
     def _on_upload_committed(self, fields: dict[str, Any]) -> None:
         size = fields.get("bytes")

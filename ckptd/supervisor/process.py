@@ -164,8 +164,12 @@ class Processes:
             os.close(r)
         self._guard_w = w
 
-    def spawn(self, argv: list[str], env: dict[str, str], now: float) -> Child:
+    def spawn(self, argv: list[str], env: dict[str, str], now: float,
+              fds: tuple[tuple[int, int], ...] = ()) -> Child:
         """Start ``argv`` in a new session with PDEATHSIG armed. Raises OSError when it cannot start.
+
+        ``fds``: (descriptor here, number in the child) pairs the child inherits (dup2 clears close-on-exec
+        there only): the memory tier's region.
 
         The child's stderr is a pipe (``Child.stderr``, non-blocking) so the supervisor can show its last
         lines when it gives up; stdout is inherited. Must run on the main thread: PDEATHSIG fires when
@@ -176,7 +180,8 @@ class Processes:
         try:
             pid = os.posix_spawn(sys.executable, wrapper, env, setsid=True, setsigmask=(),
                                  setsigdef=(signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM),
-                                 file_actions=[(os.POSIX_SPAWN_DUP2, w, 2)])
+                                 file_actions=[(os.POSIX_SPAWN_DUP2, w, 2),
+                                               *((os.POSIX_SPAWN_DUP2, fd, to) for fd, to in fds)])
         except BaseException:
             os.close(r)
             raise

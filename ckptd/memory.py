@@ -1,0 +1,141 @@
+"""The trainer's side of the memory tier (memtier.py): its snapshots go into the supervisor's memory region.
+
+:class:`MemoryTier` binds the two slots' data areas as the buffers of two :class:`Snapshot` objects (the
+first is the Checkpointer's own, so restore's staging and the copy threads are the same as without the
+tier) and takes a save's snapshot into the slot that does not hold the newest sealed one: seqlock opened,
+tensors copied (the save's one copy), state JSON and safetensors header written beside them, each piece
+checksummed, seqlock closed. The disk save then writes from the slot as it writes from today's buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from . import env, memtier, store
+from .errors import CkptdError
+from .persist import File
+from .snapshot import Snapshot, nbytes
+from .state import Encoder
+from .state import dumps as state_dumps
+
+log = logging.getLogger("ckptd")
+
+HEADER_BYTES_PER_TENSOR = 256  # a safetensors header entry's size, generously (keys are bounded by the store)
+
+
+class MemoryTier:
+    def __init__(self, region: memtier.Region, first: Snapshot) -> None:
+        self.region = region
+        self.snaps = [first, Snapshot()]
+        self._bound = -1  # the region generation the snapshots' buffers are views of
+        self.off = False  # refused once (said once): this life saves as without the tier
+
+    @classmethod
+    def from_env(cls, first: Snapshot, world: int) -> MemoryTier | None:
+        """The tier `ckptd run --memory` offers (``$CKPTD_MEMORY_FD``), or None: not offered, or refused with
+        one line (the run then saves as without it)."""
+        raw = os.environ.get(env.MEMORY_FD)
+        if not raw:
+            return None
+        try:
+            region = memtier.Region.from_env(raw)
+        except CkptdError as exc:
+            log.warning("ckptd: memory tier off: %s", exc)
+            return None
+        if region is None:
+            return None
+        if world > 1:
+            log.warning("ckptd: memory tier off: it holds one process's state and this job has %d ranks; "
+                        "checkpoints go to disk as without --memory", world)
+            return None
+        return cls(region, first)
+
+    def prepare(self, data_bytes: int, head_bytes: int = 0) -> bool:
+        """Size the region for snapshots of ``data_bytes`` (every page allocated now) and bind the slots.
+        False, with one line naming the size and the fix, when the memory is not there."""
+        if self.off:
+            return False
+        try:
+            self.region.ensure(data_bytes, head_bytes)
+        except OSError as exc:
+            need = memtier.plan(data_bytes, head_bytes).size
+            log.warning("ckptd: memory tier off: cannot allocate %d bytes (%.1f MiB) of shared memory (%s); the run "
+                        "continues with a private snapshot buffer. Fix: give the container or unit that much more "
+                        "memory (docker --shm-size, a Kubernetes memory volume's sizeLimit, systemd MemoryMax) or "
+                        "run without --memory", need, need / 2**20, exc.strerror or exc)
+            self.release()
+            self.off = True
+            return False
+        if self._bound != self.region.generation:
+            for i, snap in enumerate(self.snaps):
+                snap.adopt(torch.frombuffer(self.region.data_area(i), dtype=torch.uint8))
+            self._bound = self.region.generation
+        return True
+
+    def release(self) -> None:
+        """The tier is off for this life: the snapshots let the region's memory go (the first one then
+        allocates a private buffer as without the tier)."""
+        for snap in self.snaps:
+            snap.adopt(None)
+        self._bound = -1
+
+    def source(self, info: store.CheckpointInfo, directory: str) -> tuple[int, int, int, bytes] | None:
+        """The memory tier's copy of the checkpoint ``info`` of this run's ``directory``, to restore from instead of
+        its files: (descriptor, offset, size of the tensor file, state.json's bytes); None when there is none.
+        Only before this life's first snapshot (the slots' buffers are not in use yet); the caller verifies every
+        byte against the checkpoint's manifest, as it does the files'."""
+        if self._bound != -1 or self.off or os.path.dirname(info.path) != directory:
+            return None
+        try:
+            found = self.region.source(info.step)
+        except OSError:
+            return None
+        return (self.region.fd, *found) if found is not None else None
+
+    def lend(self) -> None:
+        """The first slot's buffer is about to hold something else (restore's staging): it stops being a
+        snapshot first."""
+        if self._bound == self.region.generation and self.region.mm is not None:
+            self.region.invalidate(0, 0)
+
+    def capture(self, tree: Any, step: int, fields: dict[str, Any], keyed: bool,
+                pool: Callable[[], ThreadPoolExecutor]) -> tuple[list[File], Mapping[str, torch.Tensor]] | None:
+        """Snapshot ``tree`` into a slot and seal it; the save's files (views of the slot) and its tensors.
+        None when the tier cannot take this state (CUDA tensors, memory refused): the caller saves as
+        without the tier, and the tier is off from then on."""
+        if self.off:
+            return None
+        encoder = Encoder()
+        encoded = encoder.encode(tree, "")
+        tensors = encoder.tensors
+        state = state_dumps(encoded)
+        if any(t.is_cuda for t in tensors.values()):
+            log.warning("ckptd: memory tier off: CUDA tensors are snapshotted into pinned memory, which the memory "
+                        "tier does not provide yet; checkpoints go to disk as without --memory")
+            self.release()
+            self.off = True
+            return None
+        data_bytes = sum(nbytes(t) for t in tensors.values())
+        head_bytes = 2 * (len(state) + HEADER_BYTES_PER_TENSOR * len(tensors)) + (64 << 10)
+        if not self.prepare(data_bytes, head_bytes):
+            return None
+        i = self.region.next_slot()
+        snap = self.snaps[i]
+        self.region.begin(i, step)
+        header, data = snap.take(tensors)
+
+        def run(jobs: list[Callable[[], str]]) -> list[str]:
+            futures = [pool().submit(j) for j in jobs[1:]]
+            return [jobs[0]()] + [f.result() for f in futures] if jobs else []
+
+        if not self.region.seal(i, step, header, state, len(data), fields, keyed,
+                                lambda view: memtier.hash_pieces(view, run)):
+            log.warning("ckptd: the snapshot of step %d does not fit its memory slot (state %d bytes); it goes to "
+                        "disk only", step, len(state))
+        return [File(store.TENSORS, header, data), File(store.STATE, state)], tensors

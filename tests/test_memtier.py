@@ -1,0 +1,242 @@
+"""The memory tier (ckptd/memtier.py, memory.py, supervisor/memory.py): seqlocked slots in a memfd the supervisor
+holds; a snapshot the trainer died before committing is written by the supervisor before the restart.
+
+The many-kills version is scripts/chaos_memory.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+
+import pytest
+
+from ckptd import env, memtier, store
+from ckptd.errors import CkptdError
+from fixtures import mem_plain
+from fixtures.sup_helpers import FIXTURES, Run, toy_digest, toy_reference
+
+MEM_TRAINER = os.path.join(FIXTURES, "mem_trainer.py")
+MEM_PLAIN = os.path.join(FIXTURES, "mem_plain.py")
+FAST = ["--backoff-base", "0.05", "--backoff-max", "0.2", "--metrics-addr", "off", "--notices", "off"]
+STEPS, EVERY = 40, 10
+
+
+def sealed_region(step: int, data: bytes, state: bytes = b'{"s":1}', header: bytes = b"H" * 4096) -> memtier.Region:
+    region = memtier.Region(memtier.create())
+    region.ensure(len(data))
+    i = region.next_slot()
+    region.begin(i, step)
+    view = region.data_area(i)
+    view[: len(data)] = data
+    view.release()
+    assert region.seal(i, step, header, state, len(data), {"kind": "periodic", "metrics": {"loss": 0.5},
+                                                           "extra": {"epoch": 1, "files": "forged"}}, False)
+    return region
+
+
+@pytest.mark.kind("unit")
+def test_a_sealed_slot_is_found_and_a_torn_or_corrupt_one_never_is():
+    region = sealed_region(7, b"a" * 5000)
+    pending, _ = memtier.newest_sealed(region.fd)
+    assert pending is not None and pending.step == 7
+    i = region.next_slot()  # the other slot: step 8 begun, never sealed (the writer died in the copy)
+    region.begin(i, 8)
+    pending, notes = memtier.newest_sealed(region.fd)
+    assert pending.step == 7 and f"slot {i}: torn (the writer died in it)" in notes
+    # a writer entered the sealed slot again and died before changing a byte: its meta and checksums still
+    # match, but the open seqlock alone says it may be torn
+    region.begin(1 - i, 7)
+    assert memtier.newest_sealed(region.fd)[0] is None
+    region.seal(1 - i, 7, b"H" * 4096, b'{"s":1}', 5000, {"kind": "periodic"}, False)
+    assert memtier.newest_sealed(region.fd)[0].step == 7
+    # a byte of the sealed data changed after sealing: its checksum no longer matches, it is never used
+    assert region.layout is not None and region.mm is not None
+    region.mm[region.layout.data(pending.slot) + 4999] = ord("b")
+    pending, notes = memtier.newest_sealed(region.fd)
+    assert pending is None and f"slot {1 - i}: checksum mismatch" in notes
+    os.close(region.fd)
+
+
+@pytest.mark.kind("unit")
+def test_a_slot_whose_meta_points_outside_its_area_is_refused():
+    region = sealed_region(3, b"x" * 100)
+    assert region.layout is not None and region.mm is not None
+    head = region.layout.head(0)
+    n = struct.unpack_from("<Q", region.mm, region.layout.slot(0) + memtier.META_LEN_OFF)[0]
+    meta = json.loads(bytes(region.mm[head : head + n]))
+    meta["blobs"]["state"][0] = region.layout.head_cap  # state.json "beyond" the head area: into the data area
+    raw = json.dumps(meta, separators=(",", ":")).encode()
+    region.mm[head : head + len(raw)] = raw
+    struct.pack_into("<Q", region.mm, region.layout.slot(0) + memtier.META_LEN_OFF, len(raw))
+    pending, notes = memtier.newest_sealed(region.fd)
+    assert pending is None and "slot 0: blob 'state' out of bounds" in notes
+    os.close(region.fd)
+
+
+@pytest.mark.kind("unit")
+def test_the_supervisor_writes_a_pending_snapshot_as_a_checkpoint_that_verifies(tmp_path):
+    data = os.urandom(10000)
+    header = store.safetensors_header_bytes([("w", "U8", [len(data)], len(data))], {"format": "ckptd"},
+                                            align=store.ALIGN)
+    region = sealed_region(12, data, b'{"progress":{"step":12}}', header)
+    root = str(tmp_path / "ck")
+    path, pending, why = memtier.persist_pending(region.fd, root)
+    assert path == os.path.join(root, store.checkpoint_name(12)) and why == ""
+    info = store.verify(path)
+    assert info.valid, info.reason
+    with open(os.path.join(path, store.TENSORS), "rb") as f:
+        assert f.read() == header + data
+    manifest = json.load(open(os.path.join(path, store.MANIFEST)))
+    assert manifest["kind"] == "periodic" and manifest["metrics"] == {"loss": 0.5} and manifest["epoch"] == 1
+    assert manifest["files"].keys() == {store.TENSORS, store.STATE}  # a field outside the known ones is dropped
+    # once on disk, never again
+    assert memtier.persist_pending(region.fd, root)[0] is None
+    os.close(region.fd)
+
+
+@pytest.mark.kind("unit")
+def test_the_trainer_refuses_a_descriptor_that_is_not_ckptds_region(tmp_path):
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(CkptdError, match="not ckptd's memory region"):
+            memtier.Region.from_env(str(fd))
+    finally:
+        os.close(fd)
+    with pytest.raises(CkptdError, match="not an open descriptor"):
+        memtier.Region.from_env("999")
+
+
+@pytest.mark.kind("unit")
+def test_the_checkpointers_snapshot_is_the_slot_and_its_disk_checkpoint_has_the_same_bytes(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    import ckptd
+    from conftest import small_model, train_steps
+
+    fd = memtier.create()
+    monkeypatch.setenv(env.MEMORY_FD, str(fd))
+    model, opt = small_model()
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=str(tmp_path / "ck"), handle_signals=False)
+    train_steps(model, opt, 2)
+    ck.step(1)
+    ck.save(block=True)
+    region = ck._memory.region
+    lo, hi = region.layout.data(0), region.layout.data(1) + region.layout.data_cap
+    base = torch.frombuffer(region.mm, dtype=torch.uint8).data_ptr()
+    for snap in ck._memory.snaps:
+        if snap.buffer is not None and snap._dests:  # the snapshot's one copy went into a slot, nowhere else
+            assert base + lo <= snap.buffer.data_ptr() < base + hi
+    pending, _ = memtier.newest_sealed(fd)
+    assert pending is not None and pending.step == 1
+    other = str(tmp_path / "other")
+    path, _, _ = memtier.persist_pending(fd, other)  # what the supervisor would write from the slot
+    ck.close()
+    mine = json.load(open(os.path.join(str(tmp_path / "ck"), store.checkpoint_name(1), store.MANIFEST)))
+    theirs = json.load(open(os.path.join(path, store.MANIFEST)))
+    assert mine["files"] == theirs["files"]  # the same files, the same checksums
+    os.close(fd)
+
+
+def _restart_restores(tmp_path, fd, caplog, corrupt: bool) -> str:
+    """Life 1 saves step 3 (slot + disk); life 2 (a fresh model) restores; the line it said."""
+    torch = pytest.importorskip("torch")
+    import ckptd
+    from conftest import small_model, train_steps
+
+    root = str(tmp_path / "ck")
+    model, opt = small_model()
+    train_steps(model, opt, 3)
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root, handle_signals=False)
+    ck.step(3)
+    ck.save(block=True)
+    ck.close()
+    if corrupt:  # the slot's copy of step 3 differs from the checkpoint on disk by one byte
+        region = memtier.Region(fd)
+        pending, _ = memtier.newest_sealed(fd)
+        region.source(3)
+        assert region.mm is not None and region.layout is not None
+        region.mm[region.layout.data(pending.slot)] ^= 0xFF
+    fresh, fresh_opt = small_model(seed=1)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, "ckptd"):
+        ck2 = ckptd.Checkpointer(model=fresh, optimizer=fresh_opt, dir=root, handle_signals=False)
+        assert ck2.restore() == 3
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    ck2.close()
+    return caplog.text
+
+
+@pytest.mark.kind("unit")
+def test_a_restart_restores_from_the_memory_tier_when_its_snapshot_matches_the_checkpoint(tmp_path, monkeypatch,
+                                                                                        caplog):
+    fd = memtier.create()
+    monkeypatch.setenv(env.MEMORY_FD, str(fd))
+    text = _restart_restores(tmp_path, fd, caplog, corrupt=False)
+    assert "resumed from step 3" in text and "(from the memory tier)" in text
+    os.close(fd)
+
+
+@pytest.mark.kind("unit")
+def test_a_memory_snapshot_that_does_not_match_its_checkpoint_is_not_used_and_the_disk_is(tmp_path, monkeypatch,
+                                                                                        caplog):
+    fd = memtier.create()
+    monkeypatch.setenv(env.MEMORY_FD, str(fd))
+    text = _restart_restores(tmp_path, fd, caplog, corrupt=True)
+    assert "does not match its checkpoint" in text and "reading it from disk" in text
+    assert "resumed from step 3" in text and "(from the memory tier)" not in text
+    assert store.verify(os.path.join(str(tmp_path / "ck"), store.checkpoint_name(3))).valid  # never set aside
+    os.close(fd)
+
+
+def _restart_of(run: Run) -> dict:
+    return run.events("restart")[0]
+
+
+@pytest.mark.kind("system")
+@pytest.mark.parametrize("point", ["persist", "sealing", "committed"])
+def test_a_sigkill_in_a_save_never_leaves_a_torn_checkpoint_and_loses_only_the_steps_after_the_snapshot(tmp_path,
+                                                                                                       point):
+    # A torch-free trainer saving as the library does, killed (SIGKILL) in the save of step 20 at `point`: the
+    # supervisor writes the sealed snapshot the trainer did not commit (persist), never a torn one (sealing:
+    # the slot of step 10 is the newest good one), nothing twice (committed).
+    root = str(tmp_path / "ck")
+    run = Run(tmp_path, root, [*FAST, "--memory", MEM_PLAIN, "--steps", "40", "--every", str(EVERY),
+                               "--kill-at", "20", "--kill-point", point])
+    assert run.wait(60) == 0, run.stderr()
+    assert f"fault kill at {point} of step 20" in run.stdout()
+    restart = _restart_of(run)
+    assert restart["resume_step"] == (10 if point == "sealing" else 20), restart
+    assert [e["step"] for e in run.events("memory_persisted")] == ([20] if point == "persist" else [])
+    for info in store.list_checkpoints(root):  # every checkpoint verifies and holds exactly its step's bytes
+        assert store.verify(info.path).valid, info
+        with open(os.path.join(info.path, store.TENSORS), "rb") as f:
+            assert f.read() == mem_plain.header() + mem_plain.content(info.step)
+    assert "final_step=40" in run.stdout()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return toy_reference(str(tmp_path_factory.mktemp("ref")), STEPS)
+
+
+@pytest.mark.kind("system")
+def test_the_library_killed_while_persisting_resumes_that_snapshot_from_memory_and_ends_bit_identical(tmp_path,
+                                                                                                   reference):
+    # The real library (the bundled example) SIGKILLed while persisting the save of step 20 (or the first one
+    # after it, if that one was coalesced behind a slow disk): the restart resumes that step, read from the
+    # memory tier's slot, and the run ends bit-identical to an uninterrupted one.
+    root = str(tmp_path / "ck")
+    run = Run(tmp_path, root, [*FAST, "--memory", MEM_TRAINER, "--steps", str(STEPS), "--every-steps", str(EVERY),
+                               "--step-delay", "0.01", "--kill-at", "20", "--kill-point", "persist"])
+    assert run.wait(120) == 0, run.stderr()
+    killed = int(re.search(r"fault kill at persist of step (\d+)", run.stdout()).group(1))
+    restart = _restart_of(run)
+    assert restart["resume_step"] == killed, restart
+    assert [e["step"] for e in run.events("memory_persisted")] == [killed]
+    assert re.search(rf"resumed from step {killed}: \S+ \(from the memory tier\)", run.stderr())
+    for info in store.list_checkpoints(root):
+        assert store.verify(info.path).valid, info
+    assert toy_digest(run.stdout(), STEPS) == reference
