@@ -129,6 +129,13 @@ def build_state(total_bytes: int, lr: float = 1e-3) -> tuple[nn.Module, torch.op
     return model, opt
 
 
+def fresh_state(total_bytes: int, lr: float = 1e-3) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model of :func:`build_state` as a script that starts builds it: default initialisation, an Adam
+    without state yet (the optimizer's moments appear at its first step, or from a checkpoint)."""
+    model = ModelLike(total_bytes // 3)
+    return model, torch.optim.Adam(model.parameters(), lr=lr, foreach=False)
+
+
 def live_state_dict(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     """State dict whose tensors alias the live parameters / optimizer state."""
     return {"model": model.state_dict(), "optim": opt.state_dict()}
@@ -223,6 +230,31 @@ def drop_caches() -> bool:
     except OSError as e:
         _DROP_STATUS["error"] = repr(e)
         return False
+
+
+def drop_file_cache(paths: Iterable[str]) -> None:
+    """The page cache of these files dropped, without root: os.sync(), then posix_fadvise(DONTNEED) on each
+    (a page still dirty would stay; the sync cleaned them). :func:`resident_bytes` says what is left."""
+    os.sync()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def resident_bytes(paths: Iterable[str]) -> int | None:
+    """Bytes of these files in the page cache (util-linux ``fincore``); None when fincore is missing."""
+    import subprocess
+
+    paths = list(paths)
+    try:
+        out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", *paths],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sum(int(x) for x in out.split())
 
 
 # --------------------------------------------------------------------------- memory

@@ -36,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,16 +83,25 @@ class Pending:
 def detect(model: Any = None) -> Coordinator | None:
     """A Coordinator when torch.distributed runs with more than one rank, or the model is sharded
     (DTensor parameters, even on one rank). Collective: every rank calls it at the same point."""
-    from . import sharded
-
     if not (dist.is_available() and dist.is_initialized()) or (
-            dist.get_world_size() <= 1 and not sharded.is_sharded(model)):
+            dist.get_world_size() <= 1 and not _sharded(model)):
         if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
             log.warning("ckptd: WORLD_SIZE > 1 but torch.distributed is not initialised when the Checkpointer "
                         "first restores or steps: only rank 0 writes (replicated state), ranks do not agree on "
                         "stops; call init_process_group() first")
         return None
-    return Coordinator(sharded.is_sharded(model))
+    return Coordinator(_sharded(model))
+
+
+def _sharded(model: Any) -> bool:
+    """Whether the model's parameters are DTensors. None exists before torch.distributed.tensor is imported,
+    so a plain model costs no import of the DCP stack (sharded.py): ~60 ms at a single process's restore,
+    its first step (docs/performance.md, "Restore at restart")."""
+    if model is None or "torch.distributed.tensor" not in sys.modules:
+        return False
+    from . import sharded
+
+    return sharded.is_sharded(model)
 
 
 class Coordinator:

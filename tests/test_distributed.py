@@ -12,10 +12,12 @@ import random
 import re
 import signal
 import subprocess
+import sys
 
 import pytest
 
 from ckptd import exitcodes, store
+from conftest import ROOT
 from fixtures.sup_helpers import DIST_OFF as OFF
 from fixtures.sup_helpers import DIST_TRAINER as TRAINER
 from fixtures.sup_helpers import FIXTURES, TORCHRUN, Run, ckptd, journal, run_ranks, wait_for
@@ -77,6 +79,38 @@ def test_ddp_sigterm_stops_every_rank_at_one_step_exits_85_not_restarted_and_res
 def _live_step(root: str) -> int:
     r = ckptd("status", "--dir", root, "--json")
     return (json.loads(r.stdout).get("step") or 0) if r.returncode == 0 else 0
+
+
+# A run restarted without torch.distributed: restore, one step, a save; then whether the DCP stack was imported
+# (torch.distributed.tensor may be: torch.optim imports it at the first step).
+SOLO_RESTART = """
+import sys
+import ckptd
+from conftest import small_model, train_steps
+model, opt = small_model(seed=3)
+ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=sys.argv[1], save_on_close=False, handle_signals=False)
+step = ck.restore()
+train_steps(model, opt, 1)
+ck.step(step + 1)
+ck.save(block=True)
+ck.close()
+print("restored", step, "saved", step + 1)
+print("imported", sorted(m for m in sys.modules if m.startswith(("torch.distributed.checkpoint", "ckptd.sharded"))))
+"""
+
+
+def test_a_single_process_restores_steps_and_saves_without_importing_the_distributed_checkpoint_stack(
+        make_checkpoints):
+    # detect() used to import sharded.py, hence torch.distributed.checkpoint, to ask whether a plain model was
+    # sharded: tens of milliseconds of every restart's restore (docs/performance.md, "Restore at restart").
+    root = make_checkpoints([10])
+    p = subprocess.run([sys.executable, "-c", SOLO_RESTART, root], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.join(ROOT, "tests"),
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])})
+    assert p.returncode == 0, p.stderr
+    assert "restored 10 saved 11" in p.stdout
+    assert "imported []" in p.stdout, p.stdout
+    assert store.latest_valid(root).step == 11
 
 
 def test_each_rank_restores_its_own_state_and_a_damaged_rank_file_falls_back_for_every_rank(tmp_path):
