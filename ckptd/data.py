@@ -110,7 +110,7 @@ class DataLoader(torch.utils.data.DataLoader):
     # The generator is the loader's own, reseeded from (seed, epoch) at each iteration: kept out of the instance's
     # public attributes, so that a copy rebuilt from them (Lightning's DDP puts a DistributedSampler into the train
     # loader that way) gets the seed alone, not the seed and a generator, which the constructor refuses.
-    @property  # type: ignore[override]
+    @property
     def generator(self) -> torch.Generator:
         return self._generator
 
