@@ -109,6 +109,14 @@ class SaveResult:
 _in_flight_hurry: set[threading.Event] = set()  # hurry events of the persists queued or running
 
 
+def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the job's world size: torch.distributed's once it runs (a launcher may start ranks
+    without ``$RANK``, as Lightning's own does), else ``$RANK`` and ``$WORLD_SIZE`` (torchrun sets both)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def _hurry_at_exit() -> None:
     """The script has ended and the interpreter waits for the writer: no more pauses."""
     for hurry in list(_in_flight_hurry):
@@ -215,8 +223,7 @@ class Checkpointer:
         self.pace = float(pace)
         self.on_error = on_error
         self.key = _load_key(key_file, allow_unkeyed)  # never logged; None: checksums only
-        self.rank = int(os.environ.get("RANK", "0") or 0)
-        world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        self.rank, world_size = _rank_and_world()
         self.writes = world_size <= 1 or self.rank == 0
         self.origin = origin.from_env(sys.argv, max(world_size, 1))  # recorded in every manifest
         env_stage = lineage.check_stage(os.environ.get(env.STAGE) or None, f"${env.STAGE}")

@@ -107,6 +107,17 @@ class DataLoader(torch.utils.data.DataLoader):
         self.epoch, self.position, self.seed = 0, 0, seed
         self._ran_out = False  # the iteration of ``epoch`` ended in this process: the next one starts epoch + 1
 
+    # The generator is the loader's own, reseeded from (seed, epoch) at each iteration: kept out of the instance's
+    # public attributes, so that a copy rebuilt from them (Lightning's DDP puts a DistributedSampler into the train
+    # loader that way) gets the seed alone, not the seed and a generator, which the constructor refuses.
+    @property
+    def generator(self) -> torch.Generator:
+        return self._generator
+
+    @generator.setter
+    def generator(self, value: torch.Generator) -> None:
+        self._generator = value
+
     # ------------------------------------------------------------------ position
 
     @property

@@ -38,6 +38,7 @@ import xxhash
 
 from . import store
 from .errors import CkptdError, CorruptCheckpointError, StorageError
+from .progress import Progress
 
 SCHEMES = ("s3", "gs", "az")
 PART = 8 << 20  # bytes per multipart part and per ranged read
@@ -210,8 +211,9 @@ class RemoteTier:
         """Restore on a fresh machine: download into ``root`` the newest remote checkpoint that verifies when it is
         newer (step, then commit time) than the newest valid local one; returns (the local copy, the remote one,
         seconds), or None when the local tier is as new (a newer valid local checkpoint wins). A remote candidate
-        that fails the download's checks is skipped (``warn``) for the next older one. Raises RemoteError when
-        the remote tier fails, StorageError when the local disk does."""
+        that fails the download's checks is skipped (``warn``) for the next older one. On a terminal (stderr) the
+        download draws a progress line; piped, it is quiet. Raises RemoteError when the remote tier fails,
+        StorageError when the local disk does."""
         local = [i for i in store.list_checkpoints(root) if i.valid] if os.path.isdir(root) else []
         newest_local = (local[-1].step, local[-1].created) if local else None
         for rc in reversed([c for c in self.checkpoints() if c.valid]):
@@ -219,7 +221,8 @@ class RemoteTier:
                 return None
             t0 = time.monotonic()
             try:
-                info = self.download(rc, root)
+                with Progress(f"download {rc.key}", rc.bytes) as prog:
+                    info = self.download(rc, root, progress=prog)
             except CkptdError as exc:
                 if isinstance(exc, StorageError):  # the server or the local disk failed: not this candidate's fault
                     raise
@@ -361,30 +364,70 @@ class RemoteTier:
 
     def _get_file(self, rc: RemoteCheckpoint, fname: str, size: int, dfd: int,
                   progress: Callable[[int], None] | None) -> str:
-        path = f"{rc.key}/{fname}"
         h = xxhash.xxh3_128()
         fd = self._create_at(dfd, fname)
         try:
-            starts = list(range(0, size, self.part))
-            for i in range(0, len(starts), WINDOW):
-                batch = starts[i:i + WINDOW]
-                ends = [min(s + self.part, size) for s in batch]
-                try:
-                    bufs = self._obs.get_ranges(self.store, path, starts=batch, ends=ends)
-                except Exception as exc:  # noqa: BLE001  (obstore's error types and transport errors: each becomes one RemoteError)
-                    raise self._error("download", f"{self.spec.url}/{path}", exc) from None
-                for s, e, buf in zip(batch, ends, bufs, strict=True):
-                    view = memoryview(buf)
-                    if len(view) != e - s:
-                        raise CorruptCheckpointError(f"{self.spec.url}/{rc.key}", f"{fname} is shorter than listed")
-                    h.update(view)
-                    store.write_fully(fd, view)  # ranges arrive in order: the file grows sequentially
-                    if progress is not None:
-                        progress(len(view))
+            for view in self._ranges(rc, fname, size, "download"):
+                h.update(view)
+                store.write_fully(fd, view)  # ranges arrive in order: the file grows sequentially
+                if progress is not None:
+                    progress(len(view))
             os.fsync(fd)
         finally:
             os.close(fd)
         return h.hexdigest()
+
+    def _ranges(self, rc: RemoteCheckpoint, fname: str, size: int, op: str) -> Iterator[memoryview]:
+        """The ``size`` bytes of ``fname`` of ``rc`` in order, read in parts, at most WINDOW of them at once."""
+        return self._ranges_between(rc, fname, 0, size, op)
+
+    def _ranges_between(self, rc: RemoteCheckpoint, fname: str, first: int, end: int, op: str
+                        ) -> Iterator[memoryview]:
+        """Bytes ``first`` to ``end`` of ``fname`` of ``rc`` in order, in parts, at most WINDOW of them at once."""
+        path = f"{rc.key}/{fname}"
+        starts = list(range(first, end, self.part))
+        for i in range(0, len(starts), WINDOW):
+            batch = starts[i:i + WINDOW]
+            ends = [min(s + self.part, end) for s in batch]
+            try:
+                bufs = self._obs.get_ranges(self.store, path, starts=batch, ends=ends)
+            except Exception as exc:  # noqa: BLE001  (obstore's error types and transport errors: each becomes one RemoteError)
+                raise self._error(op, f"{self.spec.url}/{path}", exc) from None
+            for s, e, buf in zip(batch, ends, bufs, strict=True):
+                view = memoryview(buf)
+                if len(view) != e - s:
+                    raise CorruptCheckpointError(f"{self.spec.url}/{rc.key}", f"{fname} is shorter than listed")
+                yield view
+
+    def read(self, rc: RemoteCheckpoint, fname: str, start: int, end: int) -> bytes:
+        """Bytes ``start`` to ``end`` of one of ``rc``'s files (a file the manifest lists, a range within its listed
+        size: what an outsider's listing claims never sizes an allocation beyond that)."""
+        size = rc.sizes.get(fname)
+        if not rc.valid or fname not in rc.manifest.get("files", {}) or size is None or not 0 <= start <= end <= size:
+            raise CorruptCheckpointError(f"{self.spec.url}/{rc.key}", f"{fname}: bytes {start}..{end} are not "
+                                         f"within the file (listed {size} bytes)")
+        if start == end:
+            return b""
+        return b"".join(bytes(v) for v in self._ranges_between(rc, fname, start, end, "read"))
+
+    def verify(self, rc: RemoteCheckpoint, progress: Callable[[int], None] | None = None) -> str:
+        """Read every byte of ``rc`` from the remote tier (nothing is written locally) and check it against the
+        manifest's checksums; returns why it is invalid, or "" when it verifies. Raises RemoteError when the store
+        fails (that says nothing about the checkpoint)."""
+        if not rc.valid:
+            return rc.reason
+        for fname, rec in sorted(rc.manifest["files"].items()):
+            h = xxhash.xxh3_128()
+            try:
+                for view in self._ranges(rc, fname, rec["bytes"], "verify"):
+                    h.update(view)
+                    if progress is not None:
+                        progress(len(view))
+            except CorruptCheckpointError as exc:
+                return exc.reason
+            if h.hexdigest() != rec[store.HASH]:
+                return f"{fname} does not match its checksum (changed or damaged on the remote tier)"
+        return ""
 
     @staticmethod
     def _create_at(dfd: int, name: str) -> int:

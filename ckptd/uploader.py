@@ -6,8 +6,11 @@ Local first, then upload: a checkpoint commits locally exactly as without a remo
 ones in between are skipped (the newest is what a lost machine resumes from). Uploads are paced (``pace`` x
 the time of each part, as the disk persist is) until ``hurry()`` (a stop that waits for the upload). A failure
 (server down, partition, expired credentials, full bucket) is reported through ``on_event`` and retried with
-exponential backoff, for as long as the uploader runs; training is never blocked. Nothing here imports torch:
-the supervisor and the library can both run one.
+exponential backoff, for as long as the uploader runs; training is never blocked. With a retention ``policy``
+(the remote tier's own, apart from the local one's) each committed upload is followed by a prune of the remote tier
+(``RemoteTier.prune``: manifest first; the newest valid remote checkpoint always stays); a prune that fails is
+reported like an upload failure and tried again after the next upload. Nothing here imports torch: the
+supervisor and the library can both run one.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import store
+from . import retention, store
 from .errors import CkptdError
 from .remote import RemoteTier
 
@@ -70,8 +73,10 @@ class Uploader:
     HISTORY = 20
 
     def __init__(self, tier: RemoteTier, root: str, *, pace: float = 1.0, on_event: Event | None = None,
-                 backoff_base: float = 1.0, backoff_max: float = 60.0, rescan: float = 30.0) -> None:
+                 backoff_base: float = 1.0, backoff_max: float = 60.0, rescan: float = 30.0,
+                 policy: retention.Policy | None = None) -> None:
         self.tier, self.root, self.pace = tier, root, pace
+        self.policy = policy if policy is not None and policy.active else None
         self.on_event = on_event or (lambda name, fields: None)
         self.backoff_base, self.backoff_max, self.rescan = backoff_base, backoff_max, rescan
         self.status = UploadStatus()
@@ -203,7 +208,21 @@ class Uploader:
             self._cv.notify_all()
         self.on_event("upload_committed", {"checkpoint": info.name, "step": rc.step, "key": rc.key, "bytes": rc.bytes,
                                    "seconds": round(seconds, 3)})
+        self._prune()
         return True
+
+    def _prune(self) -> None:
+        """The remote tier's retention, after an upload committed (an upload never waits for it). Stale prefixes of
+        uploads that never committed are left to ``ckptd prune --remote``: one of another uploader may be in flight."""
+        if self.policy is None:
+            return
+        try:
+            _, deleted, _ = self.tier.prune(self.policy, stale_after=float("inf"))
+        except (CkptdError, OSError) as exc:
+            self._failed("prune", exc)
+            return
+        if deleted:
+            self.on_event("remote_pruned", {"keys": [rc.key for rc in deleted], "steps": [rc.step for rc in deleted]})
 
     def _pause(self, part_seconds: float) -> None:
         if self.pace > 0 and not self._hurry.is_set():

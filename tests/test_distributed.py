@@ -113,9 +113,12 @@ def test_a_single_process_restores_steps_and_saves_without_importing_the_distrib
     assert store.latest_valid(root).step == 11
 
 
-def test_each_rank_restores_its_own_state_and_a_damaged_rank_file_falls_back_for_every_rank(tmp_path):
+@pytest.mark.parametrize("rank_env", ["RANK", "no RANK"])
+def test_each_rank_restores_its_own_state_and_a_damaged_rank_file_falls_back_for_every_rank(tmp_path, rank_env):
+    """``no RANK``: the ranks have no $RANK (Lightning's own launcher starts them so); each still saves and
+    restores its own part, by its rank in torch.distributed."""
     root = str(tmp_path / "ck")
-    out = run_workers("restore_fallback", root)
+    out = run_workers("restore_fallback", root, env={"DROP_RANK_ENV": "1" if rank_env == "no RANK" else "0"})
     assert [o["step"] for o in out] == [5, 5]  # step 10's rank-1 file is damaged: both ranks take step 5
     assert [o["seen"] for o in out] == [80, 80]
     assert all(o["rng_ok"] for o in out), out  # each rank's own torch stream, not rank 0's

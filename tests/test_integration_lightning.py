@@ -1,15 +1,17 @@
 """PyTorch Lightning with ckptd's callback (ckptd.integrations.lightning), under `ckptd run`, with the real library.
 
 tests/fixtures/lightning_trainer.py: a small LightningModule (dropout, AdamW, an epoch StepLR, a validation that
-draws from the global RNG) on a shuffling ckptd.DataLoader, stopped at chosen points, one per life. Every
-stopped and resumed run must end bit-identical to an uninterrupted one: the same parameters and optimizer state,
-learning rate, step and epoch, and every validation loss it printed equal to the uninterrupted run's.
+draws from the global RNG) on a shuffling ckptd.DataLoader, stopped at chosen points, one per life; in one process,
+and as 2 DDP ranks under torchrun. Every stopped and resumed run must end bit-identical to an uninterrupted one: the
+same parameters and optimizer state, learning rate, step and epoch, and every training and validation loss it
+printed equal to the uninterrupted run's (on each rank).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -17,9 +19,11 @@ import pytest
 
 pytest.importorskip("lightning")
 
+import torch
+
 import ckptd
 from ckptd import exitcodes, store
-from fixtures.sup_helpers import FAST, FIXTURES, Run, save_wait_at_a_hold_then_sigkill
+from fixtures.sup_helpers import DIST_OFF, FAST, FIXTURES, TORCHRUN, Run, save_wait_at_a_hold_then_sigkill, wait_for
 
 SCRIPT = os.path.join(FIXTURES, "lightning_trainer.py")
 ENV = {"HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
@@ -36,21 +40,42 @@ def reference(tmp_path_factory) -> tuple[str, str]:
     return out.stdout, directory
 
 
-def _final(text: str) -> str:
-    m = re.findall(r"^final (step=\d+ epoch=\d+ lr=\S+ digest=[0-9a-f]+)$", text, re.M)
-    assert len(m) == 1, text
-    return m[0]
+# Records, not lines: two ranks print into one pipe (each print is one write, but nothing guarantees a line break
+# between two ranks' records), so each is found wherever it starts.
+FINAL = r"final (step=\d+ epoch=\d+ lr=[0-9.]+ digest=[0-9a-f]{16})(?: rank=(\d+))?"
+LOSS = r"(train|val) epoch=(\d+) (?:batch|step)=(\d+) loss=([-+.0-9e]+|nan|inf)(?: rank=(\d+))?"
 
 
-def _assert_same_run(ref: str, outputs: list[str]) -> None:
-    assert _final(outputs[-1]) == _final(ref), outputs[-1]
-    want = dict(re.findall(r"^val epoch=(\d+) (step=\d+ loss=\S+)$", ref, re.M))
-    assert set(want) == {"0", "1", "2"}, ref
-    seen: dict[str, set[str]] = {}
+def _finals(text: str) -> dict[str, str]:
+    """Each rank's final line (rank "0" in one process)."""
+    found = re.findall(FINAL, text)
+    finals = {rank or "0": line for line, rank in found}
+    assert len(finals) == len(found) >= 1, text
+    return finals
+
+
+def _losses(text: str) -> dict[tuple[str, ...], set[str]]:
+    """Every training loss (by rank, epoch, batch) and validation loss (by rank, epoch, step) a run printed."""
+    seen: dict[tuple[str, ...], set[str]] = {}
+    for kind, epoch, at, loss, rank in re.findall(LOSS, text):
+        seen.setdefault((rank or "0", kind, epoch, at), set()).add(loss)
+    return seen
+
+
+def _assert_same_run(ref: str, outputs: list[str], ranks: int = 1, batches: int = 6) -> None:
+    """The lives in ``outputs`` together printed the uninterrupted run's losses, each once or identically again, and
+    the last one ended as it did, on each rank; ``batches``: training batches per epoch and rank."""
+    want = _losses(ref)
+    for rank in map(str, range(ranks)):
+        assert {k[2] for k in want if k[:2] == (rank, "val")} == {"0", "1", "2"}, ref
+        assert len([k for k in want if k[:2] == (rank, "train")]) == 3 * batches, ref
+    assert all(len(v) == 1 for v in want.values()), ref
+    seen: dict[tuple[str, ...], set[str]] = {}
     for text in outputs:
-        for epoch, rest in re.findall(r"^val epoch=(\d+) (step=\d+ loss=\S+)$", text, re.M):
-            seen.setdefault(epoch, set()).add(rest)
-    assert seen == {e: {v} for e, v in want.items()}, "a validation differs from the uninterrupted run's, or is missing"
+        for key, values in _losses(text).items():
+            seen.setdefault(key, set()).update(values)
+    assert seen == want, "a training or validation loss differs from the uninterrupted run's, or is missing"
+    assert _finals(outputs[-1]) == _finals(ref) and len(_finals(ref)) == ranks, (outputs[-1], ref)
 
 
 def test_sigterm_mid_epoch_at_an_epochs_last_batch_and_in_validation_resumes_bit_identical(tmp_path, reference):
@@ -119,3 +144,79 @@ def test_a_hung_fit_is_replaced_and_resumes_from_the_latest_checkpoint_bit_ident
     out = run.stdout()
     assert re.findall(r"^start step=(\d+)", out, re.M) == ["0", str(max(committed))], out
     _assert_same_run(reference[0], [out])
+
+
+def test_a_ckptd_loader_takes_lightnings_distributed_sampler_and_keeps_its_position():
+    """Under DDP Lightning rebuilds the train loader from its public attributes with a DistributedSampler in it (its
+    own _update_dataloader, called here for ranks 0 and 1 of 2): a ckptd.DataLoader is rebuilt with its seed (not
+    refused for holding a seed and a generator), the ranks share each epoch's batches without overlap, and a rebuilt
+    loader given the state of one stopped mid-epoch yields the rest of that epoch."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.data import _update_dataloader
+
+    data = torch.utils.data.TensorDataset(torch.arange(48))
+
+    def rank_loader(rank: int) -> ckptd.DataLoader:
+        original = ckptd.DataLoader(data, batch_size=8, shuffle=True, seed=5)
+        sampler = DistributedSamplerWrapper(original.sampler, num_replicas=2, rank=rank, shuffle=True, seed=7)
+        loader = _update_dataloader(original, sampler, mode=RunningStage.TRAINING)
+        assert isinstance(loader, ckptd.DataLoader) and loader.seed == 5
+        return loader
+
+    def epoch(loader: ckptd.DataLoader, e: int) -> list[list[int]]:
+        loader.set_epoch(e)
+        return [b[0].tolist() for b in loader]
+
+    epochs = [[epoch(rank_loader(r), e) for r in (0, 1)] for e in (0, 1)]
+    for ranks in epochs:
+        assert all(len(batches) == 3 for batches in ranks)
+        assert sorted(i for batches in ranks for b in batches for i in b) == list(range(48))
+    assert epochs[0] != epochs[1], "every epoch in the same order"
+    stopped = rank_loader(1)
+    stopped.set_epoch(1)
+    it = iter(stopped)
+    next(it)
+    resumed = rank_loader(1)
+    resumed.load_state_dict(stopped.state_dict())
+    assert [b[0].tolist() for b in resumed] == epochs[1][1][1:]
+
+
+@pytest.mark.slow  # six processes importing Lightning (and three torchrun agents)
+def test_ddp_two_ranks_sigterm_stops_both_at_one_step_and_resume_is_bit_identical(tmp_path):
+    """torchrun, 2 ranks (gloo on CPU), Trainer(strategy="ddp", devices=2): 3 steps per epoch, a save every 4 steps
+    (so step 4 is a step where the ranks agree). `ckptd run` gets SIGTERM while both ranks hold at step 4 (mid-epoch
+    1, after a validation and a scheduler step); both write their parts of the emergency checkpoint of one step,
+    `ckptd run` exits 85, and the same command resumes both ranks to the uninterrupted 2-rank run's end:
+    parameters, optimizer state, step, epoch, learning rate and every training and validation loss equal on each
+    rank."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")}
+    ddp = [*TORCHRUN, "--standalone", "--nproc-per-node", "2", SCRIPT, "--devices", "2", "--every-steps", "4"]
+    ref = subprocess.run([*ddp, "--dir", str(tmp_path / "ref")], capture_output=True, text=True, timeout=300,
+                         env={**env, **ENV})
+    (tmp_path / "ref.out").write_text(ref.stdout)
+    assert ref.returncode == 0, ref.stderr
+    root, go = str(tmp_path / "ck"), str(tmp_path / "go")
+    argv = [*DIST_OFF, "--grace", "60", "--", *ddp, "--life-file", str(tmp_path / "life"), "--go-file", go,
+            "--faults", "hold@step:4,-"]
+    run = Run(tmp_path, root, argv, env=ENV)
+    wait_for(lambda: run.stdout().count("fault hold at step:4") == 2, 240, "both ranks at step 4")
+    run.signal(signal.SIGTERM)
+    wait_for(lambda: "stop requested" in run.stderr(), 60, "the supervisor to ask the trainers to stop")
+    open(go, "w").close()
+    assert run.wait(180) == exitcodes.PREEMPTED, run.stderr()
+    newest = store.latest_valid(root)
+    # the stop is agreed at the first agreement step one rank heard it by: step 4 (a save step), or one after it
+    assert newest.kind == "emergency" and 4 <= newest.step < 9, newest
+    assert {"rank-00000.json", "rank-00001.json"} <= set(os.listdir(newest.path))
+    stopped = re.findall(r"writing an emergency checkpoint of step (\d+)", run.stderr())
+    assert stopped == [str(newest.step)] * 2, run.stderr()
+    first = run.stdout()
+    again = Run(tmp_path, root, argv, env=ENV, name="again")
+    assert again.wait(240) == 0, again.stderr()
+    out = again.stdout()
+    assert sorted(re.findall(r"start step=(\d+) rank=(\d)", out)) == [(str(newest.step), "0"),
+                                                                              (str(newest.step), "1")], out
+    _assert_same_run(ref.stdout, [first, out], ranks=2, batches=3)
+    final = store.latest_valid(root)
+    assert final.step == 9 and final.finished, final

@@ -240,3 +240,159 @@ def test_prune_remote_applies_the_rules_and_removes_only_stale_uncommitted_uploa
     assert json.loads(r.stdout)["removed_uncommitted"] == ["step-000000000007.00000000deadbeef"]
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
     assert len(keys) == 2 * 3 and not any("step-000000000007" in k for k in keys), keys  # 2 checkpoints x 3 files
+
+
+def test_verify_remote_reads_every_byte_of_each_checkpoint_and_names_the_damaged_one(s3_server, make_checkpoints):
+    """`ckptd verify --remote`: each checkpoint of the tier (one with a manifest; the objects of an upload without one
+    are no checkpoint) is read back from the server and checked against its manifest's checksums. Tensor bytes
+    replaced by others of the same size, which the listing (sizes) cannot see, make that checkpoint INVALID (exit
+    3); the other stays ok."""
+    bucket = s3_server.bucket()
+    url = f"s3://{bucket}/v"
+    root = make_checkpoints([1, 2])
+    for step in (1, 2):
+        assert cli(s3_server, "push", os.path.join(root, str(step)), "--remote", url).returncode == 0
+    s3 = s3_server.client()
+    s3.put_object(Bucket=bucket, Key="v/step-000000000009.0123456789abcdef/tensors.safetensors", Body=b"x" * 100)
+    r = cli(s3_server, "verify", "--remote", url, "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [(row["step"], row["valid"]) for row in rows] == [(1, True), (2, True)], rows
+    key = rows[1]["key"]
+    tkey = f"v/{key}/tensors.safetensors"
+    body = bytearray(s3.get_object(Bucket=bucket, Key=tkey)["Body"].read())
+    body[len(body) // 2] ^= 0x01
+    s3.put_object(Bucket=bucket, Key=tkey, Body=bytes(body))
+    listed = json.loads(cli(s3_server, "ls", "--remote", url, "--json").stdout)
+    assert all(row["valid"] for row in listed)  # the manifest-level check reads no data
+    r = cli(s3_server, "verify", "--remote", url)
+    assert r.returncode == exitcodes.INVALID, (r.returncode, r.stdout, r.stderr)
+    assert f"{url}/{rows[0]['key']}: ok" in r.stdout, r.stdout
+    assert f"{url}/{key}: INVALID: tensors.safetensors does not match its checksum" in r.stdout, r.stdout
+    assert "1 of 2 remote checkpoint(s) invalid" in r.stderr, r.stderr
+    r = cli(s3_server, "verify", str(root), "--remote", url)
+    assert r.returncode == exitcodes.USAGE and "not both" in r.stderr, r.stderr
+
+
+def _on_a_terminal(server, argv: list[str]) -> tuple[int, str, str]:
+    """Run ``python argv`` with stderr on a terminal (a pty): (exit status, what it drew there, its stdout)."""
+    import pty
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("CKPTD_", "AWS_"))}, **server.env}
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.Popen([sys.executable, *argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
+                             env=env, cwd=ROOT)
+    finally:
+        os.close(slave)
+    drawn = []
+    try:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal (it exited)
+                break
+            if not data:
+                break
+            drawn.append(data)
+        out = p.communicate(timeout=180)[0]
+    finally:
+        os.close(master)
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    return p.returncode, b"".join(drawn).decode(errors="replace"), out.decode(errors="replace")
+
+
+def test_a_download_draws_its_progress_on_a_terminal_and_is_quiet_when_piped(s3_server, tmp_path):
+    """`ckptd pull` and restore() from the remote tier (a fresh directory): with stderr on a terminal each draws
+    the download's progress line, to 100 %; with stderr piped neither writes one."""
+    import torch
+
+    url = f"s3://{s3_server.bucket()}/tty"
+    a = str(tmp_path / "a")
+    torch.manual_seed(0)
+    ck = ckptd.Checkpointer(model=torch.nn.Linear(64, 64), dir=a, handle_signals=False, save_on_close=False)
+    ck.step(5)
+    ck.save(block=True)
+    ck.close()
+    r = cli(s3_server, "push", os.path.join(a, "5"), "--remote", url, "--json")
+    assert r.returncode == 0, r.stderr
+    key = json.loads(r.stdout)["key"]
+    restore = ("import sys, torch, ckptd; ck = ckptd.Checkpointer(model=torch.nn.Linear(64, 64), dir=sys.argv[1], "
+               f"handle_signals=False, remote={url!r}); print(ck.restore()); ck.close()")
+    for name, argv in (("pull", ["-m", "ckptd", "pull", str(tmp_path / "pulled"), "--remote", url]),
+                       ("restore", ["-c", restore, str(tmp_path / "restored")])):
+        rc, drawn, out = _on_a_terminal(s3_server, argv)
+        assert rc == 0, (name, drawn, out)
+        assert re.search(rf"download {re.escape(key)} \[#{{30}}\] 100\.0%", drawn), (name, drawn)
+        again = [arg.replace("pulled", "pulled2").replace("restored", "restored2") for arg in argv]  # empty again
+        piped = subprocess.run([sys.executable, *again], capture_output=True, text=True, timeout=180, cwd=ROOT,
+                               env={**{k: v for k, v in os.environ.items() if not k.startswith(("CKPTD_", "AWS_"))},
+                                    **s3_server.env})
+        assert piped.returncode == 0, (name, piped.stderr)
+        assert "download " not in piped.stderr and "\r" not in piped.stderr, (name, piped.stderr)
+    assert out.strip() == "5"
+
+
+def test_the_remote_tier_has_its_own_retention_applied_after_each_upload(s3_server, tmp_path, monkeypatch):
+    """`remote_keep_last: 2` (`ckptd run --remote-keep-last 2`), the local tier without a rule: after each upload
+    commits, the remote tier is pruned to its newest 2 checkpoints (no object of a deleted one is left), reported as
+    `remote_pruned`; the local tier keeps all 4."""
+    import torch
+
+    from ckptd.supervisor import config as configmod
+    from ckptd.supervisor.uploads import RemoteUploads
+
+    for k, v in s3_server.env.items():  # credentials and endpoint from the standard environment variables
+        monkeypatch.setenv(k, v)
+    bucket = s3_server.bucket()
+    url = f"s3://{bucket}/rt"
+    root = str(tmp_path / "ck")
+    cfg = configmod.resolve(None, {"remote": url, "remote_keep_last": 2, "dir": root})
+    posted: list[tuple] = []
+    uploads = RemoteUploads(cfg, root, posted.append)
+    uploads.start()
+    ck = ckptd.Checkpointer(model=torch.nn.Linear(16, 16), dir=root, handle_signals=False, save_on_close=False)
+    try:
+        for step in (1, 2, 3, 4):
+            ck.step(step)
+            ck.save(block=True)
+            uploads.notify()
+            assert uploads.uploader.wait_uploaded(step, timeout=120), (uploads.uploader.status, posted)
+        wait_for(lambda: [c.step for c in uploads.tier.checkpoints()] == [3, 4], 60, "the remote tier pruned to 2")
+    finally:
+        uploads.close()
+        ck.close()
+    assert [i.step for i in store.list_checkpoints(root)] == [1, 2, 3, 4]
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert sorted({k.split("/")[1].split(".")[0] for k in keys}) == [store.checkpoint_name(3),
+                                                                     store.checkpoint_name(4)], keys
+    pruned = [e[2] for e in posted if e[1] == "remote_pruned"]
+    assert sorted(s for fields in pruned for s in fields["steps"]) == [1, 2], posted
+    level, msg, quiet = uploads.record("remote_pruned", pruned[0])
+    assert level == "info" and "remote retention deleted" in msg and not quiet
+
+
+def test_inspect_remote_shows_what_the_local_inspect_shows_without_reading_the_tensor_data(s3_server, make_checkpoints):
+    """`ckptd inspect --remote URL CKPT` (latest, a step number, an upload's key): the manifest, the tensor header (a
+    ranged read) and state.json of the remote checkpoint, the same as `ckptd inspect` of the local one shows."""
+    bucket = s3_server.bucket()
+    url = f"s3://{bucket}/i"
+    root = make_checkpoints([1, 2])
+    keys = {}
+    for step in (1, 2):
+        r = cli(s3_server, "push", os.path.join(root, str(step)), "--remote", url, "--json")
+        assert r.returncode == 0, r.stderr
+        keys[step] = json.loads(r.stdout)["key"]
+    for step, name in ((2, "latest"), (1, "1"), (1, keys[1])):
+        local = cli(s3_server, "inspect", os.path.join(root, str(step)), "--json")
+        assert local.returncode == 0, local.stderr
+        r = cli(s3_server, "inspect", "--remote", url, name, "--json")
+        assert r.returncode == 0, (name, r.stderr)
+        assert json.loads(r.stdout) == json.loads(local.stdout), name
+    r = cli(s3_server, "inspect", "--remote", url, "2")
+    assert r.returncode == 0, r.stderr
+    assert f"checkpoint {url}/{keys[2]}" in r.stdout and "no data read" in r.stdout and "tensors (" in r.stdout
+    r = cli(s3_server, "inspect", "--remote", url, "7")
+    assert r.returncode == exitcodes.NOT_FOUND and "no checkpoint 7" in r.stderr, r.stderr

@@ -116,6 +116,25 @@ def test_remote_settings_are_checked_and_no_credential_is_ever_echoed():
         configmod.resolve(None, {"stop_upload": "maybe"})
 
 
+@pytest.mark.kind("unit")
+def test_the_remote_tiers_retention_is_its_own_and_needs_a_remote_tier(tmp_path):
+    from ckptd.supervisor import config as configmod
+    from ckptd.supervisor.config import ConfigError, OptionError
+    from ckptd.supervisor.uploads import remote_policy
+
+    cfg = configmod.resolve(None, {"remote": "s3://b/p", "keep_last": 1, "remote_keep_last": 5,
+                                   "remote_keep_best": ["val_loss:2:min"]})
+    policy = remote_policy(cfg)
+    assert (policy.keep_last, [(b.metric, b.k, b.mode) for b in policy.keep_best]) == (5, [("val_loss", 2, "min")])
+    assert cfg.keep_last == 1 and cfg.as_dict()["remote_keep_best"] == ["val_loss:2:min"]
+    with pytest.raises(OptionError, match="set remote too"):
+        configmod.resolve(None, {"remote_keep_last": 2})
+    path = tmp_path / "ckptd.yaml"
+    path.write_text("remote_keep_every: 10\n")
+    with pytest.raises(ConfigError, match="set remote too"):
+        configmod.resolve(str(path), {})
+
+
 def test_restore_takes_a_newer_remote_checkpoint_into_an_empty_or_older_directory_and_a_newer_local_one_wins(
         s3_server, tmp_path, monkeypatch, capsys, caplog):
     import logging

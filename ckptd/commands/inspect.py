@@ -1,4 +1,5 @@
-"""ckptd inspect CKPT [--json]: tensors, other state keys, manifest.
+"""ckptd inspect CKPT [--json]: tensors, other state keys, manifest; ``--remote URL``: of a checkpoint of the
+object-store tier (its manifest, the tensor file's header and state.json are read; no tensor data).
 
 A sharded (FSDP/DTensor) checkpoint's tensors are listed from its ``dcp.json``: the tensor map that
 ckptd/sharded.py writes as JSON (never pickled, so nothing here executes code from the checkpoint),
@@ -8,13 +9,27 @@ one logical tensor per entry with its global shape, its chunks and the rank file
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
-from typing import Any
+from typing import Any, BinaryIO
 
 from .. import store
-from ..errors import CorruptCheckpointError
-from . import add_dir_argument, add_key_arguments, human_bytes, key_from, print_json, resolve_checkpoint, trust_note
+from ..errors import CorruptCheckpointError, NotFoundError
+from . import (
+    LATEST,
+    UsageError,
+    add_dir_argument,
+    add_key_arguments,
+    add_remote_arguments,
+    human_bytes,
+    is_step_number,
+    key_from,
+    print_json,
+    remote_from,
+    resolve_checkpoint,
+    trust_note,
+)
 
 CKPT_HELP = ("one checkpoint: a path (checkpoints/step-000000000300), DIR/latest (the newest valid one), DIR/300 "
              "(a step number), or 300 / latest / step-000000000300 looked up in --dir")
@@ -30,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_dir_argument(p, positional=False)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     add_key_arguments(p)
+    add_remote_arguments(p, required=False)
     p.set_defaults(func=run)
 
 
@@ -38,9 +54,14 @@ def read_tensor_header(path: str) -> dict[str, Any]:
     tpath = os.path.join(path, store.TENSORS)
     try:
         with open(tpath, "rb") as f:
-            header, _ = store.read_safetensors_header(f, tpath, os.fstat(f.fileno()).st_size)
+            return tensor_header(f, tpath, os.fstat(f.fileno()).st_size, path)
     except OSError as exc:
         raise CorruptCheckpointError(path, f"{store.TENSORS} unreadable: {exc.strerror}") from None
+
+
+def tensor_header(f: BinaryIO, tpath: str, size: int, path: str) -> dict[str, Any]:
+    """:func:`read_tensor_header` of a tensor file of ``size`` bytes open as ``f`` (at offset 0)."""
+    header, _ = store.read_safetensors_header(f, tpath, size)
     header.pop("__metadata__", None)
     for key, meta in header.items():
         dtype, shape = meta.get("dtype"), meta.get("shape")
@@ -62,7 +83,6 @@ def read_shard_map(path: str, manifest: dict[str, Any], info: store.CheckpointIn
     every field's type checked): ``{name: {dtype, shape, shards, files, ranks, bytes}}``, ``name`` the
     flattened path with ``/`` (``model/0.weight``, ``optimizer/state/0.weight/exp_avg``), ``bytes``
     what the shard files hold of it."""
-    bad = f"{store.DCP_JSON} does not describe the shard files"
     try:
         if info is not None and info.mac_key is not None and store.DCP_JSON in manifest["files"]:
             authenticate_small(info, store.DCP_JSON,
@@ -73,6 +93,12 @@ def read_shard_map(path: str, manifest: dict[str, Any], info: store.CheckpointIn
             from None
     except OSError as exc:
         raise CorruptCheckpointError(path, f"{store.DCP_JSON} unreadable: {exc.strerror}") from None
+    return shard_map(doc, path, manifest)
+
+
+def shard_map(doc: Any, path: str, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """:func:`read_shard_map` of a parsed ``dcp.json``."""
+    bad = f"{store.DCP_JSON} does not describe the shard files"
     if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), dict) or \
             not isinstance(doc.get("storage"), list):
         raise CorruptCheckpointError(path, f"{bad} (no tensors/storage)")
@@ -146,6 +172,10 @@ def read_state_tree(path: str, info: store.CheckpointInfo | None = None) -> Any:
         raise CorruptCheckpointError(path, f"{store.STATE} unreadable: {exc.strerror}") from None
     if info is not None and store.STATE in info.manifest["files"]:
         authenticate_small(info, store.STATE, raw)
+    return state_tree(raw, path)
+
+
+def state_tree(raw: bytes, path: str) -> Any:
     # the same bounds as restore: a hostile state.json costs neither time nor memory
     return store.load_json(raw, path, store.STATE, store.MAX_STATE_DEPTH, store.MAX_STATE_VALUES)
 
@@ -198,6 +228,8 @@ def state_values(tree: Any, prefix: str = "", out: dict[str, Any] | None = None)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.remote:
+        return _remote(args)
     key = key_from(args)
     path, verified = resolve_checkpoint(args.ckpt, args.dir_option, key=key)
     info = verified or store.inspect_checkpoint(path, key)
@@ -207,6 +239,72 @@ def run(args: argparse.Namespace) -> int:
     tree = read_state_tree(path, info)
     sharded = bool(info.manifest.get("sharded"))
     shards = read_shard_map(path, info.manifest, info) if sharded else {}
+    note = trust_note(info, key)
+    if info.mac_key is not None and verified is None:
+        note = "manifest and state authenticated; tensor data not read (ckptd verify --key-file checks every byte)"
+    return _show(args, info, tensors, tree, shards, note)
+
+
+def _remote(args: argparse.Namespace) -> int:
+    """``ckptd inspect --remote URL CKPT``: CKPT is ``latest``, a step number, a checkpoint name or an upload's key;
+    the manifest (checked as ``ls --remote`` does), the tensor header (a ranged read) and state.json are read."""
+    if args.dir_option is not None:
+        raise UsageError("give either --dir (the local tier) or --remote URL (the object-store tier), not both")
+    if args.key_file or os.environ.get(store.KEY_ENV):
+        raise UsageError("--remote does not authenticate with a key: `ckptd pull` the checkpoint, then `ckptd "
+                         "inspect --key-file FILE` it locally")
+    if args.ckpt != LATEST and not is_step_number(args.ckpt) and not store.NAME_RE.match(args.ckpt) \
+            and not remote_key(args.ckpt):
+        raise UsageError(f"bad checkpoint {args.ckpt!r} for --remote: write latest, a step number, "
+                         "step-000000000300, or an upload's key (`ckptd ls --remote` lists them)")
+    tier = remote_from(args)
+    listed = tier.checkpoints()
+    named = [c for c in listed if args.ckpt in (c.key, c.name) or (is_step_number(args.ckpt) and
+                                                                   c.step == int(args.ckpt))]
+    if args.ckpt == LATEST:
+        named = [c for c in listed if c.valid][-1:]
+    if not named:
+        raise NotFoundError(f"no checkpoint {args.ckpt} on {tier.spec.url}; `ckptd ls --remote {tier.spec.url}` "
+                            "lists what is there")
+    rc = named[-1]  # of two uploads of one step, the newer
+    where = f"{tier.spec.url}/{rc.key}"
+    if not rc.valid:
+        raise CorruptCheckpointError(where, rc.reason)
+    files = rc.manifest["files"]
+    tsize = files[store.TENSORS]["bytes"] if store.TENSORS in files else 0
+    head = tier.read(rc, store.TENSORS, 0, min(8, tsize))
+    n = int.from_bytes(head, "little") if len(head) == 8 else 0
+    body = tier.read(rc, store.TENSORS, 8, 8 + n) if len(head) == 8 and n <= store.MAX_HEADER_BYTES \
+        and 8 + n <= tsize else b""
+    tensors = tensor_header(io.BytesIO(head + body), f"{where}/{store.TENSORS}", tsize, where)
+    ssize = files[store.STATE]["bytes"] if store.STATE in files else 0
+    if ssize > store.MAX_STATE_BYTES:
+        raise CorruptCheckpointError(where, f"{store.STATE} is {ssize} bytes (at most {store.MAX_STATE_BYTES})")
+    tree = state_tree(tier.read(rc, store.STATE, 0, ssize), where)
+    info = store.CheckpointInfo(name=rc.key, path=where, step=rc.step, kind=rc.kind, created=rc.created,
+                                bytes=rc.bytes, metrics=rc.metrics, manifest=rc.manifest)
+    shards: dict[str, dict[str, Any]] = {}
+    if info.manifest.get("sharded"):
+        dsize = files[store.DCP_JSON]["bytes"] if store.DCP_JSON in files else 0
+        if dsize > store.MAX_DCP_JSON_BYTES:
+            raise CorruptCheckpointError(where, f"{store.DCP_JSON} is {dsize} bytes (at most "
+                                         f"{store.MAX_DCP_JSON_BYTES})")
+        doc = store.load_json(tier.read(rc, store.DCP_JSON, 0, dsize), where, store.DCP_JSON, 8,
+                              store.MAX_DCP_JSON_BYTES)
+        shards = shard_map(doc, where, info.manifest)
+    return _show(args, info, tensors, tree, shards, "remote tier: manifest checked; no data read (ckptd verify "
+                 "--remote checks every byte)")
+
+
+def remote_key(text: str) -> bool:
+    from ..remote import KEY_RE
+
+    return bool(KEY_RE.match(text))
+
+
+def _show(args: argparse.Namespace, info: store.CheckpointInfo, tensors: dict[str, Any], tree: Any,
+          shards: dict[str, dict[str, Any]], note: str) -> int:
+    sharded = bool(info.manifest.get("sharded"))
     if sharded:
         tree = _drop_shard_refs(tree)
     if args.json:
@@ -218,9 +316,6 @@ def run(args: argparse.Namespace) -> int:
         print_json(out)
         return 0
     print(f"checkpoint {info.path}")
-    note = trust_note(info, key)
-    if info.mac_key is not None and verified is None:
-        note = "manifest and state authenticated; tensor data not read (ckptd verify --key-file checks every byte)"
     if note:
         print(f"  {note}")
     print(f"  step {info.step}  kind {info.kind}  epoch {info.epoch}  size {human_bytes(info.bytes)}"

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         raise NotFoundError(f"{what} on {tier.spec.url}; `ckptd ls --remote {tier.spec.url}` lists what is there")
     for rc in reversed(listed):
         try:
-            with Progress("download", rc.bytes, enabled=False if args.json else None) as prog:
+            with Progress(f"download {rc.key}", rc.bytes, enabled=False if args.json else None) as prog:
                 info = tier.download(rc, root, progress=prog)
         except CorruptCheckpointError as exc:
             print(f"ckptd: {tier.spec.url}/{rc.key}: {exc.reason}; taking the next older one", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""ckptd verify [DIR|CKPT] [--json]: full checksum verification.
+"""ckptd verify [DIR|CKPT] [--json]: full checksum verification (``--remote URL``: of the object-store tier).
 
 A checkpoint that disappears while it is verified (a running job's retention deleted it, or a restore moved
 it aside) is reported as "deleted while verifying" and not counted as invalid: its bytes were never wrong.
@@ -17,11 +17,14 @@ from ..progress import Progress
 from . import (
     DIR_HELP,
     RootGivenError,
+    UsageError,
     add_key_arguments,
+    add_remote_arguments,
     default_dir,
     existing_dir,
     key_from,
     print_json,
+    remote_from,
     resolve_checkpoint,
     trust_note,
 )
@@ -40,10 +43,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"{DIR_HELP}; a bare step number or `latest` is looked up here")
     p.add_argument("--json", action="store_true", help="print a JSON list of results")
     add_key_arguments(p)
+    add_remote_arguments(p, required=False)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.remote:
+        return _remote(args)
     key = key_from(args)
     target, single, known = _targets(args, key)
     results: list[tuple[store.CheckpointInfo, bool]] = []
@@ -115,3 +121,32 @@ def verify_one(path: str, listed_bytes: int | None, quiet: bool,
     after = _identity(_lstat(path))
     gone = not info.valid and (after is None or after != _identity(st))
     return info, gone
+
+
+def _remote(args: argparse.Namespace) -> int:
+    """``ckptd verify --remote URL``: every byte of every checkpoint of the object-store tier (those with a manifest:
+    an upload without one is no checkpoint), read from the store and checked against its manifest; nothing written."""
+    if args.target is not None or args.dir_option is not None:
+        raise UsageError("give either DIR|CKPT (the local tier) or --remote URL (the object-store tier), not both")
+    if args.key_file or os.environ.get(store.KEY_ENV):
+        raise UsageError("--remote checks checksums only, not a key: `ckptd pull` the checkpoint, then `ckptd verify "
+                         "--key-file FILE` it locally")
+    tier = remote_from(args)
+    results = []
+    for rc in tier.checkpoints():
+        with Progress(f"verify {rc.key}", rc.bytes, enabled=False if args.json else None) as prog:
+            reason = tier.verify(rc, progress=prog)
+        url = f"{tier.spec.url}/{rc.key}"
+        results.append({"url": url, "key": rc.key, "name": rc.name, "step": rc.step, "valid": not reason,
+                         "reason": reason})
+        if not args.json:
+            print(f"{url}: {f'INVALID: {reason}' if reason else 'ok'}")
+    if args.json:
+        print_json(results)
+    bad = [r for r in results if not r["valid"]]
+    if bad:
+        print(f"ckptd: {len(bad)} of {len(results)} remote checkpoint(s) invalid", file=sys.stderr)
+        return exitcodes.INVALID
+    if not results and not args.json:
+        print(f"no checkpoints on {tier.spec.url}")
+    return exitcodes.OK

@@ -122,6 +122,9 @@ class Config:
     remote_region: str | None = None  # default $AWS_REGION
     remote_virtual_hosted: bool = False  # with an endpoint: bucket.host addressing instead of path-style
     stop_upload: str = "skip"  # skip | wait: a stop exits only once its checkpoint is on the remote tier
+    remote_keep_last: int | None = None  # retention of the remote tier, apart from the local one's keep_*
+    remote_keep_every: int | None = None
+    remote_keep_best: tuple[tuple[str, int, str], ...] = ()
     key_file: str | None = None  # authenticated checkpoints: the key's file, given to the trainer as CKPTD_KEY_FILE
     allow_unkeyed: bool = False  # with a key, still accept checkpoints written without one (CKPTD_ALLOW_UNKEYED=1)
     memory: bool = False  # the memory tier: snapshots in memory the supervisor holds (docs/memory-tier.md)
@@ -132,6 +135,7 @@ class Config:
     def as_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["keep_best"] = [f"{m}:{k}:{mode}" for m, k, mode in self.keep_best]
+        out["remote_keep_best"] = [f"{m}:{k}:{mode}" for m, k, mode in self.remote_keep_best]
         out["no_restart_exit_codes"] = list(self.no_restart_exit_codes)
         out["notices"]["azure_events"] = list(self.notices.azure_events)
         return out
@@ -139,6 +143,10 @@ class Config:
     @property
     def retention_enabled(self) -> bool:
         return bool(self.keep_last or self.keep_every or self.keep_best)
+
+    @property
+    def remote_retention_enabled(self) -> bool:
+        return bool(self.remote_keep_last or self.remote_keep_every or self.remote_keep_best)
 
 
 # --- value parsers: (raw value, where) -> parsed value; raise ValueError with the reason -----------------
@@ -392,6 +400,12 @@ OPTIONS: tuple[Option, ...] = (
            switch=True),
     Option("stop_upload", _choice("skip", "wait"), "on a stop: wait = exit only once the emergency checkpoint is "
            "on the remote tier (bounded by the stop's deadline); skip = exit once it is local (default)", "MODE"),
+    Option("remote_keep_last", _int(1), "retention of the remote tier (after each upload; apart from --keep-*, which "
+           "is the local tier's): keep the newest N remote checkpoints"),
+    Option("remote_keep_every", _int(1), "remote retention: also keep every remote checkpoint whose step is a "
+           "multiple of N"),
+    Option("remote_keep_best", _list(_keep_best), "remote retention: also keep the K best remote checkpoints by "
+           "METRIC (repeatable)", "METRIC:K:MODE", append=True),
     Option("key_file", _key_file, "authenticated checkpoints: key file (mode 0600, 32+ bytes) the trainer MACs every "
            "checkpoint with and restores only what authenticates with (env CKPTD_KEY_FILE)", "FILE"),
     Option("allow_unkeyed", _bool, "with key_file: still resume from checkpoints written without a key "
@@ -574,6 +588,11 @@ def resolve(config_file: str | None, overrides: dict[str, Any]) -> Config:
     if cfg.backoff_max < cfg.backoff_base:
         error = OptionError if {"backoff_base", "backoff_max"} & set(overrides) else ConfigError
         raise error(f"backoff_max ({cfg.backoff_max}) is below backoff_base ({cfg.backoff_base}); raise it")
+    if cfg.remote_retention_enabled and not cfg.remote:
+        keys = {"remote_keep_last", "remote_keep_every", "remote_keep_best"}
+        error = OptionError if keys & set(overrides) else ConfigError
+        raise error("remote_keep_last/remote_keep_every/remote_keep_best are the remote tier's retention: set remote "
+                    "too (--remote s3://BUCKET/PREFIX), or use keep_last/keep_every/keep_best for the local tier")
     return cfg
 
 

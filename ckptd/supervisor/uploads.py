@@ -3,7 +3,8 @@
 Local first, then upload: a checkpoint commits locally as without a remote tier; the loop only calls
 :meth:`RemoteUploads.notify` when one is committed or appears, and the uploader thread (ckptd/uploader.py)
 does every network operation. Its reports are posted to the loop's queue (``("upload", event, fields)``)
-and journaled there: ``upload_started``, ``upload_committed``, ``upload_failed``. Nothing here waits on the
+and journaled there: ``upload_started``, ``upload_committed``, ``upload_failed``, ``remote_pruned`` (the remote
+tier's own retention, ``remote_keep_*``, applied after each upload). Nothing here waits on the
 network except :meth:`RemoteUploads.wait_stopped`, which a stop with ``stop_upload: wait`` calls after the
 child is gone, bounded by the stop's deadline. Nothing here imports torch.
 """
@@ -14,7 +15,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from .. import store
+from .. import retention, store
 from ..remote import RemoteSpec, RemoteTier
 from ..uploader import Uploader
 from .config import Config
@@ -28,7 +29,8 @@ class RemoteUploads:
         self.spec = spec_of(cfg)
         self.tier = RemoteTier(self.spec)  # no network here: a bad setting is an error before anything starts
         self.root = root
-        self.uploader = Uploader(self.tier, root, on_event=lambda name, fields: post(("upload", name, fields)))
+        self.uploader = Uploader(self.tier, root, on_event=lambda name, fields: post(("upload", name, fields)),
+                                 policy=remote_policy(cfg))
 
     def start(self) -> None:
         self.uploader.start()
@@ -48,6 +50,8 @@ class RemoteUploads:
         if event == "upload_committed":
             return "info", (f"{fields.get('checkpoint')} committed on the remote tier {url}/{fields.get('key')} "
                             f"({fields.get('bytes')} bytes in {fields.get('seconds')} s)"), False
+        if event == "remote_pruned":
+            return "info", f"remote retention deleted {', '.join(map(str, fields.get('keys') or []))} from {url}", False
         n = fields.get("in_a_row") or 1
         quiet = n != 1 and n % FAILURE_LOG_EVERY != 0
         return "warning", (f"remote tier {url}: {fields.get('op')} failed ({n} in a row; retried with backoff, "
@@ -84,6 +88,12 @@ class RemoteUploads:
         self.uploader.hurry()
         ok = self.uploader.wait_for(latest.step, latest.created, max(0.0, deadline_in), cancelled)
         return ok, latest.name, latest.step
+
+
+def remote_policy(cfg: Config) -> retention.Policy:
+    """The remote tier's retention (``remote_keep_*``), apart from the local tier's (``keep_*``)."""
+    return retention.Policy(keep_last=cfg.remote_keep_last, keep_every=cfg.remote_keep_every,
+                            keep_best=tuple(retention.Best(m, k, mode) for m, k, mode in cfg.remote_keep_best))
 
 
 def spec_of(cfg: Config) -> RemoteSpec:
