@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, cast, overload
 from urllib.parse import urlparse
 
 import xxhash
@@ -179,14 +179,18 @@ class RemoteTier:
         """Every checkpoint on the remote tier that has a manifest, oldest first (by step, then time)."""
         return self._scan(float("inf"), time.time())[0]
 
-    def _inspect(self, key: str, sizes: dict[str, int]) -> RemoteCheckpoint:
+    def _inspect(self, key: str, sizes: dict[str, int]) -> RemoteCheckpoint | None:
+        """``key``'s checkpoint as its manifest describes it; None when the manifest is gone since the listing
+        (retention deleted it meanwhile: from then on the checkpoint does not exist for any reader)."""
         name = KEY_RE.match(key).group(1)  # type: ignore[union-attr]
         rc = RemoteCheckpoint(name=name, key=key, step=int(name[5:]), sizes=sizes)
         where = f"{self.spec.url}/{key}"
         try:
             if sizes[store.MANIFEST] > store.MAX_MANIFEST_BYTES:
                 raise CorruptCheckpointError(where, f"{store.MANIFEST} is {sizes[store.MANIFEST]} bytes")
-            raw = self._get_small(f"{key}/{store.MANIFEST}")
+            raw = self._get_small(f"{key}/{store.MANIFEST}", missing_ok=True)
+            if raw is None:
+                return None
             m = store.parse_manifest(raw, where)
             if m["step"] != rc.step:
                 raise CorruptCheckpointError(where, f"the key says step {rc.step}, the manifest says {m['step']}")
@@ -231,9 +235,18 @@ class RemoteTier:
             return info, rc, time.monotonic() - t0
         return None
 
-    def _get_small(self, path: str) -> bytes:
+    @overload
+    def _get_small(self, path: str) -> bytes: ...
+    @overload
+    def _get_small(self, path: str, missing_ok: bool) -> bytes | None: ...
+
+    def _get_small(self, path: str, missing_ok: bool = False) -> bytes | None:
         try:
             return bytes(self._obs.get(self.store, path).bytes())
+        except FileNotFoundError as exc:
+            if missing_ok:
+                return None
+            raise self._error("read", f"{self.spec.url}/{path}", exc) from None
         except Exception as exc:  # noqa: BLE001  (obstore's error types and transport errors: each becomes one RemoteError)
             raise self._error("read", f"{self.spec.url}/{path}", exc) from None
 
@@ -473,8 +486,8 @@ class RemoteTier:
                         newest[head] = max(newest.get(head, 0.0), t.timestamp() if t is not None else now)
         except Exception as exc:  # noqa: BLE001  (obstore's error types and transport errors: each becomes one RemoteError)
             raise self._error("list", self.spec.url, exc) from None
-        listed = sorted((self._inspect(k, v) for k, v in objects.items() if store.MANIFEST in v),
-                        key=lambda c: (c.step, c.created, c.key))
+        inspected = (self._inspect(k, v) for k, v in objects.items() if store.MANIFEST in v)
+        listed = sorted((c for c in inspected if c is not None), key=lambda c: (c.step, c.created, c.key))
         stale = {k: sorted(v) for k, v in objects.items()
                  if store.MANIFEST not in v and now - newest.get(k, now) > stale_after}
         return listed, stale

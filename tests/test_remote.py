@@ -396,3 +396,35 @@ def test_inspect_remote_shows_what_the_local_inspect_shows_without_reading_the_t
     assert f"checkpoint {url}/{keys[2]}" in r.stdout and "no data read" in r.stdout and "tensors (" in r.stdout
     r = cli(s3_server, "inspect", "--remote", url, "7")
     assert r.returncode == exitcodes.NOT_FOUND and "no checkpoint 7" in r.stderr, r.stderr
+
+
+def test_a_checkpoint_whose_manifest_is_deleted_between_the_listing_and_its_read_is_not_listed(
+        s3_server, make_checkpoints, monkeypatch):
+    """A reader lists the tier while retention (another process's uploader) deletes a checkpoint: the manifest the
+    listing named is gone when the reader fetches it. That checkpoint no longer exists: it is left out, not an
+    error (the uploader's own wait for its pruning failed so under load)."""
+    from ckptd.remote import RemoteSpec, RemoteTier
+
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    url = f"s3://{s3_server.bucket()}/gone"
+    root = make_checkpoints([1, 2])
+    for step in (1, 2):
+        assert cli(s3_server, "push", os.path.join(root, str(step)), "--remote", url).returncode == 0
+    tier = RemoteTier(RemoteSpec.parse(url, s3_server.endpoint, "us-east-1"), timeout_s=10, max_retries=1)
+    doomed = tier.checkpoints()[0]
+    real_list = tier._obs.list
+
+    def list_then_delete(*args, **kwargs):  # the deletion lands right after the listing, as retention's would
+        batches = list(real_list(*args, **kwargs))
+        tier.delete(doomed)
+        return batches
+
+    class Obs:  # obstore itself, but for the listing
+        list = staticmethod(list_then_delete)
+
+        def __getattr__(self, name):
+            return getattr(real_obs, name)
+
+    real_obs, tier._obs = tier._obs, Obs()
+    assert [c.step for c in tier.checkpoints()] == [2]
