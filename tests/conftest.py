@@ -74,8 +74,8 @@ def resign(ckpt: str, files: dict[str, bytes] | None = None) -> None:
 # A module declares its kind with `pytestmark = pytest.mark.kind("unit")`, a test with
 # `@pytest.mark.kind("system")` (the closest wins); unmarked tests are system tests. Each test then carries
 # exactly one of the markers `unit`, `system`, `chaos`, which is what `-m` selects on. `python -m pytest -q
-# -n 2` (CI) runs all three. `slow` marks a long test of any kind: long tests are handed out first, so that
-# the two workers finish together.
+# -n 3` (CI) runs all three. `slow` marks a long test of any kind: long tests are handed out first, so that
+# the workers finish together.
 KINDS = ("unit", "system", "chaos")
 
 
