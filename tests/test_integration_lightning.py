@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 
@@ -23,7 +22,15 @@ import torch
 
 import ckptd
 from ckptd import exitcodes, store
-from fixtures.sup_helpers import DIST_OFF, FAST, FIXTURES, TORCHRUN, Run, save_wait_at_a_hold_then_sigkill, wait_for
+from fixtures.sup_helpers import (
+    DIST_OFF,
+    FAST,
+    FIXTURES,
+    TORCHRUN,
+    Run,
+    ddp_sigterm_at_a_hold,
+    save_wait_at_a_hold_then_sigkill,
+)
 
 SCRIPT = os.path.join(FIXTURES, "lightning_trainer.py")
 ENV = {"HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
@@ -199,16 +206,8 @@ def test_ddp_two_ranks_sigterm_stops_both_at_one_step_and_resume_is_bit_identica
     root, go = str(tmp_path / "ck"), str(tmp_path / "go")
     argv = [*DIST_OFF, "--grace", "60", "--", *ddp, "--life-file", str(tmp_path / "life"), "--go-file", go,
             "--faults", "hold@step:4,-"]
-    run = Run(tmp_path, root, argv, env=ENV)
-    wait_for(lambda: run.stdout().count("fault hold at step:4") == 2, 240, "both ranks at step 4")
-    run.signal(signal.SIGTERM)
-    wait_for(lambda: "stop requested" in run.stderr(), 60, "the supervisor to ask the trainers to stop")
-    open(go, "w").close()
-    assert run.wait(180) == exitcodes.PREEMPTED, run.stderr()
-    newest = store.latest_valid(root)
     # the stop is agreed at the first agreement step one rank heard it by: step 4 (a save step), or one after it
-    assert newest.kind == "emergency" and 4 <= newest.step < 9, newest
-    assert {"rank-00000.json", "rank-00001.json"} <= set(os.listdir(newest.path))
+    run, newest = ddp_sigterm_at_a_hold(tmp_path, root, argv, go, ENV)
     stopped = re.findall(r"writing an emergency checkpoint of step (\d+)", run.stderr())
     assert stopped == [str(newest.step)] * 2, run.stderr()
     first = run.stdout()

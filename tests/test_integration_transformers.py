@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 
@@ -21,7 +20,15 @@ pytest.importorskip("transformers")
 
 import ckptd
 from ckptd import exitcodes, store
-from fixtures.sup_helpers import DIST_OFF, FAST, FIXTURES, TORCHRUN, Run, save_wait_at_a_hold_then_sigkill, wait_for
+from fixtures.sup_helpers import (
+    DIST_OFF,
+    FAST,
+    FIXTURES,
+    TORCHRUN,
+    Run,
+    ddp_sigterm_at_a_hold,
+    save_wait_at_a_hold_then_sigkill,
+)
 
 pytestmark = pytest.mark.slow  # a dozen trainer processes, each importing transformers
 
@@ -194,15 +201,7 @@ def test_ddp_two_ranks_sigterm_stops_both_at_one_step_and_resume_is_bit_identica
     argv = [*DIST_OFF, "--grace", "60", "--", *TORCHRUN, "--standalone", "--nproc-per-node", "2", "--max-restarts",
             "2", SCRIPT, "--out", str(tmp_path / "out"), "--life-file", str(tmp_path / "life"), "--go-file", go,
             "--faults", "hold@step:4,-"]
-    run = Run(tmp_path, root, argv, env=ENV)
-    wait_for(lambda: run.stdout().count("fault hold at step:4") == 2, 240, "both ranks at step 4")
-    run.signal(signal.SIGTERM)
-    wait_for(lambda: "stop requested" in run.stderr(), 60, "the supervisor to ask the trainers to stop")
-    open(go, "w").close()
-    assert run.wait(180) == exitcodes.PREEMPTED, run.stderr()
-    newest = store.latest_valid(root)
-    assert newest.kind == "emergency" and 4 <= newest.step < 9, newest
-    assert {"rank-00000.json", "rank-00001.json"} <= set(os.listdir(newest.path))
+    _, newest = ddp_sigterm_at_a_hold(tmp_path, root, argv, go, ENV)
     again = Run(tmp_path, root, argv, env=ENV, name="again")
     assert again.wait(240) == 0, again.stderr()
     out = again.stdout()
