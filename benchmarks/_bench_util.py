@@ -354,6 +354,17 @@ def dump_json(path: str, obj: Any) -> None:
     store.replace_file(path, json.dumps(obj, indent=1, default=str).encode(), follow_dir=True)
 
 
+def report(out: str, results: dict[str, Any], table: str) -> int:
+    """The end of a benchmark: the table and the total wall time printed, the results (with the table) in ``out``."""
+    print(table)
+    print(f"\ntotal wall time {results['wall_s']:.0f} s")
+    results["table"] = table
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    dump_json(out, results)
+    print(f"wrote {out}")
+    return 0
+
+
 def iter_chunks(n: int, chunk: int) -> Iterable[tuple[int, int]]:
     off = 0
     while off < n:

@@ -1201,14 +1201,7 @@ def main() -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     results["wall_s"] = time.perf_counter() - t_start
-    table = render(results)
-    print(table)
-    print(f"\ntotal wall time {results['wall_s']:.0f} s")
-    results["table"] = table
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    U.dump_json(args.out, results)
-    print(f"wrote {args.out}")
-    return 0
+    return U.report(args.out, results, render(results))
 
 
 if __name__ == "__main__":

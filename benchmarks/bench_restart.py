@@ -304,13 +304,7 @@ def main() -> int:
         results["sizes"][str(size)] = res
         lines += render_size(size, res) + [""]
     results["wall_s"] = time.perf_counter() - t0
-    table = "\n".join(lines) + f"total wall time {results['wall_s']:.0f} s"
-    print(table)
-    results["table"] = table
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    U.dump_json(args.out, results)
-    print(f"wrote {args.out}")
-    return 0
+    return U.report(args.out, results, "\n".join(lines).rstrip())
 
 
 if __name__ == "__main__":

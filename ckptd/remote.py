@@ -243,11 +243,9 @@ class RemoteTier:
     def _get_small(self, path: str, missing_ok: bool = False) -> bytes | None:
         try:
             return bytes(self._obs.get(self.store, path).bytes())
-        except FileNotFoundError as exc:
-            if missing_ok:
-                return None
-            raise self._error("read", f"{self.spec.url}/{path}", exc) from None
         except Exception as exc:  # noqa: BLE001  (obstore's error types and transport errors: each becomes one RemoteError)
+            if missing_ok and isinstance(exc, FileNotFoundError):  # obstore's "no such object"
+                return None
             raise self._error("read", f"{self.spec.url}/{path}", exc) from None
 
     # ------------------------------------------------------------------ upload
@@ -390,12 +388,7 @@ class RemoteTier:
             os.close(fd)
         return h.hexdigest()
 
-    def _ranges(self, rc: RemoteCheckpoint, fname: str, size: int, op: str) -> Iterator[memoryview]:
-        """The ``size`` bytes of ``fname`` of ``rc`` in order, read in parts, at most WINDOW of them at once."""
-        return self._ranges_between(rc, fname, 0, size, op)
-
-    def _ranges_between(self, rc: RemoteCheckpoint, fname: str, first: int, end: int, op: str
-                        ) -> Iterator[memoryview]:
+    def _ranges(self, rc: RemoteCheckpoint, fname: str, end: int, op: str, first: int = 0) -> Iterator[memoryview]:
         """Bytes ``first`` to ``end`` of ``fname`` of ``rc`` in order, in parts, at most WINDOW of them at once."""
         path = f"{rc.key}/{fname}"
         starts = list(range(first, end, self.part))
@@ -421,7 +414,7 @@ class RemoteTier:
                                          f"within the file (listed {size} bytes)")
         if start == end:
             return b""
-        return b"".join(bytes(v) for v in self._ranges_between(rc, fname, start, end, "read"))
+        return b"".join(bytes(v) for v in self._ranges(rc, fname, end, "read", first=start))
 
     def verify(self, rc: RemoteCheckpoint, progress: Callable[[int], None] | None = None) -> str:
         """Read every byte of ``rc`` from the remote tier (nothing is written locally) and check it against the
