@@ -1151,8 +1151,8 @@ class Checkpointer:
         memory = self._memory.source(info, self.dir) if self._memory is not None else None
         try:
             staged = read_tensors(info, live, check=check, staging=self._staging,
-                                  during=lambda: trees.append(read_state_json(info, memory and memory[3])),
-                                  source=memory[:3] if memory is not None else None)
+                                  during=lambda: trees.append(read_state_json(info, memory and memory.state)),
+                                  source=(memory.fd, memory.offset, memory.size) if memory is not None else None)
         except CorruptCheckpointError as exc:
             if memory is None:
                 raise

@@ -13,7 +13,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -28,6 +28,16 @@ log = logging.getLogger("ckptd")
 
 HEADER_BYTES_PER_TENSOR = 256  # a safetensors header entry's size, generously (keys are bounded by the store)
 
+
+
+class Source(NamedTuple):
+    """The memory tier's copy of a checkpoint: its tensor file's bytes at ``offset`` in ``fd`` (``size`` of them),
+    and its state.json's bytes."""
+
+    fd: int
+    offset: int
+    size: int
+    state: bytes
 
 class MemoryTier:
     def __init__(self, region: memtier.Region, first: Snapshot) -> None:
@@ -85,9 +95,9 @@ class MemoryTier:
             snap.adopt(None)
         self._bound = -1
 
-    def source(self, info: store.CheckpointInfo, directory: str) -> tuple[int, int, int, bytes] | None:
+    def source(self, info: store.CheckpointInfo, directory: str) -> Source | None:
         """The memory tier's copy of the checkpoint ``info`` of this run's ``directory``, to restore from instead of
-        its files: (descriptor, offset, size of the tensor file, state.json's bytes); None when there is none.
+        its files; None when there is none.
         Only before this life's first snapshot (the slots' buffers are not in use yet); the caller verifies every
         byte against the checkpoint's manifest, as it does the files'."""
         if self._bound != -1 or self.off or os.path.dirname(info.path) != directory:
@@ -96,7 +106,7 @@ class MemoryTier:
             found = self.region.source(info.step)
         except OSError:
             return None
-        return (self.region.fd, *found) if found is not None else None
+        return Source(self.region.fd, *found) if found is not None else None
 
     def lend(self) -> None:
         """The first slot's buffer is about to hold something else (restore's staging): it stops being a
