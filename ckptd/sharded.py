@@ -45,12 +45,6 @@ from . import store
 from .errors import CorruptCheckpointError
 from .state import DTYPES, TORCH_DTYPES
 
-
-def is_sharded(model: Any) -> bool:
-    """Whether the model's parameters are DTensors (FSDP2 fully_shard, tensor parallel)."""
-    return model is not None and any(isinstance(p, DTensor) for p in model.parameters())
-
-
 # ----------------------------------------------------------------------------- state dicts
 
 

@@ -111,6 +111,16 @@ def _unit_tests_stay_in_process(request, monkeypatch):
     yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_reference_run_per_session(tmp_path_factory):
+    """Under xdist, the workers share the uninterrupted reference runs (sup_helpers.shared) through the
+    session's temporary folder (pytest keeps the last three sessions' and removes older ones)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        from fixtures import sup_helpers
+
+        sup_helpers.SHARED_DIR = str(tmp_path_factory.getbasetemp().parent)
+
+
 @pytest.fixture(autouse=True)
 def _no_leftover_supervisors():
     """Whatever a test asserted, every `ckptd run` it started is gone afterwards."""

@@ -20,7 +20,7 @@ import pytest
 
 import ckptd
 from ckptd import exitcodes, store
-from fixtures.sup_helpers import DIST_OFF, FAST, FIXTURES, TORCHRUN, Run, journal, wait_for
+from fixtures.sup_helpers import DIST_OFF, FAST, FIXTURES, TORCHRUN, Run, journal, shared, wait_for
 from fixtures.sup_helpers import ckptd as ckptd_cli
 
 pytestmark = pytest.mark.slow  # each test runs the MNIST-style script through several lives
@@ -38,7 +38,7 @@ def _plain(args: list[str], directory: str, prefix: list[str] | None = None) -> 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> str:
-    return _plain([], str(tmp_path_factory.mktemp("ref") / "ck"))
+    return shared("epochs", lambda: _plain([], str(tmp_path_factory.mktemp("ref") / "ck")))
 
 
 def _final(text: str, rank: int = 0, log: str = "") -> str:

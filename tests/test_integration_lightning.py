@@ -30,6 +30,7 @@ from fixtures.sup_helpers import (
     Run,
     ddp_sigterm_at_a_hold,
     save_wait_at_a_hold_then_sigkill,
+    shared,
 )
 
 SCRIPT = os.path.join(FIXTURES, "lightning_trainer.py")
@@ -38,13 +39,17 @@ ENV = {"HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> tuple[str, str]:
-    """An uninterrupted, unsupervised run (its dir keeps a checkpoint every 2 steps, the best by val_loss kept)."""
-    directory = str(tmp_path_factory.mktemp("ref") / "ck")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")}
-    out = subprocess.run([sys.executable, SCRIPT, "--dir", directory, "--every-steps", "2", "--top-k", "1"],
-                         capture_output=True, text=True, timeout=300, env={**env, **ENV})
-    assert out.returncode == 0, out.stderr
-    return out.stdout, directory
+    """An uninterrupted, unsupervised run (its dir keeps a checkpoint every 2 steps, the best by val_loss kept),
+    one per session (sup_helpers.shared)."""
+    def make() -> tuple[str, str]:
+        directory = str(tmp_path_factory.mktemp("ref") / "ck")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")}
+        out = subprocess.run([sys.executable, SCRIPT, "--dir", directory, "--every-steps", "2", "--top-k", "1"],
+                             capture_output=True, text=True, timeout=300, env={**env, **ENV})
+        assert out.returncode == 0, out.stderr
+        return out.stdout, directory
+
+    return tuple(shared("lightning", make))
 
 
 # Records, not lines: two ranks print into one pipe (each print is one write, but nothing guarantees a line break

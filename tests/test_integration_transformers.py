@@ -28,6 +28,7 @@ from fixtures.sup_helpers import (
     Run,
     ddp_sigterm_at_a_hold,
     save_wait_at_a_hold_then_sigkill,
+    shared,
 )
 
 pytestmark = pytest.mark.slow  # a dozen trainer processes, each importing transformers
@@ -38,14 +39,18 @@ ENV = {"HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSIT
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory) -> tuple[str, str]:
-    """An uninterrupted, unsupervised run (its dir: a checkpoint every 4 steps, the best by eval_loss kept)."""
-    tmp = tmp_path_factory.mktemp("ref")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")}
-    out = subprocess.run([sys.executable, SCRIPT, "--dir", str(tmp / "ck"), "--out", str(tmp / "out"),
-                          "--every-steps", "4", "--top-k", "1"],
-                         capture_output=True, text=True, timeout=300, env={**env, **ENV})
-    assert out.returncode == 0, out.stderr
-    return out.stdout, str(tmp / "ck")
+    """An uninterrupted, unsupervised run (its dir: a checkpoint every 4 steps, the best by eval_loss kept), one
+    per session (sup_helpers.shared)."""
+    def make() -> tuple[str, str]:
+        tmp = tmp_path_factory.mktemp("ref")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")}
+        out = subprocess.run([sys.executable, SCRIPT, "--dir", str(tmp / "ck"), "--out", str(tmp / "out"),
+                              "--every-steps", "4", "--top-k", "1"],
+                             capture_output=True, text=True, timeout=300, env={**env, **ENV})
+        assert out.returncode == 0, out.stderr
+        return out.stdout, str(tmp / "ck")
+
+    return tuple(shared("hf", make))
 
 
 @pytest.fixture(scope="module")

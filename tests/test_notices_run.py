@@ -129,6 +129,8 @@ def test_a_notice_commits_an_emergency_checkpoint_before_the_deadline_and_the_re
     assert not svc.violations, svc.violations
     st = status(root)
     assert st["notice"]["pending"] is False and st["notice"]["committed"] is True
+    if cloud != "aws":
+        return  # the resume does not depend on where the notice came from: one cloud's run checks it (~10 s of CPU)
     again = Run(tmp_path, root, [*FAST, "--notices", "off", TOY, "--steps", str(STEPS), "--every-steps", "50"],
                 name="again", env=ENV)
     assert again.wait(120) == 0, again.stderr()
