@@ -9,8 +9,10 @@ the time of each part, as the disk persist is) until ``hurry()`` (a stop that wa
 exponential backoff, for as long as the uploader runs; training is never blocked. With a retention ``policy``
 (the remote tier's own, apart from the local one's) each committed upload is followed by a prune of the remote tier
 (``RemoteTier.prune``: manifest first; the newest valid remote checkpoint always stays); a prune that fails is
-reported like an upload failure and tried again after the next upload. Nothing here imports torch: the
-supervisor and the library can both run one.
+reported like an upload failure and tried again after the next upload. What the remote tier holds is recorded in
+the local directory (``store.mark_remote``, durably, after each remote commit and at start from a listing) for
+the local retention that waits for the upload (``retention.UploadHold``), the trainer's and the supervisor's.
+Nothing here imports torch: the supervisor and the library can both run one.
 """
 
 from __future__ import annotations
@@ -140,12 +142,13 @@ class Uploader:
     def _run(self) -> None:
         try:
             newest = self.tier.latest_valid()
-        except CkptdError as exc:
-            newest = None
+        except CkptdError as exc:  # what an earlier run recorded stays: the best knowledge there is
             self._failed("list", exc)
-        if newest is not None:
-            self.status.remote_step, self.status.remote_created = newest.step, newest.created
-            self._uploaded.add((newest.step, newest.created))
+        else:
+            self._mark(newest)
+            if newest is not None:
+                self.status.remote_step, self.status.remote_created = newest.step, newest.created
+                self._uploaded.add((newest.step, newest.created))
         delay = 0.0
         while True:
             with self._cv:
@@ -206,10 +209,23 @@ class Uploader:
             self.status.history = [*self.status.history, {"step": rc.step, "key": rc.key, "bytes": rc.bytes,
                                                           "seconds": round(seconds, 3)}][-self.HISTORY:]
             self._cv.notify_all()
+        self._mark(rc)
         self.on_event("upload_committed", {"checkpoint": info.name, "step": rc.step, "key": rc.key, "bytes": rc.bytes,
                                    "seconds": round(seconds, 3)})
         self._prune()
         return True
+
+    def _mark(self, rc: Any) -> None:
+        """Record in the local directory what the remote tier holds (``rc``: a RemoteCheckpoint, or None when it
+        holds nothing), before the commit is reported: the retention pass the report starts reads it. A record
+        that cannot be written leaves the older one, so retention holds more back, never less."""
+        try:
+            if rc is None:
+                store.clear_remote_mark(self.root)
+            else:
+                store.mark_remote(self.root, self.tier.spec.url, rc.key, rc.step, rc.created)
+        except (CkptdError, OSError) as exc:
+            self._failed("record", exc)
 
     def _prune(self) -> None:
         """The remote tier's retention, after an upload committed (an upload never waits for it). Stale prefixes of

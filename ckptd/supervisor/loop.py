@@ -286,6 +286,7 @@ class Supervisor:
             level, msg, quiet = self.uploads.record(event[1], event[2])
             self._event(level, event[1], msg, quiet=quiet, url=self.uploads.spec.url, **event[2])
             if event[1] == "upload_committed":
+                self.dir.retain(self.cfg, self.core.led.resumed_from)  # what the upload covers may go now
                 self._save_state()  # state.json says which tier holds the newest checkpoint
 
     def _run_timers(self) -> None:
@@ -394,7 +395,8 @@ class Supervisor:
         if self.cfg.remote:  # restore() on a fresh machine takes the newest checkpoint from the remote tier
             env.update({envvars.REMOTE: self.cfg.remote, envvars.REMOTE_ENDPOINT: self.cfg.remote_endpoint or "",
                         envvars.REMOTE_REGION: self.cfg.remote_region or "",
-                        envvars.REMOTE_VIRTUAL_HOSTED: "1" if self.cfg.remote_virtual_hosted else ""})
+                        envvars.REMOTE_VIRTUAL_HOSTED: "1" if self.cfg.remote_virtual_hosted else "",
+                        envvars.UPLOAD_HOLD: "1" if self.cfg.upload_hold else ""})
         if self.cfg.every_steps:
             env[envvars.EVERY_STEPS] = str(self.cfg.every_steps)
         if self.cfg.keep_last:
@@ -522,7 +524,8 @@ class Supervisor:
             "socket": self.control.path if self.control else None, "updated": self.clock.time(),
             "notice": led.notice,
             "metrics": {**self.port.describe(), **self.metrics.status()},
-            "remote": self.uploads.status(self._local_newest(), self.clock.time()) if self.uploads else None,
+            "remote": {**self.uploads.status(self._local_newest(), self.clock.time()),
+                       "held_for_upload": list(self.dir.held)} if self.uploads else None,
             "memory": {"region_bytes": self.memory.bytes(), "persisted": self.memory.persisted}
             if self.memory is not None else None,
         }
