@@ -42,6 +42,10 @@ def _tier(server, url: str, monkeypatch):
     return RemoteTier(RemoteSpec.parse(url, server.endpoint, "us-east-1"), timeout_s=10, max_retries=1)
 
 
+def _step(name: str) -> int:
+    return int(store.NAME_RE.match(name).group(1))
+
+
 def _status(root: str) -> dict:
     r = ckptd("status", "--dir", root, "--json")
     assert r.returncode == 0, r.stderr
@@ -273,3 +277,54 @@ def test_stop_upload_wait_exits_only_once_the_emergency_checkpoint_is_remote_and
     waited = journal(root, "remote_wait")
     assert len(waited) == 1 and not waited[0]["uploaded"] and waited[0]["reason"] == "deadline", waited
     assert "the stop's deadline ran out" in run.stderr() and "local tier only" in run.stderr()
+
+
+def test_local_retention_keeps_every_checkpoint_not_yet_uploaded_while_the_server_is_down_and_trims_once_it_returns(
+        s3_server, tmp_path, monkeypatch):
+    url = f"s3://{s3_server.bucket()}/hold"
+    tier = _tier(s3_server, url, monkeypatch)
+    root = str(tmp_path / "ck")
+    run = Run(tmp_path, root, [*FAST, "--notices", "off", "--metrics-addr", "off", "--every-steps", "50",
+                               "--keep-last", "2", "--remote", url, TRAINER, "--steps", "10000000"],
+              env=s3_server.env)
+
+    def local() -> list[str]:
+        return [i.name for i in store.list_checkpoints(root) if i.valid]
+
+    down = False
+    try:
+        first = run.wait_event("upload_committed", timeout=60)
+        s3_server.kill_gateway()  # every upload from now on fails (connection refused), retried with backoff
+        down = True
+        # Retention (keep 2) runs at each new checkpoint and keeps back every one newer than the remote tier's
+        # newest; the journal and status say so.
+        wait_for(lambda: len([n for n in local() if _step(n) > first["step"]]) >= 6, 90,
+                 "six local checkpoints newer than the remote tier's")
+        remote_step = _status(root)["remote"]["remote_step"]
+        made = [e["name"] for e in journal(root, "checkpoint")]
+        newer = [n for n in made if _step(n) > remote_step]
+        assert set(newer) <= set(local()), (newer, local())  # not one of them deleted
+        assert len(local()) > 4
+        held = journal(root, "retention_held")
+        assert held and held[-1]["names"] and held[-1]["remote_step"] == remote_step, held
+        st = _status(root)["remote"]
+        assert st["held_for_upload"] and st["newest_checkpoint_on"] == "local only", st
+        assert "until uploaded" in ckptd("status", "--dir", root).stdout
+        # The server returns: the uploader catches up (the newest local checkpoint), and retention then lets go
+        # of everything it covers: back to the last 2 (and what is newer than the remote tier's newest).
+        s3_server.start_gateway()
+        down = False
+        caught_up = run.wait_event("upload_committed", timeout=120, count=2)
+        assert caught_up["step"] >= max(_step(n) for n in newer)
+        wait_for(lambda: not set(newer[:-2]) & set(local()), 60, "retention to trim the held checkpoints")
+        covered = lambda: store.remote_mark(root, url) or (0, 0.0)  # noqa: E731  (what the uploader recorded)
+        wait_for(lambda: len([n for n in local() if _step(n) <= covered()[0]]) <= 2, 60,
+                 "the last 2 of what the remote tier covers, no more")
+    finally:
+        if down:
+            s3_server.start_gateway()
+        run.signal(signal.SIGTERM)
+        run.wait(60)
+    # Nothing torn on the remote tier: every checkpoint there has its manifest and every file at its size.
+    listed = tier.checkpoints()
+    assert listed and all(c.valid for c in listed), [(c.key, c.reason) for c in listed if not c.valid]
