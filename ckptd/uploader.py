@@ -47,6 +47,13 @@ class UploadStatus:
     errors_in_a_row: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # the last uploads (bounded)
 
+    def transfer_rate(self, last: int = 3) -> float | None:
+        """Bytes per second the last ``last`` uploads moved while transferring (the pacing's pauses left out: what
+        an upload at full speed, as a stop's, can expect); None before any upload of this uploader."""
+        recent = [h for h in self.history if h.get("bytes") and h.get("transfer_seconds")][-last:]
+        seconds = sum(h["transfer_seconds"] for h in recent)
+        return sum(h["bytes"] for h in recent) / seconds if recent and seconds > 0 else None
+
     @property
     def lag_steps(self) -> int:
         if self.local_step is None:
@@ -86,6 +93,7 @@ class Uploader:
         self._wake = False
         self._closed = False
         self._hurry = threading.Event()
+        self._paused = 0.0  # seconds the upload under way spent in pacing pauses
         self._uploaded: set[tuple[int, float]] = set()  # (step, created) of the local checkpoints uploaded
         self._thread = threading.Thread(target=self._run, name="ckptd-uploader", daemon=True)
 
@@ -189,6 +197,7 @@ class Uploader:
         self.status.uploading = info.name
         self.on_event("upload_started", {"checkpoint": info.name, "step": info.step, "bytes": info.bytes})
         t0 = time.monotonic()
+        self._paused = 0.0
         try:
             rc = self.tier.upload(info.path, pause=self._pause)
         except (CkptdError, OSError) as exc:
@@ -199,6 +208,7 @@ class Uploader:
             self._failed("upload", exc, checkpoint=info.name)
             return False
         seconds = max(time.monotonic() - t0, 1e-9)
+        transfer = max(seconds - self._paused, 1e-9)
         with self._cv:
             self._uploaded.add((info.step, info.created))
             self.status.remote_step, self.status.remote_created = rc.step, rc.created
@@ -207,11 +217,12 @@ class Uploader:
             self.status.errors_in_a_row = 0
             self.status.last_bytes_per_second = rc.bytes / seconds
             self.status.history = [*self.status.history, {"step": rc.step, "key": rc.key, "bytes": rc.bytes,
-                                                          "seconds": round(seconds, 3)}][-self.HISTORY:]
+                                                          "seconds": round(seconds, 3),
+                                                          "transfer_seconds": transfer}][-self.HISTORY:]
             self._cv.notify_all()
         self._mark(rc)
         self.on_event("upload_committed", {"checkpoint": info.name, "step": rc.step, "key": rc.key, "bytes": rc.bytes,
-                                   "seconds": round(seconds, 3)})
+                                           "seconds": round(seconds, 3), "transfer_seconds": round(transfer, 3)})
         self._prune()
         return True
 
@@ -242,7 +253,9 @@ class Uploader:
 
     def _pause(self, part_seconds: float) -> None:
         if self.pace > 0 and not self._hurry.is_set():
+            t0 = time.monotonic()
             self._hurry.wait(self.pace * part_seconds)
+            self._paused += time.monotonic() - t0
 
     def _failed(self, op: str, exc: BaseException, **fields: Any) -> None:
         self.status.failures += 1

@@ -328,3 +328,70 @@ def test_local_retention_keeps_every_checkpoint_not_yet_uploaded_while_the_serve
     # Nothing torn on the remote tier: every checkpoint there has its manifest and every file at its size.
     listed = tier.checkpoints()
     assert listed and all(c.valid for c in listed), [(c.key, c.reason) for c in listed if not c.valid]
+
+
+def test_an_emergency_upload_before_a_notices_deadline_is_tried_only_when_the_measured_rate_says_it_fits(
+        s3_server, tmp_path, monkeypatch):
+    from ckptd.supervisor import notices
+    from fixtures.fake_metadata import FakeMetadata
+    from fixtures.slow_proxy import SlowProxy
+
+    # The link to the real server passes at most 2 MiB/s (a real throttled socket): an upload of N MiB takes at
+    # least N/2 s on any machine, so the measured rate can only say "too slow" for the short deadline below.
+    link = SlowProxy(s3_server.port, 2 << 20)
+    bucket = s3_server.bucket()
+
+    def preempted(name: str, payload: int, deadline: float) -> tuple[Run, str, dict]:
+        """A run whose checkpoints carry ``payload`` bytes, stopped by a GCP notice with ``deadline`` s once an
+        upload has measured the rate."""
+        gce = FakeMetadata("gcp")
+        root = str(tmp_path / name)
+        size_file = tmp_path / f"{name}.size"
+        size_file.write_text(str(payload))
+        run = Run(tmp_path, root, [*FAST, "--notices", "gcp", "--notice-endpoint", gce.url, "--notice-poll", "0.1",
+                                   "--notice-gcp-deadline", str(deadline), "--metrics-addr", "off", "--every-steps",
+                                   "100", "--keep-last", "2", "--remote", f"s3://{bucket}/{name}",
+                                   "--remote-endpoint", link.endpoint, TRAINER, "--steps", "10000000",
+                                   "--payload-size-file", str(size_file)],
+                  env={**s3_server.env, notices.LOOPBACK_ONLY_ENV: "1"}, name=name)
+        try:
+            run.wait_event("upload_committed", timeout=120)
+            gce.set_gcp("preempted", "TRUE")
+            assert run.wait(90) is not None, run.stderr()
+        finally:
+            gce.close()
+        return run, root, _status(root)
+
+    try:
+        # A generous deadline: the emergency checkpoint (1 MiB, about 0.5 s here) is uploaded at full speed and
+        # committed before the exit.
+        run, root, st = preempted("generous", 1 << 20, 60)
+        assert run.wait(0) == exitcodes.PREEMPTED, run.stderr()
+        emergency = [e for e in journal(root, "checkpoint") if e.get("kind") == "emergency"][-1]
+        decided = journal(root, "emergency_upload")
+        assert len(decided) == 1 and decided[0]["checkpoint"] == emergency["name"], decided
+        d = decided[0]
+        if d["attempt"]:  # the usual case: the paced background upload of it had not finished
+            assert d["reason"].startswith("fits") and d["estimate_seconds"] <= 0.8 * d["seconds_left"], d
+            assert 0 < d["bytes_per_second"] <= 2 << 20 and d["bytes"] >= 1 << 20, d
+            assert [w["uploaded"] for w in journal(root, "remote_wait")] == [True], run.stderr()
+        else:
+            assert d["reason"] == "already on the remote tier" and not journal(root, "remote_wait"), d
+        assert st["remote"]["emergency_upload"]["checkpoint"] == emergency["name"]
+        tier = _tier(s3_server, f"s3://{bucket}/generous", monkeypatch)
+        listed = {c.step: c for c in tier.checkpoints() if c.valid}  # the uploader is not waited for at the exit
+        assert listed[emergency["step"]].kind == "emergency"
+        # A deadline too short for the measured rate: 8 MiB need at least 4 s at 2 MiB/s, the notice leaves 4 s.
+        # No upload is tried; the journal, the log and status say why with the figures; the run exits at once.
+        run, root, st = preempted("short", 8 << 20, 4)
+    finally:
+        link.close()
+    assert run.wait(0) == exitcodes.PREEMPTED, run.stderr()
+    decided = journal(root, "emergency_upload")
+    assert len(decided) == 1 and not decided[0]["attempt"], decided
+    d = decided[0]
+    assert d["reason"].startswith("does not fit") and "MiB/s" in d["reason"], d
+    assert d["estimate_seconds"] >= 4 > d["seconds_left"] > 0 and d["bytes"] >= 8 << 20, d
+    assert not journal(root, "remote_wait")  # nothing waited for
+    assert st["remote"]["emergency_upload"] == {k: v for k, v in d.items() if k in st["remote"]["emergency_upload"]}
+    assert "not uploading" in run.stderr() and "does not fit" in run.stderr()

@@ -613,11 +613,22 @@ class Supervisor:
         the remote tier, or the stop's deadline has passed (said), or a second SIGTERM/SIGINT ends the wait. The
         child is gone: nothing else is left to do, and the clients of `ckptd stop` hear the outcome after it."""
         stop = self.core.led.stop
-        if self.uploads is None or self.cfg.stop_upload != "wait" or stop is None:
+        if self.uploads is None or stop is None:
             return
         t0 = self.clock.monotonic()
         left = stop.deadline - t0
         url = self.uploads.spec.url
+        if self.cfg.stop_upload != "wait":
+            if stop.notice is None or stop.notice.deadline is None:
+                return  # a stop without a platform deadline: the run exits once the checkpoint is local
+            d = self.uploads.decide_emergency(left)
+            self._event("info" if d.attempt else "warning", "emergency_upload",
+                        f"stop before the notice's deadline: {'uploading' if d.attempt else 'not uploading'} "
+                        f"{d.checkpoint or 'the emergency checkpoint'} to the remote tier {url}: {d.reason}",
+                        url=url, **dataclasses.asdict(d))
+            self._save_state()
+            if not d.attempt:
+                return
         ok, name, step = self.uploads.wait_stopped(left, self._signalled_during_linger)
         waited = round(self.clock.monotonic() - t0, 3)
         if not name:
@@ -645,12 +656,14 @@ class Supervisor:
     def _finish(self) -> None:
         self.child.kill_all()  # an exception escaped the loop: leave nothing running
         self.schedules.shutdown()
-        if self.notices is not None:
-            self.notices.close()  # sends the acknowledgements asked for, bounded
-        self.watcher.stop()
+        # The upload a stop may still make reads the time left before the deadline: nothing that can take seconds
+        # (the pollers' joins) goes before it, and an acknowledgement that lets the platform go ahead comes after.
         if self.uploads is not None:
             self._guarded("remote tier", self._wait_upload)
             self.uploads.close()
+        if self.notices is not None:
+            self.notices.close()  # sends the acknowledgements asked for, bounded
+        self.watcher.stop()
         if self.control is not None:
             for action in self.core.finish(self.port.linger_seconds(self.cfg.metrics)):
                 self._do(action)
