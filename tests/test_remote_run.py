@@ -133,10 +133,39 @@ def test_the_remote_tiers_retention_is_its_own_and_needs_a_remote_tier(tmp_path)
     assert cfg.keep_last == 1 and cfg.as_dict()["remote_keep_best"] == ["val_loss:2:min"]
     with pytest.raises(OptionError, match="set remote too"):
         configmod.resolve(None, {"remote_keep_last": 2})
+    assert cfg.upload_hold  # with a remote tier, local retention waits for the upload unless told not to
+    assert not configmod.resolve(None, {"remote": "s3://b/p", "prune_before_upload": True}).upload_hold
+    with pytest.raises(OptionError, match="prune_before_upload is about the remote tier"):
+        configmod.resolve(None, {"prune_before_upload": True})
     path = tmp_path / "ckptd.yaml"
     path.write_text("remote_keep_every: 10\n")
     with pytest.raises(ConfigError, match="set remote too"):
         configmod.resolve(str(path), {})
+
+
+@pytest.mark.kind("unit")
+def test_the_emergency_upload_is_tried_only_when_its_estimate_at_the_measured_rate_fits_80_percent_of_the_time_left():
+    from ckptd.supervisor.uploads import emergency_upload
+
+    mib = 2**20
+    d = emergency_upload("step-000000000007", 80 * mib, 10 * mib, 10.0, on_remote=False)  # 8 s of 10: fits
+    assert d.attempt and d.estimate_seconds == 8.0 and d.reason.startswith("fits: 80.0 MiB at the measured 10.0 MiB/s")
+    d = emergency_upload("step-000000000007", 81 * mib, 10 * mib, 10.0, on_remote=False)  # 8.1 s of 10: not
+    assert not d.attempt and d.reason.startswith("does not fit") and "8.1 s, 10.0 s left" in d.reason
+    assert emergency_upload("s", 1, 10 * mib, 10.0, on_remote=True).reason == "already on the remote tier"
+    assert not emergency_upload("s", 1, None, 10.0, on_remote=False).attempt  # nothing measured yet
+    assert not emergency_upload("s", 1, 10 * mib, -0.5, on_remote=False).attempt  # the deadline has passed
+
+
+@pytest.mark.kind("unit")
+def test_the_measured_transfer_rate_leaves_out_the_pacing_pauses_and_covers_the_last_three_uploads():
+    from ckptd.uploader import UploadStatus
+
+    st = UploadStatus()
+    assert st.transfer_rate() is None
+    st.history = [{"bytes": 1000, "seconds": 9.0, "transfer_seconds": 1.0}] + \
+        [{"bytes": 300, "seconds": 2.0, "transfer_seconds": 1.0}] * 3
+    assert st.transfer_rate() == 300.0
 
 
 def test_restore_takes_a_newer_remote_checkpoint_into_an_empty_or_older_directory_and_a_newer_local_one_wins(

@@ -153,6 +153,10 @@ def _remote_line(r: dict[str, Any]) -> str:
     held = r.get("held_for_upload") or []
     if held:
         line += f"; retention keeps {len(held)} local checkpoint(s) until uploaded"
+    emergency = r.get("emergency_upload")
+    if emergency:
+        line += f"; at the stop: {'uploaded' if emergency.get('attempt') else 'not uploaded'} " \
+                f"{emergency.get('checkpoint') or ''} ({str(emergency.get('reason'))[:200]})"
     return line
 
 
