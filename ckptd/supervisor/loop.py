@@ -657,7 +657,7 @@ class Supervisor:
         self.child.kill_all()  # an exception escaped the loop: leave nothing running
         self.schedules.shutdown()
         # The upload a stop may still make reads the time left before the deadline: nothing that can take seconds
-        # (the pollers' joins) goes before it, and an acknowledgement that lets the platform go ahead comes after.
+        # (the notice pollers' joins) goes before it.
         if self.uploads is not None:
             self._guarded("remote tier", self._wait_upload)
             self.uploads.close()
