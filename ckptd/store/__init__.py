@@ -179,8 +179,8 @@ _LAZY = {name: "reader" for name in (
 __all__ = [
     # layout
     "CHUNK", "DCP_JSON", "DIR_MODE", "FILE_MODE", "FILE_RE", "MANIFEST", "NAME_RE", "PINS_DIR", "PREVIOUS_DIR",
-    "QUARANTINE_DIR", "REMOTE_MARK", "SHARD_FILE_RE", "STATE", "TENSORS", "TMP_PREFIX", "TMP_RE", "TRASH_PREFIX", "check_name",
-    "checkpoint_name", "shard_file", "temp_name", "trash_name",
+    "QUARANTINE_DIR", "REMOTE_MARK", "SHARD_FILE_RE", "STATE", "TENSORS", "TMP_PREFIX", "TMP_RE", "TRASH_PREFIX",
+    "check_name", "checkpoint_name", "shard_file", "temp_name", "trash_name",
     # auth
     "ALG", "ALLOW_UNKEYED_ENV", "KEY_ENV", "MAC_FIELD", "Key", "key_from_env",
     # format

@@ -45,22 +45,20 @@ def emergency_upload(name: str, nbytes: int, rate: float | None, left: float, on
     """Upload checkpoint ``name`` (``nbytes``) in the ``left`` seconds before the deadline? Only when the measured
     transfer ``rate`` (bytes/s, None before any upload) says it takes at most EMERGENCY_SHARE of them: an upload
     cut by the deadline commits nothing and only delays the exit the platform is about to force."""
-    fields = {"checkpoint": name, "bytes": nbytes, "bytes_per_second": rate, "seconds_left": round(left, 3)}
+    base = EmergencyUpload(False, "", checkpoint=name, bytes=nbytes, bytes_per_second=rate, seconds_left=round(left, 3))
     if on_remote:
-        return EmergencyUpload(False, "already on the remote tier", **fields)
+        return dataclasses.replace(base, reason="already on the remote tier")
     if left <= 0:
-        return EmergencyUpload(False, "no time left before the deadline", **fields)
+        return dataclasses.replace(base, reason="no time left before the deadline")
     if not rate:
-        return EmergencyUpload(False, "no upload has finished in this run yet: no measured rate to judge by",
-                               **fields)
+        return dataclasses.replace(base, reason="no upload has finished in this run yet: no measured rate to judge by")
     estimate = nbytes / rate
-    fields["estimate_seconds"] = round(estimate, 3)
     figures = (f"{nbytes / 2**20:.1f} MiB at the measured {rate / 2**20:.1f} MiB/s takes about {estimate:.1f} s, "
                f"{left:.1f} s left")
-    if estimate <= EMERGENCY_SHARE * left:
-        return EmergencyUpload(True, f"fits: {figures}", **fields)
-    return EmergencyUpload(False, f"does not fit: {figures} (at most {EMERGENCY_SHARE:.0%} of it may be used)",
-                           **fields)
+    fits = estimate <= EMERGENCY_SHARE * left
+    reason = f"fits: {figures}" if fits else \
+        f"does not fit: {figures} (at most {EMERGENCY_SHARE:.0%} of it may be used)"
+    return dataclasses.replace(base, attempt=fits, estimate_seconds=round(estimate, 3), reason=reason)
 
 
 class RemoteUploads:
