@@ -237,6 +237,10 @@ class Checkpointer:
         self._lr_hook: Any = None
         _check_extra(self.extra)  # a value that cannot be saved fails here, not at the first save
         self._growth_warned = False
+        # Under `ckptd run --remote` (unless --prune-before-upload) the remote tier is the durable one: retention
+        # keeps every local checkpoint it does not cover yet (the supervisor's uploader records what it holds).
+        self._upload_hold = os.environ.get(env.UPLOAD_HOLD) == "1" and self.remote is not None
+        self._held: list[str] = []
         self.epoch: int | None = None
         self.metrics: dict[str, Any] = {}
         self.resumed_from: str | None = None
@@ -984,12 +988,20 @@ class Checkpointer:
             return
         pins = {self.resumed_from} if self.resumed_from else set()
         try:
-            deleted = retention.apply(self.dir, self.policy, pins, before_delete=self._tell_pruning)
+            hold = retention.UploadHold(store.remote_mark(self.dir, self.remote.url)) \
+                if self._upload_hold and self.remote is not None else None
+            deleted = retention.apply(self.dir, self.policy, pins, before_delete=self._tell_pruning, hold=hold,
+                                      on_held=self._note_held)
         except (OSError, CkptdError) as exc:
             log.warning("ckptd: retention skipped: %s", exc)
             return
         if deleted:
             log.info("ckptd: retention removed %s", ", ".join(deleted))
+
+    def _note_held(self, names: list[str]) -> None:
+        if names and names != self._held:
+            log.info("ckptd: retention keeps %s until the remote tier has them", ", ".join(names))
+        self._held = names
 
     def _tell_pruning(self, names: list[str]) -> None:
         """Before retention deletes: the supervisor then records these deletions as expected, not as someone

@@ -27,6 +27,7 @@ REMOTE = "CKPTD_REMOTE"  # the object-store tier, s3://BUCKET/PREFIX: restore() 
 REMOTE_ENDPOINT = "CKPTD_REMOTE_ENDPOINT"  # its S3-compatible server ("": $AWS_ENDPOINT_URL or the cloud's own)
 REMOTE_REGION = "CKPTD_REMOTE_REGION"  # its region ("": $AWS_REGION)
 REMOTE_VIRTUAL_HOSTED = "CKPTD_REMOTE_VIRTUAL_HOSTED"  # "1": bucket.host addressing with an endpoint
+UPLOAD_HOLD = "CKPTD_UPLOAD_HOLD"  # "1": retention keeps local checkpoints the remote tier does not cover yet
 
 MEMORY_FD = "CKPTD_MEMORY_FD"  # `ckptd run --memory`: the descriptor of the memory region snapshots go into
 KEY_FILE = "CKPTD_KEY_FILE"  # authenticated checkpoints: the key file (store.auth; also read by the commands)
@@ -34,7 +35,7 @@ ALLOW_UNKEYED = "CKPTD_ALLOW_UNKEYED"  # "1": with a key, checkpoints written wi
 
 ALL = (DIR, EVERY_STEPS, EVERY_SECONDS, KEEP_LAST, RUN_ID, RESTART_COUNT, CONTROL, STOP_DEADLINE, METRICS, ORIGIN,
        RESUME_FROM, RESUME_PARTS, STAGE, RETENTION, REMOTE, REMOTE_ENDPOINT, REMOTE_REGION, REMOTE_VIRTUAL_HOSTED,
-       KEY_FILE, ALLOW_UNKEYED, MEMORY_FD)
+       UPLOAD_HOLD, KEY_FILE, ALLOW_UNKEYED, MEMORY_FD)
 
 
 def get_int(name: str) -> int | None:

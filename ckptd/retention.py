@@ -6,7 +6,9 @@ Rules (a checkpoint is kept when any rule keeps it):
   * the best ``k`` by each ``keep_best`` metric (min or max);
   * every checkpoint whose step is a multiple of ``keep_every``;
   * pinned ones (``.pins/``, and the one the run resumed from);
-  * an emergency checkpoint that no newer valid checkpoint supersedes.
+  * an emergency checkpoint that no newer valid checkpoint supersedes;
+  * with an :class:`UploadHold` (a remote tier that is the durable one), every checkpoint newer than the newest
+    one committed remotely: local copies go only once an upload covers them.
 Invalid checkpoints are never deleted by retention (restore quarantines them).
 Order is by step (then creation time), never by name. With no rule set,
 nothing is deleted. Nothing here imports torch.
@@ -66,8 +68,29 @@ class Policy:
         return bool(self.keep_last or self.keep_best or self.keep_every)
 
 
-def plan(infos: Iterable[CheckpointInfo], policy: Policy,
-         pinned: Iterable[str] = ()) -> tuple[dict[str, list[str]], list[CheckpointInfo]]:
+HELD = "not yet on the remote tier"
+
+
+@dataclass(frozen=True)
+class UploadHold:
+    """Local retention waits for the remote tier. ``remote``: (step, created) of the newest checkpoint committed
+    remotely (``store.remote_mark``), None when none is. A local checkpoint newer than it is kept whatever the
+    rules say; one not newer is covered (the uploader takes only the newest local checkpoint, so one that a newer
+    upload superseded is never uploaded itself, and is no longer needed to resume)."""
+
+    remote: tuple[int, float] | None
+
+    def holds(self, info: CheckpointInfo) -> bool:
+        return self.remote is None or (info.step, info.created) > self.remote
+
+
+def held(keep: dict[str, list[str]]) -> list[str]:
+    """The names :func:`plan` kept only because they are not yet on the remote tier."""
+    return [name for name, why in keep.items() if why == [HELD]]
+
+
+def plan(infos: Iterable[CheckpointInfo], policy: Policy, pinned: Iterable[str] = (),
+         hold: UploadHold | None = None) -> tuple[dict[str, list[str]], list[CheckpointInfo]]:
     """Return ({kept name: [reasons]}, [checkpoints to delete]) without touching disk."""
     valid = sorted((i for i in infos if i.valid), key=lambda i: (i.step, i.created, i.name))
     keep: dict[str, list[str]] = {}
@@ -98,6 +121,10 @@ def plan(infos: Iterable[CheckpointInfo], policy: Policy,
             mark(i, "pinned")
         if i.kind == "emergency" and not any(n.step > i.step for n in valid[idx + 1 :]):
             mark(i, "emergency, not superseded")
+    if hold is not None:
+        for i in valid:
+            if i.name not in keep and hold.holds(i):
+                mark(i, HELD)
     return keep, [i for i in valid if i.name not in keep]
 
 
@@ -128,13 +155,16 @@ def _finite(v: object) -> bool:
 
 
 def apply(root: str, policy: Policy, pinned: Iterable[str] = (), dry_run: bool = False,
-          before_delete: Callable[[list[str]], None] | None = None) -> list[str]:
+          before_delete: Callable[[list[str]], None] | None = None, hold: UploadHold | None = None,
+          on_held: Callable[[list[str]], None] | None = None) -> list[str]:
     """Delete what :func:`plan` does not keep; returns the deleted (or, dry run, deletable) names.
 
     ``before_delete`` gets the names about to go (the trainer tells the supervisor, which then knows the
-    deletions it will see are expected)."""
+    deletions it will see are expected); ``on_held`` the names ``hold`` kept (possibly none), at every pass."""
     pins = set(pinned) | store.pinned(root)
-    _, doomed = plan(store.list_checkpoints(root), policy, pins)
+    keep, doomed = plan(store.list_checkpoints(root), policy, pins, hold)
+    if on_held is not None:
+        on_held(held(keep))
     if dry_run:
         return [i.name for i in doomed]
     if doomed and before_delete is not None:

@@ -9,8 +9,10 @@ the time of each part, as the disk persist is) until ``hurry()`` (a stop that wa
 exponential backoff, for as long as the uploader runs; training is never blocked. With a retention ``policy``
 (the remote tier's own, apart from the local one's) each committed upload is followed by a prune of the remote tier
 (``RemoteTier.prune``: manifest first; the newest valid remote checkpoint always stays); a prune that fails is
-reported like an upload failure and tried again after the next upload. Nothing here imports torch: the
-supervisor and the library can both run one.
+reported like an upload failure and tried again after the next upload. What the remote tier holds is recorded in
+the local directory (``store.mark_remote``, durably, after each remote commit and at start from a listing) for
+the local retention that waits for the upload (``retention.UploadHold``), the trainer's and the supervisor's.
+Nothing here imports torch: the supervisor and the library can both run one.
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ class UploadStatus:
     last_bytes_per_second: float | None = None
     errors_in_a_row: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)  # the last uploads (bounded)
+
+    def transfer_rate(self, last: int = 3) -> float | None:
+        """Bytes per second the last ``last`` uploads moved while transferring (the pacing's pauses left out: what
+        an upload at full speed, as a stop's, can expect); None before any upload of this uploader."""
+        recent = [h for h in self.history if h.get("bytes") and h.get("transfer_seconds")][-last:]
+        seconds = sum(h["transfer_seconds"] for h in recent)
+        return sum(h["bytes"] for h in recent) / seconds if recent and seconds > 0 else None
 
     @property
     def lag_steps(self) -> int:
@@ -84,6 +93,7 @@ class Uploader:
         self._wake = False
         self._closed = False
         self._hurry = threading.Event()
+        self._paused = 0.0  # seconds the upload under way spent in pacing pauses
         self._uploaded: set[tuple[int, float]] = set()  # (step, created) of the local checkpoints uploaded
         self._thread = threading.Thread(target=self._run, name="ckptd-uploader", daemon=True)
 
@@ -140,12 +150,13 @@ class Uploader:
     def _run(self) -> None:
         try:
             newest = self.tier.latest_valid()
-        except CkptdError as exc:
-            newest = None
+        except CkptdError as exc:  # what an earlier run recorded stays: the best knowledge there is
             self._failed("list", exc)
-        if newest is not None:
-            self.status.remote_step, self.status.remote_created = newest.step, newest.created
-            self._uploaded.add((newest.step, newest.created))
+        else:
+            self._mark(newest)
+            if newest is not None:
+                self.status.remote_step, self.status.remote_created = newest.step, newest.created
+                self._uploaded.add((newest.step, newest.created))
         delay = 0.0
         while True:
             with self._cv:
@@ -186,6 +197,7 @@ class Uploader:
         self.status.uploading = info.name
         self.on_event("upload_started", {"checkpoint": info.name, "step": info.step, "bytes": info.bytes})
         t0 = time.monotonic()
+        self._paused = 0.0
         try:
             rc = self.tier.upload(info.path, pause=self._pause)
         except (CkptdError, OSError) as exc:
@@ -196,6 +208,7 @@ class Uploader:
             self._failed("upload", exc, checkpoint=info.name)
             return False
         seconds = max(time.monotonic() - t0, 1e-9)
+        transfer = max(seconds - self._paused, 1e-9)
         with self._cv:
             self._uploaded.add((info.step, info.created))
             self.status.remote_step, self.status.remote_created = rc.step, rc.created
@@ -204,12 +217,26 @@ class Uploader:
             self.status.errors_in_a_row = 0
             self.status.last_bytes_per_second = rc.bytes / seconds
             self.status.history = [*self.status.history, {"step": rc.step, "key": rc.key, "bytes": rc.bytes,
-                                                          "seconds": round(seconds, 3)}][-self.HISTORY:]
+                                                          "seconds": round(seconds, 3),
+                                                          "transfer_seconds": transfer}][-self.HISTORY:]
             self._cv.notify_all()
+        self._mark(rc)
         self.on_event("upload_committed", {"checkpoint": info.name, "step": rc.step, "key": rc.key, "bytes": rc.bytes,
-                                   "seconds": round(seconds, 3)})
+                                           "seconds": round(seconds, 3), "transfer_seconds": round(transfer, 3)})
         self._prune()
         return True
+
+    def _mark(self, rc: Any) -> None:
+        """Record in the local directory what the remote tier holds (``rc``: a RemoteCheckpoint, or None when it
+        holds nothing), before the commit is reported: the retention pass the report starts reads it. A record
+        that cannot be written leaves the older one, so retention holds more back, never less."""
+        try:
+            if rc is None:
+                store.clear_remote_mark(self.root)
+            else:
+                store.mark_remote(self.root, self.tier.spec.url, rc.key, rc.step, rc.created)
+        except (CkptdError, OSError) as exc:
+            self._failed("record", exc)
 
     def _prune(self) -> None:
         """The remote tier's retention, after an upload committed (an upload never waits for it). Stale prefixes of
@@ -226,7 +253,9 @@ class Uploader:
 
     def _pause(self, part_seconds: float) -> None:
         if self.pace > 0 and not self._hurry.is_set():
+            t0 = time.monotonic()
             self._hurry.wait(self.pace * part_seconds)
+            self._paused += time.monotonic() - t0
 
     def _failed(self, op: str, exc: BaseException, **fields: Any) -> None:
         self.status.failures += 1

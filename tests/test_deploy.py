@@ -191,7 +191,7 @@ def _unknown_fields(data, type_name: str, where: str, client) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize("kind", ["PersistentVolumeClaim", "ConfigMap", "Job"])
+@pytest.mark.parametrize("kind", ["ServiceAccount", "ConfigMap", "Job"])
 def test_kubernetes_manifest_validates_against_the_kubernetes_models(kind):
     kubernetes = pytest.importorskip("kubernetes", reason="the `kubernetes` package (test extra) is not installed")
     client = kubernetes.client
@@ -210,8 +210,15 @@ def test_kubernetes_job_gives_ckptd_time_to_checkpoint_and_runs_it_as_pid_1():
     assert pod["terminationGracePeriodSeconds"] > grace  # the kubelet's SIGKILL comes after ckptd's own
     assert train["command"][:2] == ["ckptd", "run"]  # exec form: ckptd is PID 1 and gets SIGTERM
     assert train["lifecycle"]["preStop"]["exec"]["command"][:3] == ["ckptd", "stop", "--wait"]
-    claim = docs["PersistentVolumeClaim"]["metadata"]["name"]
-    assert any(v.get("persistentVolumeClaim", {}).get("claimName") == claim for v in pod["volumes"])
+    # The recommended layout: the node's local disk, with the object store as the durable tier reached through
+    # the pod's ServiceAccount; no credential anywhere in the manifest.
+    (ckpt,) = [m for m in train["volumeMounts"] if m["name"] == "checkpoints"]
+    cfg = yaml.safe_load(docs["ConfigMap"]["data"]["ckptd.yaml"])
+    assert cfg["dir"].startswith(ckpt["mountPath"] + "/") and cfg["remote"].startswith("s3://")
+    assert any(v["name"] == "checkpoints" and "emptyDir" in v for v in pod["volumes"])
+    assert pod["serviceAccountName"] == docs["ServiceAccount"]["metadata"]["name"]
+    assert "Secret" not in docs and not [v for v in pod["volumes"] if "secret" in v]
+    assert not [e for e in train["env"] if "valueFrom" in e or re.search(r"KEY|SECRET|TOKEN|PASSWORD", e["name"])]
     rules = docs["Job"]["spec"]["podFailurePolicy"]["rules"]
     assert {"action": "FailJob", "values": [2, 78]} == {"action": rules[0]["action"],
                                                         "values": rules[0]["onExitCodes"]["values"]}
@@ -261,6 +268,8 @@ def test_a_cloud_recipes_install_step_installs_the_wheel_built_from_this_reposit
     steps = install_steps()[recipe]
     assert steps[0].startswith("torch=="), steps  # torch first: the build for the machine's GPUs
     (target,) = steps[1:]
+    target, extras = target.removesuffix("]").split("[")  # with the object-store client: checkpoints go to a bucket
+    assert extras == "remote", steps
     assert os.path.basename(target) == os.path.basename(built_wheel) == f"ckptd-{project_version()}-py3-none-any.whl"
     # The step as the recipe runs it, on a fresh venv, with the wheel where the recipe expects it (under a
     # temporary root; --no-deps: the dependencies come from the package index, not from this repository).

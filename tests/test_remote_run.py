@@ -42,6 +42,10 @@ def _tier(server, url: str, monkeypatch):
     return RemoteTier(RemoteSpec.parse(url, server.endpoint, "us-east-1"), timeout_s=10, max_retries=1)
 
 
+def _step(name: str) -> int:
+    return int(store.NAME_RE.match(name).group(1))
+
+
 def _status(root: str) -> dict:
     r = ckptd("status", "--dir", root, "--json")
     assert r.returncode == 0, r.stderr
@@ -129,10 +133,39 @@ def test_the_remote_tiers_retention_is_its_own_and_needs_a_remote_tier(tmp_path)
     assert cfg.keep_last == 1 and cfg.as_dict()["remote_keep_best"] == ["val_loss:2:min"]
     with pytest.raises(OptionError, match="set remote too"):
         configmod.resolve(None, {"remote_keep_last": 2})
+    assert cfg.upload_hold  # with a remote tier, local retention waits for the upload unless told not to
+    assert not configmod.resolve(None, {"remote": "s3://b/p", "prune_before_upload": True}).upload_hold
+    with pytest.raises(OptionError, match="prune_before_upload is about the remote tier"):
+        configmod.resolve(None, {"prune_before_upload": True})
     path = tmp_path / "ckptd.yaml"
     path.write_text("remote_keep_every: 10\n")
     with pytest.raises(ConfigError, match="set remote too"):
         configmod.resolve(str(path), {})
+
+
+@pytest.mark.kind("unit")
+def test_the_emergency_upload_is_tried_only_when_its_estimate_at_the_measured_rate_fits_80_percent_of_the_time_left():
+    from ckptd.supervisor.uploads import emergency_upload
+
+    mib = 2**20
+    d = emergency_upload("step-000000000007", 80 * mib, 10 * mib, 10.0, on_remote=False)  # 8 s of 10: fits
+    assert d.attempt and d.estimate_seconds == 8.0 and d.reason.startswith("fits: 80.0 MiB at the measured 10.0 MiB/s")
+    d = emergency_upload("step-000000000007", 81 * mib, 10 * mib, 10.0, on_remote=False)  # 8.1 s of 10: not
+    assert not d.attempt and d.reason.startswith("does not fit") and "8.1 s, 10.0 s left" in d.reason
+    assert emergency_upload("s", 1, 10 * mib, 10.0, on_remote=True).reason == "already on the remote tier"
+    assert not emergency_upload("s", 1, None, 10.0, on_remote=False).attempt  # nothing measured yet
+    assert not emergency_upload("s", 1, 10 * mib, -0.5, on_remote=False).attempt  # the deadline has passed
+
+
+@pytest.mark.kind("unit")
+def test_the_measured_transfer_rate_leaves_out_the_pacing_pauses_and_covers_the_last_three_uploads():
+    from ckptd.uploader import UploadStatus
+
+    st = UploadStatus()
+    assert st.transfer_rate() is None
+    st.history = [{"bytes": 1000, "seconds": 9.0, "transfer_seconds": 1.0}] + \
+        [{"bytes": 300, "seconds": 2.0, "transfer_seconds": 1.0}] * 3
+    assert st.transfer_rate() == 300.0
 
 
 def test_restore_takes_a_newer_remote_checkpoint_into_an_empty_or_older_directory_and_a_newer_local_one_wins(
@@ -273,3 +306,121 @@ def test_stop_upload_wait_exits_only_once_the_emergency_checkpoint_is_remote_and
     waited = journal(root, "remote_wait")
     assert len(waited) == 1 and not waited[0]["uploaded"] and waited[0]["reason"] == "deadline", waited
     assert "the stop's deadline ran out" in run.stderr() and "local tier only" in run.stderr()
+
+
+def test_local_retention_keeps_every_checkpoint_not_yet_uploaded_while_the_server_is_down_and_trims_once_it_returns(
+        s3_server, tmp_path, monkeypatch):
+    url = f"s3://{s3_server.bucket()}/hold"
+    tier = _tier(s3_server, url, monkeypatch)
+    root = str(tmp_path / "ck")
+    run = Run(tmp_path, root, [*FAST, "--notices", "off", "--metrics-addr", "off", "--every-steps", "50",
+                               "--keep-last", "2", "--remote", url, TRAINER, "--steps", "10000000"],
+              env=s3_server.env)
+
+    def local() -> list[str]:
+        return [i.name for i in store.list_checkpoints(root) if i.valid]
+
+    down = False
+    try:
+        first = run.wait_event("upload_committed", timeout=60)
+        s3_server.kill_gateway()  # every upload from now on fails (connection refused), retried with backoff
+        down = True
+        # Retention (keep 2) runs at each new checkpoint and keeps back every one newer than the remote tier's
+        # newest; the journal and status say so.
+        wait_for(lambda: len([n for n in local() if _step(n) > first["step"]]) >= 6, 90,
+                 "six local checkpoints newer than the remote tier's")
+        remote_step = _status(root)["remote"]["remote_step"]
+        made = [e["name"] for e in journal(root, "checkpoint")]
+        newer = [n for n in made if _step(n) > remote_step]
+        assert set(newer) <= set(local()), (newer, local())  # not one of them deleted
+        assert len(local()) > 4
+        held = journal(root, "retention_held")
+        assert held and held[-1]["names"] and held[-1]["remote_step"] == remote_step, held
+        st = _status(root)["remote"]
+        assert st["held_for_upload"] and st["newest_checkpoint_on"] == "local only", st
+        assert "until uploaded" in ckptd("status", "--dir", root).stdout
+        # The server returns: the uploader catches up (the newest local checkpoint), and retention then lets go
+        # of everything it covers: back to the last 2 (and what is newer than the remote tier's newest).
+        s3_server.start_gateway()
+        down = False
+        caught_up = run.wait_event("upload_committed", timeout=120, count=2)
+        assert caught_up["step"] >= max(_step(n) for n in newer)
+        wait_for(lambda: not set(newer[:-2]) & set(local()), 60, "retention to trim the held checkpoints")
+        covered = lambda: store.remote_mark(root, url) or (0, 0.0)  # noqa: E731  (what the uploader recorded)
+        wait_for(lambda: len([n for n in local() if _step(n) <= covered()[0]]) <= 2, 60,
+                 "the last 2 of what the remote tier covers, no more")
+    finally:
+        if down:
+            s3_server.start_gateway()
+        run.signal(signal.SIGTERM)
+        run.wait(60)
+    # Nothing torn on the remote tier: every checkpoint there has its manifest and every file at its size.
+    listed = tier.checkpoints()
+    assert listed and all(c.valid for c in listed), [(c.key, c.reason) for c in listed if not c.valid]
+
+
+def test_an_emergency_upload_before_a_notices_deadline_is_tried_only_when_the_measured_rate_says_it_fits(
+        s3_server, tmp_path, monkeypatch):
+    from ckptd.supervisor import notices
+    from fixtures.fake_metadata import FakeMetadata
+    from fixtures.slow_proxy import SlowProxy
+
+    # The link to the real server passes at most 2 MiB/s (a real throttled socket): an upload of N MiB takes at
+    # least N/2 s on any machine, so the measured rate can only say "too slow" for the short deadline below.
+    link = SlowProxy(s3_server.port, 2 << 20)
+    bucket = s3_server.bucket()
+
+    def preempted(name: str, payload: int, deadline: float) -> tuple[Run, str, dict]:
+        """A run whose checkpoints carry ``payload`` bytes, stopped by a GCP notice with ``deadline`` s once an
+        upload has measured the rate."""
+        gce = FakeMetadata("gcp")
+        root = str(tmp_path / name)
+        size_file = tmp_path / f"{name}.size"
+        size_file.write_text(str(payload))
+        run = Run(tmp_path, root, [*FAST, "--notices", "gcp", "--notice-endpoint", gce.url, "--notice-poll", "0.1",
+                                   "--notice-gcp-deadline", str(deadline), "--metrics-addr", "off", "--every-steps",
+                                   "100", "--keep-last", "2", "--remote", f"s3://{bucket}/{name}",
+                                   "--remote-endpoint", link.endpoint, TRAINER, "--steps", "10000000",
+                                   "--payload-size-file", str(size_file)],
+                  env={**s3_server.env, notices.LOOPBACK_ONLY_ENV: "1"}, name=name)
+        try:
+            run.wait_event("upload_committed", timeout=120)
+            gce.set_gcp("preempted", "TRUE")
+            assert run.wait(90) is not None, run.stderr()
+        finally:
+            gce.close()
+        return run, root, _status(root)
+
+    try:
+        # A generous deadline: the emergency checkpoint (1 MiB, about 0.5 s here) is uploaded at full speed and
+        # committed before the exit.
+        run, root, st = preempted("generous", 1 << 20, 60)
+        assert run.wait(0) == exitcodes.PREEMPTED, run.stderr()
+        emergency = [e for e in journal(root, "checkpoint") if e.get("kind") == "emergency"][-1]
+        decided = journal(root, "emergency_upload")
+        assert len(decided) == 1 and decided[0]["checkpoint"] == emergency["name"], decided
+        d = decided[0]
+        if d["attempt"]:  # the usual case: the paced background upload of it had not finished
+            assert d["reason"].startswith("fits") and d["estimate_seconds"] <= 0.8 * d["seconds_left"], d
+            assert 0 < d["bytes_per_second"] <= 2 << 20 and d["bytes"] >= 1 << 20, d
+            assert [w["uploaded"] for w in journal(root, "remote_wait")] == [True], run.stderr()
+        else:
+            assert d["reason"] == "already on the remote tier" and not journal(root, "remote_wait"), d
+        assert st["remote"]["emergency_upload"]["checkpoint"] == emergency["name"]
+        tier = _tier(s3_server, f"s3://{bucket}/generous", monkeypatch)
+        listed = {c.step: c for c in tier.checkpoints() if c.valid}  # the uploader is not waited for at the exit
+        assert listed[emergency["step"]].kind == "emergency"
+        # A deadline too short for the measured rate: 8 MiB need at least 4 s at 2 MiB/s, the notice leaves 4 s.
+        # No upload is tried; the journal, the log and status say why with the figures; the run exits at once.
+        run, root, st = preempted("short", 8 << 20, 4)
+    finally:
+        link.close()
+    assert run.wait(0) == exitcodes.PREEMPTED, run.stderr()
+    decided = journal(root, "emergency_upload")
+    assert len(decided) == 1 and not decided[0]["attempt"], decided
+    d = decided[0]
+    assert d["reason"].startswith("does not fit") and "MiB/s" in d["reason"], d
+    assert d["estimate_seconds"] >= 4 > d["seconds_left"] > 0 and d["bytes"] >= 8 << 20, d
+    assert not journal(root, "remote_wait")  # nothing waited for
+    assert st["remote"]["emergency_upload"] == {k: v for k, v in d.items() if k in st["remote"]["emergency_upload"]}
+    assert "not uploading" in run.stderr() and "does not fit" in run.stderr()

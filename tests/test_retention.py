@@ -75,6 +75,71 @@ def test_bad_keep_best_is_a_clear_error(bad):
         retention.Best.parse(bad)
 
 
+def test_an_upload_hold_keeps_every_checkpoint_newer_than_the_remote_tiers_newest_and_says_which():
+    infos = [info(s) for s in (1, 2, 3, 4, 5, 6)]
+    policy = retention.Policy(keep_last=2)
+    keep, doomed = retention.plan(infos, policy, hold=retention.UploadHold(None))  # nothing is remote yet
+    assert not doomed and retention.held(keep) == [f"step-{s:012d}" for s in (1, 2, 3, 4)]
+    keep, doomed = retention.plan(infos, policy, hold=retention.UploadHold((3, 3.0)))
+    # 1-3 are covered by the remote step 3 (an older one is never uploaded: the uploader takes the newest)
+    assert [i.step for i in doomed] == [1, 2, 3] and retention.held(keep) == ["step-000000000004"]
+    keep, doomed = retention.plan(infos, policy, hold=retention.UploadHold((4, 3.5)))  # step 4, created later
+    assert [i.step for i in doomed] == [1, 2, 3] and retention.held(keep) == ["step-000000000004"]
+    keep, doomed = retention.plan(infos, policy, hold=retention.UploadHold((9, 9.0)))
+    assert [i.step for i in doomed] == [1, 2, 3, 4] and retention.held(keep) == []
+
+
+def test_the_remote_record_is_read_for_its_own_tier_only_and_anything_odd_in_it_holds_everything(tmp_path):
+    root = str(tmp_path)
+    assert store.remote_mark(root, "s3://b/p") is None
+    store.mark_remote(root, "s3://b/p", "step-000000000007.ab", 7, 7.5)
+    assert store.remote_mark(root, "s3://b/p") == (7, 7.5)
+    assert store.remote_mark(root, "s3://b/other") is None
+    path = os.path.join(root, store.REMOTE_MARK)
+    for bad in ('{"url": "s3://b/p", "step": "7", "created": 1}', "[]", "x" * 5000, '{"url": "s3://b/p"}'):
+        with open(path, "w") as f:
+            f.write(bad)
+        assert store.remote_mark(root, "s3://b/p") is None, bad
+    os.unlink(path)
+    os.symlink(os.path.join(root, "elsewhere.json"), path)
+    with open(os.path.join(root, "elsewhere.json"), "w") as f:
+        f.write('{"url": "s3://b/p", "key": "k", "step": 99, "created": 99.0}')
+    assert store.remote_mark(root, "s3://b/p") is None  # a link is never followed
+    store.mark_remote(root, "s3://b/p", "k2", 8, 8.0)  # replaces the link itself, not its target
+    assert not os.path.islink(path) and store.remote_mark(root, "s3://b/p") == (8, 8.0)
+    store.clear_remote_mark(root)
+    assert store.remote_mark(root, "s3://b/p") is None
+
+
+def test_library_retention_under_an_uploader_keeps_what_the_remote_tier_lacks_until_it_is_recorded(
+        tmp_path, monkeypatch):
+    import ckptd
+    from conftest import small_model
+
+    url = "s3://bucket/run"
+    monkeypatch.setenv("CKPTD_REMOTE", url)  # what `ckptd run --remote` hands its child
+    monkeypatch.setenv("CKPTD_UPLOAD_HOLD", "1")
+    root = str(tmp_path / "ck")
+    model, opt = small_model()
+
+    def steps(*numbers: int, keep_last: int = 2) -> list[int]:
+        """Save these steps; close() waits for the retention that runs after each commit on the writer thread."""
+        ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root, every_steps=1, keep_last=keep_last,
+                                handle_signals=False, async_save=False, save_on_close=False)
+        for s in numbers:
+            ck.step(s)
+        ck.close()
+        return [i.step for i in store.list_checkpoints(root)]
+
+    assert steps(1, 2, 3, 4) == [1, 2, 3, 4]  # nothing is on the remote tier yet
+    three = store.read_manifest(os.path.join(root, store.checkpoint_name(3)))
+    store.mark_remote(root, url, "step-000000000003.x", 3, three["created"])  # what the uploader records
+    assert steps(5) == [4, 5]  # 4: kept by keep_last 2 and not yet remote; 1-3: covered
+    assert steps(6, 7) == [4, 5, 6, 7]
+    monkeypatch.setenv("CKPTD_UPLOAD_HOLD", "")  # --prune-before-upload: retention as without a remote tier
+    assert steps(8, keep_last=1) == [8]
+
+
 def test_apply_on_real_checkpoints_respects_pins_files(make_checkpoints):
     root = make_checkpoints([8, 9, 10, 11, 100, 101])
     store.pin(root, "step-000000000009")

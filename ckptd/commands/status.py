@@ -150,6 +150,13 @@ def _remote_line(r: dict[str, Any]) -> str:
         line += f"; uploading {r['uploading']}"
     if r.get("failures_in_a_row"):
         line += f"; {r['failures_in_a_row']} failures in a row, last: {str(r.get('last_error'))[:200]}"
+    held = r.get("held_for_upload") or []
+    if held:
+        line += f"; retention keeps {len(held)} local checkpoint(s) until uploaded"
+    emergency = r.get("emergency_upload")
+    if emergency:
+        line += f"; at the stop: {'uploaded' if emergency.get('attempt') else 'not uploaded'} " \
+                f"{emergency.get('checkpoint') or ''} ({str(emergency.get('reason'))[:200]})"
     return line
 
 

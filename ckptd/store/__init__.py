@@ -99,6 +99,7 @@ from .layout import (
     PINS_DIR,
     PREVIOUS_DIR,
     QUARANTINE_DIR,
+    REMOTE_MARK,
     SHARD_FILE_RE,
     STATE,
     TENSORS,
@@ -113,12 +114,15 @@ from .layout import (
 )
 from .maintenance import (
     amend_manifest,
+    clear_remote_mark,
     delete,
     live_writer,
+    mark_remote,
     move_aside,
     pin,
     pinned,
     quarantine,
+    remote_mark,
     remove_stale_temps,
     unpin,
 )
@@ -175,8 +179,8 @@ _LAZY = {name: "reader" for name in (
 __all__ = [
     # layout
     "CHUNK", "DCP_JSON", "DIR_MODE", "FILE_MODE", "FILE_RE", "MANIFEST", "NAME_RE", "PINS_DIR", "PREVIOUS_DIR",
-    "QUARANTINE_DIR", "SHARD_FILE_RE", "STATE", "TENSORS", "TMP_PREFIX", "TMP_RE", "TRASH_PREFIX", "check_name",
-    "checkpoint_name", "shard_file", "temp_name", "trash_name",
+    "QUARANTINE_DIR", "REMOTE_MARK", "SHARD_FILE_RE", "STATE", "TENSORS", "TMP_PREFIX", "TMP_RE", "TRASH_PREFIX",
+    "check_name", "checkpoint_name", "shard_file", "temp_name", "trash_name",
     # auth
     "ALG", "ALLOW_UNKEYED_ENV", "KEY_ENV", "MAC_FIELD", "Key", "key_from_env",
     # format
@@ -196,8 +200,8 @@ __all__ = [
     "hash_file_with", "inspect_checkpoint", "iter_checkpoint_paths", "latest_valid", "list_checkpoints", "list_runs",
     "parse_manifest", "read_dcp_json", "read_manifest", "read_range", "read_small", "verify",
     # maintenance
-    "amend_manifest", "delete", "live_writer", "move_aside", "pin", "pinned", "quarantine", "remove_stale_temps",
-    "unpin",
+    "amend_manifest", "clear_remote_mark", "delete", "live_writer", "mark_remote", "move_aside", "pin", "pinned",
+    "quarantine", "remote_mark", "remove_stale_temps", "unpin",
     # reader (loaded on first use)
     "FIRST_READ", "DURING_SWITCH", "MAX_IOV", "PREFETCH_PIECE", "Prefetch", "READERS", "READ_CHUNK",
     "RESTORE_PREFETCH", "read_into",

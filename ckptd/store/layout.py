@@ -33,6 +33,7 @@ DCP_JSON = "dcp.json"  # a sharded checkpoint's tensor map (ckptd/sharded.py wri
 SHARD_FILE_RE = re.compile(r"^shard-([0-9]{5,})\.bin$")
 QUARANTINE_DIR = ".quarantine"
 PINS_DIR = ".pins"
+REMOTE_MARK = ".remote-committed.json"  # the newest checkpoint the uploader committed remotely (uploader.py)
 PREVIOUS_DIR = ".previous"  # `ckptd run --fresh` moves an old run's checkpoints here, never deletes them
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"

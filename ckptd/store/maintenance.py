@@ -20,7 +20,7 @@ from typing import Any
 
 from ..errors import CkptdError, CorruptCheckpointError
 from .auth import Key
-from .catalog import CheckpointInfo, inspect_checkpoint
+from .catalog import CheckpointInfo, inspect_checkpoint, read_small
 from .format import MAX_MANIFEST_BYTES, encode_manifest, manifest_digest, manifest_problem, sign_manifest
 from .layout import (
     DIR_MODE,
@@ -30,6 +30,7 @@ from .layout import (
     PINS_DIR,
     PREVIOUS_DIR,
     QUARANTINE_DIR,
+    REMOTE_MARK,
     TMP_PREFIX,
     TMP_RE,
     TRASH_PREFIX,
@@ -41,6 +42,7 @@ from .writer import (
     fsync_dir,
     open_dir,
     remove_tree,
+    replacing,
     storage_close,
     storage_error,
     storage_fsync,
@@ -368,3 +370,48 @@ def pinned(root: str) -> set[str]:
         return {n for n in os.listdir(os.path.join(root, PINS_DIR)) if NAME_RE.match(n)}
     except FileNotFoundError:
         return set()
+
+
+MAX_REMOTE_MARK = 4096
+
+
+def mark_remote(root: str, url: str, key: str, step: int, created: float) -> None:
+    """Record durably (``root/.remote-committed.json``: temp, fsync, rename, fsync the directory) that the remote
+    tier ``url`` holds a committed checkpoint of (``step``, ``created``) under ``key``: local retention that
+    waits for the upload (``retention.UploadHold``) then lets go of every local checkpoint not newer than it.
+    Written only after the remote manifest's conditional put succeeded."""
+    data = json.dumps({"url": url, "key": key, "step": int(step), "created": float(created)}).encode()
+    with replacing(os.path.join(root, REMOTE_MARK), FILE_MODE, follow_dir=True) as fd:
+        storage_write(fd, memoryview(data), REMOTE_MARK)
+
+
+def remote_mark(root: str, url: str) -> tuple[int, float] | None:
+    """(step, created) of the newest checkpoint recorded as committed on the remote tier ``url`` (None: none is,
+    or the record is missing, another tier's, a link, too large or malformed; a caller that holds local copies
+    back for the upload then holds them all, the safe side)."""
+    try:
+        doc = json.loads(read_small(os.path.join(root, REMOTE_MARK), MAX_REMOTE_MARK))
+    except (OSError, ValueError, CkptdError):
+        return None
+    if not isinstance(doc, dict) or doc.get("url") != url:
+        return None
+    step, created = doc.get("step"), doc.get("created")
+    if type(step) is not int or step < 0 or not isinstance(created, (int, float)) or isinstance(created, bool):
+        return None
+    return step, float(created)
+
+
+def clear_remote_mark(root: str) -> None:
+    """The remote tier holds nothing committed (an empty prefix): no record may say otherwise."""
+    try:
+        root_fd = open_dir(root, follow=True)
+    except FileNotFoundError:
+        return
+    try:
+        try:
+            os.unlink(REMOTE_MARK, dir_fd=root_fd)
+        except FileNotFoundError:
+            return
+        os.fsync(root_fd)
+    finally:
+        os.close(root_fd)

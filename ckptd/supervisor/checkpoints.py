@@ -1,5 +1,6 @@
 """The checkpoint directory as the supervisor journals it: what appeared, what was removed and by whom,
-what is invalid; the supervisor's own retention; pins of checkpoints a person asked for.
+what is invalid; the supervisor's own retention (which, with a remote tier, keeps every checkpoint the remote tier
+does not cover yet and says so: ``retention_held``); pins of checkpoints a person asked for.
 
 The loop calls :meth:`Directory.rescan` after a burst of file events, before an exit is judged, and when
 the core asks (:class:`~ckptd.supervisor.actions.Rescan`); the core gets the result as
@@ -15,6 +16,7 @@ from .. import retention, store
 from ..errors import CkptdError
 from . import actions as act
 from .config import Config
+from .uploads import spec_of
 from .watch import CheckpointView
 
 MAX_PRUNING = 1024  # names the trainers' retention announced and the directory still shows (bounded)
@@ -31,7 +33,7 @@ class Directory:
         self._retired: set[str] = set()  # names our retention deleted
         self._pruning: dict[str, None] = {}  # names a trainer's retention announced it deletes (insertion order)
         self._latest_step: int | None = None  # of the newest valid checkpoint, as of the last refresh
-
+        self.held: list[str] = []  # what our last retention pass kept only because the remote tier lacks it
 
     def start(self) -> None:
         self.view.refresh()
@@ -105,19 +107,41 @@ class Directory:
         if removed:
             self._log("info", "retention", f"removed leftovers of an interrupted deletion: {', '.join(removed)}")
 
+    def retain(self, cfg: Config, resumed_from: str | None) -> None:
+        """A retention pass now (an upload committed: what it covers may go)."""
+        if cfg.retention_enabled:
+            self._apply_retention(cfg, resumed_from)
+
     def _apply_retention(self, cfg: Config, resumed_from: str | None) -> None:
         policy = retention.Policy(keep_last=cfg.keep_last, keep_every=cfg.keep_every,
                                   keep_best=tuple(retention.Best(m, k, mode) for m, k, mode in cfg.keep_best))
         latest = self.view.latest()
         try:
             pins = {n for n in (latest.name if latest else None, resumed_from) if n}
-            deleted = retention.apply(self.root, policy, pinned=pins)
+            hold = retention.UploadHold(store.remote_mark(self.root, spec_of(cfg).url)) if cfg.upload_hold else None
+            deleted = retention.apply(self.root, policy, pinned=pins, hold=hold,
+                                      on_held=lambda names: self._held(names, hold))
         except (OSError, CkptdError) as exc:
             self._log("error", "retention", f"retention failed, will retry after the next checkpoint: {exc}")
             return
         if deleted:
             self._retired.update(deleted)
             self._log("info", "retention", f"retention deleted {', '.join(deleted)}")
+
+    def _held(self, names: list[str], hold: retention.UploadHold | None) -> None:
+        """Journal each change of what retention keeps back for the upload (the log line once per stretch)."""
+        if names == self.held or hold is None:
+            return
+        before, self.held = self.held, names
+        remote = f"step {hold.remote[0]}" if hold.remote else "none yet"
+        if names:
+            self._record("info", "retention_held", f"retention keeps {len(names)} checkpoint(s) the remote tier does "
+                         f"not have yet ({', '.join(names)}; its newest: {remote}) until an upload covers them",
+                         names=names, remote_step=hold.remote[0] if hold.remote else None, quiet=bool(before))
+        else:
+            self._record("info", "retention_held", f"the remote tier covers every checkpoint retention had kept "
+                         f"back (its newest: {remote})", names=[],
+                         remote_step=hold.remote[0] if hold.remote else None)
 
     def pin(self, name: str) -> None:
         """A checkpoint a person asked for is kept until a person removes it: pinned (``.pins/``), so neither

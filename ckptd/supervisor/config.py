@@ -122,6 +122,7 @@ class Config:
     remote_region: str | None = None  # default $AWS_REGION
     remote_virtual_hosted: bool = False  # with an endpoint: bucket.host addressing instead of path-style
     stop_upload: str = "skip"  # skip | wait: a stop exits only once its checkpoint is on the remote tier
+    prune_before_upload: bool = False  # local retention may delete checkpoints the remote tier does not cover yet
     remote_keep_last: int | None = None  # retention of the remote tier, apart from the local one's keep_*
     remote_keep_every: int | None = None
     remote_keep_best: tuple[tuple[str, int, str], ...] = ()
@@ -143,6 +144,11 @@ class Config:
     @property
     def retention_enabled(self) -> bool:
         return bool(self.keep_last or self.keep_every or self.keep_best)
+
+    @property
+    def upload_hold(self) -> bool:
+        """Local retention keeps what the remote tier does not cover yet (the remote tier is the durable one)."""
+        return bool(self.remote) and not self.prune_before_upload
 
     @property
     def remote_retention_enabled(self) -> bool:
@@ -400,6 +406,9 @@ OPTIONS: tuple[Option, ...] = (
            switch=True),
     Option("stop_upload", _choice("skip", "wait"), "on a stop: wait = exit only once the emergency checkpoint is "
            "on the remote tier (bounded by the stop's deadline); skip = exit once it is local (default)", "MODE"),
+    Option("prune_before_upload", _bool, "with --remote: local retention (--keep-*) may delete checkpoints not yet "
+           "on the remote tier (default: each is kept until an upload covers it; a remote tier that stays "
+           "unreachable then grows the local directory)", switch=True),
     Option("remote_keep_last", _int(1), "retention of the remote tier (after each upload; apart from --keep-*, which "
            "is the local tier's): keep the newest N remote checkpoints"),
     Option("remote_keep_every", _int(1), "remote retention: also keep every remote checkpoint whose step is a "
@@ -588,6 +597,10 @@ def resolve(config_file: str | None, overrides: dict[str, Any]) -> Config:
     if cfg.backoff_max < cfg.backoff_base:
         error = OptionError if {"backoff_base", "backoff_max"} & set(overrides) else ConfigError
         raise error(f"backoff_max ({cfg.backoff_max}) is below backoff_base ({cfg.backoff_base}); raise it")
+    if cfg.prune_before_upload and not cfg.remote:
+        error = OptionError if "prune_before_upload" in overrides else ConfigError
+        raise error("prune_before_upload is about the remote tier's uploads: set remote too (--remote "
+                    "s3://BUCKET/PREFIX) or drop it")
     if cfg.remote_retention_enabled and not cfg.remote:
         keys = {"remote_keep_last", "remote_keep_every", "remote_keep_best"}
         error = OptionError if keys & set(overrides) else ConfigError

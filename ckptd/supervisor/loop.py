@@ -286,6 +286,7 @@ class Supervisor:
             level, msg, quiet = self.uploads.record(event[1], event[2])
             self._event(level, event[1], msg, quiet=quiet, url=self.uploads.spec.url, **event[2])
             if event[1] == "upload_committed":
+                self.dir.retain(self.cfg, self.core.led.resumed_from)  # what the upload covers may go now
                 self._save_state()  # state.json says which tier holds the newest checkpoint
 
     def _run_timers(self) -> None:
@@ -394,7 +395,8 @@ class Supervisor:
         if self.cfg.remote:  # restore() on a fresh machine takes the newest checkpoint from the remote tier
             env.update({envvars.REMOTE: self.cfg.remote, envvars.REMOTE_ENDPOINT: self.cfg.remote_endpoint or "",
                         envvars.REMOTE_REGION: self.cfg.remote_region or "",
-                        envvars.REMOTE_VIRTUAL_HOSTED: "1" if self.cfg.remote_virtual_hosted else ""})
+                        envvars.REMOTE_VIRTUAL_HOSTED: "1" if self.cfg.remote_virtual_hosted else "",
+                        envvars.UPLOAD_HOLD: "1" if self.cfg.upload_hold else ""})
         if self.cfg.every_steps:
             env[envvars.EVERY_STEPS] = str(self.cfg.every_steps)
         if self.cfg.keep_last:
@@ -522,7 +524,8 @@ class Supervisor:
             "socket": self.control.path if self.control else None, "updated": self.clock.time(),
             "notice": led.notice,
             "metrics": {**self.port.describe(), **self.metrics.status()},
-            "remote": self.uploads.status(self._local_newest(), self.clock.time()) if self.uploads else None,
+            "remote": {**self.uploads.status(self._local_newest(), self.clock.time()),
+                       "held_for_upload": list(self.dir.held)} if self.uploads else None,
             "memory": {"region_bytes": self.memory.bytes(), "persisted": self.memory.persisted}
             if self.memory is not None else None,
         }
@@ -610,11 +613,22 @@ class Supervisor:
         the remote tier, or the stop's deadline has passed (said), or a second SIGTERM/SIGINT ends the wait. The
         child is gone: nothing else is left to do, and the clients of `ckptd stop` hear the outcome after it."""
         stop = self.core.led.stop
-        if self.uploads is None or self.cfg.stop_upload != "wait" or stop is None:
+        if self.uploads is None or stop is None:
             return
         t0 = self.clock.monotonic()
         left = stop.deadline - t0
         url = self.uploads.spec.url
+        if self.cfg.stop_upload != "wait":
+            if stop.notice is None or stop.notice.deadline is None:
+                return  # a stop without a platform deadline: the run exits once the checkpoint is local
+            d = self.uploads.decide_emergency(left)
+            self._event("info" if d.attempt else "warning", "emergency_upload",
+                        f"stop before the notice's deadline: {'uploading' if d.attempt else 'not uploading'} "
+                        f"{d.checkpoint or 'the emergency checkpoint'} to the remote tier {url}: {d.reason}",
+                        url=url, **dataclasses.asdict(d))
+            self._save_state()
+            if not d.attempt:
+                return
         ok, name, step = self.uploads.wait_stopped(left, self._signalled_during_linger)
         waited = round(self.clock.monotonic() - t0, 3)
         if not name:
@@ -642,12 +656,14 @@ class Supervisor:
     def _finish(self) -> None:
         self.child.kill_all()  # an exception escaped the loop: leave nothing running
         self.schedules.shutdown()
-        if self.notices is not None:
-            self.notices.close()  # sends the acknowledgements asked for, bounded
-        self.watcher.stop()
+        # The upload a stop may still make reads the time left before the deadline: nothing that can take seconds
+        # (the notice pollers' joins) goes before it.
         if self.uploads is not None:
             self._guarded("remote tier", self._wait_upload)
             self.uploads.close()
+        if self.notices is not None:
+            self.notices.close()  # sends the acknowledgements asked for, bounded
+        self.watcher.stop()
         if self.control is not None:
             for action in self.core.finish(self.port.linger_seconds(self.cfg.metrics)):
                 self._do(action)
