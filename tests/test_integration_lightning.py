@@ -9,6 +9,7 @@ printed equal to the uninterrupted run's (on each rank).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -16,7 +17,9 @@ import sys
 
 import pytest
 
-pytest.importorskip("lightning")
+# Not importorskip: every xdist worker collects this module, and importing lightning costs seconds of CPU.
+if importlib.util.find_spec("lightning") is None:
+    pytest.skip("needs lightning (pip install 'ckptd[test]')", allow_module_level=True)
 
 import torch
 

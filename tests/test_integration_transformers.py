@@ -9,6 +9,7 @@ uninterrupted run's.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -16,7 +17,9 @@ import sys
 
 import pytest
 
-pytest.importorskip("transformers")
+# Not importorskip: every xdist worker collects this module, and importing transformers costs seconds of CPU.
+if importlib.util.find_spec("transformers") is None:
+    pytest.skip("needs transformers (pip install 'ckptd[test]')", allow_module_level=True)
 
 import ckptd
 from ckptd import exitcodes, store
