@@ -90,6 +90,7 @@ class SaveResult:
     _digest: str | None = field(default=None, repr=False)  # the small state's digest (close() compares it)
     _replaced: bool = field(default=False, repr=False)  # it replaced the checkpoint of its step (close())
     _hurry: threading.Event = field(default_factory=threading.Event, repr=False)
+    _slot: int | None = field(default=None, repr=False)  # the memory tier's slot the persist writes from
 
     def done(self) -> bool:
         return self._future is None or self._future.done()
@@ -140,6 +141,10 @@ class Checkpointer:
             and, after ``restore()``, found again in ``ck.extra[name]``.
         dir: checkpoint root; None means ``$CKPTD_DIR`` (set by ``ckptd run``), else ``./checkpoints``.
         every_steps / every_seconds: periodic saves (``ckptd run`` overrides them via the environment).
+        snapshot_every_steps: with the memory tier (``ckptd run --memory``; refused without it), a snapshot into
+            memory every N steps, not committed to disk, so a crash loses at most N steps: the supervisor writes
+            the newest verified snapshot as a checkpoint before the restart (docs/memory-tier.md). Default
+            ``$CKPTD_SNAPSHOT_EVERY_STEPS`` (``ckptd run --snapshot-every-steps``).
         keep_last / keep_best / keep_every: retention applied after each commit
             (``keep_best`` items are ``"metric:K[:min|max]"``).
         save_on_close: write a ``final`` checkpoint at ``close()`` when the last step is not saved.
@@ -178,6 +183,7 @@ class Checkpointer:
         dir: str | os.PathLike[str] | None = None,
         every_steps: int | None = None,
         every_seconds: float | None = None,
+        snapshot_every_steps: int | None = None,
         keep_last: int | None = None,
         keep_best: Iterable[str] = (),
         keep_every: int | None = None,
@@ -205,9 +211,15 @@ class Checkpointer:
                         "these checkpoints", self.dir, env_dir)
         self.every_steps = env.get_int(env.EVERY_STEPS) or every_steps
         self.every_seconds = env.get_float(env.EVERY_SECONDS) or every_seconds
-        for name, v in (("every_steps", self.every_steps), ("every_seconds", self.every_seconds)):
+        self.snapshot_every_steps = env.get_int(env.SNAPSHOT_EVERY_STEPS) or snapshot_every_steps
+        for name, v in (("every_steps", self.every_steps), ("every_seconds", self.every_seconds),
+                        ("snapshot_every_steps", self.snapshot_every_steps)):
             if v is not None and v <= 0:
                 raise CkptdError(f"{name} must be > 0, got {v}")
+        if self.snapshot_every_steps and not os.environ.get(env.MEMORY_FD):
+            raise CkptdError(f"snapshot_every_steps={self.snapshot_every_steps} snapshots into the memory tier, which "
+                             "only `ckptd run --memory` provides: run the script under `ckptd run --memory`, or leave "
+                             "snapshot_every_steps out")
         self.policy = retention.Policy(
             keep_last=env.get_int(env.KEEP_LAST) or keep_last,
             keep_best=tuple(retention.Best.parse(b) for b in keep_best),
@@ -245,7 +257,10 @@ class Checkpointer:
         self.metrics: dict[str, Any] = {}
         self.resumed_from: str | None = None
         self.stats: dict[str, Any] = {"saves": 0, "failed": 0, "coalesced": 0, "skipped": 0,
-                                      "last_stall_seconds": None, "last_persist_seconds": None}
+                                      "last_stall_seconds": None, "last_persist_seconds": None,
+                                      # memory-only snapshots (snapshot_every_steps), and those that first waited
+                                      # for the disk save still writing from the slot they take
+                                      "snapshots": 0, "snapshot_waits": 0}
         self._save_times = SaveTimes()  # the emergency stop's estimate of what a save costs
         self._step: int | None = None
         self._committed_step: int | None = None
@@ -259,6 +274,7 @@ class Checkpointer:
         # `ckptd run --memory`: snapshots go into the supervisor's memory region, which outlives this process
         self._memory = MemoryTier.from_env(self._snapshot, max(world_size, 1)) if self.writes else None
         self._restored_from_memory: str | None = None  # the checkpoint the last restore read from the memory tier
+        self._snapshots_off_said = False
         self._shard_staging: Any = None  # sharded model: sharded.Staging, host copies of the DTensor shards
         self._executor: ThreadPoolExecutor | None = None
         self._prewarm: Future | None = None
@@ -333,8 +349,13 @@ class Checkpointer:
         if self._due(step, now):
             if self._epoch_end_pending():
                 self._deferred = True  # saved at this epoch's end, with the end-of-epoch work in it
+                self._snapshot_if_due(step)
                 return None
-            return self.save(kind="periodic")
+            result = self.save(kind="periodic")
+            if result.skipped:  # coalesced behind the save in flight: the memory tier still takes this step
+                self._snapshot_if_due(step)
+            return result
+        self._snapshot_if_due(step)
         return None
 
     def epochs(self, start: int, stop: int) -> Iterator[int]:
@@ -820,6 +841,35 @@ class Checkpointer:
             return True
         return bool(self.every_seconds and now - self._last_save_time >= self.every_seconds)
 
+    def _snapshot_if_due(self, step: int) -> None:
+        """``snapshot_every_steps``: a snapshot of ``step`` into the memory tier, sealed, not committed; the
+        supervisor writes the newest one as a checkpoint if this process dies (docs/memory-tier.md)."""
+        every = self.snapshot_every_steps
+        if not every or step % every or step == self._committed_step or not self.writes:
+            return
+        memory = self._memory
+        if memory is None or self._dist is not None:
+            if not self._snapshots_off_said:
+                self._snapshots_off_said = True
+                log.warning("ckptd: snapshot_every_steps=%d has no effect: the memory tier is off for this process "
+                            "(said above); a crash loses up to a disk save interval", every)
+            return
+        if self._prewarm is not None:
+            self._prewarm.result()  # usually long done; never lay the region out twice
+        inflight = self._inflight if self._inflight is not None and not self._inflight.done() else None
+
+        def wait() -> None:  # the save in flight writes from the slot this snapshot takes: it finishes first
+            self.stats["snapshot_waits"] += 1
+            self.wait()  # ends its pacing too
+
+        taken = memory.capture(self._capture_tree(step), step, self._fields("periodic", dict(self.metrics), self.epoch),
+                               self.key is not None, self._snapshot.helper,
+                               inflight._slot if inflight is not None else None, wait)
+        if taken is None:
+            self._memory = None  # off for this life (said once); today's private buffer from here on
+            return
+        self.stats["snapshots"] += 1
+
     def _start_prewarm(self, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
         """At the first step (or restore), size the state and prepare the snapshot buffer in the background."""
         if tensors is None:
@@ -871,9 +921,9 @@ class Checkpointer:
         if self._memory is not None and not ranks.per_rank:
             taken = self._memory.capture(tree, step, fields, self.key is not None, self._snapshot.helper)
             if taken is not None:
-                files, tensors = taken
-                result._digest = _small_digest(files[1].head, tensors)
-                return files
+                result._digest = _small_digest(taken.files[1].head, taken.tensors)
+                result._slot = taken.slot
+                return taken.files
             self._memory = None  # off for this life (said once); today's private buffer from here on
         if not ranks.per_rank:
             files, tensors = persist.encode(tree, self._snapshot, (store.TENSORS, store.STATE))

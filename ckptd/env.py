@@ -30,12 +30,13 @@ REMOTE_VIRTUAL_HOSTED = "CKPTD_REMOTE_VIRTUAL_HOSTED"  # "1": bucket.host addres
 UPLOAD_HOLD = "CKPTD_UPLOAD_HOLD"  # "1": retention keeps local checkpoints the remote tier does not cover yet
 
 MEMORY_FD = "CKPTD_MEMORY_FD"  # `ckptd run --memory`: the descriptor of the memory region snapshots go into
+SNAPSHOT_EVERY_STEPS = "CKPTD_SNAPSHOT_EVERY_STEPS"  # with MEMORY_FD: a memory-only snapshot every N steps
 KEY_FILE = "CKPTD_KEY_FILE"  # authenticated checkpoints: the key file (store.auth; also read by the commands)
 ALLOW_UNKEYED = "CKPTD_ALLOW_UNKEYED"  # "1": with a key, checkpoints written without one are still accepted
 
 ALL = (DIR, EVERY_STEPS, EVERY_SECONDS, KEEP_LAST, RUN_ID, RESTART_COUNT, CONTROL, STOP_DEADLINE, METRICS, ORIGIN,
        RESUME_FROM, RESUME_PARTS, STAGE, RETENTION, REMOTE, REMOTE_ENDPOINT, REMOTE_REGION, REMOTE_VIRTUAL_HOSTED,
-       UPLOAD_HOLD, KEY_FILE, ALLOW_UNKEYED, MEMORY_FD)
+       UPLOAD_HOLD, KEY_FILE, ALLOW_UNKEYED, MEMORY_FD, SNAPSHOT_EVERY_STEPS)
 
 
 def get_int(name: str) -> int | None:

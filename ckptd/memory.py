@@ -2,9 +2,11 @@
 
 :class:`MemoryTier` binds the two slots' data areas as the buffers of two :class:`Snapshot` objects (the
 first is the Checkpointer's own, so restore's staging and the copy threads are the same as without the
-tier) and takes a save's snapshot into the slot that does not hold the newest sealed one: seqlock opened,
+tier) and takes a snapshot into the slot that does not hold the newest sealed one: seqlock opened,
 tensors copied (the save's one copy), state JSON and safetensors header written beside them, each piece
-checksummed, seqlock closed. The disk save then writes from the slot as it writes from today's buffer.
+checksummed, seqlock closed. A disk save then writes from the slot as it writes from today's buffer; a
+memory-only snapshot (``snapshot_every_steps``) stops there. The caller keeps a slot a disk save still reads
+from being written (:meth:`MemoryTier.next_slot` says which slot the next capture takes).
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ class Source(NamedTuple):
     offset: int
     size: int
     state: bytes
+
+class Taken(NamedTuple):
+    """A capture: the save's files (views of the slot), its tensors, and the slot they are in."""
+
+    files: list[File]
+    tensors: Mapping[str, torch.Tensor]
+    slot: int
+
 
 class MemoryTier:
     def __init__(self, region: memtier.Region, first: Snapshot) -> None:
@@ -114,11 +124,23 @@ class MemoryTier:
         if self._bound == self.region.generation and self.region.mm is not None:
             self.region.invalidate(0, 0)
 
+    def next_slot(self) -> int | None:
+        """The slot the next capture writes (never the one holding the newest sealed snapshot); None before the
+        region is laid out (the first capture lays it out: no disk save can be reading a slot yet)."""
+        if self.off or self._bound != self.region.generation or self.region.mm is None:
+            return None
+        return self.region.next_slot()
+
     def capture(self, tree: Any, step: int, fields: dict[str, Any], keyed: bool,
-                pool: Callable[[], ThreadPoolExecutor]) -> tuple[list[File], Mapping[str, torch.Tensor]] | None:
-        """Snapshot ``tree`` into a slot and seal it; the save's files (views of the slot) and its tensors.
-        None when the tier cannot take this state (CUDA tensors, memory refused): the caller saves as
-        without the tier, and the tier is off from then on."""
+                pool: Callable[[], ThreadPoolExecutor], reading: int | None = None,
+                wait: Callable[[], None] | None = None) -> Taken | None:
+        """Snapshot ``tree`` into a slot and seal it; the save's files (views of the slot), its tensors and the
+        slot. None when the tier cannot take this state (CUDA tensors, memory refused): the caller saves as
+        without the tier, and the tier is off from then on.
+
+        ``reading``: the slot a disk save in flight still writes from; when this capture would write that slot
+        (or lay the region out anew, which drops every slot), ``wait()`` (the end of that disk save) comes first.
+        A disk save is never handed bytes that change under it."""
         if self.off:
             return None
         encoder = Encoder()
@@ -133,6 +155,9 @@ class MemoryTier:
             return None
         data_bytes = sum(nbytes(t) for t in tensors.values())
         head_bytes = 2 * (len(state) + HEADER_BYTES_PER_TENSOR * len(tensors)) + (64 << 10)
+        if reading is not None and wait is not None and (
+                not self.region.fits(data_bytes, head_bytes) or self.next_slot() in (reading, None)):
+            wait()
         if not self.prepare(data_bytes, head_bytes):
             return None
         i = self.region.next_slot()
@@ -148,4 +173,4 @@ class MemoryTier:
                                 lambda view: memtier.hash_pieces(view, run)):
             log.warning("ckptd: the snapshot of step %d does not fit its memory slot (state %d bytes); it goes to "
                         "disk only", step, len(state))
-        return [File(store.TENSORS, header, data), File(store.STATE, state)], tensors
+        return Taken([File(store.TENSORS, header, data), File(store.STATE, state)], tensors, i)

@@ -313,6 +313,11 @@ class Region:
         self.generation += 1
         return True
 
+    def fits(self, data_bytes: int, head_bytes: int = 0) -> bool:
+        """The region as laid out holds snapshots of this size (:meth:`ensure` would keep it as it is)."""
+        layout = self.layout
+        return layout is not None and layout.data_cap >= data_bytes and layout.head_cap >= head_bytes
+
     def _adopt_existing(self) -> Layout | None:
         """A region an earlier life laid out: map it (its sealed slots stay readable)."""
         size = region_bytes(self.fd)

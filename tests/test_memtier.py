@@ -8,15 +8,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import struct
+import threading
 
 import pytest
 
 from ckptd import env, memtier, store
 from ckptd.errors import CkptdError
+from ckptd.supervisor.config import resolve
 from fixtures import mem_plain
-from fixtures.sup_helpers import FIXTURES, Run, toy_digest, toy_reference
+from fixtures.sup_helpers import FIXTURES, Run, kill_at_steps, lives, toy_digest, toy_reference, wait_for
 
 MEM_TRAINER = os.path.join(FIXTURES, "mem_trainer.py")
 MEM_PLAIN = os.path.join(FIXTURES, "mem_plain.py")
@@ -240,3 +243,172 @@ def test_the_library_killed_while_persisting_resumes_that_snapshot_from_memory_a
     for info in store.list_checkpoints(root):
         assert store.verify(info.path).valid, info
     assert toy_digest(run.stdout(), STEPS) == reference
+
+
+# ----------------------------------------------------------------------------- snapshot_every_steps
+
+SNAP, DISK = 5, 50  # a snapshot into memory every 5 steps, a disk save every 50
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """Digests of uninterrupted, unsupervised runs of the bundled example, by number of steps."""
+    cache: dict[int, str] = {}
+
+    def of(steps: int) -> str:
+        if steps not in cache:
+            cache[steps] = toy_reference(str(tmp_path_factory.mktemp(f"ref{steps}")), steps)
+        return cache[steps]
+
+    return of
+
+
+@pytest.mark.kind("unit")
+def test_snapshot_every_steps_without_the_memory_tier_is_refused_naming_the_fix(tmp_path, monkeypatch):
+    with pytest.raises(CkptdError, match="add --memory"):
+        resolve(None, {"snapshot_every_steps": "5"})
+    assert resolve(None, {"snapshot_every_steps": "5", "memory": True}).snapshot_every_steps == 5
+    pytest.importorskip("torch")
+    import ckptd
+
+    monkeypatch.delenv(env.MEMORY_FD, raising=False)
+    with pytest.raises(CkptdError, match=r"`ckptd run --memory`"):
+        ckptd.Checkpointer(dir=str(tmp_path / "ck"), snapshot_every_steps=5, handle_signals=False)
+    monkeypatch.setenv(env.SNAPSHOT_EVERY_STEPS, "5")  # what `ckptd run` passes on: refused the same way
+    with pytest.raises(CkptdError, match="snapshot_every_steps=5"):
+        ckptd.Checkpointer(dir=str(tmp_path / "ck"), handle_signals=False)
+
+
+@pytest.mark.kind("unit")
+def test_snapshots_go_into_memory_between_disk_saves_and_the_supervisors_write_of_the_newest_restores(tmp_path,
+                                                                                                       monkeypatch):
+    torch = pytest.importorskip("torch")
+    import ckptd
+    from conftest import small_model, train_steps
+
+    fd = memtier.create()
+    monkeypatch.setenv(env.MEMORY_FD, str(fd))
+    root = str(tmp_path / "ck")
+    model, opt = small_model()
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root, every_steps=DISK, snapshot_every_steps=SNAP,
+                            handle_signals=False)
+    at_10 = {}
+    for step in range(1, 13):
+        train_steps(model, opt, 1)
+        ck.step(step)
+        if step == 10:
+            at_10 = {k: v.clone() for k, v in model.state_dict().items()}  # steps 11, 12 move on from it
+    assert ck.stats["snapshots"] == 2 and ck.stats["saves"] == 0
+    assert not os.path.isdir(root) or store.list_checkpoints(root) == []  # nothing committed to disk
+    pending, notes = memtier.newest_sealed(fd)
+    assert pending is not None and pending.step == 10, notes
+    ck._shutdown()  # the process "dies": nothing more is saved
+    path, _, why = memtier.persist_pending(fd, root)  # what the supervisor does before the restart
+    assert path is not None and store.verify(path).valid, why
+    fresh, fresh_opt = small_model(seed=1)
+    ck2 = ckptd.Checkpointer(model=fresh, optimizer=fresh_opt, dir=root, handle_signals=False)
+    assert ck2.restore() == 10
+    assert ck2._restored_from_memory == store.checkpoint_name(10)
+    for name, t in fresh.state_dict().items():
+        assert torch.equal(t, at_10[name]), name
+    ck2.close()
+    os.close(fd)
+
+
+@pytest.mark.kind("unit")
+def test_a_snapshot_never_overwrites_the_slot_a_disk_save_in_flight_still_writes_from(tmp_path, monkeypatch):
+    # Disk save of step 50 into slot A, held back on the writer thread; snapshot 55 goes into slot B; snapshot
+    # 60 would take slot A, the disk save's bytes: it waits for that save instead, so checkpoint 50 holds step
+    # 50's weights, not step 60's.
+    torch = pytest.importorskip("torch")
+    import ckptd
+    from conftest import small_model, train_steps
+
+    fd = memtier.create()
+    monkeypatch.setenv(env.MEMORY_FD, str(fd))
+    root = str(tmp_path / "ck")
+    model, opt = small_model()
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root, every_steps=DISK, snapshot_every_steps=SNAP,
+                            pace=0, handle_signals=False)
+    for step in range(1, 50):
+        train_steps(model, opt, 1)
+        ck.step(step)
+    ck.wait()
+    gate = threading.Event()
+    ck._writer().submit(gate.wait)  # the disk save of step 50 queues behind this: in flight until the gate opens
+    train_steps(model, opt, 1)
+    at_50 = {k: v.clone() for k, v in model.state_dict().items()}
+    ck.step(50)
+    for step in range(51, 60):
+        train_steps(model, opt, 1)
+        ck.step(step)  # snapshot 55 into the other slot: no wait (else this blocks until the deadline below)
+    assert ck.stats["snapshot_waits"] == 0 and ck.stats["snapshots"] >= 10
+    train_steps(model, opt, 1)
+    stepped = threading.Thread(target=ck.step, args=(60,))
+    stepped.start()
+    wait_for(lambda: ck.stats["snapshot_waits"] == 1 or not stepped.is_alive(), 60, "snapshot 60 waiting or done")
+    gate.set()
+    stepped.join(60)
+    assert not stepped.is_alive()
+    assert ck.stats["snapshot_waits"] == 1
+    assert memtier.newest_sealed(fd)[0].step == 60
+    fresh, fresh_opt = small_model(seed=1)
+    ck._shutdown()
+    monkeypatch.delenv(env.MEMORY_FD)
+    ck2 = ckptd.Checkpointer(model=fresh, optimizer=fresh_opt, dir=root, handle_signals=False)
+    assert ck2.restore(os.path.join(root, store.checkpoint_name(50))) == 50
+    for name, t in fresh.state_dict().items():
+        assert torch.equal(t, at_50[name]), name
+    ck2.close()
+    os.close(fd)
+
+
+@pytest.mark.kind("system")
+def test_sigkills_at_random_steps_lose_at_most_one_snapshot_interval_and_the_run_ends_bit_identical(tmp_path,
+                                                                                                   references):
+    # `ckptd run --memory --every-steps 50 --snapshot-every-steps 5`; each of three lives SIGKILLed from outside
+    # once it has done the work of a random step (wherever it then is: computing, copying a snapshot,
+    # persisting). Lost work = the last step that life finished - the step the next life starts from.
+    steps, seed = 150, int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    targets = sorted(rng.sample(range(12, 110), 3))
+    while any(b - a < 12 for a, b in zip(targets, targets[1:])):  # each beyond the work the kill before can lose
+        targets = sorted(rng.sample(range(12, 110), 3))
+    root = str(tmp_path / "ck")
+    run = Run(tmp_path, root, [*FAST, "--memory", "--every-steps", str(DISK), "--snapshot-every-steps", str(SNAP),
+                               MEM_TRAINER, "--steps", str(steps), "--step-delay", "0.02", "--print-steps"])
+    kills = kill_at_steps(run.stdout, targets, lambda: run.proc.poll() is not None)
+    assert run.wait(180) == 0, run.stderr()
+    said = f"seed {seed}, targets {targets}"
+    assert kills, f"no life was killed ({said}); stdout:\n{run.stdout()}"
+    lost = [killed.last - after.start for killed, after in kills]
+    assert all(0 <= n <= SNAP for n in lost), (lost, said)
+    restarts = run.events("restart")
+    assert [r["resume_step"] for r in restarts] == [after.start for _, after in kills], (restarts, said)
+    persisted = {e["step"] for e in run.events("memory_persisted")}
+    assert {after.start for _, after in kills if after.start % DISK} <= persisted, said  # memory-only snapshots
+    for info in store.list_checkpoints(root):
+        assert store.verify(info.path).valid, info
+    assert toy_digest(run.stdout(), steps) == references(steps), said
+
+
+@pytest.mark.kind("system")
+def test_a_kill_while_a_snapshot_is_copied_resumes_from_the_previous_slot(tmp_path, references):
+    # Killed (SIGKILL) while the memory-only snapshot of step 35 is copied into its slot (seqlock open): the
+    # other slot still holds step 30's, which the supervisor writes and the restart resumes from (read from
+    # memory); 5 steps lost, and the run ends bit-identical.
+    steps = 60
+    root = str(tmp_path / "ck")
+    run = Run(tmp_path, root, [*FAST, "--memory", "--every-steps", str(DISK), "--snapshot-every-steps", str(SNAP),
+                               MEM_TRAINER, "--steps", str(steps), "--kill-at", "35", "--kill-point", "sealing",
+                               "--print-steps"])
+    assert run.wait(120) == 0, run.stderr()
+    assert "fault kill at sealing of step 35" in run.stdout()
+    first, second = lives(run.stdout())[:2]
+    assert first.last == 35 and second.start == 30
+    assert [r["resume_step"] for r in run.events("restart")] == [30]
+    assert [e["step"] for e in run.events("memory_persisted")] == [30]
+    assert re.search(r"resumed from step 30: \S+ \(from the memory tier\)", run.stderr())
+    for info in store.list_checkpoints(root):
+        assert store.verify(info.path).valid, info
+    assert toy_digest(run.stdout(), steps) == references(steps)

@@ -129,6 +129,7 @@ class Config:
     key_file: str | None = None  # authenticated checkpoints: the key's file, given to the trainer as CKPTD_KEY_FILE
     allow_unkeyed: bool = False  # with a key, still accept checkpoints written without one (CKPTD_ALLOW_UNKEYED=1)
     memory: bool = False  # the memory tier: snapshots in memory the supervisor holds (docs/memory-tier.md)
+    snapshot_every_steps: int | None = None  # with memory: a snapshot into memory every N steps, between disk saves
     notices: NoticesConfig = NoticesConfig()
     slurm: SlurmConfig = SlurmConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -422,6 +423,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("memory", _bool, "the memory tier: the trainer snapshots into memory this supervisor holds, and a "
            "snapshot the trainer died before committing is written before the restart (docs/memory-tier.md)",
            switch=True),
+    Option("snapshot_every_steps", _int(1), "with --memory: the trainer snapshots into memory every N steps, more "
+           "often than it saves to disk (every_steps); a crash loses at most N steps (env CKPTD_SNAPSHOT_EVERY_STEPS)"),
     Option("notices.source", _choice(*NOTICE_SOURCES), "cloud preemption notices to poll: auto (default: the cloud "
            "this machine's DMI data names, none elsewhere), aws, gcp, azure or off", "SOURCE", flag="--notices"),
     Option("notices.endpoint", _url, "base URL of the metadata service (default: the cloud's own)", "URL",
@@ -606,6 +609,10 @@ def resolve(config_file: str | None, overrides: dict[str, Any]) -> Config:
         error = OptionError if keys & set(overrides) else ConfigError
         raise error("remote_keep_last/remote_keep_every/remote_keep_best are the remote tier's retention: set remote "
                     "too (--remote s3://BUCKET/PREFIX), or use keep_last/keep_every/keep_best for the local tier")
+    if cfg.snapshot_every_steps and not cfg.memory:
+        error = OptionError if {"snapshot_every_steps", "memory"} & set(overrides) else ConfigError
+        raise error("snapshot_every_steps snapshots into the memory tier, which is off: add --memory (memory: true), "
+                    "or leave snapshot_every_steps out")
     return cfg
 
 

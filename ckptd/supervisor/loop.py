@@ -403,6 +403,8 @@ class Supervisor:
             env[envvars.KEEP_LAST] = str(self.cfg.keep_last)
         if self.memory is not None:
             env[envvars.MEMORY_FD] = str(memtier.CHILD_FD)
+            if self.cfg.snapshot_every_steps:  # only with the region: the trainer refuses it without one
+                env[envvars.SNAPSHOT_EVERY_STEPS] = str(self.cfg.snapshot_every_steps)
         if self.cfg.key_file:  # the path only: the trainer reads the key itself
             env[envvars.KEY_FILE] = self.cfg.key_file
             env[envvars.ALLOW_UNKEYED] = "1" if self.cfg.allow_unkeyed else ""
