@@ -1,6 +1,7 @@
 """Many SIGKILLs of a trainer under `ckptd run --memory`, each at a random step and point of a save.
 
     python scripts/chaos_memory.py --rounds 100 [--seed 1] [--steps 40] [--every 5] [--trainer plain|toy]
+    python scripts/chaos_memory.py --snapshot-every 5 --every 50 --rounds 10 --kills 4 [--seed 1]
 
 Each round runs a trainer under `ckptd run --memory` (``toy``: the bundled example through the library,
 tests/fixtures/mem_trainer.py, ~20 s a round here; ``plain``, the default: the torch-free
@@ -13,6 +14,15 @@ snapshot interval, and the run ends bit-identical to an uninterrupted one (toy; 
 exactly its step's bytes). The toy's kill lands in the first save at or after the drawn step (a save
 coalesced behind a slow disk is no snapshot), so its expectations follow the step it printed. Prints a JSON
 report; exit 1 on any failure. The CI test (tests/test_memtier.py) runs one kill of each point.
+
+``--snapshot-every N`` (lost work against the snapshot interval): each round runs the bundled example through
+the library (tests/fixtures/mem_trainer.py) under ``ckptd run --memory --every-steps EVERY`` and, when N > 0,
+``--snapshot-every-steps N``; ``--kills K`` of its lives are SIGKILLed from outside, each once it has done the
+work of a random number of steps (1 .. 2 x EVERY) after the step it started from, wherever it then is
+(computing, copying a snapshot, persisting). Lost steps per kill = the last step the killed life finished -
+the step the next life started from (the trainer's own output; the journal's ``restart`` must agree). It
+checks: lost steps never above N (N > 0), every checkpoint verifies, the run ends bit-identical to an
+uninterrupted one. ``--snapshot-every 0`` is the memory tier without snapshots between disk saves (before).
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import json
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +42,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from ckptd import store  # noqa: E402
 from fixtures import mem_plain  # noqa: E402
-from fixtures.sup_helpers import journal, toy_digest, toy_reference  # noqa: E402
+from fixtures.sup_helpers import journal, kill_at_steps, toy_digest, toy_reference  # noqa: E402
 
 TRAINERS = {"toy": os.path.join(ROOT, "tests", "fixtures", "mem_trainer.py"),
             "plain": os.path.join(ROOT, "tests", "fixtures", "mem_plain.py")}
@@ -78,6 +89,72 @@ def one(work: str, trainer: str, steps: int, every: int, at: int, point: str, re
     return ""
 
 
+STEP_DELAY = 0.01
+
+
+def kills_round(work: str, steps: int, every: int, snapshot_every: int, offsets: list[int],
+                reference: str) -> tuple[list[int], str]:
+    """(lost steps of each kill, '' or what broke) of one run whose lives are killed ``offsets[k]`` steps after
+    their start."""
+    root = os.path.join(work, "ck")
+    out_path = os.path.join(work, "run.out")
+    cmd = [sys.executable, "-m", "ckptd", "run", "--dir", root, "--memory", "--every-steps", str(every),
+           "--backoff-base", "0.05", "--backoff-max", "0.2", "--metrics-addr", "off", "--notices", "off"]
+    if snapshot_every:
+        cmd += ["--snapshot-every-steps", str(snapshot_every)]
+    cmd += [TRAINERS["toy"], "--steps", str(steps), "--step-delay", str(STEP_DELAY), "--print-steps"]
+    with open(out_path, "w") as out, open(os.path.join(work, "run.err"), "w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+    try:
+        def read() -> str:
+            with open(out_path) as f:
+                return f.read()
+
+        kills = kill_at_steps(read, offsets, lambda: proc.poll() is not None, timeout=300, relative=True)
+        code = proc.wait(600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lost = [killed.last - after.start for killed, after in kills if killed.last is not None and after.start is not None]
+    if code != 0:
+        return lost, f"exit {code}"
+    resumed = [r["resume_step"] for r in journal(root, "restart")]
+    if resumed != [after.start for _, after in kills]:
+        return lost, f"the journal's restarts resumed {resumed}, the trainer started from {[a.start for _, a in kills]}"
+    if snapshot_every and any(n > snapshot_every or n < 0 for n in lost):
+        return lost, f"lost {lost}, more than {snapshot_every}"
+    for info in store.list_checkpoints(root):
+        if not store.verify(info.path).valid:
+            return lost, f"{info.path} does not verify"
+    if toy_digest(read(), steps) != reference:
+        return lost, "not bit-identical to the uninterrupted run"
+    return lost, ""
+
+
+def kills_main(args: argparse.Namespace) -> int:
+    rng = random.Random(args.seed)
+    steps = 120 + args.kills * 2 * args.every  # room for every kill and the work it loses
+    failures: list[dict] = []
+    lost: list[int] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = toy_reference(tmp, steps)
+        for n in range(args.rounds):
+            offsets = [rng.randint(1, 2 * args.every) for _ in range(args.kills)]
+            with tempfile.TemporaryDirectory(dir=tmp) as work:
+                got, why = kills_round(work, steps, args.every, args.snapshot_every, offsets, reference)
+            lost += got
+            if why:
+                failures.append({"round": n, "offsets": offsets, "why": why})
+    print(json.dumps({"trainer": "toy", "every_steps": args.every, "snapshot_every_steps": args.snapshot_every,
+                      "rounds": args.rounds, "kills": len(lost), "lost_steps": lost,
+                      "lost_max": max(lost, default=None),
+                      "lost_median": statistics.median(lost) if lost else None,
+                      "lost_mean": round(statistics.fmean(lost), 2) if lost else None,
+                      "failed": len(failures), "failures": failures}, indent=1))
+    return 1 if failures else 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=100)
@@ -85,7 +162,12 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--every", type=int, default=5)
     p.add_argument("--trainer", choices=sorted(TRAINERS), default="plain")
+    p.add_argument("--snapshot-every", type=int, default=None,
+                   help="kills from outside at random steps with this snapshot interval (0: none, disk saves only)")
+    p.add_argument("--kills", type=int, default=4, help="with --snapshot-every: kills per round")
     args = p.parse_args()
+    if args.snapshot_every is not None:
+        return kills_main(args)
     rng = random.Random(args.seed)
     failures: list[dict] = []
     counts = {p: 0 for p in POINTS}
