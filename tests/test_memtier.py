@@ -15,11 +15,12 @@ import threading
 
 import pytest
 
-from ckptd import env, memtier, store
+from ckptd import env, exitcodes, memtier, store
 from ckptd.errors import CkptdError
 from ckptd.supervisor.config import resolve
 from fixtures import mem_plain
 from fixtures.sup_helpers import FIXTURES, Run, kill_at_steps, lives, toy_digest, toy_reference, wait_for
+from fixtures.sup_helpers import ckptd as ckptd_cli
 
 MEM_TRAINER = os.path.join(FIXTURES, "mem_trainer.py")
 MEM_PLAIN = os.path.join(FIXTURES, "mem_plain.py")
@@ -279,6 +280,19 @@ def test_snapshot_every_steps_without_the_memory_tier_is_refused_naming_the_fix(
         ckptd.Checkpointer(dir=str(tmp_path / "ck"), handle_signals=False)
 
 
+@pytest.mark.kind("system")
+def test_ckptd_run_refuses_snapshot_every_steps_without_memory_in_one_line_and_starts_nothing(tmp_path):
+    root = tmp_path / "ck"
+    r = ckptd_cli("run", "--dir", str(root), "--snapshot-every-steps", "5", MEM_PLAIN)
+    assert r.returncode == exitcodes.USAGE, r.stderr
+    assert r.stderr.count("\n") == 1 and "snapshot_every_steps" in r.stderr and "--memory" in r.stderr
+    config = tmp_path / "c.yaml"
+    config.write_text("snapshot_every_steps: 5\n")
+    r = ckptd_cli("run", "--config", str(config), "--dir", str(root), MEM_PLAIN)
+    assert r.returncode == exitcodes.CONFIG and r.stderr.count("\n") == 1 and "--memory" in r.stderr, r.stderr
+    assert not root.exists()  # nothing started
+
+
 @pytest.mark.kind("unit")
 def test_snapshots_go_into_memory_between_disk_saves_and_the_supervisors_write_of_the_newest_restores(tmp_path,
                                                                                                        monkeypatch):
@@ -372,7 +386,8 @@ def test_sigkills_at_random_steps_lose_at_most_one_snapshot_interval_and_the_run
     steps, seed = 150, int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
     targets = sorted(rng.sample(range(12, 110), 3))
-    while any(b - a < 12 for a, b in zip(targets, targets[1:])):  # each beyond the work the kill before can lose
+    # each beyond the work the kill before it can lose
+    while any(b - a < 12 for a, b in zip(targets, targets[1:], strict=False)):
         targets = sorted(rng.sample(range(12, 110), 3))
     root = str(tmp_path / "ck")
     run = Run(tmp_path, root, [*FAST, "--memory", "--every-steps", str(DISK), "--snapshot-every-steps", str(SNAP),
