@@ -119,6 +119,48 @@ def region_bytes(fd: int) -> int:
 
 
 @dataclass(frozen=True)
+class SlotState:
+    """What a slot's header says, checksums not verified: ``sealed`` (a snapshot of ``step``), ``open`` (a writer is
+    in it, or died in it: never used), ``empty``."""
+
+    slot: int
+    state: str
+    step: int | None
+
+
+def slot_states(fd: int) -> tuple[int, list[SlotState]]:
+    """(bytes of a slot's data area, each slot's header) for `ckptd status` and the metrics: read with pread,
+    so nothing is mapped; headers only, so a sealed slot here is not yet verified (``newest_sealed`` does that).
+    (0, []) before the trainer laid the region out."""
+    try:
+        raw = os.pread(fd, _REGION.size, 0)
+    except OSError:
+        return 0, []
+    if len(raw) < _REGION.size:
+        return 0, []
+    magic, version, slots, slot_size, head_cap, data_cap = _REGION.unpack(raw)
+    layout = Layout(head_cap, data_cap)
+    if magic != MAGIC or version != VERSION or slots != SLOTS or slot_size != layout.slot_size:
+        return 0, []
+    out = []
+    for i in range(SLOTS):
+        try:
+            head = os.pread(fd, _SLOT.size, layout.slot(i))
+        except OSError:
+            return 0, []
+        if len(head) < _SLOT.size:
+            return 0, []
+        smagic, seq, step, _, seq_end = _SLOT.unpack(head)
+        if smagic != SLOT_MAGIC:
+            out.append(SlotState(i, "empty", None))
+        elif seq % 2 or seq != seq_end:
+            out.append(SlotState(i, "open", step))
+        else:
+            out.append(SlotState(i, "sealed", step))
+    return data_cap, out
+
+
+@dataclass(frozen=True)
 class Pending:
     """A sealed, verified snapshot found in a region."""
 

@@ -65,6 +65,35 @@ def test_a_sealed_slot_is_found_and_a_torn_or_corrupt_one_never_is():
 
 
 @pytest.mark.kind("unit")
+def test_status_and_metrics_show_each_slots_snapshot_from_its_header_without_mapping_the_region():
+    from prometheus_client import CollectorRegistry
+
+    from ckptd.supervisor.clock import FakeClock
+    from ckptd.supervisor.memory import MemoryHold
+    from ckptd.supervisor.metrics import RunMetrics
+
+    hold = MemoryHold(memtier.create())
+    assert hold.describe()["slots"] == [] and hold.describe()["newest_snapshot_step"] is None  # not laid out yet
+    region = memtier.Region(hold.fd)
+    region.ensure(5000)
+    i = region.next_slot()
+    region.begin(i, 7)
+    region.seal(i, 7, b"H" * 4096, b'{"s":1}', 5000, {"kind": "periodic"}, False)
+    region.begin(1 - i, 8)  # a writer in the other slot (or dead in it)
+    described = hold.describe()
+    assert described["slot_bytes"] == region.layout.data_cap and described["newest_snapshot_step"] == 7
+    assert sorted((s["state"], s["step"]) for s in described["slots"]) == [("open", 8), ("sealed", 7)]
+    reg = CollectorRegistry()
+    metrics = RunMetrics(reg, FakeClock())
+    assert reg.get_sample_value("ckptd_memory_snapshot_step") != reg.get_sample_value("ckptd_memory_snapshot_step")
+    metrics.memory(described["region_bytes"], described["slot_bytes"], described["newest_snapshot_step"])
+    assert reg.get_sample_value("ckptd_memory_snapshot_step") == 7
+    assert reg.get_sample_value("ckptd_memory_slot_bytes") == region.layout.data_cap
+    assert reg.get_sample_value("ckptd_memory_region_bytes") == region.layout.size
+    hold.close()
+
+
+@pytest.mark.kind("unit")
 def test_a_slot_whose_meta_points_outside_its_area_is_refused():
     region = sealed_region(3, b"x" * 100)
     assert region.layout is not None and region.mm is not None
@@ -427,3 +456,6 @@ def test_a_kill_while_a_snapshot_is_copied_resumes_from_the_previous_slot(tmp_pa
     for info in store.list_checkpoints(root):
         assert store.verify(info.path).valid, info
     assert toy_digest(run.stdout(), steps) == references(steps)
+    status = ckptd_cli("status", "--dir", root)  # the slots as the run left them: snapshot 55, the final save 60
+    line = next(x for x in status.stdout.splitlines() if x.startswith("memory:"))
+    assert "sealed step 55" in line and "sealed step 60" in line and "1 snapshot(s) written" in line, line

@@ -102,8 +102,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append(("remote", _remote_line(data["remote"])))
     if data.get("memory"):
         m = data["memory"]
-        rows.append(("memory", f"{m.get('region_bytes', 0) / 2**20:.1f} MiB region, {m.get('persisted', 0)} "
-                               "snapshot(s) written after the trainer died"))
+        rows.append(("memory", _memory_line(m)))
     if data["running"] and data.get("metrics"):
         rows.append(("metrics", _metrics_line(data["metrics"])))
     for key, value in rows:
@@ -158,6 +157,22 @@ def _remote_line(r: dict[str, Any]) -> str:
         line += f"; at the stop: {'uploaded' if emergency.get('attempt') else 'not uploaded'} " \
                 f"{emergency.get('checkpoint') or ''} ({str(emergency.get('reason'))[:200]})"
     return line
+
+
+def _memory_line(m: dict[str, Any]) -> str:
+    """The memory tier: the region's size, each slot's snapshot (headers, not verified), what the supervisor wrote."""
+    def number(v: Any) -> int:
+        return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+    line = f"{number(m.get('region_bytes')) / 2**20:.1f} MiB region"
+    if number(m.get("slot_bytes")):
+        line += f" (two slots of {number(m['slot_bytes']) / 2**20:.1f} MiB)"
+    slots = [s for s in m.get("slots") or [] if isinstance(s, dict)]
+    if slots:
+        line += "; " + ", ".join(f"slot {number(s.get('slot'))}: " + (
+            f"{s['state']} step {number(s.get('step'))}" if s.get("state") in ("sealed", "open") else "empty")
+            for s in slots[:2])
+    return line + f"; {number(m.get('persisted'))} snapshot(s) written after the trainer died"
 
 
 def _metrics_line(m: dict[str, Any]) -> str:

@@ -528,8 +528,7 @@ class Supervisor:
             "metrics": {**self.port.describe(), **self.metrics.status()},
             "remote": {**self.uploads.status(self._local_newest(), self.clock.time()),
                        "held_for_upload": list(self.dir.held)} if self.uploads else None,
-            "memory": {"region_bytes": self.memory.bytes(), "persisted": self.memory.persisted}
-            if self.memory is not None else None,
+            "memory": self.memory.describe() if self.memory is not None else None,
         }
 
     def _service_view(self) -> ServiceView:
@@ -577,7 +576,9 @@ class Supervisor:
         led = self.core.led
         self.metrics.publish(state=led.sm.state.value, stopping=led.stop is not None, exit_code=self.exit_code,
                              step=led.step, last_checkpoint=led.last_checkpoint, valid=len(self.view.valid))
-        self.metrics.memory_bytes.set(self.memory.bytes() if self.memory is not None else 0)
+        described = self.memory.describe() if self.memory is not None else {}
+        self.metrics.memory(described.get("region_bytes", 0), described.get("slot_bytes", 0),
+                            described.get("newest_snapshot_step"))
         if self.uploads is not None:
             _, steps, seconds = self.uploads.lag(self._local_newest(), self.clock.time())
             self.metrics.remote_lag(steps, seconds)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 from .. import memtier, store
 
@@ -43,6 +44,15 @@ class MemoryHold:
 
     def bytes(self) -> int:
         return memtier.region_bytes(self.fd)
+
+    def describe(self) -> dict[str, Any]:
+        """The region for `ckptd status`: its size, a slot's, each slot's header (not verified) and the newest
+        sealed snapshot's step."""
+        slot_bytes, slots = memtier.slot_states(self.fd)
+        sealed = [s.step for s in slots if s.state == "sealed" and s.step is not None]
+        return {"region_bytes": self.bytes(), "slot_bytes": slot_bytes,
+                "slots": [{"slot": s.slot, "state": s.state, "step": s.step} for s in slots],
+                "newest_snapshot_step": max(sealed) if sealed else None, "persisted": self.persisted}
 
     def finish(self, root: str) -> Finished:
         """The trainer is gone (and its leftovers killed): write its sealed, uncommitted snapshot. A storage

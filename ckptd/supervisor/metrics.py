@@ -248,6 +248,13 @@ class RunMetrics:
                                   "memory the trainer's snapshots go into); 0 without it.", registry=r)
         self.memory_persisted = Counter("ckptd_memory_persisted", "Snapshots the trainer died before committing, "
                                         "written from the memory tier by the supervisor.", registry=r)
+        self.memory_slot_bytes = Gauge("ckptd_memory_slot_bytes", "Tensor bytes one of the memory tier's two snapshot "
+                                       "slots holds (the region is two of them and their heads); 0 without it.",
+                                       registry=r)
+        self.memory_snapshot_step = Gauge("ckptd_memory_snapshot_step", "Step of the newest sealed snapshot in the "
+                                          "memory tier (what a crash now resumes from, at least); NaN without one.",
+                                          registry=r)
+        self.memory_snapshot_step.set(math.nan)
         self.train = Gauge("ckptd_train_metric", "The last value of each metric passed to ck.step().", ["name"],
                            registry=r)
         for kind in KINDS:  # every series exists from the start: their number never changes during a run
@@ -460,6 +467,12 @@ class RunMetrics:
             self._stop_failed = True
             self.checkpoints.labels("emergency", "failed").inc()
             self.failures.labels("deadline").inc()
+
+    def memory(self, region_bytes: int, slot_bytes: int, snapshot_step: int | None) -> None:
+        """The memory tier as the supervisor sees it (its region's headers, not verified)."""
+        self.memory_bytes.set(region_bytes)
+        self.memory_slot_bytes.set(slot_bytes)
+        self.memory_snapshot_step.set(math.nan if snapshot_step is None else snapshot_step)
 
     def status(self) -> dict[str, Any]:
         now = self.clock.monotonic()
