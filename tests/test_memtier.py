@@ -322,6 +322,21 @@ def test_ckptd_run_refuses_snapshot_every_steps_without_memory_in_one_line_and_s
     assert not root.exists()  # nothing started
 
 
+def _snapshotting(tmp_path, monkeypatch, **kw):
+    """A trainer's Checkpointer on a fresh memory region (as under `ckptd run --memory`), disk saves every DISK
+    steps and snapshots every SNAP: (region fd, directory, model, optimizer, checkpointer)."""
+    import ckptd
+    from conftest import small_model
+
+    fd = memtier.create()
+    monkeypatch.setenv(env.MEMORY_FD, str(fd))
+    root = str(tmp_path / "ck")
+    model, opt = small_model()
+    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root, every_steps=DISK, snapshot_every_steps=SNAP,
+                            handle_signals=False, **kw)
+    return fd, root, model, opt, ck
+
+
 @pytest.mark.kind("unit")
 def test_snapshots_go_into_memory_between_disk_saves_and_the_supervisors_write_of_the_newest_restores(tmp_path,
                                                                                                        monkeypatch):
@@ -329,12 +344,7 @@ def test_snapshots_go_into_memory_between_disk_saves_and_the_supervisors_write_o
     import ckptd
     from conftest import small_model, train_steps
 
-    fd = memtier.create()
-    monkeypatch.setenv(env.MEMORY_FD, str(fd))
-    root = str(tmp_path / "ck")
-    model, opt = small_model()
-    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root, every_steps=DISK, snapshot_every_steps=SNAP,
-                            handle_signals=False)
+    fd, root, model, opt, ck = _snapshotting(tmp_path, monkeypatch)
     at_10 = {}
     for step in range(1, 13):
         train_steps(model, opt, 1)
@@ -367,12 +377,7 @@ def test_a_snapshot_never_overwrites_the_slot_a_disk_save_in_flight_still_writes
     import ckptd
     from conftest import small_model, train_steps
 
-    fd = memtier.create()
-    monkeypatch.setenv(env.MEMORY_FD, str(fd))
-    root = str(tmp_path / "ck")
-    model, opt = small_model()
-    ck = ckptd.Checkpointer(model=model, optimizer=opt, dir=root, every_steps=DISK, snapshot_every_steps=SNAP,
-                            pace=0, handle_signals=False)
+    fd, root, model, opt, ck = _snapshotting(tmp_path, monkeypatch, pace=0)
     for step in range(1, 50):
         train_steps(model, opt, 1)
         ck.step(step)
