@@ -31,7 +31,6 @@ log = logging.getLogger("ckptd")
 HEADER_BYTES_PER_TENSOR = 256  # a safetensors header entry's size, generously (keys are bounded by the store)
 
 
-
 class Source(NamedTuple):
     """The memory tier's copy of a checkpoint: its tensor file's bytes at ``offset`` in ``fd`` (``size`` of them),
     and its state.json's bytes."""
@@ -40,6 +39,7 @@ class Source(NamedTuple):
     offset: int
     size: int
     state: bytes
+
 
 class Taken(NamedTuple):
     """A capture: the save's files (views of the slot), its tensors, and the slot they are in."""

@@ -9,18 +9,11 @@ printed equal to the uninterrupted run's (on each rank).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
-import sys
 
 import pytest
-
-# Not importorskip: every xdist worker collects this module, and importing lightning costs seconds of CPU.
-if importlib.util.find_spec("lightning") is None:
-    pytest.skip("needs lightning (pip install 'ckptd[test]')", allow_module_level=True)
-
 import torch
 
 import ckptd
@@ -32,9 +25,13 @@ from fixtures.sup_helpers import (
     TORCHRUN,
     Run,
     ddp_sigterm_at_a_hold,
+    plain_run,
     save_wait_at_a_hold_then_sigkill,
     shared,
+    skip_without,
 )
+
+skip_without("lightning")  # by name only: nothing above imports it
 
 SCRIPT = os.path.join(FIXTURES, "lightning_trainer.py")
 ENV = {"HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
@@ -46,11 +43,7 @@ def reference(tmp_path_factory) -> tuple[str, str]:
     one per session (sup_helpers.shared)."""
     def make() -> tuple[str, str]:
         directory = str(tmp_path_factory.mktemp("ref") / "ck")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")}
-        out = subprocess.run([sys.executable, SCRIPT, "--dir", directory, "--every-steps", "2", "--top-k", "1"],
-                             capture_output=True, text=True, timeout=300, env={**env, **ENV})
-        assert out.returncode == 0, out.stderr
-        return out.stdout, directory
+        return plain_run([SCRIPT, "--dir", directory, "--every-steps", "2", "--top-k", "1"], ENV), directory
 
     return tuple(shared("lightning", make))
 

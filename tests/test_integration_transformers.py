@@ -9,17 +9,12 @@ uninterrupted run's.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
 import sys
 
 import pytest
-
-# Not importorskip: every xdist worker collects this module, and importing transformers costs seconds of CPU.
-if importlib.util.find_spec("transformers") is None:
-    pytest.skip("needs transformers (pip install 'ckptd[test]')", allow_module_level=True)
 
 import ckptd
 from ckptd import exitcodes, store
@@ -30,9 +25,13 @@ from fixtures.sup_helpers import (
     TORCHRUN,
     Run,
     ddp_sigterm_at_a_hold,
+    plain_run,
     save_wait_at_a_hold_then_sigkill,
     shared,
+    skip_without,
 )
+
+skip_without("transformers")  # by name only: nothing above imports it
 
 pytestmark = pytest.mark.slow  # a dozen trainer processes, each importing transformers
 
@@ -46,12 +45,8 @@ def reference_run(tmp_path_factory) -> tuple[str, str]:
     per session (sup_helpers.shared)."""
     def make() -> tuple[str, str]:
         tmp = tmp_path_factory.mktemp("ref")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CKPTD_")}
-        out = subprocess.run([sys.executable, SCRIPT, "--dir", str(tmp / "ck"), "--out", str(tmp / "out"),
-                              "--every-steps", "4", "--top-k", "1"],
-                             capture_output=True, text=True, timeout=300, env={**env, **ENV})
-        assert out.returncode == 0, out.stderr
-        return out.stdout, str(tmp / "ck")
+        return plain_run([SCRIPT, "--dir", str(tmp / "ck"), "--out", str(tmp / "out"), "--every-steps", "4",
+                          "--top-k", "1"], ENV), str(tmp / "ck")
 
     return tuple(shared("hf", make))
 
